@@ -1,0 +1,146 @@
+"""The language-guided recognition (LGR) head of VL-LTR stage 2.
+
+Two branches over a raw (un-normalised) image feature `f`:
+- vision: an MLP `D -> 4D -> C`;
+- language: `f` attends (one head, no value projection) over each class's M frozen anchor sentence
+  embeddings; the class logit is `s * cos(f, attended anchor vector)` with `s` the frozen stage-1 scale.
+
+The language branch is computed in the memory-light exact form: with `a_c` the attention of an image over
+class c's anchors `T_c` and `G_c = T_c T_c^T`, `cos(f, a_c T_c) = (a_c . T_c f_hat) / sqrt(a_c^T G_c a_c)`,
+so the `[B, C, D]` attended vectors are never built (only `[B, C, M]` tensors).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_EPS = 1e-12
+
+
+class LGRHead(nn.Module):
+    """LGR head with frozen anchors.
+
+    Args:
+        anchors: `[C, M, D]` raw stage-1 text features of each class's anchor sentences (zero padded).
+        anchor_mask: `[C, M]` bool, True where an anchor exists. Every class needs at least one.
+        logit_scale: `s = exp(stage-1 logit_scale)`, frozen.
+        v_detach: normalise the attended vector with a stop-gradient norm (the original's iNat variant).
+    """
+
+    def __init__(
+        self,
+        anchors: torch.Tensor,
+        anchor_mask: torch.Tensor,
+        logit_scale: float,
+        *,
+        v_detach: bool = False,
+    ) -> None:
+        super().__init__()
+        if anchors.dim() != 3:
+            raise ValueError(f"anchors must be [C, M, D], got shape {tuple(anchors.shape)}")
+        num_classes, _, dim = anchors.shape
+        anchor_mask = anchor_mask.bool()
+        empty = (~anchor_mask.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"classes {empty[:10]} have no anchor sentences; every class needs at least one")
+        self.embed_dim = dim
+        self.num_classes = num_classes
+        self.v_detach = v_detach
+        self.register_buffer("anchors", anchors.detach().float().clone())
+        self.register_buffer("anchor_mask", anchor_mask.clone())
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_k = nn.LayerNorm(dim)
+        self.w_q = nn.Linear(dim, dim, bias=False)
+        self.w_k = nn.Linear(dim, dim, bias=False)
+        with torch.no_grad():
+            self.w_q.weight.copy_(torch.eye(dim))
+            self.w_k.weight.copy_(torch.eye(dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, num_classes))
+        for layer in (self.mlp[0], self.mlp[2]):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def keys(self) -> torch.Tensor:
+        """`K = W_k LN_k(T)`, `[C, M, D]`; constant at inference, so the exporter precomputes it."""
+        return self.w_k(self.ln_k(self.anchors))
+
+    def attention(self, f: torch.Tensor) -> torch.Tensor:
+        """Attention weights `[B, C, M]` of each image over each class's anchors (padding gets 0)."""
+        q = self.w_q(self.ln_q(f))
+        scores = torch.einsum("bd,cmd->bcm", q, self.keys()) / math.sqrt(self.embed_dim)
+        scores = scores.masked_fill(~self.anchor_mask.unsqueeze(0), float("-inf"))
+        return scores.softmax(dim=-1)
+
+    def language_logits(self, f: torch.Tensor) -> torch.Tensor:
+        """`s * cos(f, sum_m a_cm T_cm)` for every class, `[B, C]`, via the Gram-matrix form."""
+        a = self.attention(f)
+        f_hat = F.normalize(f, dim=-1)
+        proj = torch.einsum("bd,cmd->bcm", f_hat, self.anchors)  # T_c f_hat
+        numerator = (a * proj).sum(-1)
+        gram = torch.einsum("cmd,cnd->cmn", self.anchors, self.anchors)
+        sq_norm = torch.einsum("bcm,cmn,bcn->bc", a, gram, a).clamp_min(_EPS)
+        norm = sq_norm.sqrt()
+        if self.v_detach:
+            norm = norm.detach()
+        return self.logit_scale * numerator / norm
+
+    def language_logits_direct(self, f: torch.Tensor) -> torch.Tensor:
+        """The same logits computed the obvious way (builds `[B, C, D]`); for tests and small C."""
+        a = self.attention(f)
+        v = torch.einsum("bcm,cmd->bcd", a, self.anchors)
+        v_norm = v.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+        if self.v_detach:
+            v_norm = v_norm.detach()
+        cos = torch.einsum("bcd,bd->bc", v / v_norm, F.normalize(f, dim=-1))
+        return self.logit_scale * cos
+
+    def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return `(vision_logits, language_logits)`, each `[B, C]`."""
+        return self.mlp(f), self.language_logits(f)
+
+
+def fuse_probabilities(z_vis: torch.Tensor, z_lin: torch.Tensor, alpha: float) -> torch.Tensor:
+    """VL-LTR's test-time fusion `alpha * softmax(z_vis) + (1 - alpha) * softmax(z_lin)`."""
+    return alpha * z_vis.softmax(dim=-1) + (1.0 - alpha) * z_lin.softmax(dim=-1)
+
+
+def calibrated_probabilities(
+    z_vis: torch.Tensor,
+    z_lin: torch.Tensor,
+    log_prior: torch.Tensor,
+    *,
+    alpha: float,
+    tau: float = 0.0,
+    temperature: float = 1.0,
+    added_class_bias: float = 0.0,
+) -> torch.Tensor:
+    """The served prediction: calibrated two-branch fusion over trained and added classes.
+
+    Args:
+        z_vis: `[B, S]` vision logits over the S trained classes.
+        z_lin: `[B, S + A]` language logits; the last A columns are classes added by text.
+        log_prior: `[S]` log training prior of the trained classes.
+        alpha: fusion weight of the vision branch.
+        tau: post-hoc logit adjustment `z - tau * log prior` on trained classes (0 = off).
+        temperature: divides every logit after adjustment.
+        added_class_bias: added to the language logits of added classes (chosen on pseudo-new classes).
+
+    Returns:
+        `[B, S + A]` probabilities: `alpha * [softmax(vision), 0] + (1 - alpha) * softmax(language)`.
+        The service's numpy `service/head.py` implements exactly this; a test keeps them equal.
+    """
+    num_trained = z_vis.shape[1]
+    adjust = tau * log_prior.to(z_vis.dtype)
+    vis = ((z_vis - adjust) / temperature).softmax(dim=-1)
+    lin = z_lin.clone()
+    lin[:, :num_trained] = lin[:, :num_trained] - adjust
+    lin[:, num_trained:] = lin[:, num_trained:] + added_class_bias
+    lin = (lin / temperature).softmax(dim=-1)
+    vis_full = torch.zeros_like(lin)
+    vis_full[:, :num_trained] = vis
+    return alpha * vis_full + (1.0 - alpha) * lin

@@ -1,0 +1,95 @@
+"""The `vlltr` command line. Each subcommand imports its room lazily, so `vlltr serve` never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="write a bundled long-tailed benchmark to disk")
+    which = p.add_subparsers(dest="dataset", required=True)
+    d = which.add_parser("digits-lt", help="scikit-learn's handwritten digits, made long-tailed, with class text")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--seed", type=int, default=0, help="seed for the split and the class order")
+    s = which.add_parser("shapes-lt", help="procedural shapes, CIFAR-100-LT profile, noisy class text")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--seed", type=int, default=0, help="seed for everything drawn")
+    s.add_argument("--imbalance", type=float, default=100.0, help="n_max / n_min of the training profile")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="stage 1, AnSS, stage 2, evaluation and calibration")
+    p.add_argument("--config", required=True, help="YAML file, or the name of a bundled config")
+    p.add_argument("--out", required=True, help="run directory (resumed if it holds an unfinished run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set run.seed=1 --set data.root=DIR (repeatable)")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="metrics JSON and per-class plot for a trained run")
+    p.add_argument("--checkpoint", required=True, help="run directory written by `vlltr train`")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--out", default=None, help="where to write metrics and plot (default: RUN/eval-<split>)")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write and verify a model bundle for the service")
+    p.add_argument("--checkpoint", required=True, help="run directory written by `vlltr train`")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--fp16", action="store_true", help="fp16 encoders, only if they agree with fp32 on the eval set")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vlltr` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        # The service owns its flags (derived from its settings model); hand over the rest of the line.
+        from service.cli import main as serve_main
+
+        return serve_main(argv[1:])
+
+    parser = argparse.ArgumentParser(prog="vlltr", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    sub.add_parser("serve", help="the HTTP service (see `vlltr serve --help`)")
+    sub.add_parser("models", help="list the architectures usable in `model.arch`")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "data":
+        from training.benchmarks import write_benchmark
+
+        write_benchmark(args.dataset, args.out, seed=args.seed, imbalance=getattr(args, "imbalance", None))
+    elif args.command == "train":
+        from training.config import load_config
+        from training.pipeline import run_training
+
+        run_training(load_config(args.config, args.overrides), args.out)
+    elif args.command == "eval":
+        from training.evaluate import evaluate_checkpoint
+
+        evaluate_checkpoint(args.checkpoint, split=args.split, out_dir=args.out)
+    elif args.command == "export":
+        from training.export import export_bundle
+
+        export_bundle(args.checkpoint, args.out, fp16=args.fp16)
+    elif args.command == "models":
+        from model.factory import list_architectures, project_architectures
+
+        print("\n".join(list_architectures()))
+        print(f"# project tiny configs: {', '.join(project_architectures())}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
