@@ -68,7 +68,10 @@ class Stage1Cfg:
     distill_beta: float = 0.5  # 0 switches distillation (and the teacher) off
     bn_train_mode: bool = False  # the original trains IN-LT/Places in eval mode (frozen BN)
     sampler: Literal["sqrt", "balanced", "instance"] = "sqrt"
-    amp: bool = True  # autocast where the device supports it
+    amp: bool = True  # fp16 autocast + grad scaling on CUDA; ignored on CPU (bf16 autocast is slower there)
+    eps: float = 1e-8  # AdamW epsilon
+    lr_unit: Literal["epoch", "iter"] = "epoch"  # the original steps the cosine once per epoch
+    monitor_every: int = 1  # epochs between val nearest-sentence accuracy checks (0 = never)
 
 
 @dataclass
@@ -77,6 +80,7 @@ class AnssCfg:
     reference_split: Literal["val", "train"] = "val"
     max_images_per_class: int = 50
     chunk_size: int = 4096  # sentences scored per matmul
+    mode: Literal["anss", "rand", "first"] = "anss"  # rand / first: the paper's ablation baselines
 
 
 @dataclass
@@ -89,12 +93,16 @@ class Stage2Cfg:
     train_backbone: bool = False
     min_lr: float = 0.0
     warmup_epochs: int = 0
+    warmup_lr: float = 1e-6
     weight_decay: float = 0.05
+    eps: float = 1e-8
+    lr_unit: Literal["epoch", "iter"] = "epoch"
     loss: Literal["ce", "logit_adjusted"] = "ce"  # published: CE; logit_adjusted = Balanced Softmax style
     la_tau: float = 1.0
     mixup: float = 0.8
     cutmix: float = 1.0
     mix_switch_prob: float = 0.5
+    mix_prob: float = 1.0  # probability that a batch is mixed at all
     smoothing: float = 0.1
     alpha: float = 0.2  # fusion weight of the vision branch
     v_detach: bool = False
@@ -109,6 +117,8 @@ class EvalCfg:
     ece_bins: int = 15
     batch_size: int = 256
     calibrate: bool = True
+    tau_max: float = 2.0  # post-hoc logit adjustment grid [0, tau_max]
+    tau_step: float = 0.05
 
 
 @dataclass
@@ -117,6 +127,7 @@ class RunCfg:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 50
     checkpoint_every: int = 1  # epochs
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
 
 
 @dataclass

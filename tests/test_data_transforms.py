@@ -1,0 +1,53 @@
+"""Training augmentations and the evaluation transform (the service's preprocessing)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.preprocess import preprocess_image
+from training.config import DataCfg
+from training.data.errors import DataError
+from training.data.transforms import eval_transform, preprocess_spec, train_transform
+
+
+def _image() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, size=(50, 70, 3), dtype=np.uint8))
+
+
+def test_preprocess_spec() -> None:
+    spec = preprocess_spec(DataCfg(), 224)
+    assert (spec.size, spec.resize_size, spec.interpolation) == (224, 256, "bicubic")
+    assert spec.mean == tuple(DataCfg().mean)
+    assert preprocess_spec(DataCfg(resize_ratio=1.0), 32).resize_size == 32
+
+
+def test_eval_transform_is_the_service_preprocessing() -> None:
+    cfg = DataCfg()
+    out = eval_transform(cfg, 32)(_image())
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (3, 32, 32)
+    np.testing.assert_array_equal(out.numpy(), preprocess_image(_image(), preprocess_spec(cfg, 32)))
+
+
+@pytest.mark.parametrize("augment", ["clip", "light", "none"])
+def test_train_transform_shapes(augment: str) -> None:
+    torch.manual_seed(0)
+    out = train_transform(DataCfg(augment=augment), 32)(_image())
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+def test_none_is_eval_and_light_is_random() -> None:
+    cfg = DataCfg(augment="none")
+    assert torch.equal(train_transform(cfg, 32)(_image()), eval_transform(cfg, 32)(_image()))
+    light = train_transform(DataCfg(augment="light"), 32)
+    torch.manual_seed(0)
+    first = light(_image())
+    assert any(not torch.equal(first, light(_image())) for _ in range(5))
+
+
+def test_unknown_augment() -> None:
+    with pytest.raises(DataError, match="unknown augment 'heavy'"):
+        train_transform(DataCfg(augment="heavy"), 32)

@@ -1,0 +1,30 @@
+"""Bundled long-tailed benchmarks written in the same on-disk layout real datasets use
+(see `training.benchmarks.layout`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from training.data.errors import DataError
+
+BENCHMARKS = ("digits-lt", "shapes-lt")
+
+
+def write_benchmark(name: str, out: str | Path, *, seed: int = 0, imbalance: float | None = None) -> dict[str, Any]:
+    """Write benchmark `name` (`digits-lt` or `shapes-lt`) to `out` and return its meta.json content.
+
+    `imbalance` (n_max / n_min of the training profile) defaults to 25 for digits-lt and 100 for shapes-lt.
+    """
+    if name == "digits-lt":
+        from training.benchmarks.digits import generate_digits_lt
+
+        return generate_digits_lt(out, seed=seed, imbalance=25.0 if imbalance is None else imbalance)
+    if name == "shapes-lt":
+        from training.benchmarks.shapes import generate_shapes_lt
+
+        return generate_shapes_lt(out, seed=seed, imbalance=100.0 if imbalance is None else imbalance)
+    raise DataError(f"unknown benchmark {name!r}; known: {list(BENCHMARKS)}")
+
+
+__all__ = ["BENCHMARKS", "write_benchmark"]
