@@ -1,0 +1,84 @@
+"""Post-hoc logit adjustment and temperature fitted through the served scoring formula."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from training.calibration import (
+    balanced_accuracy,
+    fit_calibration,
+    fit_tau,
+    fit_temperature,
+    log_prior_from_counts,
+    nll,
+)
+
+
+def test_log_prior_and_its_errors():
+    assert torch.allclose(log_prior_from_counts([3, 1]), torch.tensor([math.log(0.75), math.log(0.25)]))
+    with pytest.raises(ValueError, match=r"classes \[1\]"):
+        log_prior_from_counts([3, 0])
+
+
+def test_balanced_accuracy_hand_computed():
+    # class 0: 3 images, 2 right; class 1: 1 image, right -> (2/3 + 1) / 2 = 0.8333
+    labels = torch.tensor([0, 0, 0, 1])
+    pred = torch.tensor([0, 0, 1, 1])
+    assert balanced_accuracy(pred, labels, 3) == pytest.approx(5 / 6)
+
+
+def test_nll_hand_computed():
+    probs = torch.tensor([[0.5, 0.5], [0.25, 0.75]])
+    assert nll(probs, torch.tensor([0, 1])) == pytest.approx(-(math.log(0.5) + math.log(0.75)) / 2)
+
+
+def biased_logits(n_per_class: int = 400, seed: int = 0):
+    """Balanced eval labels; logits = signal + log prior, i.e. a model that absorbed the training prior."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = np.array([700, 200, 100])
+    log_prior = log_prior_from_counts(counts)
+    labels = torch.arange(3).repeat_interleave(n_per_class)
+    signal = 1.5 * torch.nn.functional.one_hot(labels, 3).float() + torch.randn(labels.numel(), 3, generator=gen)
+    z = signal + log_prior
+    return z, labels, counts, log_prior
+
+
+def test_tau_recovers_the_absorbed_prior():
+    z, labels, counts, log_prior = biased_logits()
+    tau, curve = fit_tau(z, z, labels, log_prior, alpha=0.5)
+    assert 0.6 <= tau <= 1.4
+    assert dict(curve)[tau] > dict(curve)[0.0]
+
+
+def test_tau_prefers_zero_when_adjustment_does_not_help():
+    # A prior-free model: no adjustment should win (ties go to the smallest tau).
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.arange(3).repeat_interleave(200)
+    z = 4.0 * torch.nn.functional.one_hot(labels, 3).float() + 0.1 * torch.randn(600, 3, generator=gen)
+    tau, _ = fit_tau(z, z, labels, log_prior_from_counts([700, 200, 100]), alpha=0.5)
+    assert tau == 0.0
+
+
+def test_temperature_recovers_overconfidence():
+    # Labels drawn from softmax(base); the model reports 3 * base, so the NLL-optimal temperature is ~3.
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(20000, 4, generator=gen)
+    labels = torch.multinomial(base.softmax(1), 1, generator=gen).squeeze(1)
+    z = 3.0 * base
+    log_prior = torch.zeros(4)
+    temperature = fit_temperature(z, z, labels, log_prior, alpha=1.0, tau=0.0)
+    assert temperature == pytest.approx(3.0, rel=0.06)
+
+
+def test_fit_calibration_content():
+    z, labels, counts, _ = biased_logits()
+    result = fit_calibration(z, z, labels, counts, 0.2, fitted_on="val", stage2_loss="logit_adjusted")
+    for key in ("tau", "temperature", "added_class_bias", "fitted_on", "log_prior", "train_counts", "note"):
+        assert key in result
+    assert result["fitted_on"] == "val" and result["added_class_bias"] == 0.0
+    assert result["balanced_accuracy_after"] >= result["balanced_accuracy_before"]
+    assert result["nll_after"] <= result["nll_before"] + 1e-9

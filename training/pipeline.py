@@ -1,0 +1,141 @@
+"""`vlltr train`: stage 1 -> AnSS -> stage 2 -> calibration -> evaluation, resumable at every step.
+
+Each stage leaves a `done.json` marker in its folder and epoch checkpoints while it runs, so calling
+`run_training` again on the same run directory continues where an interrupted run stopped (and returns the
+stored metrics when the run is complete). The resolved config is written to RUN/config.yaml at the start; a
+later call must bring the same config (up to paths and worker counts that do not change results).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from training.anss import run_anss
+from training.calibration import fit_calibration, identity_calibration
+from training.checkpoint import (CALIBRATION_FILE, CLASSES_FILE, CONFIG_FILE, METRICS_FILE, atomic_write_json,
+                                 load_final_model)
+from training.config import Config, ConfigError, save_config
+from training.distributed import DistEnv, barrier, init_distributed
+from training.evaluate import build_eval_split, collect_logits, evaluate_run
+from training.inputs import PreparedInputs, check_model_config, prepare_inputs
+from training.runtime import EpochHook, derive_seed, seed_everything
+from training.stage1 import train_stage1
+from training.stage2 import build_classifier, train_stage2
+
+log = logging.getLogger(__name__)
+
+# Keys that may differ when resuming: where things are and how fast they load, not what is computed.
+RESUME_FREE_KEYS = {"data.root", "data.num_workers", "run.device", "run.log_every"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, env: DistEnv) -> None:
+    """Write config.yaml, or check that a resumed run uses the same config."""
+    path = run_dir / CONFIG_FILE
+    if path.is_file():
+        old = _flatten(yaml.safe_load(path.read_text()) or {})
+        new = _flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_FREE_KEYS)
+        if changed:
+            raise ConfigError(f"{run_dir} holds a run with a different config (changed: {changed}); "
+                              f"use a new --out directory or the same settings to resume")
+        log.info("resuming the run in %s", run_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, path)
+    barrier()
+
+
+def write_classes(run_dir: Path, inputs: PreparedInputs, selection: dict) -> None:
+    """classes.json: trained classes in model index order, with train counts and chosen anchor sentences."""
+    sentences = inputs.flat_sentences
+    counts = inputs.train_counts
+    classes = []
+    for i, (cid, name) in enumerate(zip(inputs.class_ids, inputs.class_names)):
+        chosen = [sentences[j] for j in selection["indices"][i].tolist() if j >= 0]
+        classes.append({"name": name, "dataset_id": int(cid), "train_count": int(counts[i]),
+                        "source": "trained", "anchors": chosen})
+    atomic_write_json(classes, run_dir / CLASSES_FILE)
+
+
+def calibrate(cfg: Config, run_dir: Path, env: DistEnv) -> dict:
+    """Fit tau and temperature on the calibration split; write calibration.json."""
+    path = run_dir / CALIBRATION_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    run = load_final_model(run_dir, env.device)
+    counts = np.asarray([c["train_count"] for c in run.classes])
+    if not cfg.eval.calibrate:
+        result = identity_calibration(counts, run.alpha, "calibration switched off (eval.calibrate: false)")
+    else:
+        split = cfg.eval.calibration_split
+        z_vis, z_lin, labels = collect_logits(run.classifier, build_eval_split(run, split),
+                                              batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                                              device=env.device, desc=f"calibration logits ({split})")
+        result = fit_calibration(z_vis, z_lin, labels, counts, run.alpha, fitted_on=split,
+                                 stage2_loss=cfg.stage2.loss, tau_max=cfg.eval.tau_max, tau_step=cfg.eval.tau_step)
+    atomic_write_json(result, path)
+    return result
+
+
+def evaluate(cfg: Config, run_dir: Path, env: DistEnv) -> dict:
+    """Evaluate the finished run on eval.split (and the calibration split); write metrics.json and reports."""
+    run = load_final_model(run_dir, env.device)
+    splits = [cfg.eval.split]
+    # Also report val, unless it is the evaluation split itself or the same file (iNat's test is val2018).
+    if cfg.data.val and "val" != cfg.eval.split and cfg.data.val != getattr(cfg.data, cfg.eval.split, None):
+        splits.append("val")
+    metrics = {split: evaluate_run(run, split, run_dir, device=env.device) for split in splits}
+    atomic_write_json(metrics, run_dir / METRICS_FILE)
+    return metrics
+
+
+def run_training(cfg: Config, out_dir: str | Path, *, epoch_hook: EpochHook | None = None) -> dict:
+    """Train, calibrate and evaluate into `out_dir`; resume it when it holds an unfinished run.
+
+    Args:
+        cfg: the resolved config.
+        out_dir: the run directory (layout in `training.checkpoint`).
+        epoch_hook: called as `hook(stage, epoch)` after every finished and checkpointed epoch (tests use it
+            to interrupt a run).
+
+    Returns:
+        metrics per evaluated split (the content of RUN/metrics.json).
+    """
+    run_dir = Path(out_dir)
+    if cfg.run.num_threads > 0:
+        torch.set_num_threads(cfg.run.num_threads)
+    env = init_distributed(cfg.run.device)
+    check_model_config(cfg)
+    prepare_run_dir(cfg, run_dir, env)
+    if (run_dir / METRICS_FILE).is_file():
+        log.info("%s is a finished run; returning its metrics", run_dir)
+        return json.loads((run_dir / METRICS_FILE).read_text())
+    seed_everything(derive_seed(cfg.run.seed, "pipeline"))
+    inputs = prepare_inputs(cfg, run_dir / "cache")
+    stage1 = train_stage1(cfg, inputs, run_dir / "stage1", env, epoch_hook)
+    selection = run_anss(cfg, inputs, stage1, run_dir / "anss", env)
+    if env.is_main:
+        write_classes(run_dir, inputs, selection)
+    if not (run_dir / "stage2" / "done.json").is_file():
+        classifier = build_classifier(cfg, stage1, selection["anchors"], selection["mask"])
+        train_stage2(cfg, inputs, classifier, run_dir, env, epoch_hook)
+    metrics: dict = {}
+    if env.is_main:
+        calibrate(cfg, run_dir, env)
+        metrics = evaluate(cfg, run_dir, env)
+    barrier()
+    return metrics
