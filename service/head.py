@@ -1,0 +1,356 @@
+"""The LGR head and the calibrated fusion in numpy: the service's scoring (docs/bundle.md, "Scoring").
+
+It mirrors `model/head.py` (`LGRHead`, `calibrated_probabilities`); tests keep the two equal.
+
+The class table holds everything about the classes that does not depend on the image, precomputed once per
+table (trained classes from the bundle, plus classes added by text at run time):
+- `keys`: `W_q^T W_k LN_k(T) / sqrt(D)` as one contiguous `[C*M, D]` matrix, so the attention scores of a
+  batch are one GEMM against `LN_q(f)` (`q . K = LN_q(f) . W_q^T K`);
+- `anchors`: `T` as one contiguous `[C*M, D]` matrix, so `T_c f_hat` for all classes is the second GEMM;
+- `gram`: `G_c = T_c T_c^T`, `[C, M, M]`, so `|a_c T_c|^2 = a_c^T G_c a_c` without building `[B, C, D]`;
+- `mask_bias`: 0 where an anchor exists, -inf for padding (padding gets exactly zero attention).
+Memory is about `2*C*M*D + C*M*M` floats; scoring runs in chunks of classes to bound the temporaries.
+Tables are immutable: `with_added` returns a new table, so the service can swap tables atomically.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+HEAD_ARRAYS = ("ln_q_weight", "ln_q_bias", "w_q", "ln_k_weight", "ln_k_bias", "w_k",
+               "mlp_w1", "mlp_b1", "mlp_w2", "mlp_b2")
+_EPS = 1e-12
+_CHUNK_ELEMENTS = 1 << 24  # B * classes * M elements per temporary while scoring (64 MiB of float32)
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """torch.nn.LayerNorm over the last axis (biased variance)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    var = np.mean(centred * centred, axis=-1, keepdims=True)
+    return centred / np.sqrt(var + np.float32(eps)) * weight + bias
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax; rows that are entirely -inf are not expected."""
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(shifted)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """The LGR head's weights (float32, torch `[out, in]` layout) and its constants."""
+
+    ln_q_weight: np.ndarray
+    ln_q_bias: np.ndarray
+    w_q: np.ndarray
+    ln_k_weight: np.ndarray
+    ln_k_bias: np.ndarray
+    w_k: np.ndarray
+    mlp_w1: np.ndarray
+    mlp_b1: np.ndarray
+    mlp_w2: np.ndarray
+    mlp_b2: np.ndarray
+    logit_scale: float
+    ln_eps: float = 1e-5
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.w_q.shape[0])
+
+    @property
+    def num_trained(self) -> int:
+        return int(self.mlp_w2.shape[0])
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first array whose shape does not fit the others."""
+        d = self.embed_dim
+        c = self.num_trained
+        expected = {
+            "ln_q_weight": (d,), "ln_q_bias": (d,), "w_q": (d, d), "ln_k_weight": (d,), "ln_k_bias": (d,),
+            "w_k": (d, d), "mlp_w1": (4 * d, d), "mlp_b1": (4 * d,), "mlp_w2": (c, 4 * d), "mlp_b2": (c,),
+        }
+        for name, shape in expected.items():
+            got = getattr(self, name).shape
+            if got != shape:
+                raise ValueError(f"head array {name} has shape {got}, expected {shape}")
+            if not np.all(np.isfinite(getattr(self, name))):
+                raise ValueError(f"head array {name} holds non-finite values")
+        if not math.isfinite(self.logit_scale) or self.logit_scale <= 0:
+            raise ValueError(f"head logit_scale must be positive and finite, got {self.logit_scale}")
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], *, logit_scale: float, ln_eps: float = 1e-5) -> "HeadParams":
+        """Build from `head.npz`-style arrays; a missing array raises KeyError naming it."""
+        missing = [k for k in HEAD_ARRAYS if k not in arrays]
+        if missing:
+            raise KeyError(f"head arrays missing: {missing}")
+        params = cls(**{k: np.ascontiguousarray(arrays[k], dtype=np.float32) for k in HEAD_ARRAYS},
+                     logit_scale=float(logit_scale), ln_eps=float(ln_eps))
+        params.validate()
+        return params
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays as written to `head.npz`."""
+        return {k: getattr(self, k) for k in HEAD_ARRAYS}
+
+    def vision_logits(self, f: np.ndarray) -> np.ndarray:
+        """`W2 relu(W1 f + b1) + b2`, `[B, S]` over the trained classes."""
+        h = np.maximum(f @ self.mlp_w1.T + self.mlp_b1, 0.0)
+        return h @ self.mlp_w2.T + self.mlp_b2
+
+    def queries(self, f: np.ndarray) -> np.ndarray:
+        """`LN_q(f)`: the image side of the attention (W_q is folded into the table's keys)."""
+        return layer_norm(f, self.ln_q_weight, self.ln_q_bias, self.ln_eps)
+
+
+@dataclass(frozen=True)
+class ClassEntry:
+    """One class of a table: its name, anchors `[M, D]` (raw text features, zero padded) and mask `[M]`."""
+
+    name: str
+    anchors: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class ClassTable:
+    """Precomputed scoring matrices for a set of classes; see the module docstring. Build with `build`."""
+
+    names: tuple[str, ...]
+    num_trained: int
+    num_anchors: int
+    embed_dim: int
+    keys: np.ndarray  # [C*M, D]
+    anchors: np.ndarray  # [C*M, D]
+    gram: np.ndarray  # [C, M, M]
+    mask: np.ndarray  # [C, M] bool
+    mask_bias: np.ndarray  # [C, M] float32, 0 or -inf
+    logit_scale: float
+    _index: Mapping[str, int] = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def build(cls, anchors: np.ndarray, mask: np.ndarray, params: HeadParams, names: Sequence[str],
+              *, num_trained: int | None = None) -> "ClassTable":
+        """Precompute a table from anchors `[C, M, D]`, mask `[C, M]` and the head parameters.
+
+        `num_trained` (default: all) says how many leading classes are trained ones (have vision logits).
+        """
+        anchors = np.ascontiguousarray(anchors, dtype=np.float32)
+        mask = np.asarray(mask, dtype=bool)
+        if anchors.ndim != 3:
+            raise ValueError(f"anchors must be [C, M, D], got shape {anchors.shape}")
+        c, m, d = anchors.shape
+        if mask.shape != (c, m):
+            raise ValueError(f"anchor mask shape {mask.shape} does not match anchors {anchors.shape}")
+        if d != params.embed_dim:
+            raise ValueError(f"anchors have dimension {d}, the head {params.embed_dim}")
+        if len(names) != c:
+            raise ValueError(f"{len(names)} class names for {c} anchor rows")
+        empty = np.flatnonzero(~mask.any(axis=1))
+        if empty.size:
+            raise ValueError(f"classes {[names[i] for i in empty[:10]]} have no anchors; every class needs one")
+        if not np.all(np.isfinite(anchors)):
+            raise ValueError("anchors hold non-finite values")
+        trained = c if num_trained is None else int(num_trained)
+        if not 0 <= trained <= c:
+            raise ValueError(f"num_trained={trained} outside [0, {c}]")
+        index = {}
+        for i, name in enumerate(names):
+            if name in index:
+                raise ValueError(f"class name {name!r} appears twice")
+            index[name] = i
+        keys = _keys(anchors, params)
+        gram = np.matmul(anchors, anchors.transpose(0, 2, 1))
+        return cls(
+            names=tuple(names), num_trained=trained, num_anchors=m, embed_dim=d,
+            keys=keys, anchors=anchors.reshape(c * m, d), gram=gram, mask=mask,
+            mask_bias=np.where(mask, np.float32(0.0), np.float32(-np.inf)).astype(np.float32),
+            logit_scale=float(params.logit_scale), _index=index,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_added(self) -> int:
+        return self.num_classes - self.num_trained
+
+    def index_of(self, name: str) -> int | None:
+        """Class id of `name`, or None."""
+        return self._index.get(name)
+
+    def anchors_of(self, i: int) -> np.ndarray:
+        """Anchors `[M, D]` of class `i` (padding included)."""
+        m = self.num_anchors
+        return self.anchors[i * m:(i + 1) * m]
+
+    def with_added(self, entries: Iterable[ClassEntry], params: HeadParams) -> "ClassTable":
+        """A new table: this one's classes followed by `entries` (added classes). This table is unchanged."""
+        entries = list(entries)
+        if not entries:
+            return self
+        m, d = self.num_anchors, self.embed_dim
+        for e in entries:
+            if e.anchors.shape != (m, d) or e.mask.shape != (m,):
+                raise ValueError(f"class {e.name!r}: anchors {e.anchors.shape} / mask {e.mask.shape}, "
+                                 f"expected ({m}, {d}) / ({m},)")
+        new = ClassTable.build(
+            np.stack([e.anchors for e in entries]), np.stack([e.mask for e in entries]), params,
+            [e.name for e in entries], num_trained=0,
+        )
+        clash = [n for n in new.names if n in self._index]
+        if clash:
+            raise ValueError(f"class name(s) {clash} already in the table")
+        names = self.names + new.names
+        return ClassTable(
+            names=names, num_trained=self.num_trained, num_anchors=m, embed_dim=d,
+            keys=np.concatenate([self.keys, new.keys]), anchors=np.concatenate([self.anchors, new.anchors]),
+            gram=np.concatenate([self.gram, new.gram]), mask=np.concatenate([self.mask, new.mask]),
+            mask_bias=np.concatenate([self.mask_bias, new.mask_bias]), logit_scale=self.logit_scale,
+            _index={n: i for i, n in enumerate(names)},
+        )
+
+    def trained_only(self) -> "ClassTable":
+        """The table restricted to the trained classes (the base to re-add a changed set of classes to)."""
+        if self.num_added == 0:
+            return self
+        s, m = self.num_trained, self.num_anchors
+        names = self.names[:s]
+        return ClassTable(
+            names=names, num_trained=s, num_anchors=m, embed_dim=self.embed_dim,
+            keys=self.keys[: s * m].copy(), anchors=self.anchors[: s * m].copy(), gram=self.gram[:s].copy(),
+            mask=self.mask[:s].copy(), mask_bias=self.mask_bias[:s].copy(), logit_scale=self.logit_scale,
+            _index={n: i for i, n in enumerate(names)},
+        )
+
+    def language_logits(self, queries: np.ndarray, f: np.ndarray) -> np.ndarray:
+        """`s * cos(f, sum_m a_cm T_cm)` for every class of the table, `[B, C]`.
+
+        Args:
+            queries: `LN_q(f)` from :meth:`HeadParams.queries`, `[B, D]`.
+            f: raw image features `[B, D]`.
+        """
+        f = np.asarray(f, dtype=np.float32)
+        b = f.shape[0]
+        f_hat = f / np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), np.float32(_EPS))
+        c, m = self.num_classes, self.num_anchors
+        out = np.empty((b, c), dtype=np.float32)
+        step = max(1, _CHUNK_ELEMENTS // max(1, b * m))
+        for lo in range(0, c, step):
+            hi = min(c, lo + step)
+            rows = slice(lo * m, hi * m)
+            scores = (queries @ self.keys[rows].T).reshape(b, hi - lo, m) + self.mask_bias[lo:hi]
+            attn = softmax(scores, axis=-1)
+            proj = (f_hat @ self.anchors[rows].T).reshape(b, hi - lo, m)
+            numerator = np.sum(attn * proj, axis=-1)
+            a_t = attn.transpose(1, 0, 2)  # [c, B, M]
+            sq_norm = np.sum(np.matmul(a_t, self.gram[lo:hi]) * a_t, axis=-1).T
+            out[:, lo:hi] = self.logit_scale * numerator / np.sqrt(np.maximum(sq_norm, np.float32(_EPS)))
+        return out
+
+
+def _keys(anchors: np.ndarray, params: HeadParams) -> np.ndarray:
+    """`W_q^T W_k LN_k(T) / sqrt(D)` as `[C*M, D]`, computed in row blocks to bound the temporaries."""
+    # K = W_k LN_k(T); the score q.K / sqrt(D) with q = W_q LN_q(f) equals LN_q(f) . (W_q^T K) / sqrt(D).
+    d = params.embed_dim
+    flat = anchors.reshape(-1, d)
+    combined = (params.w_q.T @ params.w_k / np.float32(math.sqrt(d))).T.astype(np.float32)  # x -> x W_k^T W_q
+    out = np.empty_like(flat)
+    step = max(1, _CHUNK_ELEMENTS // d)
+    for lo in range(0, flat.shape[0], step):
+        block = layer_norm(flat[lo:lo + step], params.ln_k_weight, params.ln_k_bias, params.ln_eps)
+        np.matmul(block, combined, out=out[lo:lo + step])
+    return out
+
+
+def log_prior_from_counts(counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """`log(n_c / sum n)` of the trained classes; every count must be positive."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError("train counts must be a non-empty list")
+    bad = np.flatnonzero(~(counts > 0))
+    if bad.size:
+        raise ValueError(f"trained classes {bad[:10].tolist()} have train_count <= 0; the prior needs positive counts")
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def calibrated_probabilities(
+    z_vis: np.ndarray,
+    z_lin: np.ndarray,
+    log_prior: np.ndarray,
+    *,
+    alpha: float,
+    tau: float = 0.0,
+    temperature: float = 1.0,
+    added_class_bias: float = 0.0,
+) -> np.ndarray:
+    """numpy twin of `model.head.calibrated_probabilities` (same arguments, same result).
+
+    `z_vis` `[B, S]` covers the S trained classes, `z_lin` `[B, S + A]` the trained then the added classes.
+    Trained logits get `- tau * log_prior`, added language logits `+ added_class_bias`, all are divided by
+    `temperature`; the result is `alpha * [softmax(vision), 0] + (1 - alpha) * softmax(language)`.
+    """
+    z_vis = np.asarray(z_vis, dtype=np.float32)
+    z_lin = np.asarray(z_lin, dtype=np.float32)
+    s = z_vis.shape[1]
+    if z_lin.shape[1] < s or np.shape(log_prior) != (s,):
+        raise ValueError(f"shapes do not fit: z_vis {z_vis.shape}, z_lin {z_lin.shape}, log_prior {np.shape(log_prior)}")
+    adjust = np.float32(tau) * np.asarray(log_prior, dtype=np.float32)
+    vis = softmax((z_vis - adjust) / np.float32(temperature), axis=-1)
+    lin = z_lin.copy()
+    lin[:, :s] -= adjust
+    lin[:, s:] += np.float32(added_class_bias)
+    lin = softmax(lin / np.float32(temperature), axis=-1)
+    out = (1.0 - np.float32(alpha)) * lin
+    out[:, :s] += np.float32(alpha) * vis
+    return out
+
+
+def build_added_class_anchors(descriptions_features: np.ndarray, num_anchors: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Choose the anchors of a class added by text alone (no images to rank sentences by).
+
+    Rule: normalise the description embeddings, take their mean direction (the centroid), and keep the
+    `num_anchors` sentences with the highest cosine to it (ties: earlier sentence first). With no images,
+    the centroid stands in for AnSS's image evidence: it favours sentences that agree with the bulk of the
+    descriptions and drops outliers (off-topic lines). All sentences are kept when there are at most M.
+
+    Args:
+        descriptions_features: `[n, D]` raw text features of the class's description sentences.
+        num_anchors: M, the table's anchor count.
+
+    Returns:
+        `(anchors [M, D] raw features zero padded, mask [M] bool, chosen sentence indices in anchor order)`.
+    """
+    x = np.asarray(descriptions_features, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"need at least one description feature [n, D], got shape {x.shape}")
+    if num_anchors < 1:
+        raise ValueError(f"num_anchors must be positive, got {num_anchors}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("description features hold non-finite values")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.any(norms <= _EPS):
+        raise ValueError("a description feature has zero norm")
+    unit = x / norms
+    centroid = unit.mean(axis=0)
+    closeness = unit @ centroid
+    chosen = np.argsort(-closeness, kind="stable")[:num_anchors]
+    anchors = np.zeros((num_anchors, x.shape[1]), dtype=np.float32)
+    anchors[: chosen.size] = x[chosen]
+    mask = np.zeros(num_anchors, dtype=bool)
+    mask[: chosen.size] = True
+    return anchors, mask, chosen
+
+
+def load_head_npz(path: str | Path, *, logit_scale: float, ln_eps: float = 1e-5) -> HeadParams:
+    """Read `head.npz` (no pickles) into :class:`HeadParams`."""
+    with np.load(path, allow_pickle=False) as data:
+        return HeadParams.from_arrays({k: data[k] for k in data.files}, logit_scale=logit_scale, ln_eps=ln_eps)

@@ -1,0 +1,81 @@
+"""onnxruntime sessions of a bundle's encoders (provider checks) and the offline predictor."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+from test_export_support import draw_image, make_run
+
+from service.bundle import load_bundle
+from service.encoders import CUDA, ImageEncoder, ProviderError, TextEncoder, create_session
+from service.predictor import BundlePredictor, top_k_of
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from training.export import export_bundle
+
+    root = tmp_path_factory.mktemp("enc")
+    make_run(root / "run", n_test=8)
+    return load_bundle(export_bundle(root / "run", root / "bundle", verify_images=2))
+
+
+def test_cpu_session(bundle):
+    session, provider = create_session(bundle.image_encoder_path, "cpu", threads=1)
+    assert provider == "cpu" and session.get_providers()[0] == "CPUExecutionProvider"
+
+
+@pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this onnxruntime build has CUDA")
+def test_cuda_request_without_cuda_fails_clearly(bundle):
+    with pytest.raises(ProviderError, match="cuda requested but this onnxruntime build has no CUDAExecutionProvider"):
+        create_session(bundle.image_encoder_path, "cuda")
+    _, provider = create_session(bundle.image_encoder_path, "auto")
+    assert provider == "cpu"
+
+
+def test_unknown_provider_is_refused(bundle):
+    with pytest.raises(ValueError, match="provider must be"):
+        create_session(bundle.image_encoder_path, "tpu")  # type: ignore[arg-type]
+
+
+def test_image_encoder_checks_shapes(bundle):
+    enc = ImageEncoder(bundle.image_encoder_path, "cpu")
+    assert enc.image_size == 32
+    out = enc.encode(np.zeros((3, 3, 32, 32), np.float32))
+    assert out.shape == (3, 64) and out.dtype == np.float32
+    assert enc.encode(np.zeros((0, 3, 32, 32), np.float32)).shape == (0, 64)
+    with pytest.raises(ValueError, match=r"pixels must be \[N, 3, 32, 32\]"):
+        enc.encode(np.zeros((1, 3, 40, 40), np.float32))
+
+
+def test_text_encoder_batches_equal_single_calls(bundle):
+    enc = TextEncoder(bundle.text_encoder_path, bundle.tokenizer(), "cpu", batch_size=3)
+    texts = [f"sentence number {i} about a thing" for i in range(7)]
+    together = enc.encode_texts(texts)
+    alone = np.concatenate([enc.encode_texts([t]) for t in texts])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+    assert enc.encode_texts([]).shape == (0, 64)
+    with pytest.raises(ValueError, match="takes 77 tokens"):
+        from service.tokenizer import ClipTokenizer, TextSpec
+
+        TextEncoder(bundle.text_encoder_path, ClipTokenizer(bundle.tokenizer_path, TextSpec(16, 49406, 49407)), "cpu")
+
+
+def test_predictor_top_k(bundle):
+    predictor = BundlePredictor(bundle, provider="cpu")
+    rng = np.random.default_rng(0)
+    images = [draw_image(rng, i, (50, 40)) for i in range(4)] + [Image.new("RGBA", (5, 90))]
+    probs = predictor.predict_images(images)
+    assert probs.shape == (5, 6)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    top = predictor.top_k(images, k=3)
+    assert [len(t) for t in top] == [3] * 5
+    for row, preds in zip(probs, top):
+        assert [p.class_id for p in preds] == list(np.argsort(-row, kind="stable")[:3])
+        assert preds[0].label == bundle.class_names[preds[0].class_id]
+        assert preds[0].score >= preds[1].score >= preds[2].score
+    assert len(top_k_of(probs, bundle.class_names, 100)[0]) == 6
+    with pytest.raises(ValueError, match="k must be positive"):
+        top_k_of(probs, bundle.class_names, 0)

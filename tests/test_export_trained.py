@@ -1,0 +1,23 @@
+"""Acceptance 1 on a really trained run: `vlltr data digits-lt` + training (digits-lt-tiny, one epoch per
+stage) + `vlltr export`, then the whole Digits-LT test split (500 images) through the bundle in a process
+that cannot import torch, against the PyTorch model on torchvision-preprocessed images."""
+
+from __future__ import annotations
+
+from test_export import check_bundle_matches_torch
+
+from training.config import load_config
+from training.pipeline import run_training
+from vlltr.cli import main
+
+
+def test_trained_digits_lt_bundle_matches_torch(tmp_path):
+    data = tmp_path / "digits-lt"
+    assert main(["data", "digits-lt", "--out", str(data)]) == 0
+    run = tmp_path / "run"
+    cfg = load_config("digits-lt-tiny", [f"data.root={data}", "stage1.epochs=1", "stage2.epochs=1"])
+    run_training(cfg, run)
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--checkpoint", str(run), "--out", str(bundle)]) == 0
+    numbers = check_bundle_matches_torch(run, bundle, data / "test.txt", data, tmp_path)
+    assert numbers["images"] == 500
