@@ -1,0 +1,50 @@
+"""Dependencies shared by the routers: the runtime, the settings and the admin-token check."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.errors_http import ApiError
+from service.runtime import Runtime
+from service.settings import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="the admin token (`VLLTR_ADMIN_TOKEN`), when one is set")
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's settings."""
+    return request.app.state.settings
+
+
+def get_runtime(request: Request) -> Runtime:
+    """The serving runtime; 503 while the service is still loading."""
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        retry = str(request.app.state.settings.retry_after_s)
+        raise ApiError(503, "not_ready", "the service is starting; try again shortly", {"Retry-After": retry})
+    return runtime
+
+
+def require_admin(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """401 without a Bearer token, 403 with a wrong one; a no-op when no admin token is configured."""
+    token = request.app.state.settings.admin_token
+    if token is None:
+        return
+    if credentials is None or not credentials.credentials:
+        raise ApiError(401, "unauthorized", "this endpoint needs the admin token: send "
+                                            "'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+    given = credentials.credentials.encode("utf-8")
+    if not hmac.compare_digest(given, token.get_secret_value().encode("utf-8")):
+        raise ApiError(403, "forbidden", "the admin token is not valid")
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+AdminDep = Depends(require_admin)

@@ -1,0 +1,127 @@
+"""The FastAPI application: `create_app(settings)` with a lifespan that starts, warms and tears down.
+
+Start-up order (readiness reports each step):
+1. load and verify the bundle and create the ONNX Runtime sessions (`Runtime.load`). `vlltr serve` does
+   this before the server starts, so a bad bundle or `provider=cuda` without CUDA really active ends the
+   command with one clear line; `create_app(settings)` without a runtime does it in the lifespan;
+2. in the background: warm every batch bucket, load the class table (retrying while the store is
+   unreachable), start the inference thread. `/healthz` answers meanwhile; `/readyz` says 503 until done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import re
+import time
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api import api_router
+from service.errors_http import envelope, install_error_handlers
+from service.metrics import Metrics
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_METHODS = {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"}
+
+
+class RequestMiddleware:
+    """Request id, the latency histogram (labelled by route template) and the last-resort 500.
+
+    A client-supplied `X-Request-ID` of safe characters is kept, otherwise one is made; it is echoed in the
+    response. An exception no handler claimed is logged with the id and answered with a generic 500
+    envelope naming only the id (never internals).
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        # A random per-process prefix and a counter: unique ids without a random draw per request.
+        self._id_prefix = os.urandom(6).hex()
+        self._ids = itertools.count(1)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        given = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-request-id"), "")
+        request_id = given if given and _REQUEST_ID.match(given) else f"{self._id_prefix}-{next(self._ids)}"
+        state = {"status": 500, "started": False}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                state["started"] = True
+                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in %s %s (request id %s)", scope.get("method"), scope.get("path"),
+                          request_id)
+            if not state["started"]:
+                response = JSONResponse(envelope("internal", f"internal error (request id {request_id})"),
+                                        status_code=500)
+                await response(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "GET") if scope.get("method") in _METHODS else "OTHER"
+            self.metrics.request_duration.labels(route=label, method=method, status=str(state["status"])).observe(
+                time.perf_counter() - started)
+
+
+def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
+    """Build the app. `runtime` (tests) skips loading; otherwise the lifespan loads `settings.bundle`."""
+    metrics = runtime.metrics if runtime is not None else Metrics(redis_enabled=bool(settings.redis_url))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = runtime if runtime is not None else await asyncio.to_thread(Runtime.load, settings, metrics)
+        app.state.runtime = rt
+        starting = asyncio.create_task(_start(rt), name="vlltr-start")
+        try:
+            yield
+        finally:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+            await rt.stop()
+
+    app = FastAPI(
+        title="vlltr",
+        summary="Long-tailed image classification with classes added by text (VL-LTR on ONNX Runtime)",
+        version="1",
+        lifespan=lifespan,
+        redoc_url=None,
+        redirect_slashes=False,  # an unknown path gets a JSON 404, never an empty-bodied redirect
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.runtime = None
+    install_error_handlers(app)
+    app.include_router(api_router)
+    app.add_middleware(RequestMiddleware, metrics=metrics)
+    return app
+
+
+async def _start(runtime: Runtime) -> None:
+    try:
+        await runtime.start()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.critical("the service failed to start; it stays not ready", exc_info=True)

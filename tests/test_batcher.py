@@ -1,0 +1,284 @@
+"""The micro-batcher: ordering, deadline and full flushes, per-item failures, cancellation, supervision."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from service.batcher import BatcherStoppedError, MicroBatcher, QueueFullError
+from service.metrics import Metrics
+
+
+class Recorder:
+    """A batch function that records the batches it saw and can be told to fail."""
+
+    def __init__(self, fail_on: set[int] | None = None, delay: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.fail_on = fail_on or set()
+        self.delay = delay
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.gate.wait(10)
+        self.batches.append(list(items))
+        if self.delay:
+            time.sleep(self.delay)
+        if any(i in self.fail_on for i in items):
+            raise ValueError(f"bad item among {items}")
+        return [i * 10 for i in items]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_results_come_back_in_order_and_batched():
+    async def main():
+        rec = Recorder()
+        b = MicroBatcher(rec, max_batch_size=8, max_wait_s=0.05, queue_size=100)
+        b.start()
+        results = await asyncio.gather(*(b.submit(i) for i in range(20)))
+        await b.stop()
+        return rec, results
+
+    rec, results = run(main())
+    assert results == [i * 10 for i in range(20)]
+    assert max(len(batch) for batch in rec.batches) == 8
+    assert [i for batch in rec.batches for i in batch] == list(range(20))  # FIFO across batches
+
+
+def test_full_batch_leaves_without_waiting_for_the_deadline():
+    async def main():
+        rec = Recorder()
+        b = MicroBatcher(rec, max_batch_size=4, max_wait_s=30.0, queue_size=100)
+        b.start()
+        # With a 30 s deadline only the "full" rule can release these within the test's timeout.
+        results = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(4))), timeout=10)
+        await b.stop()
+        return rec, results
+
+    rec, results = run(main())
+    assert results == [0, 10, 20, 30]
+    assert rec.batches == [[0, 1, 2, 3]]
+
+
+def test_partial_batch_leaves_at_the_deadline():
+    async def main():
+        rec = Recorder()
+        b = MicroBatcher(rec, max_batch_size=64, max_wait_s=0.05, queue_size=100)
+        b.start()
+        results = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(3))), timeout=10)
+        await b.stop()
+        return rec, results
+
+    rec, results = run(main())
+    assert results == [0, 10, 20]
+    assert rec.batches == [[0, 1, 2]]
+
+
+def test_deadline_is_anchored_on_the_oldest_item():
+    async def main():
+        rec = Recorder()
+        b = MicroBatcher(rec, max_batch_size=64, max_wait_s=0.3, queue_size=100)
+        b.start()
+        first = asyncio.ensure_future(b.submit(1))
+        await asyncio.sleep(0.15)
+        second = asyncio.ensure_future(b.submit(2))
+        await asyncio.gather(first, second)
+        await b.stop()
+        return rec
+
+    rec = run(main())
+    # The second item arrived before the first one's deadline, so both left together.
+    assert rec.batches == [[1, 2]]
+
+
+def test_a_failing_item_fails_alone():
+    async def main():
+        rec = Recorder(fail_on={3})
+        b = MicroBatcher(rec, max_batch_size=8, max_wait_s=0.05, queue_size=100)
+        b.start()
+        results = await asyncio.gather(*(b.submit(i) for i in range(6)), return_exceptions=True)
+        await b.stop()
+        return rec, results
+
+    rec, results = run(main())
+    assert isinstance(results[3], ValueError)
+    assert [r for i, r in enumerate(results) if i != 3] == [0, 10, 20, 40, 50]
+    assert rec.batches[0] == [0, 1, 2, 3, 4, 5]  # tried as a batch first, then item by item
+    assert [3] in rec.batches[1:]
+
+
+def test_result_exceptions_fail_only_their_item():
+    def process(items):
+        return [ValueError("no") if i == 1 else i for i in items]
+
+    async def main():
+        b = MicroBatcher(process, max_batch_size=4, max_wait_s=0.02, queue_size=10)
+        b.start()
+        out = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = run(main())
+    assert out[0] == 0 and out[2] == 2 and isinstance(out[1], ValueError)
+
+
+def test_cancelled_requests_are_skipped():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()  # hold the inference thread inside the first batch
+        b = MicroBatcher(rec, max_batch_size=2, max_wait_s=0.01, queue_size=100)
+        b.start()
+        first = asyncio.ensure_future(b.submit(0))
+        await asyncio.sleep(0.1)  # the thread is now blocked running [0]
+        doomed = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]
+        kept = asyncio.ensure_future(b.submit(3))
+        await asyncio.sleep(0.05)
+        for f in doomed:
+            f.cancel()
+        rec.gate.set()
+        results = await asyncio.gather(first, kept)
+        await b.stop()
+        return rec, results
+
+    rec, results = run(main())
+    assert results == [0, 30]
+    assert [0] in rec.batches and all(1 not in batch and 2 not in batch for batch in rec.batches)
+
+
+def test_loop_survives_a_batch_function_that_always_raises():
+    calls = {"n": 0}
+
+    def process(items):
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            raise RuntimeError("broken")
+        return items
+
+    async def main():
+        b = MicroBatcher(process, max_batch_size=2, max_wait_s=0.01, queue_size=10)
+        b.start()
+        failed = await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
+        ok = await b.submit(7)
+        alive = b.alive()
+        await b.stop()
+        return failed, ok, alive
+
+    failed, ok, alive = run(main())
+    assert all(isinstance(f, RuntimeError) for f in failed)
+    assert ok == 7 and alive
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_dead_thread_is_restarted_and_its_batch_fails_instead_of_hanging():
+    class Die(BaseException):
+        pass
+
+    calls = {"n": 0}
+
+    def process(items):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise Die()  # escapes every `except Exception`: the thread dies
+        return items
+
+    async def main():
+        b = MicroBatcher(process, max_batch_size=1, max_wait_s=0.0, queue_size=10)
+        b.start()
+        first = await asyncio.gather(b.submit(1), return_exceptions=True)
+        await asyncio.sleep(0.1)
+        assert not b.alive()
+        assert b.ensure_running()
+        second = await asyncio.wait_for(b.submit(2), timeout=10)
+        await b.stop()
+        return first, second, b.restarts
+
+    first, second, restarts = run(main())
+    assert isinstance(first[0], RuntimeError)
+    assert second == 2 and restarts == 1
+
+
+def test_bounded_queue_refuses_when_full_and_counts_depth():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        metrics = Metrics()
+        b = MicroBatcher(rec, max_batch_size=1, max_wait_s=0.0, queue_size=3, metrics=metrics)
+        b.start()
+        running = asyncio.ensure_future(b.submit(0))
+        await asyncio.sleep(0.1)  # [0] is inside the batch function; the queue is empty again
+        waiting = b.submit_many([1, 2, 3])
+        with pytest.raises(QueueFullError):
+            b.submit_many([4])
+        depth = metrics.registry.get_sample_value("vlltr_queue_depth")
+        capacity = metrics.registry.get_sample_value("vlltr_queue_capacity")
+        rec.gate.set()
+        results = await asyncio.gather(running, *waiting)
+        await b.stop()
+        return results, depth, capacity
+
+    results, depth, capacity = run(main())
+    assert results == [0, 10, 20, 30]
+    assert depth == 3 and capacity == 3
+
+
+def test_submit_many_is_all_or_nothing():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        b = MicroBatcher(rec, max_batch_size=1, max_wait_s=0.0, queue_size=2)
+        b.start()
+        running = asyncio.ensure_future(b.submit(0))
+        await asyncio.sleep(0.1)
+        with pytest.raises(QueueFullError):
+            b.submit_many([1, 2, 3])
+        depth = b.depth
+        rec.gate.set()
+        await running
+        await b.stop()
+        return depth
+
+    assert run(main()) == 0
+
+
+def test_stop_fails_waiting_items_and_refuses_new_ones():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        b = MicroBatcher(rec, max_batch_size=1, max_wait_s=0.0, queue_size=10)
+        b.start()
+        running = asyncio.ensure_future(b.submit(0))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.ensure_future(b.submit(1))
+        await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(b.stop(timeout=5))
+        await asyncio.sleep(0.05)
+        rec.gate.set()
+        await stopping
+        with pytest.raises(BatcherStoppedError):
+            b.submit_many([2])
+        return await asyncio.gather(running, waiting, return_exceptions=True)
+
+    running, waiting = run(main())
+    assert running == 0
+    assert isinstance(waiting, BatcherStoppedError)
+
+
+def test_metrics_record_batch_sizes_and_waits():
+    async def main():
+        metrics = Metrics()
+        b = MicroBatcher(lambda items: items, max_batch_size=4, max_wait_s=0.01, queue_size=10, metrics=metrics)
+        b.start()
+        await asyncio.gather(*(b.submit(i) for i in range(4)))
+        await b.stop()
+        return metrics
+
+    m = run(main()).registry
+    assert m.get_sample_value("vlltr_batch_size_sum") == 4
+    assert m.get_sample_value("vlltr_queue_wait_seconds_count") == 4
+    assert m.get_sample_value("vlltr_inference_duration_seconds_count") == 1
