@@ -1,0 +1,233 @@
+"""Aggregate seeds, compute the acceptance targets from the measured numbers, and write JSON, Markdown and a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.longtail.metrics import mean_std
+
+SPLIT_KEYS = ("overall", "many", "medium", "few")
+IMAGE_ONLY_ARMS = ("image_ce", "image_bs")
+ARM_LABELS = {
+    "zero_shot": "Zero-shot (pretrained CLIP, class-name prompts)",
+    "image_ce": "Image-only, cross-entropy (image tower fine-tuned)",
+    "image_bs": "Image-only, Balanced Softmax (image tower fine-tuned)",
+    "vlltr_faithful": "VL-LTR as published (stage 1 + AnSS + LGR, CE, α=0.2)",
+    "vlltr_faithful_vision_branch": "  ↳ its vision (MLP) branch alone",
+    "vlltr_faithful_language_branch": "  ↳ its language (anchor) branch alone",
+    "text_recommended": "**Recommended: stage 1 + AnSS + text-initialised anchors, LA loss, fusion α on val**",
+    "control_shuffled": "Control: recommended, descriptions shuffled across classes",
+    "control_distractors": "Control: recommended, distractor sentences only",
+}
+ANSS_GOAL = 5.0  # "clearly beats": at least this many points of precision
+
+
+def aggregate(per_seed: dict[int, dict]) -> dict[str, Any]:
+    """Per-arm mean and std over seeds for every split, plus AnSS and added-class summaries."""
+    seeds = sorted(per_seed)
+    arms: dict[str, Any] = {}
+    for arm in per_seed[seeds[0]]["arms"]:
+        entry: dict[str, Any] = {"per_seed": {str(s): per_seed[s]["arms"][arm] for s in seeds}, "mean": {}, "std": {}}
+        for k in SPLIT_KEYS:
+            m, sd = mean_std([per_seed[s]["arms"][arm][k] for s in seeds])
+            entry["mean"][k], entry["std"][k] = round(m, 3), round(sd, 3)
+        arms[arm] = entry
+    out: dict[str, Any] = {"arms": arms}
+    for section in ("anss", "added"):
+        if section not in per_seed[seeds[0]]:
+            continue
+        flat = _numeric_leaves(per_seed[seeds[0]][section])
+        summary = {}
+        for path in flat:
+            vals = [_get(per_seed[s][section], path) for s in seeds]
+            m, sd = mean_std(vals)
+            summary[".".join(path)] = {"mean": round(m, 3), "std": round(sd, 3)}
+        out[section] = {"per_seed": {str(s): per_seed[s][section] for s in seeds}, "summary": summary}
+    out["timings_s"] = {str(s): per_seed[s]["timings_s"] for s in seeds}
+    out["groups"] = per_seed[seeds[0]]["groups"]
+    return out
+
+
+def _numeric_leaves(d: dict, prefix: tuple = ()) -> list[tuple]:
+    leaves = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            leaves += _numeric_leaves(v, prefix + (k,))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            leaves.append(prefix + (k,))
+    return leaves
+
+
+def _get(d: dict, path: tuple) -> Any:
+    for k in path:
+        d = d[k]
+    return d
+
+
+def _target(value: float, goal: float, met: bool, rule: str) -> dict[str, Any]:
+    return {"value": round(float(value), 3), "goal": round(float(goal), 3), "met": bool(met), "rule": rule}
+
+
+def compute_targets(agg: dict[str, Any], other_dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each acceptance point as `{value, goal, met, rule}`, computed from the aggregated measurements."""
+    arms = agg["arms"]
+    rec = arms["text_recommended"]
+    best_img = max(IMAGE_ONLY_ARMS, key=lambda a: arms[a]["mean"]["few"])
+    best_img_overall = max(arms[a]["mean"]["overall"] for a in IMAGE_ONLY_ARMS)
+    gain = rec["mean"]["few"] - arms[best_img]["mean"]["few"]
+    noise = 2.0 * max(rec["std"]["few"], arms[best_img]["std"]["few"])
+    targets: dict[str, Any] = {
+        "few_shot_gain_over_best_image_only": _target(
+            gain, noise, gain > noise,
+            f"recommended few-shot minus best image-only few-shot ({best_img}) must exceed twice the larger seed "
+            "std of the two"),
+        "overall_cost_vs_best_image_only": _target(
+            best_img_overall - rec["mean"]["overall"], 2.0, best_img_overall - rec["mean"]["overall"] <= 2.0,
+            "best image-only overall minus recommended overall must be at most 2 points"),
+        "shuffled_text_few_shot_drop": _target(
+            rec["mean"]["few"] - arms["control_shuffled"]["mean"]["few"], 5.0,
+            rec["mean"]["few"] - arms["control_shuffled"]["mean"]["few"] >= 5.0,
+            "recommended few-shot minus the shuffled-text control's few-shot must be at least 5 points"),
+    }
+    if "anss" in agg:
+        s = agg["anss"]["summary"]
+        p, b, t = s["anss_precision"]["mean"], s["base_rate"]["mean"], s["text_only_precision"]["mean"]
+        targets["anss_precision_over_base_rate"] = _target(
+            p - b, ANSS_GOAL, p - b >= ANSS_GOAL, f"AnSS precision minus the distractor base rate, >= {ANSS_GOAL}")
+        targets["anss_precision_over_text_only_rule"] = _target(
+            p - t, ANSS_GOAL, p - t >= ANSS_GOAL,
+            f"AnSS precision minus the text-only (centroid) rule's precision, >= {ANSS_GOAL}")
+    if "added" in agg:
+        s = agg["added"]["summary"]
+        alone = s["added_alone"]["mean"]
+        among = s["calibrated.added_among_all"]["mean"]
+        cost = s["calibrated.trained_cost"]["mean"]
+        targets["added_classes_alone_accuracy"] = _target(alone, 80.0, alone >= 80.0,
+                                                          "held-out classes scored among themselves, >= 80%")
+        targets["added_classes_among_all_accuracy"] = _target(
+            among, 40.0, among >= 40.0, "held-out classes scored among all classes with the pseudo-new γ, >= 40%")
+        targets["trained_cost_of_adding_classes"] = _target(
+            cost, 2.0, cost <= 2.0 and among >= 40.0,
+            "trained-class accuracy lost by adding the held-out classes, <= 2 points, counted as met only together "
+            "with >= 40% added-class accuracy among all classes (a cost is meaningless when nothing is added)")
+    if other_dataset is not None:
+        o = other_dataset
+        gain_o = o.get("few_gain", float("nan"))
+        targets["second_dataset_table"] = _target(
+            gain_o, 0.0, bool(o.get("complete")),
+            f"the same table exists for {o.get('name')} ({o.get('path')}); value = its recommended-minus-best-"
+            "image-only few-shot gain")
+    return targets
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write the benchmark JSON (NaN written as null)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(payload), indent=1) + "\n")
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def write_plot(path: Path, agg: dict[str, Any], title: str) -> None:
+    """Grouped bars: every arm's overall / many / medium / few accuracy with seed-std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in ARM_LABELS if a in agg["arms"] and "branch" not in a]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(arms)
+    x = np.arange(len(SPLIT_KEYS))
+    for i, arm in enumerate(arms):
+        m = [agg["arms"][arm]["mean"][k] for k in SPLIT_KEYS]
+        sd = [agg["arms"][arm]["std"][k] for k in SPLIT_KEYS]
+        ax.bar(x + (i - (len(arms) - 1) / 2) * width, m, width, yerr=sd, capsize=2,
+               label=ARM_LABELS[arm].replace("*", ""))
+    ax.set_xticks(x, SPLIT_KEYS)
+    ax.set_ylabel("top-1 accuracy (%), mean ± std over seeds")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _fmt(entry: dict[str, Any], k: str) -> str:
+    return f"{entry['mean'][k]:.1f} ± {entry['std'][k]:.1f}"
+
+
+def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> None:
+    """The human-readable benchmark page: table, targets with their margins, plot, command, seeds."""
+    agg, targets = payload["results"], payload["targets"]
+    lines = [f"# {payload['dataset']}: does class text help the tail?", "",
+             f"Generated by `{payload['command']}` (seeds {payload['seeds']}, data seed {payload['data_seed']}, "
+             f"imbalance {payload['imbalance']}{', QUICK smoke scale: not a result' if payload['quick'] else ''}). "
+             f"Wall time {payload['wall_time_min']:.1f} min on {payload['machine']}.", "",
+             *([f"**Only seeds {payload['seeds']} of the requested {payload['seeds_requested']} completed.**", ""]
+               if payload.get("seeds_requested") and payload["seeds"] != payload["seeds_requested"] else []),
+             f"Classes: {payload['num_trained']} trained ({agg['groups']['many']} many / {agg['groups']['medium']} "
+             f"medium / {agg['groups']['few']} few, thresholds {payload['shot_rule']}), {payload['num_heldout']} "
+             "held out (text only). Test sets are balanced; every number is mean per-class top-1 (%) on test, "
+             "mean ± sample std over the seeds.", "",
+             "| arm | overall | many | medium | few |", "|---|---|---|---|---|"]
+    for arm, label in ARM_LABELS.items():
+        if arm in agg["arms"]:
+            e = agg["arms"][arm]
+            lines.append(f"| {label} | " + " | ".join(_fmt(e, k) for k in SPLIT_KEYS) + " |")
+    lines += ["", f"![per-split accuracy]({payload['plot']})", "", "## Acceptance targets (computed from the runs above)", "",
+              "| target | value | goal | met | rule |", "|---|---|---|---|---|"]
+    for name, t in targets.items():
+        lines.append(f"| {name} | {t['value']:.2f} | {t['goal']:.2f} | {'yes' if t['met'] else '**no**'} | {t['rule']} |")
+    if "anss" in agg:
+        s = agg["anss"]["summary"]
+        lines += ["", "## Anchor choice (trained classes, real text)", "",
+                  f"- AnSS precision (chosen anchors that truly describe their class): "
+                  f"{s['anss_precision']['mean']:.1f} ± {s['anss_precision']['std']:.1f} %",
+                  f"- Distractor base rate (share of descriptive sentences; random choice): {s['base_rate']['mean']:.1f} %",
+                  f"- Text-only rule (centroid of the class's sentence embeddings, the service's image-free rule): "
+                  f"{s['text_only_precision']['mean']:.1f} ± {s['text_only_precision']['std']:.1f} %"]
+    if "added" in agg:
+        s = agg["added"]["summary"]
+
+        def ms(key: str) -> str:
+            return f"{s[key]['mean']:.1f} ± {s[key]['std']:.1f}"
+
+        lines += ["", "## Classes added by text alone (held-out classes, scored through `service.head`)", "",
+                  f"- Image-free anchor rule precision on the added classes: {ms('image_free_precision')} % "
+                  f"(base rate {s['base_rate']['mean']:.1f} %)",
+                  f"- Accuracy among the added classes alone: {ms('added_alone')} %",
+                  f"- Trained classes before adding: {ms('trained_before')} %",
+                  "", "| calibration | trained after | added among all | harmonic mean | trained cost |",
+                  "|---|---|---|---|---|"]
+        for label in ("uncalibrated", "calibrated"):
+            lines.append(f"| {label}{' (γ from pseudo-new trained classes)' if label == 'calibrated' else ' (γ = 0)'} | "
+                         f"{ms(label + '.trained_after')} | {ms(label + '.added_among_all')} | "
+                         f"{ms(label + '.harmonic_mean')} | {ms(label + '.trained_cost')} |")
+        gammas = [agg["added"]["per_seed"][k]["gamma"] for k in agg["added"]["per_seed"]]
+        lines.append(f"\nChosen γ per seed: {gammas}; rule: {next(iter(agg['added']['per_seed'].values()))['gamma_rule']}.")
+    lines += ["", "## How it was run", "", "```", payload["command"], "```", "",
+              f"Pretrained starting point: `{payload['pretrain']['file']}` ({payload['pretrain']['summary']}).", ""]
+    if payload.get("findings"):
+        lines += ["## Findings (why the targets are met or missed)", ""] + [f"- {f}" for f in payload["findings"]] + [""]
+    lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    path.write_text("\n".join(lines))

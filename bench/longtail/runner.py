@@ -1,0 +1,275 @@
+"""One benchmark seed: every arm, the controls, AnSS precision and the added-class evaluation.
+
+Arms (same pretrained starting point, same backbone budget):
+- `zero_shot`: the pretrained CLIP with class-name prompts (no training).
+- `image_ce`, `image_bs`: image tower fine-tuned with a linear classifier, cross-entropy or Balanced Softmax.
+- `vlltr_faithful`: stage 1 (CVLP: class-wise contrastive + distillation from the pretrained teacher, sqrt
+  sampling), AnSS on the val images, LGR head with the published stage-2 loss (CE on both branches, mixup,
+  smoothing, sqrt sampling, attention lr 1e-6) on the frozen stage-1 backbone, fusion alpha 0.2.
+- `text_recommended`: the same stage 1 and AnSS, then the LGR head with trainable text-initialised anchors
+  (a text-initialised cosine classifier, as in LIFT), the logit-adjusted loss with instance sampling, and the
+  fusion weight chosen on the balanced val split.
+- Controls on the recommended recipe: `control_shuffled` (descriptions permuted across classes) and
+  `control_distractors` (each class keeps only its distractor sentences). They swap the text given to AnSS
+  and the head; the stage-1 backbone is shared with the real-text arms (see the doc's notes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.longtail import added as added_mod
+from bench.longtail.anchors import anss_anchors, base_rate, image_free_anchors, precision
+from bench.longtail.backbone import Budget, encode_images, encode_tokens, finetune_image_only, train_stage1
+from bench.longtail.data import Benchmark
+from bench.longtail.heads import HeadRecipe, head_logits, train_lgr_head
+from bench.longtail.metrics import ShotGroups, harmonic_mean, split_accuracies
+from model.factory import get_tokenizer
+from model.head import fuse_probabilities
+from training.data.text import SIMPLE_TEMPLATES
+
+log = logging.getLogger(__name__)
+
+ALPHA_GRID = tuple(round(a, 2) for a in np.arange(0.0, 1.001, 0.1))
+FAITHFUL = HeadRecipe()  # the published stage 2, see HeadRecipe's docstring
+RECOMMENDED = HeadRecipe(loss="logit_adjusted", sampler="instance", mixup=0.0, smoothing=0.0,
+                         attn_lr=1e-3, anchor_lr=3e-3)
+
+
+@dataclass
+class SeedConfig:
+    """What one seed runs with."""
+
+    arch: str = "vlltr-tiny-vit"
+    budget: Budget = field(default_factory=Budget)
+    num_anchors: int = 8
+    head_epochs: int = 30
+    faithful_alpha: float = 0.2
+    pseudo_new: int = 8  # trained classes treated as new to pick the added-class bias
+    max_seen_drop: float = 1.0  # points of seen-class accuracy the chosen bias may cost on pseudo-new val
+
+
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: np.ndarray
+
+
+def _split(bm: Benchmark, name: str, keep: np.ndarray, remap: dict[int, int]) -> Split:
+    labels = bm.labels[name]
+    sel = np.flatnonzero(np.isin(labels, keep))
+    return Split(bm.images[name][torch.as_tensor(sel, dtype=torch.long)],
+                 np.array([remap[int(v)] for v in labels[sel]], dtype=np.int64))
+
+
+def _pred_metrics(pred: np.ndarray, labels: np.ndarray, groups: ShotGroups) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in split_accuracies(pred, labels, groups).items()}
+
+
+def _fused_pred(z_vis: torch.Tensor, z_lin: torch.Tensor, alpha: float) -> np.ndarray:
+    return fuse_probabilities(z_vis, z_lin, alpha).argmax(1).numpy()
+
+
+def _choose_alpha(z_vis: torch.Tensor, z_lin: torch.Tensor, labels: np.ndarray, groups: ShotGroups) -> float:
+    """The fusion weight with the best balanced val accuracy (ties: smaller alpha, the text branch)."""
+    best, best_acc = 0.0, -1.0
+    for a in ALPHA_GRID:
+        acc = split_accuracies(_fused_pred(z_vis, z_lin, a), labels, groups)["overall"]
+        if acc > best_acc + 1e-9:
+            best, best_acc = a, acc
+    return float(best)
+
+
+def _shuffled(texts: list[list[str]], flags: list[np.ndarray], rng: np.random.Generator):
+    """Descriptions permuted across classes with no class keeping its own (a derangement)."""
+    n = len(texts)
+    while True:
+        perm = rng.permutation(n)
+        if n < 2 or not np.any(perm == np.arange(n)):
+            break
+    return [texts[p] for p in perm], [flags[p] for p in perm]
+
+
+def _distractors_only(feats: list[torch.Tensor], flags: list[np.ndarray]):
+    out_t, out_f = [], []
+    for f, fl in zip(feats, flags):
+        keep = np.flatnonzero(~fl)
+        if len(keep) == 0:
+            raise ValueError("a class has no distractor sentence; the distractor-only control needs one")
+        out_t.append(f[torch.as_tensor(keep, dtype=torch.long)])
+        out_f.append(np.zeros(len(keep), dtype=bool))
+    return out_t, out_f
+
+
+def _class_sentence_features(clip, tokenizer, sentences: list[list[str]]) -> list[torch.Tensor]:
+    """Raw text features of every class's sentences, encoded in one pass and split per class."""
+    flat = [s for sents in sentences for s in sents]
+    feats = encode_tokens(clip, tokenizer(flat))
+    return list(torch.split(feats, [len(s) for s in sentences]))
+
+
+def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedConfig) -> dict:
+    """Run every arm for one seed; returns a JSON-ready dict of metrics, precisions and timings."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    trained = bm.trained
+    remap = {int(c): i for i, c in enumerate(trained)}
+    held_map = {int(c): len(trained) + i for i, c in enumerate(bm.heldout)}
+    train = _split(bm, "train", trained, remap)
+    val = _split(bm, "val", trained, remap)
+    test = _split(bm, "test", trained, remap)
+    held = _split(bm, "test", bm.heldout, held_map) if len(bm.heldout) else None
+    counts = np.bincount(train.y, minlength=len(trained))
+    groups = ShotGroups.from_counts(counts, bm.many_threshold, bm.few_threshold)
+    names = [bm.names[c] for c in trained]
+    tokenizer = get_tokenizer(cfg.arch)
+    arms: dict[str, dict] = {}
+    extra: dict[str, object] = {}
+
+    # Zero-shot: the pretrained CLIP, class names in CLIP's 7 prompt templates.
+    t = time.perf_counter()
+    prompts = tokenizer([tpl.format(n) for n in names for tpl in SIMPLE_TEMPLATES])
+    with torch.no_grad():
+        txt = F.normalize(encode_tokens(pretrained, prompts), dim=-1).view(len(names), len(SIMPLE_TEMPLATES), -1)
+        protos = F.normalize(txt.mean(1), dim=-1)
+        img = F.normalize(encode_images(pretrained, test.x), dim=-1)
+    arms["zero_shot"] = _pred_metrics((img @ protos.t()).argmax(1).numpy(), test.y, groups)
+    timings["zero_shot"] = time.perf_counter() - t
+
+    # Image-only arms: fine-tune the image tower.
+    for arm, loss in (("image_ce", "ce"), ("image_bs", "balanced_softmax")):
+        t = time.perf_counter()
+        clip, fc = finetune_image_only(pretrained, train.x, train.y, counts, loss=loss, budget=cfg.budget, seed=seed)
+        with torch.no_grad():
+            logits = fc(encode_images(clip, test.x))
+        arms[arm] = _pred_metrics(logits.argmax(1).numpy(), test.y, groups)
+        timings[arm] = time.perf_counter() - t
+        log.info("seed %d %s: %s", seed, arm, arms[arm])
+        del clip, fc
+
+    # Stage 1 (CVLP) on the real class text.
+    t = time.perf_counter()
+    texts = [bm.sentences[c] for c in trained]
+    flags = [bm.descriptive[c] for c in trained]
+    class_tokens = [tokenizer(s) for s in texts]  # stage 1 sees the trained classes' text only
+    stage1 = train_stage1(pretrained, train.x, train.y, counts, class_tokens, budget=cfg.budget, seed=seed)
+    scale = float(stage1.logit_scale.detach().exp())
+    feats = {"train": encode_images(stage1, train.x), "val": encode_images(stage1, val.x),
+             "test": encode_images(stage1, test.x)}
+    if held is not None:
+        feats["held"] = encode_images(stage1, held.x)
+    timings["stage1"] = time.perf_counter() - t
+
+    all_feats = _class_sentence_features(stage1, tokenizer, bm.sentences)  # every class, dataset ids
+    feats_trained = [all_feats[c] for c in trained]
+    rng = np.random.default_rng(seed)
+    variants = {"real": (feats_trained, flags), "shuffled": _shuffled(feats_trained, flags, rng),
+                "distractors": _distractors_only(feats_trained, flags)}
+    heads: dict[str, torch.nn.Module] = {}
+    for variant, (sent_feats, v_flags) in variants.items():
+        t = time.perf_counter()
+        anchors, _ = anss_anchors(sent_feats, feats["val"], val.y, scale, cfg.num_anchors)
+        if variant == "real":
+            extra["anss"] = {
+                "anss_precision": round(precision(anchors.chosen, v_flags), 3),
+                "base_rate": round(base_rate(v_flags, cfg.num_anchors), 3),
+                "text_only_precision": round(precision(image_free_anchors(sent_feats, cfg.num_anchors).chosen,
+                                                       v_flags), 3),
+            }
+            faithful = train_lgr_head(feats["train"], train.y, counts, anchors.tensor, anchors.mask, scale,
+                                      _with_epochs(FAITHFUL, cfg.head_epochs), seed)
+            zv, zl = head_logits(faithful, feats["test"])
+            arms["vlltr_faithful"] = _pred_metrics(_fused_pred(zv, zl, cfg.faithful_alpha), test.y, groups)
+            arms["vlltr_faithful_language_branch"] = _pred_metrics(zl.argmax(1).numpy(), test.y, groups)
+            arms["vlltr_faithful_vision_branch"] = _pred_metrics(zv.argmax(1).numpy(), test.y, groups)
+        head = train_lgr_head(feats["train"], train.y, counts, anchors.tensor, anchors.mask, scale,
+                              _with_epochs(RECOMMENDED, cfg.head_epochs), seed)
+        zv, zl = head_logits(head, feats["val"])
+        alpha = _choose_alpha(zv, zl, val.y, groups)
+        zv, zl = head_logits(head, feats["test"])
+        name = {"real": "text_recommended", "shuffled": "control_shuffled", "distractors": "control_distractors"}
+        arms[name[variant]] = _pred_metrics(_fused_pred(zv, zl, alpha), test.y, groups)
+        arms[name[variant]]["alpha"] = alpha
+        heads[variant] = head
+        timings[name[variant]] = time.perf_counter() - t
+        log.info("seed %d %s: %s", seed, name[variant], arms[name[variant]])
+
+    if held is not None:
+        t = time.perf_counter()
+        extra["added"] = _added_classes(bm, heads["real"], arms["text_recommended"]["alpha"], stage1, all_feats,
+                                        feats, train, val, test, held, counts, names, groups, cfg, seed)
+        timings["added"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    return {"arms": arms, **extra, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            "groups": {k: int(len(getattr(groups, k))) for k in ("many", "medium", "few")}}
+
+
+def _with_epochs(recipe: HeadRecipe, epochs: int) -> HeadRecipe:
+    return HeadRecipe(**{**asdict(recipe), "epochs": epochs})
+
+
+def _added_classes(bm: Benchmark, head, alpha: float, stage1, all_feats: list[torch.Tensor], feats: dict, train: Split, val: Split,
+                   test: Split, held: Split, counts: np.ndarray, names: list[str], groups: ShotGroups,
+                   cfg: SeedConfig, seed: int) -> dict:
+    """Add the held-out classes by text; pick γ on pseudo-new trained classes; score with the service's code."""
+    num_trained = len(names)
+    held_names = [bm.names[c] for c in bm.heldout]
+    held_feats = [all_feats[c] for c in bm.heldout]
+    entries, chosen = added_mod.added_entries(held_feats, held_names, cfg.num_anchors)
+    image_free_precision = precision(chosen, [bm.descriptive[c] for c in bm.heldout])
+    log_prior = added_mod.trained_log_prior(counts)
+
+    # γ from pseudo-new classes: drop some few-shot trained classes, retrain the head without them, add them by
+    # text, and pick γ on their val images (no held-out label is used).
+    rng = np.random.default_rng(seed + 1000)
+    pool = groups.few if len(groups.few) >= cfg.pseudo_new else np.arange(num_trained)
+    pseudo = np.sort(rng.choice(pool, size=min(cfg.pseudo_new, len(pool) - 1), replace=False))
+    keep = np.setdiff1d(np.arange(num_trained), pseudo)
+    sub = {int(c): i for i, c in enumerate(keep)}
+    tr_sel = np.isin(train.y, keep)
+    sub_counts = counts[keep]
+    sent_feats = [all_feats[bm.trained[c]] for c in keep]
+    anchors, _ = anss_anchors(sent_feats, feats["val"][torch.as_tensor(np.isin(val.y, keep))],
+                              np.array([sub[int(v)] for v in val.y[np.isin(val.y, keep)]]),
+                              float(stage1.logit_scale.detach().exp()), cfg.num_anchors)
+    sub_head = train_lgr_head(feats["train"][torch.as_tensor(tr_sel)], np.array([sub[int(v)] for v in train.y[tr_sel]]),
+                              sub_counts, anchors.tensor, anchors.mask, float(stage1.logit_scale.detach().exp()),
+                              _with_epochs(RECOMMENDED, cfg.head_epochs), seed)
+    pseudo_entries, _ = added_mod.added_entries([all_feats[bm.trained[c]] for c in pseudo],
+                                                [names[c] for c in pseudo], cfg.num_anchors)
+    keep_names = [names[c] for c in keep]
+    v_seen = np.isin(val.y, keep)
+    seen_scores = added_mod.score_table(sub_head, keep_names, pseudo_entries, feats["val"][torch.as_tensor(v_seen)])
+    new_scores = added_mod.score_table(sub_head, keep_names, pseudo_entries, feats["val"][torch.as_tensor(~v_seen)])
+    pos = {int(c): len(keep) + i for i, c in enumerate(pseudo)}
+    fit = added_mod.choose_gamma(seen_scores, np.array([sub[int(v)] for v in val.y[v_seen]]), new_scores,
+                                 np.array([pos[int(v)] for v in val.y[~v_seen]]), added_mod.trained_log_prior(sub_counts),
+                                 alpha=alpha, tau=0.0, max_seen_drop=cfg.max_seen_drop)
+
+    # The real held-out classes on test, scored by the service's code path.
+    seen_t = added_mod.score_table(head, names, entries, feats["test"])
+    new_t = added_mod.score_table(head, names, entries, feats["held"])
+    before = added_mod.class_mean_accuracy(
+        added_mod.predict(added_mod.score_table(head, names, [], feats["test"]), log_prior, alpha=alpha, tau=0.0,
+                          gamma=0.0), test.y)
+    alone = added_mod.class_mean_accuracy(new_t.z_lin[:, num_trained:].argmax(1) + num_trained, held.y)
+    out = {"num_added": len(entries), "alpha": alpha, "image_free_precision": round(image_free_precision, 3),
+           "base_rate": round(base_rate([bm.descriptive[c] for c in bm.heldout], cfg.num_anchors), 3),
+           "added_alone": round(alone, 3), "trained_before": round(before, 3),
+           "gamma": fit.gamma, "gamma_rule": fit.rule, "pseudo_new_classes": [names[c] for c in pseudo],
+           "pseudo_new_curve": [{k: round(v, 3) for k, v in c.items()} for c in fit.curve]}
+    for label, gamma in (("uncalibrated", 0.0), ("calibrated", fit.gamma)):
+        a_seen = added_mod.class_mean_accuracy(added_mod.predict(seen_t, log_prior, alpha=alpha, tau=0.0, gamma=gamma),
+                                               test.y)
+        a_new = added_mod.class_mean_accuracy(added_mod.predict(new_t, log_prior, alpha=alpha, tau=0.0, gamma=gamma),
+                                              held.y)
+        out[label] = {"trained_after": round(a_seen, 3), "added_among_all": round(a_new, 3),
+                      "harmonic_mean": round(harmonic_mean(a_seen, a_new), 3),
+                      "trained_cost": round(before - a_seen, 3)}
+    return out

@@ -1,0 +1,103 @@
+"""The long-tail benchmark harness: a `--quick` run end to end, its JSON schema, and targets that follow the
+measured numbers (never constants)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `bench/` is a top-level folder, not an installed package
+
+from bench.longtail.metrics import ShotGroups, harmonic_mean, mean_std, split_accuracies  # noqa: E402
+from bench.longtail.report import compute_targets  # noqa: E402
+
+ARMS = ("zero_shot", "image_ce", "image_bs", "vlltr_faithful", "text_recommended", "control_shuffled",
+        "control_distractors")
+SPLITS = ("overall", "many", "medium", "few")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    cache = tmp_path_factory.mktemp("bench-cache")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.longtail", "--dataset", "shapes-lt", "--quick", "--seeds", "0",
+         "--out", str(out), "--cache-dir", str(cache)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "shapes-lt.json").read_text())
+
+
+def test_quick_run_writes_table_plot_and_json(quick_run):
+    out, data = quick_run
+    md = (out / "shapes-lt.md").read_text()
+    assert "python -m bench.longtail --dataset shapes-lt --quick" in md and "QUICK" in md
+    assert (out / "shapes-lt.png").stat().st_size > 1000
+    assert data["quick"] is True and data["seeds"] == [0]
+    for arm in ARMS:
+        entry = data["results"]["arms"][arm]
+        assert set(SPLITS) <= set(entry["per_seed"]["0"]) and set(SPLITS) <= set(entry["mean"])
+        assert 0.0 <= entry["per_seed"]["0"]["overall"] <= 100.0
+    anss = data["results"]["anss"]["per_seed"]["0"]
+    assert {"anss_precision", "base_rate", "text_only_precision"} <= set(anss)
+    added = data["results"]["added"]["per_seed"]["0"]
+    assert added["num_added"] == 8
+    for key in ("added_alone", "trained_before", "image_free_precision", "gamma"):
+        assert isinstance(added[key], (int, float))
+    for t in data["targets"].values():
+        assert set(t) >= {"value", "goal", "met"} and isinstance(t["met"], bool)
+
+
+def test_targets_are_computed_from_the_measurements(quick_run):
+    _, data = quick_run
+    results = data["results"]
+    recomputed = compute_targets(results)
+    for name, t in recomputed.items():
+        assert data["targets"][name]["value"] == pytest.approx(t["value"], abs=1e-3)
+    # Move the measurements: the targets must follow.
+    moved = copy.deepcopy(results)
+    moved["arms"]["text_recommended"]["mean"]["few"] += 50.0
+    moved["arms"]["control_shuffled"]["mean"]["few"] -= 10.0
+    after = compute_targets(moved)
+    assert after["few_shot_gain_over_best_image_only"]["value"] == pytest.approx(
+        recomputed["few_shot_gain_over_best_image_only"]["value"] + 50.0, abs=1e-3)
+    assert after["shuffled_text_few_shot_drop"]["value"] == pytest.approx(
+        recomputed["shuffled_text_few_shot_drop"]["value"] + 60.0, abs=1e-3)
+    assert after["few_shot_gain_over_best_image_only"]["met"] is True
+
+
+def test_targets_use_seed_noise_and_the_best_image_only_arm():
+    def arm(few: float, std: float, overall: float = 50.0) -> dict:
+        return {"mean": {"overall": overall, "many": 0.0, "medium": 0.0, "few": few},
+                "std": {"overall": 0.0, "many": 0.0, "medium": 0.0, "few": std}}
+
+    results = {"arms": {"image_ce": arm(10, 1), "image_bs": arm(30, 2, overall=55.0), "text_recommended": arm(33, 1),
+                        "control_shuffled": arm(20, 1)}}
+    t = compute_targets(results)
+    assert t["few_shot_gain_over_best_image_only"]["value"] == pytest.approx(3.0)
+    assert t["few_shot_gain_over_best_image_only"]["goal"] == pytest.approx(4.0)  # 2 x the larger std (image_bs)
+    assert t["few_shot_gain_over_best_image_only"]["met"] is False
+    assert t["overall_cost_vs_best_image_only"]["value"] == pytest.approx(5.0)
+    assert t["overall_cost_vs_best_image_only"]["met"] is False
+    assert t["shuffled_text_few_shot_drop"]["met"] is True
+
+
+def test_split_metrics_and_helpers():
+    counts = np.array([150, 50, 5])
+    groups = ShotGroups.from_counts(counts, 100, 20)
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 0, 1, 0, 0, 0])
+    acc = split_accuracies(pred, labels, groups)
+    assert acc == {"overall": pytest.approx(50.0), "many": 100.0, "medium": 50.0, "few": 0.0}
+    assert harmonic_mean(0.0, 0.0) == 0.0 and harmonic_mean(50.0, 100.0) == pytest.approx(66.667, abs=1e-3)
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(1.4142, abs=1e-4))
+    assert mean_std([4.0]) == (4.0, 0.0)
