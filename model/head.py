@@ -109,6 +109,17 @@ def fuse_probabilities(z_vis: torch.Tensor, z_lin: torch.Tensor, alpha: float) -
     return alpha * z_vis.softmax(dim=-1) + (1.0 - alpha) * z_lin.softmax(dim=-1)
 
 
+ADDED_CLASS_VISION_MODES = ("none", "standardised")
+
+
+def _added_vision_logits(vis: torch.Tensor, lin_trained: torch.Tensor, lin_added: torch.Tensor) -> torch.Tensor:
+    """Vision-branch stand-in logits of added classes: their language logits mapped, per image, onto the
+    vision branch's scale by matching the mean and std of the trained classes' logits in the two branches."""
+    mu_v, sd_v = vis.mean(dim=1, keepdim=True), vis.std(dim=1, keepdim=True, unbiased=False)
+    mu_l, sd_l = lin_trained.mean(dim=1, keepdim=True), lin_trained.std(dim=1, keepdim=True, unbiased=False)
+    return mu_v + (lin_added - mu_l) * (sd_v / sd_l.clamp_min(1e-12))
+
+
 def calibrated_probabilities(
     z_vis: torch.Tensor,
     z_lin: torch.Tensor,
@@ -118,6 +129,7 @@ def calibrated_probabilities(
     tau: float = 0.0,
     temperature: float = 1.0,
     added_class_bias: float = 0.0,
+    added_class_vision: str = "none",
 ) -> torch.Tensor:
     """The served prediction: calibrated two-branch fusion over trained and added classes.
 
@@ -129,18 +141,28 @@ def calibrated_probabilities(
         tau: post-hoc logit adjustment `z - tau * log prior` on trained classes (0 = off).
         temperature: divides every logit after adjustment.
         added_class_bias: added to the language logits of added classes (chosen on pseudo-new classes).
+        added_class_vision: `"none"`: added classes get no vision-branch mass (the published fusion);
+            `"standardised"`: each added class gets a vision logit, its adjusted language logit mapped onto
+            the vision scale per image (`mean_v + (l - mean_l) * std_v / std_l`, moments over the trained
+            classes), so a class with no vision weights can still win the fused argmax.
 
     Returns:
-        `[B, S + A]` probabilities: `alpha * [softmax(vision), 0] + (1 - alpha) * softmax(language)`.
+        `[B, S + A]` probabilities: `alpha * softmax(vision) + (1 - alpha) * softmax(language)`, the vision
+        softmax zero-padded over added classes when `added_class_vision="none"`.
         The service's numpy `service/head.py` implements exactly this; a test keeps them equal.
     """
+    if added_class_vision not in ADDED_CLASS_VISION_MODES:
+        raise ValueError(f"unknown added_class_vision {added_class_vision!r}; use one of {ADDED_CLASS_VISION_MODES}")
     num_trained = z_vis.shape[1]
     adjust = tau * log_prior.to(z_vis.dtype)
-    vis = ((z_vis - adjust) / temperature).softmax(dim=-1)
     lin = z_lin.clone()
     lin[:, :num_trained] = lin[:, :num_trained] - adjust
     lin[:, num_trained:] = lin[:, num_trained:] + added_class_bias
+    vis = z_vis - adjust
+    if added_class_vision == "standardised" and lin.shape[1] > num_trained:
+        vis = torch.cat([vis, _added_vision_logits(vis, lin[:, :num_trained], lin[:, num_trained:])], dim=1)
+    vis = (vis / temperature).softmax(dim=-1)
     lin = (lin / temperature).softmax(dim=-1)
     vis_full = torch.zeros_like(lin)
-    vis_full[:, :num_trained] = vis
+    vis_full[:, :vis.shape[1]] = vis
     return alpha * vis_full + (1.0 - alpha) * lin

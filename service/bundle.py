@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from service.errors import BundleError
-from service.head import ClassTable, HeadParams, log_prior_from_counts
+from service.head import ADDED_CLASS_VISION_MODES, ClassTable, HeadParams, log_prior_from_counts
 from service.preprocess import PreprocessSpec
 from service.tokenizer import ClipTokenizer, TextSpec
 
@@ -36,24 +36,33 @@ _HASH_CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Calibration:
-    """The served calibration: logit adjustment `tau`, `temperature`, and the added classes' bias."""
+    """The served calibration: logit adjustment `tau`, `temperature`, the added classes' bias, and how added
+    classes enter the vision branch (`added_class_vision`, see `service.head.calibrated_probabilities`).
+
+    A manifest without `added_class_vision` (bundles written before it existed) reads as `"none"`, the
+    scoring those bundles were calibrated for."""
 
     tau: float = 0.0
     temperature: float = 1.0
     added_class_bias: float = 0.0
+    added_class_vision: str = "none"
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "Calibration":
         cal = cls(float(values.get("tau", 0.0)), float(values.get("temperature", 1.0)),
-                  float(values.get("added_class_bias", 0.0)))
+                  float(values.get("added_class_bias", 0.0)), str(values.get("added_class_vision", "none")))
         if not all(math.isfinite(v) for v in (cal.tau, cal.temperature, cal.added_class_bias)):
             raise ValueError(f"calibration values must be finite, got {cal}")
         if cal.temperature <= 0:
             raise ValueError(f"calibration temperature must be positive, got {cal.temperature}")
+        if cal.added_class_vision not in ADDED_CLASS_VISION_MODES:
+            raise ValueError(f"calibration added_class_vision must be one of {ADDED_CLASS_VISION_MODES}, "
+                             f"got {cal.added_class_vision!r}")
         return cal
 
-    def to_dict(self) -> dict[str, float]:
-        return {"tau": self.tau, "temperature": self.temperature, "added_class_bias": self.added_class_bias}
+    def to_dict(self) -> dict[str, Any]:
+        return {"tau": self.tau, "temperature": self.temperature, "added_class_bias": self.added_class_bias,
+                "added_class_vision": self.added_class_vision}
 
 
 @dataclass(frozen=True, eq=False)

@@ -282,6 +282,17 @@ def log_prior_from_counts(counts: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.log(counts / counts.sum()).astype(np.float32)
 
 
+ADDED_CLASS_VISION_MODES = ("none", "standardised")
+
+
+def _added_vision_logits(vis: np.ndarray, lin_trained: np.ndarray, lin_added: np.ndarray) -> np.ndarray:
+    """Vision-branch stand-in logits of added classes: their language logits mapped, per image, onto the
+    vision branch's scale by matching the mean and std of the trained classes' logits in the two branches."""
+    mu_v, sd_v = vis.mean(axis=1, keepdims=True), vis.std(axis=1, keepdims=True)
+    mu_l, sd_l = lin_trained.mean(axis=1, keepdims=True), lin_trained.std(axis=1, keepdims=True)
+    return mu_v + (lin_added - mu_l) * (sd_v / np.maximum(sd_l, np.float32(_EPS)))
+
+
 def calibrated_probabilities(
     z_vis: np.ndarray,
     z_lin: np.ndarray,
@@ -291,58 +302,86 @@ def calibrated_probabilities(
     tau: float = 0.0,
     temperature: float = 1.0,
     added_class_bias: float = 0.0,
+    added_class_vision: str = "none",
 ) -> np.ndarray:
     """numpy twin of `model.head.calibrated_probabilities` (same arguments, same result).
 
     `z_vis` `[B, S]` covers the S trained classes, `z_lin` `[B, S + A]` the trained then the added classes.
-    Trained logits get `- tau * log_prior`, added language logits `+ added_class_bias`, all are divided by
-    `temperature`; the result is `alpha * [softmax(vision), 0] + (1 - alpha) * softmax(language)`.
+    Trained logits get `- tau * log_prior`, added language logits `+ added_class_bias`. With
+    `added_class_vision="none"` the vision softmax covers the trained classes only (an added class gets 0 of
+    its mass); with `"standardised"` each added class also gets a vision logit, its adjusted language logit
+    mapped onto the vision scale (`mean_v + (l - mean_l) * std_v / std_l`, moments over the image's trained
+    classes), so it competes in both branches. All logits are divided by `temperature`; the result is
+    `alpha * softmax(vision) + (1 - alpha) * softmax(language)`.
     """
+    if added_class_vision not in ADDED_CLASS_VISION_MODES:
+        raise ValueError(f"unknown added_class_vision {added_class_vision!r}; use one of {ADDED_CLASS_VISION_MODES}")
     z_vis = np.asarray(z_vis, dtype=np.float32)
     z_lin = np.asarray(z_lin, dtype=np.float32)
     s = z_vis.shape[1]
     if z_lin.shape[1] < s or np.shape(log_prior) != (s,):
         raise ValueError(f"shapes do not fit: z_vis {z_vis.shape}, z_lin {z_lin.shape}, log_prior {np.shape(log_prior)}")
     adjust = np.float32(tau) * np.asarray(log_prior, dtype=np.float32)
-    vis = softmax((z_vis - adjust) / np.float32(temperature), axis=-1)
     lin = z_lin.copy()
     lin[:, :s] -= adjust
     lin[:, s:] += np.float32(added_class_bias)
+    vis = z_vis - adjust
+    if added_class_vision == "standardised" and lin.shape[1] > s:
+        vis = np.concatenate([vis, _added_vision_logits(vis, lin[:, :s], lin[:, s:])], axis=1)
+    vis = softmax(vis / np.float32(temperature), axis=-1)
     lin = softmax(lin / np.float32(temperature), axis=-1)
     out = (1.0 - np.float32(alpha)) * lin
-    out[:, :s] += np.float32(alpha) * vis
+    out[:, :vis.shape[1]] += np.float32(alpha) * vis
     return out
 
 
-def build_added_class_anchors(descriptions_features: np.ndarray, num_anchors: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _unit_rows(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"need at least one {what} feature [n, D], got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what} features hold non-finite values")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.any(norms <= _EPS):
+        raise ValueError(f"a {what} feature has zero norm")
+    return x / norms
+
+
+def build_added_class_anchors(
+    descriptions_features: np.ndarray,
+    num_anchors: int,
+    *,
+    reference: np.ndarray | None = None,
+    others: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Choose the anchors of a class added by text alone (no images to rank sentences by).
 
-    Rule: normalise the description embeddings, take their mean direction (the centroid), and keep the
-    `num_anchors` sentences with the highest cosine to it (ties: earlier sentence first). With no images,
-    the centroid stands in for AnSS's image evidence: it favours sentences that agree with the bulk of the
-    descriptions and drops outliers (off-topic lines). All sentences are kept when there are at most M.
+    Rule: each sentence is scored by its cosine to a target direction, minus (when `others` is given) its
+    highest cosine to any other class; the `num_anchors` best are kept (ties: earlier sentence first). The
+    target is the mean direction of `reference` (e.g. the class-name prompts' text features) or, without
+    one, the centroid of the class's own sentences. The centroid alone is pulled by distractors that reuse
+    other classes' visual words; the class name and the other classes' directions are what tell such a
+    sentence from a description without images. All sentences are kept when there are at most M.
 
     Args:
         descriptions_features: `[n, D]` raw text features of the class's description sentences.
         num_anchors: M, the table's anchor count.
+        reference: optional `[r, D]` text features that name the class (its prompt-templated name).
+        others: optional `[K, D]` text features of the other classes (e.g. their name prompts or anchors).
 
     Returns:
         `(anchors [M, D] raw features zero padded, mask [M] bool, chosen sentence indices in anchor order)`.
     """
-    x = np.asarray(descriptions_features, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"need at least one description feature [n, D], got shape {x.shape}")
     if num_anchors < 1:
         raise ValueError(f"num_anchors must be positive, got {num_anchors}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("description features hold non-finite values")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if np.any(norms <= _EPS):
-        raise ValueError("a description feature has zero norm")
-    unit = x / norms
-    centroid = unit.mean(axis=0)
-    closeness = unit @ centroid
-    chosen = np.argsort(-closeness, kind="stable")[:num_anchors]
+    x = np.asarray(descriptions_features, dtype=np.float32)
+    unit = _unit_rows(x, "description")
+    target = (_unit_rows(reference, "reference") if reference is not None else unit).mean(axis=0)
+    target /= max(float(np.linalg.norm(target)), _EPS)
+    score = unit @ target
+    if others is not None:
+        score = score - (unit @ _unit_rows(others, "other-class").T).max(axis=1)
+    chosen = np.argsort(-score, kind="stable")[:num_anchors]
     anchors = np.zeros((num_anchors, x.shape[1]), dtype=np.float32)
     anchors[: chosen.size] = x[chosen]
     mask = np.zeros(num_anchors, dtype=bool)

@@ -35,7 +35,7 @@ def probabilities(features: np.ndarray, head: HeadParams, table: ClassTable, log
     z_lin = table.language_logits(head.queries(features), features)
     return calibrated_probabilities(
         z_vis, z_lin, log_prior, alpha=alpha, tau=calibration.tau, temperature=calibration.temperature,
-        added_class_bias=calibration.added_class_bias,
+        added_class_bias=calibration.added_class_bias, added_class_vision=calibration.added_class_vision,
     )
 
 

@@ -64,6 +64,18 @@ def test_good_bundle_loads(bundle):
     assert b.tokenizer()(["a dog"]).shape == (1, 77)
 
 
+def test_calibration_without_added_class_vision_reads_as_none(bundle):
+    # Manifests written before `added_class_vision` existed keep loading, with the scoring they were fitted for.
+    m = manifest_of(bundle)
+    assert m["calibration"]["added_class_vision"] == "none"
+    m["calibration"].pop("added_class_vision")
+    write_manifest(bundle, m)
+    assert load_bundle(bundle).calibration.added_class_vision == "none"
+    m["calibration"]["added_class_vision"] = "standardised"
+    write_manifest(bundle, m)
+    assert load_bundle(bundle).calibration.added_class_vision == "standardised"
+
+
 @pytest.mark.parametrize("name", REQUIRED_FILES)
 def test_changed_bytes_are_refused(bundle, name):
     path = bundle / name
@@ -143,6 +155,8 @@ def test_malformed_manifest_json_is_refused(bundle):
     (lambda m: m["head"].__setitem__("alpha", 1.5), "head.alpha must lie in [0, 1]"),
     (lambda m: m["head"].__setitem__("num_classes", 5), "anchors.npy"),
     (lambda m: m["calibration"].__setitem__("temperature", 0), "calibration temperature must be positive"),
+    (lambda m: m["calibration"].__setitem__("added_class_vision", "both"),
+     "calibration added_class_vision must be one of"),
     (lambda m: m["preprocess"].__setitem__("crop", "random"), "preprocess crop='random' not supported"),
     (lambda m: m["preprocess"].__setitem__("size", 64), "preprocess.size 64 differs from model.image_size 32"),
     (lambda m: m["text"].__setitem__("sot_id", 5), "tokenizer.json: unusable"),

@@ -74,7 +74,8 @@ def test_chunked_scoring_equals_one_chunk(monkeypatch):
 @pytest.mark.parametrize("tau,temperature,bias,alpha", [(0.0, 1.0, 0.0, 0.2), (1.0, 1.7, 0.5, 0.4),
                                                         (0.35, 0.6, -1.2, 0.0), (2.0, 3.0, 2.0, 1.0)])
 @pytest.mark.parametrize("added", [0, 3])
-def test_calibrated_probabilities_match_torch(tau, temperature, bias, alpha, added):
+@pytest.mark.parametrize("vision", ["none", "standardised"])
+def test_calibrated_probabilities_match_torch(tau, temperature, bias, alpha, added, vision):
     rng = np.random.default_rng(7)
     s = 9
     z_vis = (rng.standard_normal((13, s)) * 4).astype(np.float32)
@@ -85,9 +86,10 @@ def test_calibrated_probabilities_match_torch(tau, temperature, bias, alpha, add
 
     np.testing.assert_allclose(log_prior, torch_prior(counts).numpy(), rtol=0, atol=1e-7)
     ours = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=alpha, tau=tau, temperature=temperature,
-                                    added_class_bias=bias)
+                                    added_class_bias=bias, added_class_vision=vision)
     ref = torch_calibrated(torch.from_numpy(z_vis), torch.from_numpy(z_lin), torch.from_numpy(log_prior),
-                           alpha=alpha, tau=tau, temperature=temperature, added_class_bias=bias).numpy()
+                           alpha=alpha, tau=tau, temperature=temperature, added_class_bias=bias,
+                           added_class_vision=vision).numpy()
     assert ours.shape == (13, s + added)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
     np.testing.assert_allclose(ours.sum(1), 1.0, atol=1e-5)
@@ -165,6 +167,44 @@ def test_added_class_anchor_choice():
         build_added_class_anchors(np.zeros((2, 16), np.float32), 4)
     with pytest.raises(ValueError, match="at least one"):
         build_added_class_anchors(np.zeros((0, 16), np.float32), 4)
+
+
+def test_standardised_vision_lets_an_added_class_win():
+    # An image whose language logit for the added class is the row's best: with no vision mass the vision
+    # branch's confident trained class wins the fusion; the standardised stand-in lets the added class win.
+    z_vis = np.array([[8.0, 0.0, 0.0, 0.0]], np.float32)
+    z_lin = np.array([[5.0, 1.0, 1.0, 1.0, 9.0]], np.float32)
+    log_prior = np.log(np.full(4, 0.25, np.float32))
+    none = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=0.6)
+    std = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=0.6, added_class_vision="standardised")
+    assert none.argmax() == 0 and std.argmax() == 4
+    np.testing.assert_allclose(std.sum(1), 1.0, atol=1e-6)
+    # The stand-in is the language logit on the vision scale: mean 2, std sqrt(12) vs mean 2, std sqrt(3).
+    expected = 2.0 + (9.0 - 2.0) * np.sqrt(12.0) / np.sqrt(3.0)
+    vis = np.exp(np.array([8.0, 0, 0, 0, expected]) - expected)
+    np.testing.assert_allclose(std[0, 4], 0.6 * vis[4] / vis.sum() + 0.4 * np.exp(9 - 9) / np.exp(
+        z_lin[0] - 9).sum(), rtol=1e-5)
+    # Without added classes both modes are the published fusion.
+    np.testing.assert_allclose(calibrated_probabilities(z_vis, z_lin[:, :4], log_prior, alpha=0.6,
+                                                        added_class_vision="standardised"),
+                               calibrated_probabilities(z_vis, z_lin[:, :4], log_prior, alpha=0.6), atol=1e-7)
+    with pytest.raises(ValueError, match="added_class_vision"):
+        calibrated_probabilities(z_vis, z_lin, log_prior, alpha=0.6, added_class_vision="both")
+
+
+def test_added_class_anchor_choice_by_name():
+    # Class "a" is described by sentences near its name; a hard distractor sits between "a" and another
+    # class "b" (it names b's words) and is closer to the centroid than one true description.
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal(16), rng.standard_normal(16)
+    descriptive = a + 0.6 * rng.standard_normal((4, 16))
+    distractor = (0.5 * a + b)[None] + 0.05 * rng.standard_normal((2, 16))
+    feats = np.concatenate([descriptive, distractor]).astype(np.float32)
+    _, _, chosen = build_added_class_anchors(feats, 4, reference=a[None].astype(np.float32),
+                                             others=b[None].astype(np.float32))
+    assert sorted(chosen.tolist()) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="reference"):
+        build_added_class_anchors(feats, 4, reference=np.zeros((1, 16), np.float32))
 
 
 def test_log_prior_refuses_empty_classes():

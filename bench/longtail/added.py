@@ -25,7 +25,7 @@ from service.head import (
     log_prior_from_counts,
 )
 
-GAMMA_GRID = np.round(np.arange(-4.0, 16.01, 0.25), 2)
+GAMMA_GRID = np.round(np.arange(-8.0, 16.01, 0.25), 2)
 
 
 def head_params(head: LGRHead) -> tuple[HeadParams, np.ndarray, np.ndarray]:
@@ -43,11 +43,23 @@ def head_params(head: LGRHead) -> tuple[HeadParams, np.ndarray, np.ndarray]:
     return params, anchors, mask
 
 
-def added_entries(sentence_feats: list[torch.Tensor], names: list[str], num_anchors: int) -> tuple[list[ClassEntry], list[np.ndarray]]:
-    """Class-table entries built from description features only; also returns the chosen sentence indices."""
+def added_entries(sentence_feats: list[torch.Tensor], names: list[str], num_anchors: int, *,
+                  name_feats: torch.Tensor | None = None,
+                  other_name_feats: torch.Tensor | None = None) -> tuple[list[ClassEntry], list[np.ndarray]]:
+    """Class-table entries built from description features only; also returns the chosen sentence indices.
+
+    `name_feats` `[A, D]` (one class-name prompt feature per added class) and `other_name_feats` `[K, D]`
+    (the trained classes' name prompts) switch the image-free rule from the centroid to "close to its own
+    name, far from every other class's name" (see `build_added_class_anchors`); the other added classes'
+    names count as other classes too, as they would once registered."""
     entries, chosen = [], []
-    for feats, name in zip(sentence_feats, names):
-        anchors, mask, idx = build_added_class_anchors(feats.numpy(), num_anchors)
+    for i, (feats, name) in enumerate(zip(sentence_feats, names)):
+        kw = {}
+        if name_feats is not None:
+            rest = torch.cat([name_feats[:i], name_feats[i + 1:]])
+            others = rest if other_name_feats is None else torch.cat([other_name_feats, rest])
+            kw = {"reference": name_feats[i:i + 1].numpy(), "others": others.numpy() if len(others) else None}
+        anchors, mask, idx = build_added_class_anchors(feats.numpy(), num_anchors, **kw)
         entries.append(ClassEntry(name=name, anchors=anchors, mask=mask))
         chosen.append(idx)
     return entries, chosen
@@ -71,10 +83,11 @@ def score_table(head: LGRHead, trained_names: list[str], entries: list[ClassEntr
     return TableScores(params.vision_logits(f), table.language_logits(params.queries(f), f), len(trained_names))
 
 
-def predict(scores: TableScores, log_prior: np.ndarray, *, alpha: float, tau: float, gamma: float) -> np.ndarray:
-    """Argmax of the served calibrated probabilities."""
+def predict(scores: TableScores, log_prior: np.ndarray, *, alpha: float, tau: float, gamma: float,
+            vision: str = "standardised") -> np.ndarray:
+    """Argmax of the served calibrated probabilities (`vision`: how added classes enter the vision branch)."""
     probs = calibrated_probabilities(scores.z_vis, scores.z_lin, log_prior, alpha=alpha, tau=tau,
-                                     added_class_bias=gamma)
+                                     added_class_bias=gamma, added_class_vision=vision)
     return probs.argmax(axis=1)
 
 
@@ -97,7 +110,8 @@ class GammaFit:
 
 
 def choose_gamma(seen: TableScores, seen_labels: np.ndarray, new: TableScores, new_labels: np.ndarray,
-                 log_prior: np.ndarray, *, alpha: float, tau: float, max_seen_drop: float) -> GammaFit:
+                 log_prior: np.ndarray, *, alpha: float, tau: float, max_seen_drop: float,
+                 vision: str = "standardised") -> GammaFit:
     """Pick γ on pseudo-new classes: the γ with the best new-class accuracy among those that cost the seen
     classes at most `max_seen_drop` points (relative to scoring them with no class added); if none qualifies,
     the γ with the smallest seen cost."""
@@ -107,8 +121,10 @@ def choose_gamma(seen: TableScores, seen_labels: np.ndarray, new: TableScores, n
     seen_base = class_mean_accuracy(base_pred, seen_labels)
     curve = []
     for g in GAMMA_GRID:
-        a_seen = class_mean_accuracy(predict(seen, log_prior, alpha=alpha, tau=tau, gamma=float(g)), seen_labels)
-        a_new = class_mean_accuracy(predict(new, log_prior, alpha=alpha, tau=tau, gamma=float(g)), new_labels)
+        a_seen = class_mean_accuracy(predict(seen, log_prior, alpha=alpha, tau=tau, gamma=float(g), vision=vision),
+                                     seen_labels)
+        a_new = class_mean_accuracy(predict(new, log_prior, alpha=alpha, tau=tau, gamma=float(g), vision=vision),
+                                    new_labels)
         curve.append({"gamma": float(g), "seen": a_seen, "new": a_new,
                       "h": 0.0 if a_seen + a_new == 0 else 2 * a_seen * a_new / (a_seen + a_new)})
     ok = [c for c in curve if seen_base - c["seen"] <= max_seen_drop]

@@ -204,8 +204,12 @@ def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> Non
                   f"- AnSS precision (chosen anchors that truly describe their class): "
                   f"{s['anss_precision']['mean']:.1f} ± {s['anss_precision']['std']:.1f} %",
                   f"- Distractor base rate (share of descriptive sentences; random choice): {s['base_rate']['mean']:.1f} %",
-                  f"- Text-only rule (centroid of the class's sentence embeddings, the service's image-free rule): "
+                  f"- Text-only rule (centroid of the class's sentence embeddings): "
                   f"{s['text_only_precision']['mean']:.1f} ± {s['text_only_precision']['std']:.1f} %"]
+        if "name_rule_precision" in s:
+            lines.append(f"- Image-free name rule (close to the class-name prompts, far from other classes' names; the "
+                         f"rule used to add classes by text): {s['name_rule_precision']['mean']:.1f} ± "
+                         f"{s['name_rule_precision']['std']:.1f} %")
     if "added" in agg:
         s = agg["added"]["summary"]
 
@@ -214,13 +218,19 @@ def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> Non
 
         lines += ["", "## Classes added by text alone (held-out classes, scored through `service.head`)", "",
                   f"- Image-free anchor rule precision on the added classes: {ms('image_free_precision')} % "
-                  f"(base rate {s['base_rate']['mean']:.1f} %)",
+                  f"(base rate {s['base_rate']['mean']:.1f} %"
+                  + (f"; centroid rule {ms('centroid_rule_precision')} %)" if "centroid_rule_precision" in s else ")"),
                   f"- Accuracy among the added classes alone: {ms('added_alone')} %",
                   f"- Trained classes before adding: {ms('trained_before')} %",
                   "", "| calibration | trained after | added among all | harmonic mean | trained cost |",
                   "|---|---|---|---|---|"]
-        for label in ("uncalibrated", "calibrated"):
-            lines.append(f"| {label}{' (γ from pseudo-new trained classes)' if label == 'calibrated' else ' (γ = 0)'} | "
+        rows = {"published": "published fusion (added classes: language branch only, γ = 0)",
+                "uncalibrated": "standardised vision stand-in, γ = 0",
+                "calibrated": "standardised vision stand-in, γ from pseudo-new trained classes"}
+        for label, text in rows.items():
+            if label + ".trained_after" not in s:
+                continue
+            lines.append(f"| {text} | "
                          f"{ms(label + '.trained_after')} | {ms(label + '.added_among_all')} | "
                          f"{ms(label + '.harmonic_mean')} | {ms(label + '.trained_cost')} |")
         gammas = [agg["added"]["per_seed"][k]["gamma"] for k in agg["added"]["per_seed"]]

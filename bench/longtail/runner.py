@@ -32,6 +32,7 @@ from bench.longtail.heads import HeadRecipe, head_logits, train_lgr_head
 from bench.longtail.metrics import ShotGroups, harmonic_mean, split_accuracies
 from model.factory import get_tokenizer
 from model.head import fuse_probabilities
+from service.head import build_added_class_anchors
 from training.data.text import SIMPLE_TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
     timings["stage1"] = time.perf_counter() - t
 
     all_feats = _class_sentence_features(stage1, tokenizer, bm.sentences)  # every class, dataset ids
+    name_feats = _name_prompt_features(stage1, tokenizer, bm.names)  # every class, dataset ids
     feats_trained = [all_feats[c] for c in trained]
     rng = np.random.default_rng(seed)
     variants = {"real": (feats_trained, flags), "shuffled": _shuffled(feats_trained, flags, rng),
@@ -176,11 +178,17 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
         t = time.perf_counter()
         anchors, _ = anss_anchors(sent_feats, feats["val"], val.y, scale, cfg.num_anchors)
         if variant == "real":
+            trained_names = name_feats[torch.as_tensor(trained, dtype=torch.long)]
+            named = [build_added_class_anchors(f.numpy(), cfg.num_anchors, reference=trained_names[c:c + 1].numpy(),
+                                               others=torch.cat([trained_names[:c], trained_names[c + 1:]]).numpy())[2]
+                     for c, f in enumerate(sent_feats)]
             extra["anss"] = {
                 "anss_precision": round(precision(anchors.chosen, v_flags), 3),
                 "base_rate": round(base_rate(v_flags, cfg.num_anchors), 3),
                 "text_only_precision": round(precision(image_free_anchors(sent_feats, cfg.num_anchors).chosen,
                                                        v_flags), 3),
+                # The image-free rule the added classes use (own name vs other classes' names), on trained classes.
+                "name_rule_precision": round(precision(named, v_flags), 3),
             }
             faithful = train_lgr_head(feats["train"], train.y, counts, anchors.tensor, anchors.mask, scale,
                                       _with_epochs(FAITHFUL, cfg.head_epochs), seed)
@@ -203,7 +211,7 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
     if held is not None:
         t = time.perf_counter()
         extra["added"] = _added_classes(bm, heads["real"], arms["text_recommended"]["alpha"], stage1, all_feats,
-                                        feats, train, val, test, held, counts, names, groups, cfg, seed)
+                                        name_feats, feats, train, val, test, held, counts, names, groups, cfg, seed)
         timings["added"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     return {"arms": arms, **extra, "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -214,15 +222,29 @@ def _with_epochs(recipe: HeadRecipe, epochs: int) -> HeadRecipe:
     return HeadRecipe(**{**asdict(recipe), "epochs": epochs})
 
 
-def _added_classes(bm: Benchmark, head, alpha: float, stage1, all_feats: list[torch.Tensor], feats: dict, train: Split, val: Split,
-                   test: Split, held: Split, counts: np.ndarray, names: list[str], groups: ShotGroups,
+def _name_prompt_features(clip, tokenizer, names: list[str]) -> torch.Tensor:
+    """`[C, D]` unit text features of each class name averaged over CLIP's prompt templates (what the
+    service knows of a class added by text besides its descriptions)."""
+    feats = encode_tokens(clip, tokenizer([tpl.format(n) for n in names for tpl in SIMPLE_TEMPLATES]))
+    feats = F.normalize(feats, dim=-1).view(len(names), len(SIMPLE_TEMPLATES), -1).mean(1)
+    return F.normalize(feats, dim=-1)
+
+
+def _added_classes(bm: Benchmark, head, alpha: float, stage1, all_feats: list[torch.Tensor], name_feats: torch.Tensor,
+                   feats: dict, train: Split, val: Split, test: Split, held: Split, counts: np.ndarray, names: list[str], groups: ShotGroups,
                    cfg: SeedConfig, seed: int) -> dict:
     """Add the held-out classes by text; pick γ on pseudo-new trained classes; score with the service's code."""
     num_trained = len(names)
     held_names = [bm.names[c] for c in bm.heldout]
     held_feats = [all_feats[c] for c in bm.heldout]
-    entries, chosen = added_mod.added_entries(held_feats, held_names, cfg.num_anchors)
+    def by_ids(ids) -> torch.Tensor:
+        return name_feats[torch.as_tensor(np.asarray(ids), dtype=torch.long)]
+
+    entries, chosen = added_mod.added_entries(held_feats, held_names, cfg.num_anchors, name_feats=by_ids(bm.heldout),
+                                              other_name_feats=by_ids(bm.trained))
+    _, centroid_chosen = added_mod.added_entries(held_feats, held_names, cfg.num_anchors)
     image_free_precision = precision(chosen, [bm.descriptive[c] for c in bm.heldout])
+    centroid_precision = precision(centroid_chosen, [bm.descriptive[c] for c in bm.heldout])
     log_prior = added_mod.trained_log_prior(counts)
 
     # γ from pseudo-new classes: drop some few-shot trained classes, retrain the head without them, add them by
@@ -242,7 +264,9 @@ def _added_classes(bm: Benchmark, head, alpha: float, stage1, all_feats: list[to
                               sub_counts, anchors.tensor, anchors.mask, float(stage1.logit_scale.detach().exp()),
                               _with_epochs(RECOMMENDED, cfg.head_epochs), seed)
     pseudo_entries, _ = added_mod.added_entries([all_feats[bm.trained[c]] for c in pseudo],
-                                                [names[c] for c in pseudo], cfg.num_anchors)
+                                                [names[c] for c in pseudo], cfg.num_anchors,
+                                                name_feats=by_ids(bm.trained[pseudo]),
+                                                other_name_feats=by_ids(bm.trained[keep]))
     keep_names = [names[c] for c in keep]
     v_seen = np.isin(val.y, keep)
     seen_scores = added_mod.score_table(sub_head, keep_names, pseudo_entries, feats["val"][torch.as_tensor(v_seen)])
@@ -260,15 +284,19 @@ def _added_classes(bm: Benchmark, head, alpha: float, stage1, all_feats: list[to
                           gamma=0.0), test.y)
     alone = added_mod.class_mean_accuracy(new_t.z_lin[:, num_trained:].argmax(1) + num_trained, held.y)
     out = {"num_added": len(entries), "alpha": alpha, "image_free_precision": round(image_free_precision, 3),
+           "centroid_rule_precision": round(centroid_precision, 3),
            "base_rate": round(base_rate([bm.descriptive[c] for c in bm.heldout], cfg.num_anchors), 3),
            "added_alone": round(alone, 3), "trained_before": round(before, 3),
            "gamma": fit.gamma, "gamma_rule": fit.rule, "pseudo_new_classes": [names[c] for c in pseudo],
            "pseudo_new_curve": [{k: round(v, 3) for k, v in c.items()} for c in fit.curve]}
-    for label, gamma in (("uncalibrated", 0.0), ("calibrated", fit.gamma)):
-        a_seen = added_mod.class_mean_accuracy(added_mod.predict(seen_t, log_prior, alpha=alpha, tau=0.0, gamma=gamma),
-                                               test.y)
-        a_new = added_mod.class_mean_accuracy(added_mod.predict(new_t, log_prior, alpha=alpha, tau=0.0, gamma=gamma),
-                                              held.y)
+    # "published": added classes get no vision-branch mass (the paper's fusion), γ = 0; "uncalibrated": the
+    # served standardised vision stand-in, γ = 0; "calibrated": the same with the pseudo-new γ.
+    for label, gamma, vision in (("published", 0.0, "none"), ("uncalibrated", 0.0, "standardised"),
+                                 ("calibrated", fit.gamma, "standardised")):
+        a_seen = added_mod.class_mean_accuracy(
+            added_mod.predict(seen_t, log_prior, alpha=alpha, tau=0.0, gamma=gamma, vision=vision), test.y)
+        a_new = added_mod.class_mean_accuracy(
+            added_mod.predict(new_t, log_prior, alpha=alpha, tau=0.0, gamma=gamma, vision=vision), held.y)
         out[label] = {"trained_after": round(a_seen, 3), "added_among_all": round(a_new, 3),
                       "harmonic_mean": round(harmonic_mean(a_seen, a_new), 3),
                       "trained_cost": round(before - a_seen, 3)}
