@@ -25,6 +25,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import api_router
+from service.api.uploads import BodyBudget
 from service.errors_http import envelope, install_error_handlers
 from service.metrics import Metrics
 from service.runtime import Runtime
@@ -32,6 +33,9 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Longest the lifespan waits for the runtime to release its resources at shutdown (after uvicorn's own
+# graceful wait for requests), so a stop always ends within `vlltr serve`'s grace period plus this.
+STOP_TIMEOUT_S = 4.0
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _METHODS = {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"}
 
@@ -99,7 +103,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await starting
-            await rt.stop()
+            await _stop_within(rt, STOP_TIMEOUT_S)
 
     app = FastAPI(
         title="vlltr",
@@ -112,10 +116,49 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.runtime = None
+    app.state.body_budget = BodyBudget(settings.max_buffered_bytes, settings.retry_after_s)
     install_error_handlers(app)
     app.include_router(api_router)
     app.add_middleware(RequestMiddleware, metrics=metrics)
     return app
+
+
+async def _stop_within(runtime: Runtime, timeout: float) -> None:
+    # Requests have drained by now (uvicorn waited for them); what is left is releasing threads and
+    # connections. A release that hangs (a dead peer, a stuck thread) must not keep the process from exiting
+    # within its grace period: give up on it, and log where everything stood so the cause can be found.
+    stopping = asyncio.ensure_future(runtime.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=timeout)
+    if not done:
+        log.error("releasing resources took over %.0f s; exiting without waiting further. Still running:\n%s",
+                  timeout, _where_everything_is())
+        stopping.cancel()
+        await asyncio.wait({stopping}, timeout=1.0)
+        return
+    if not stopping.cancelled() and stopping.exception() is not None:
+        log.error("error while releasing resources at shutdown", exc_info=stopping.exception())
+
+
+def _where_everything_is() -> str:
+    """Stacks of the asyncio tasks and threads still alive (for a shutdown that hangs)."""
+    import io
+    import sys
+    import threading
+    import traceback
+
+    lines = []
+    for task in asyncio.all_tasks():
+        if task is asyncio.current_task():
+            continue
+        out = io.StringIO()
+        task.print_stack(limit=12, file=out)
+        lines.append(out.getvalue())
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        if ident == threading.get_ident():
+            continue
+        lines.append(f"thread {names.get(ident, ident)}:\n" + "".join(traceback.format_stack(frame, limit=8)))
+    return "\n".join(lines)
 
 
 async def _start(runtime: Runtime) -> None:

@@ -5,7 +5,12 @@ inference thread (one per ONNX Runtime session: concurrent `Run()` calls on a se
 forms batches and runs them:
 
 - a batch leaves as soon as `max_batch_size` items wait, or when the OLDEST waiting item has waited
-  `max_wait_s` (the deadline is anchored on its arrival; nothing sleep-polls);
+  `max_wait_s` (the deadline is anchored on its arrival; nothing sleep-polls), or, when the caller says how
+  many items are still on their way (`upstream`, e.g. images being decoded), as soon as none is: waiting
+  longer could not make the batch any larger, only the answers later. With `upstream`, the deadline also
+  stretches to a tenth of the recent batch run time while items are on their way: for an encoder that
+  takes seconds per batch, waiting a few tens of milliseconds for images still being decoded fills the
+  batch at a cost of a few per cent, where leaving at `max_wait_s` would run a batch of one;
 - items whose future is already done (the client went away) are skipped;
 - if the batch function raises, the batch is retried item by item, so a bad item fails alone;
 - results go back to the loop with ONE `call_soon_threadsafe` per batch;
@@ -31,6 +36,8 @@ log = logging.getLogger(__name__)
 P = TypeVar("P")
 R = TypeVar("R")
 
+ADAPTIVE_WAIT_FRACTION = 0.1  # with `upstream`: wait up to this share of the recent batch run time
+ADAPTIVE_WAIT_CAP_S = 1.0  # ... but never longer than this
 HEARTBEAT_S = 0.5  # the thread wakes at least this often while idle, so its heartbeat stays fresh
 STALL_S = 120.0  # a batch running longer than this marks the batcher not alive (readiness fails)
 
@@ -61,6 +68,9 @@ class MicroBatcher(Generic[P, R]):
         queue_size: most payloads waiting (not yet in a batch).
         metrics: optional; queue depth/capacity/wait, batch size and per-batch duration are recorded.
         name: thread name.
+        upstream: optional; the number of payloads that will be submitted soon (admitted and being
+            prepared). When it is 0 a waiting batch leaves at once instead of waiting for its deadline.
+            Called from both threads, so it must be cheap and thread-safe (reading an int is).
     """
 
     def __init__(
@@ -72,6 +82,7 @@ class MicroBatcher(Generic[P, R]):
         queue_size: int,
         metrics: Metrics | None = None,
         name: str = "vlltr-inference",
+        upstream: Callable[[], int] | None = None,
     ) -> None:
         if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and queue_size must be >= 1 and max_wait_s >= 0")
@@ -81,6 +92,8 @@ class MicroBatcher(Generic[P, R]):
         self.queue_size = queue_size
         self._metrics = metrics
         self._name = name
+        self._upstream = upstream
+        self._batch_s = 0.0  # moving average of batch run time (inference thread only)
         self._items: deque[_Item[P]] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -168,9 +181,10 @@ class MicroBatcher(Generic[P, R]):
                     f"the inference queue is full ({waiting} of {self.queue_size} places taken)")
             self._items.extend(items)
             depth = len(self._items)
-            # The thread only needs waking when the deadline it sleeps towards changes (first item) or
-            # when a batch is full; other arrivals would only make it recompute the same deadline.
-            if waiting == 0 or depth >= self.max_batch_size:
+            # The thread only needs waking when the deadline it sleeps towards changes (first item), when a
+            # batch is full, or when nothing more is on its way; other arrivals would only make it recompute
+            # the same deadline.
+            if waiting == 0 or depth >= self.max_batch_size or self._nothing_upstream():
                 self._cond.notify()
         self._set_depth(depth)
         return [item.future for item in items]
@@ -178,6 +192,19 @@ class MicroBatcher(Generic[P, R]):
     async def submit(self, payload: P) -> R:
         """Queue one payload and wait for its result (its exception is raised here)."""
         return await self.submit_many([payload])[0]
+
+    def _deadline_s(self) -> float:
+        if self._upstream is None:
+            return self.max_wait_s
+        return max(self.max_wait_s, min(ADAPTIVE_WAIT_CAP_S, ADAPTIVE_WAIT_FRACTION * self._batch_s))
+
+    def _nothing_upstream(self) -> bool:
+        if self._upstream is None:
+            return False
+        try:
+            return self._upstream() <= 0
+        except Exception:  # a broken callback must not stall batching: fall back to the deadline
+            return False
 
     # ---- the inference thread -------------------------------------------------------------
 
@@ -198,9 +225,9 @@ class MicroBatcher(Generic[P, R]):
                 if not self._items:
                     self._cond.wait(HEARTBEAT_S)
                     continue
-                if len(self._items) >= self.max_batch_size:
+                if len(self._items) >= self.max_batch_size or self._nothing_upstream():
                     break
-                wait = self._items[0].arrival + self.max_wait_s - time.monotonic()
+                wait = self._items[0].arrival + self._deadline_s() - time.monotonic()
                 if wait <= 0:
                     break
                 self._cond.wait(min(wait, HEARTBEAT_S))
@@ -225,8 +252,10 @@ class MicroBatcher(Generic[P, R]):
                     self._metrics.queue_wait.observe(started - item.arrival)
                 self._metrics.batch_size.observe(len(batch))
             results = self._run_batch([item.payload for item in batch])
+            took = time.monotonic() - started
+            self._batch_s = took if self._batch_s == 0.0 else 0.8 * self._batch_s + 0.2 * took
             if self._metrics is not None:
-                self._metrics.inference_duration.observe(time.monotonic() - started)
+                self._metrics.inference_duration.observe(took)
         finally:
             self._busy_since = None
             if results is None:  # only on a BaseException escaping _run_batch: fail the batch, not hang it

@@ -31,7 +31,8 @@ class ProviderError(RuntimeError):
     """The requested execution provider is not available or not active."""
 
 
-def _options(threads: int | None, *, strict_cuda: bool, cpu_fp16: bool = False) -> ort.SessionOptions:
+def _options(threads: int | None, *, strict_cuda: bool, cpu_fp16: bool = False,
+             spinning: bool = False) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     # onnxruntime 1.31's CPU session crashes (segfault) optimising float16 graphs at ORT_ENABLE_ALL; the
     # layout level below it is fine and already includes the fusions that matter for these graphs.
@@ -43,11 +44,15 @@ def _options(threads: int | None, *, strict_cuda: bool, cpu_fp16: bool = False) 
     if strict_cuda:
         # A node CUDA cannot run must fail the session, not silently run on CPU.
         opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    # ONNX Runtime's intra-op threads spin between runs by default. In a server they share the cores with
+    # the decode pool, the event loop and the clients, and the spinning takes CPU the decoders need; the
+    # serving benchmark measures both (docs/benchmarks/serving.md).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return opts
 
 
 def create_session(path: str | Path, provider: ProviderName = "auto", threads: int | None = None,
-                   *, fp16: bool = False) -> tuple[ort.InferenceSession, str]:
+                   *, fp16: bool = False, spinning: bool = False) -> tuple[ort.InferenceSession, str]:
     """An inference session for `path` and the provider it really runs on (`"cuda"` or `"cpu"`).
 
     Args:
@@ -55,6 +60,7 @@ def create_session(path: str | Path, provider: ProviderName = "auto", threads: i
         provider: `auto`, `cuda` or `cpu` (see the module docstring).
         threads: intra-op threads; None or 0 lets onnxruntime choose.
         fp16: the graph computes in float16 (a bundle with precision fp16); changes CPU optimisation level.
+        spinning: let the intra-op threads spin between runs (off: they sleep, leaving the cores to others).
 
     Raises:
         ProviderError: `cuda` requested but unavailable or not active.
@@ -67,7 +73,7 @@ def create_session(path: str | Path, provider: ProviderName = "auto", threads: i
     if provider in ("auto", "cuda") and CUDA in available:
         strict = provider == "cuda"
         try:
-            session = ort.InferenceSession(path, _options(threads, strict_cuda=strict),
+            session = ort.InferenceSession(path, _options(threads, strict_cuda=strict, spinning=spinning),
                                            providers=[(CUDA, CUDA_OPTIONS), CPU])
         except Exception as exc:
             if strict:
@@ -89,7 +95,8 @@ def create_session(path: str | Path, provider: ProviderName = "auto", threads: i
         )
     elif provider == "auto":
         log.info("no CUDAExecutionProvider in this onnxruntime build (available: %s); running on CPU", available)
-    session = ort.InferenceSession(path, _options(threads, strict_cuda=False, cpu_fp16=fp16), providers=[CPU])
+    session = ort.InferenceSession(path, _options(threads, strict_cuda=False, cpu_fp16=fp16, spinning=spinning),
+                                   providers=[CPU])
     return session, "cpu"
 
 
@@ -97,8 +104,8 @@ class _Encoder:
     input_name: str
 
     def __init__(self, path: str | Path, provider: ProviderName, threads: int | None, input_name: str,
-                 fp16: bool) -> None:
-        self.session, self.provider = create_session(path, provider, threads, fp16=fp16)
+                 fp16: bool, spinning: bool = False) -> None:
+        self.session, self.provider = create_session(path, provider, threads, fp16=fp16, spinning=spinning)
         inputs = {i.name: i for i in self.session.get_inputs()}
         if input_name not in inputs:
             raise ValueError(f"{Path(path).name}: expected input {input_name!r}, the graph has {sorted(inputs)}")
@@ -116,8 +123,8 @@ class ImageEncoder(_Encoder):
     """`pixels` float32 `[N, 3, S, S]` (preprocessed) -> raw image features `[N, D]`."""
 
     def __init__(self, path: str | Path, provider: ProviderName = "auto", threads: int | None = None,
-                 *, fp16: bool = False) -> None:
-        super().__init__(path, provider, threads, "pixels", fp16)
+                 *, fp16: bool = False, spinning: bool = False) -> None:
+        super().__init__(path, provider, threads, "pixels", fp16, spinning)
         shape = self._input.shape
         self.image_size = shape[-1] if len(shape) == 4 and isinstance(shape[-1], int) else None
 
@@ -135,8 +142,9 @@ class TextEncoder(_Encoder):
     """Texts -> raw text features `[N, D]`, tokenised exactly as open_clip does."""
 
     def __init__(self, path: str | Path, tokenizer: ClipTokenizer, provider: ProviderName = "auto",
-                 threads: int | None = None, *, batch_size: int = 64, fp16: bool = False) -> None:
-        super().__init__(path, provider, threads, "tokens", fp16)
+                 threads: int | None = None, *, batch_size: int = 64, fp16: bool = False,
+                 spinning: bool = False) -> None:
+        super().__init__(path, provider, threads, "tokens", fp16, spinning)
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         length = self._input.shape[1] if len(self._input.shape) == 2 else None

@@ -308,10 +308,29 @@ def decode_image(
     return img
 
 
+# Signatures of image formats Pillow cannot even identify, so that they get 415 (a known type this service does
+# not read) rather than 400 (not an image at all). ISO-BMFF brands cover HEIC/HEIF and AVIF without libavif.
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
+
+
+def _sniff_unsupported(data: bytes) -> str | None:
+    head = bytes(data[:512])
+    if head.startswith(b"%PDF-"):
+        return "PDF"
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return "AVIF" if head[8:12].startswith(b"avi") else "HEIF"
+    if head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):
+        return "JPEG XL"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(b"<svg") or (text.startswith((b"<?xml", b"<!doctype svg", b"<!--")) and b"<svg" in text):
+        return "SVG"
+    return None
+
+
 def _identify_any_format(data: bytes) -> str | None:
     # Only the header is parsed (Image.open is lazy); nothing of an unsupported format is ever decoded.
     try:
         with Image.open(io.BytesIO(data)) as other:
             return other.format
     except Exception:
-        return None
+        return _sniff_unsupported(data)

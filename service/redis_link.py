@@ -44,6 +44,7 @@ class RedisLink:
         self._up = True
         self._down_since = 0.0
         self._monitor: asyncio.Task | None = None
+        self._closing = False
 
     def available(self) -> bool:
         """True when callers should try Redis."""
@@ -83,19 +84,30 @@ class RedisLink:
         self._monitor = asyncio.create_task(self._watch(), name="vlltr-redis-monitor")
 
     async def _watch(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.retry_s)
             if not self._up:
+                # Pooled connections to a Redis that went away are dead even once a new one answers on the same
+                # address; without this, each of them fails once after the restart and reopens the breaker.
+                await self._drop_idle_connections()
                 await self.ping()
+
+    async def _drop_idle_connections(self) -> None:
+        try:
+            await self.client.connection_pool.disconnect(inuse_connections=False)
+        except Exception as exc:  # closing sockets to a dead server may fail; they are dropped either way
+            log.debug("dropping idle Redis connections: %s", exc)
 
     async def close(self) -> None:
         """Stop the monitor and close the pool."""
-        if self._monitor is not None:
-            self._monitor.cancel()
-            try:
-                await self._monitor
-            except (asyncio.CancelledError, Exception):
-                pass
+        self._closing = True
+        monitor = self._monitor
+        # Cancel until it has ended: a cancellation landing inside the client's ping can be absorbed there.
+        while monitor is not None and not monitor.done():
+            monitor.cancel()
+            await asyncio.wait({monitor}, timeout=0.2)
+        if monitor is not None and not monitor.cancelled():
+            monitor.exception()
         try:
             await self.client.aclose()
         except Exception:  # closing a pool to a dead server may raise; nothing to do about it

@@ -63,6 +63,20 @@ class ClassNotFoundError(KeyError):
         return str(self.args[0]) if self.args else "class not found"
 
 
+async def cancel_until_done(tasks: Sequence[asyncio.Task], retry_s: float = 0.2) -> None:
+    """Cancel tasks and wait until each has ended, cancelling again if one swallowed the cancellation.
+
+    A task cancelled while it is inside a library call can have the cancellation absorbed there and go on
+    to its next `await`; a single `cancel()` then waits on it forever (this hung shutdowns under load).
+    """
+    for task in tasks:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=retry_s)
+        if not task.cancelled():
+            task.exception()  # retrieved: an error of a background task at shutdown is not news
+
+
 def normalize_name(raw: object) -> str:
     """NFC-normalise and check a class name; raises `ClassValidationError` naming the problem."""
     if not isinstance(raw, str):
@@ -74,6 +88,8 @@ def normalize_name(raw: object) -> str:
         raise ClassValidationError(f"name is {len(name)} characters long; the limit is {MAX_NAME_CHARS}")
     if "/" in name or "\\" in name:
         raise ClassValidationError("name must not contain path separators ('/' or '\\')")
+    if set(name) == {"."}:  # '.' and '..' are path segments: clients normalise them out of URLs
+        raise ClassValidationError("name must not consist of dots only")
     for ch in name:
         if unicodedata.category(ch) in _BAD_NAME_CATEGORIES:
             raise ClassValidationError(f"name contains a control or invisible character (U+{ord(ch):04X})")
@@ -230,6 +246,7 @@ class ClassRegistry:
         self._current: ServedTable | None = None
         self._notify_task: asyncio.Task | None = None
         self._again = False
+        self._closing = False
         self._last_problem = ""
         self.last_sync = 0.0
 
@@ -258,14 +275,10 @@ class ClassRegistry:
         ]
 
     async def close(self) -> None:
+        """Stop syncing and release the store."""
+        self._closing = True
         tasks = self._tasks + ([self._notify_task] if self._notify_task is not None else [])
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_until_done(tasks)
         self._text_pool.shutdown(wait=False, cancel_futures=True)
         await self.store.close()
 
@@ -278,13 +291,14 @@ class ClassRegistry:
                                                                        name="vlltr-class-notified")
 
     async def _refresh_notified(self) -> None:
-        while self._again:
+        while self._again and not self._closing:
             self._again = False
             await self._refresh_logged()
 
     async def _poll(self) -> None:
-        # A plain sleep (not `wait_for` on an event): cancellation is always honoured on shutdown.
-        while True:
+        # A plain sleep (not `wait_for` on an event), and a flag besides the cancellation: a cancellation that
+        # lands inside the Redis client can be swallowed there, and the loop must end on shutdown all the same.
+        while not self._closing:
             await asyncio.sleep(self.sync_interval_s)
             await self._refresh_logged()
 

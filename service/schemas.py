@@ -76,7 +76,8 @@ class ClassCreate(BaseModel):
         "descriptions": ["a red circle with stripes", "a round red shape covered in stripes"]}]})
 
     name: str = Field(min_length=1, max_length=100,
-                      description="class name: 1-100 characters, no control characters or path separators; "
+                      description="class name: 1-100 characters, no control characters or path separators, not only "
+                                  "dots; "
                                   "unique case-insensitively (NFC-normalised)")
     descriptions: list[str] = Field(min_length=1, description="sentences describing the class, each "
                                                               "non-empty after stripping; limits in settings")

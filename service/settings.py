@@ -27,8 +27,9 @@ def default_cache_dir() -> Path:
 class Settings(BaseSettings):
     """Everything `vlltr serve` can be told. Field names map to `VLLTR_<NAME>` and `--<name-with-dashes>`."""
 
+    # Inputs are kept out of validation errors: a rejected value may be a token or a URL with a password.
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore",
-                                      validate_default=True)
+                                      validate_default=True, hide_input_in_errors=True)
 
     # Model and network.
     bundle: Path | None = Field(None, description="model bundle directory; unset = the demo bundle "
@@ -40,6 +41,13 @@ class Settings(BaseSettings):
                             "cpu, or auto (CUDA when it works, else CPU; the choice is logged and reported)")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per session "
                                                        "(0 = onnxruntime's default, the physical cores)")
+    ort_spinning: bool = Field(False, description="let ONNX Runtime's intra-op threads spin between runs "
+                                                  "(a little faster on an otherwise idle machine; off, they "
+                                                  "leave the cores to image decoding and the event loop)")
+    head_threads: int = Field(1, ge=0, description="BLAS threads for the head's matrix products on the "
+                                                  "inference thread (0 = numpy's default, every core); 1 "
+                                                  "keeps them from fighting the encoder and decode threads "
+                                                  "for the cores")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(False, description="log every HTTP request (uvicorn access log)")
 
@@ -48,13 +56,24 @@ class Settings(BaseSettings):
                                 description="most images per encoder run; batches are padded to "
                                             "power-of-two buckets up to this size")
     max_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0,
-                               description="a batch leaves when its oldest image has waited this long "
-                                           "(or when it is full)")
+                               description="a batch leaves when its oldest image has waited this long, "
+                                           "when it is full, or at once when no other image is being "
+                                           "decoded; while images are still being decoded it may wait up "
+                                           "to a tenth of the recent batch run time (at most 1 s) instead")
     queue_size: int = Field(512, ge=1, description="images allowed in flight (being decoded, waiting for "
                                                    "or in the encoder); past it requests get 503 with "
                                                    "Retry-After")
+    max_buffered_bytes: int = Field(
+        512 * 1024 * 1024, ge=1,
+        description="request-body bytes held in memory at once, summed over every request being read or "
+                    "answered; past it new uploads get 503 with Retry-After, and a single request larger than "
+                    "it gets 413")
     preprocess_threads: int = Field(0, ge=0, description="threads decoding and resizing images "
                                                          "(0 = one per CPU core)")
+    jpeg_draft: bool = Field(False, description="decode large JPEGs at a reduced size (libjpeg's DCT "
+                                                "scaling, keeping the shorter side at least twice the "
+                                                "resize size): several times cheaper, but not bit-identical "
+                                                "to the training evaluation transform, so off by default")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 answers")
 
     # Input limits.
@@ -107,7 +126,9 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {value!r}")
+            # Name the scheme only: the rest of a URL may carry a password, and this message is printed.
+            scheme = value.split("://", 1)[0] + "://" if "://" in value else "no scheme"
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {scheme}")
         return value
 
     @model_validator(mode="after")

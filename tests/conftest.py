@@ -217,3 +217,216 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
     yield factory
     for server in started:
         server.stop()
+
+
+# ---- reliability tests (tests/test_reliability_*.py) --------------------------------------------------------
+#
+# Each reliability test adds what it did to one session-wide log (requests served, faults injected, hostile
+# inputs tried, errors, data lost). With VLLTR_RELIABILITY_SUMMARY=PATH the log and the outcome of every
+# reliability test are written there as JSON at the end of the run; `python -m bench.soak.report PATH` turns
+# that file into docs/reliability.md, so the figures in the doc always come from a run.
+
+RELIABILITY_SUMMARY_ENV = "VLLTR_RELIABILITY_SUMMARY"
+
+
+class ReliabilityLog:
+    """Figures of the reliability tests, summed per theme, plus each reliability test's outcome."""
+
+    FIGURES = ("requests", "faults", "inputs", "errors", "data_lost")
+
+    def __init__(self) -> None:
+        self.themes: dict[str, dict[str, float]] = {}
+        self.outcomes: dict[str, str] = {}
+        self.extra: dict[str, object] = {}
+
+    def add(self, theme: str, **figures: float) -> None:
+        """Add figures (any of `FIGURES`) to a theme; unknown names are refused so typos cannot hide."""
+        unknown = set(figures) - set(self.FIGURES)
+        if unknown:
+            raise ValueError(f"unknown reliability figures {sorted(unknown)}; known: {self.FIGURES}")
+        row = self.themes.setdefault(theme, dict.fromkeys(self.FIGURES, 0))
+        for name, value in figures.items():
+            row[name] += value
+
+    def note(self, key: str, value: object) -> None:
+        """Keep a named detail for the report (e.g. the soak's memory figures)."""
+        self.extra[key] = value
+
+    def to_json(self) -> dict:
+        totals = {name: sum(row[name] for row in self.themes.values()) for name in self.FIGURES}
+        return {"generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "themes": self.themes,
+                "totals": totals, "outcomes": self.outcomes, "details": self.extra}
+
+
+_RELIABILITY_LOG = ReliabilityLog()
+
+
+@pytest.fixture(scope="session")
+def reliability_log() -> ReliabilityLog:
+    """The session's `ReliabilityLog`."""
+    return _RELIABILITY_LOG
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="run the full soak (50,000 requests at concurrency 32) instead of the reduced one")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "test_reliability_" not in report.nodeid:
+        return
+    if report.when == "call" or report.outcome != "passed":
+        previous = _RELIABILITY_LOG.outcomes.get(report.nodeid)
+        if previous in (None, "passed"):
+            _RELIABILITY_LOG.outcomes[report.nodeid] = report.outcome
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    target = os.environ.get(RELIABILITY_SUMMARY_ENV)
+    if not target or not _RELIABILITY_LOG.outcomes:
+        return
+    import json
+
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_RELIABILITY_LOG.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class PersistentRedisServer(RedisServer):
+    """A private `redis-server` with an append-only file (fsync every write) and an optional password.
+
+    Killing it (SIGKILL) and starting it again on the same directory and port brings back what it had.
+    """
+
+    def __init__(self, port: int, workdir: Path, password: str | None = None) -> None:
+        super().__init__(port, workdir)
+        self.password = password
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no", "--dir", str(self.workdir)]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not _wait_port(self.port, 10):
+            self.stop()
+            raise RuntimeError(f"redis-server did not start on port {self.port}")
+        self._wait_loaded()
+
+    def _wait_loaded(self) -> None:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    client.ping()  # answers LOADING while the AOF is replayed
+                    return
+                except redis.RedisError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+
+@pytest.fixture(scope="session")
+def persistent_redis_factory(
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., PersistentRedisServer]]:
+    """Start private persistent Redis servers: `factory(password=None)` -> a started `PersistentRedisServer`."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    started: list[PersistentRedisServer] = []
+
+    def factory(password: str | None = None) -> PersistentRedisServer:
+        server = PersistentRedisServer(_free_port(), tmp_path_factory.mktemp("redis-aof"), password)
+        server.start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+class Balancer:
+    """Real nginx running the deployment's rendered site template in front of given upstreams."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, log_path: Path) -> None:
+        self.proc = proc
+        self.url = url
+        self.log_path = log_path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def log(self) -> str:
+        """The tails of nginx's output and error log."""
+        parts = []
+        for path in (self.log_path, self.log_path.parent / "p" / "logs" / "error.log"):
+            if path.exists():
+                parts.append(path.read_text(errors="replace")[-4000:])
+        return "\n".join(parts)
+
+
+@pytest.fixture(scope="session")
+def balancer_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[list[str]], Balancer]]:
+    """Start nginx on deploy/nginx's template: `factory(["127.0.0.1:PORT", ...])` -> a `Balancer` whose
+    `/lb-healthz` answers. Needs nginx (deploy/validate.sh --install puts it there)."""
+    import importlib.util
+
+    import httpx
+
+    nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/sbin/nginx") if Path(p).is_file()), None)
+    if nginx is None:
+        pytest.fail("nginx not found (Debian package nginx); install it with: bash deploy/validate.sh --install")
+    render_py = REPO / "deploy" / "tools" / "render.py"
+    spec = importlib.util.spec_from_file_location("vlltr_deploy_render_conftest", render_py)
+    assert spec is not None and spec.loader is not None
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    started: list[Balancer] = []
+
+    def factory(upstreams: list[str]) -> Balancer:
+        import tempfile
+
+        # Outside pytest's private (0700) temp tree: nginx workers (nobody, when tests run as root) must reach
+        # their temp dirs.
+        prefix = Path(tempfile.mkdtemp(prefix="vlltr-nginx-"))
+        prefix.chmod(0o755)
+        port = _free_port()
+        conf = render.write_nginx_prefix(prefix / "p", listen=f"127.0.0.1:{port}", upstreams=upstreams)
+        log_path = prefix / "nginx.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([nginx, "-p", str(prefix / "p"), "-c", str(conf), "-g", "daemon off;"],
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        balancer = Balancer(proc, f"http://127.0.0.1:{port}", log_path)
+        started.append(balancer)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"nginx exited with {proc.returncode}:\n{balancer.log()}")
+            try:
+                if httpx.get(f"{balancer.url}/lb-healthz", timeout=1).status_code == 200:
+                    return balancer
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"nginx did not answer on {balancer.url}:\n{balancer.log()}")
+
+    yield factory
+    for balancer in started:
+        balancer.stop()
+        shutil.rmtree(Path(balancer.log_path).parent, ignore_errors=True)

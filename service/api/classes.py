@@ -8,9 +8,9 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from python_multipart.multipart import parse_options_header
 
-from service.api.deps import AdminDep, RuntimeDep, SettingsDep
+from service.api.deps import AdminDep, BodyHoldDep, RuntimeDep, SettingsDep
 from service.api.docs import binary, error_responses
-from service.api.uploads import read_body, read_multipart
+from service.api.uploads import BodyHold, read_body, read_multipart
 from service.errors_http import ApiError, describe_validation_errors
 from service.registry import (
     TIER_NAMES,
@@ -60,8 +60,8 @@ async def list_classes(runtime: RuntimeDep) -> ClassListResponse:
                              class_table_version=served.version)
 
 
-async def _parse_json(request: Request, settings: Settings) -> tuple[str, list[str]]:
-    body = await read_body(request, limit=settings.max_class_upload_bytes)
+async def _parse_json(request: Request, settings: Settings, hold: BodyHold) -> tuple[str, list[str]]:
+    body = await read_body(request, limit=settings.max_class_upload_bytes, hold=hold)
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
@@ -75,10 +75,10 @@ async def _parse_json(request: Request, settings: Settings) -> tuple[str, list[s
                                                max_chars=settings.max_description_chars)
 
 
-async def _parse_form(request: Request, settings: Settings) -> tuple[str, list[str]]:
+async def _parse_form(request: Request, settings: Settings, hold: BodyHold) -> tuple[str, list[str]]:
     parts = await read_multipart(request, file_limit=settings.max_class_upload_bytes, max_files=1,
                                  expected="'name' and a text 'file'",
-                                 body_limit=settings.max_class_upload_bytes + 64 * 1024)
+                                 body_limit=settings.max_class_upload_bytes + 64 * 1024, hold=hold)
     by_name = {p.name: p for p in parts}
     unknown = sorted(set(by_name) - {"name", "file"})
     if unknown:
@@ -104,7 +104,8 @@ _CREATE_BODY = {"requestBody": {"required": True, "content": {
 @router.post("", status_code=201, response_model=ClassCreated, summary="Add a class from text",
              dependencies=[AdminDep], openapi_extra=_CREATE_BODY,
              responses=error_responses(401, 403, 409, 413, 415, 422, 503))
-async def add_class(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> ClassCreated:
+async def add_class(request: Request, runtime: RuntimeDep, settings: SettingsDep,
+                    hold: BodyHoldDep) -> ClassCreated:
     """Add a class described only by text; it is predicted from the next request on, on every replica.
 
     The descriptions are encoded by the bundle's text encoder and the ones closest to their common
@@ -120,7 +121,7 @@ async def add_class(request: Request, runtime: RuntimeDep, settings: SettingsDep
                                                 "multipart/form-data with 'name' and a text 'file'")
     try:
         parse = _parse_json if ctype == b"application/json" else _parse_form
-        raw_name, descriptions = await parse(request, settings)
+        raw_name, descriptions = await parse(request, settings, hold)
         name = normalize_name(raw_name)
         outcome = await runtime.registry.add_class(name, descriptions)
     except ClassValidationError as exc:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from service.api.deps import RuntimeDep
+from service.api.deps import BodyHoldDep, RuntimeDep
 from service.api.docs import binary, error_responses, multipart_body
 from service.api.uploads import Part, read_multipart
 from service.errors_http import REJECT_REASONS, ApiError
@@ -45,7 +45,8 @@ def _files(parts: list[Part], field: str) -> list[Part]:
     responses=error_responses(400, 413, 415, 422, 503),
     openapi_extra=multipart_body({"file": binary("the image (JPEG, PNG, WebP, GIF, BMP or TIFF)")}, ["file"]),
 )
-async def classify_image(request: Request, runtime: RuntimeDep, top_k: TopK = 5) -> ClassifyResponse:
+async def classify_image(request: Request, runtime: RuntimeDep, hold: BodyHoldDep,
+                         top_k: TopK = 5) -> ClassifyResponse:
     """Classify one image uploaded as multipart field `file`.
 
     `curl -F file=@cat.jpg 'http://localhost:8000/v1/classify?top_k=3'`
@@ -54,7 +55,7 @@ async def classify_image(request: Request, runtime: RuntimeDep, top_k: TopK = 5)
     _check_top_k(top_k, settings)
     runtime.check_accepting(1)  # refuse before reading a body we could not serve
     parts = await read_multipart(request, file_limit=settings.max_image_bytes, max_files=1,
-                                 expected="one image in field 'file'")
+                                 expected="one image in field 'file'", hold=hold)
     files = _files(parts, "file")
     scored = await runtime.classify(files[0].data, top_k)
     return ClassifyResponse(predictions=scored.predictions(), bundle_id=runtime.bundle.bundle_id,
@@ -81,7 +82,8 @@ def _item(index: int, part: Part, result: Scored | ApiError, request: Request) -
         {"files": {"type": "array", "items": binary("an image"),
                    "description": "the images (repeat the field); at most `max_batch_files`"}}, ["files"]),
 )
-async def classify_batch(request: Request, runtime: RuntimeDep, top_k: TopK = 5) -> BatchResponse:
+async def classify_batch(request: Request, runtime: RuntimeDep, hold: BodyHoldDep,
+                         top_k: TopK = 5) -> BatchResponse:
     """Classify several images sent as repeated multipart field `files`.
 
     Each image gets its own result or its own error (with the status it would have had alone), in
@@ -93,7 +95,7 @@ async def classify_batch(request: Request, runtime: RuntimeDep, top_k: TopK = 5)
     _check_top_k(top_k, settings)
     runtime.check_accepting(1)
     parts = await read_multipart(request, file_limit=settings.max_image_bytes, max_files=settings.max_batch_files,
-                                 expected="images in repeated field 'files'", per_file_errors=True)
+                                 expected="images in repeated field 'files'", per_file_errors=True, hold=hold)
     files = _files(parts, "files")
     readable = [i for i, p in enumerate(files) if not p.oversize]
     scored = iter(await runtime.classify_many([files[i].data for i in readable], top_k))

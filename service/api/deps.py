@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, AsyncIterator
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.api.uploads import BodyHold
 from service.errors_http import ApiError
 from service.runtime import Runtime
 from service.settings import Settings
@@ -15,12 +16,14 @@ from service.settings import Settings
 _bearer = HTTPBearer(auto_error=False, description="the admin token (`VLLTR_ADMIN_TOKEN`), when one is set")
 
 
-def get_settings(request: Request) -> Settings:
+# The dependencies on the request path are `async def`: FastAPI runs a plain `def` dependency in its
+# thread pool, a thread hop per request that cost more than the whole lookup.
+async def get_settings(request: Request) -> Settings:
     """The app's settings."""
     return request.app.state.settings
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     """The serving runtime; 503 while the service is still loading."""
     runtime = getattr(request.app.state, "runtime", None)
     if runtime is None:
@@ -45,6 +48,16 @@ def require_admin(
         raise ApiError(403, "forbidden", "the admin token is not valid")
 
 
+async def body_hold(request: Request) -> AsyncIterator[BodyHold]:
+    """This request's share of the app's request-body budget, given back once the request is answered."""
+    hold = BodyHold(getattr(request.app.state, "body_budget", None))
+    try:
+        yield hold
+    finally:
+        hold.release()
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+BodyHoldDep = Annotated[BodyHold, Depends(body_hold)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 AdminDep = Depends(require_admin)

@@ -23,6 +23,64 @@ MAX_PARTS = 1024  # fields + files, whatever the limits on files say
 DRAIN_LIMIT = 64 * 1024 * 1024  # most bytes read and discarded after a limit was hit
 
 
+class BodyBudget:
+    """Request-body bytes held in memory across all requests (touched on the event loop only: no lock).
+
+    Each request takes bytes from it as its body streams in and gives them all back once it is answered
+    (`BodyHold`). Without it, memory would grow with the number of concurrent uploads times their size
+    limit: 64 images of 10 MB per batch request, times every client.
+    """
+
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.used = 0
+
+    def try_take(self, n: int) -> bool:
+        """Take `n` bytes if they fit under the limit."""
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        """Give back `n` bytes."""
+        self.used = max(0, self.used - n)
+
+
+@dataclass
+class BodyHold:
+    """One request's share of the `BodyBudget` (no budget: nothing is counted)."""
+
+    budget: BodyBudget | None
+    held: int = 0
+
+    @property
+    def limit(self) -> int | None:
+        return self.budget.limit if self.budget is not None else None
+
+    def ensure(self, total: int) -> None:
+        """Hold at least `total` bytes for this request; 503 (via `_LimitHit`) when the budget is spent.
+
+        Called first with the declared Content-Length, so a request gets its whole share or none: streams
+        that each took part of the budget could otherwise all starve one another.
+        """
+        if self.budget is None or total <= self.held:
+            return
+        n = total - self.held
+        if not self.budget.try_take(n):
+            raise _LimitHit(ApiError(503, "queue_full", "the service is holding as many uploads in memory as it "
+                                                        "may; retry later",
+                                     {"Retry-After": str(self.budget.retry_after_s)}))
+        self.held += n
+
+    def release(self) -> None:
+        """Give everything back (the request is answered)."""
+        if self.budget is not None and self.held:
+            self.budget.give(self.held)
+        self.held = 0
+
+
 @dataclass
 class Part:
     """One multipart part: its form name, filename (None for plain fields), content type and bytes."""
@@ -152,6 +210,11 @@ async def _drain(request: Request, already: int) -> None:
         return
 
 
+def _declared_length(request: Request) -> int:
+    declared = request.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else 0
+
+
 def _check_declared_length(request: Request, limit: int, label: str) -> None:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -159,7 +222,8 @@ def _check_declared_length(request: Request, limit: int, label: str) -> None:
 
 
 async def read_multipart(request: Request, *, file_limit: int, max_files: int, expected: str,
-                         body_limit: int | None = None, per_file_errors: bool = False) -> list[Part]:
+                         body_limit: int | None = None, per_file_errors: bool = False,
+                         hold: BodyHold | None = None) -> list[Part]:
     """Parse a multipart/form-data body with limits.
 
     Args:
@@ -170,21 +234,29 @@ async def read_multipart(request: Request, *, file_limit: int, max_files: int, e
         body_limit: most bytes in the whole body; default `max_files * file_limit` plus room for headers.
         per_file_errors: a file over `file_limit` is marked `oversize` (and its bytes dropped) instead of
             failing the whole request.
+        hold: this request's share of the service-wide body budget; the body may not exceed the budget (413)
+            and is refused with 503 while other requests hold it.
 
     Raises:
-        ApiError: 415 not multipart, 413 over a limit, 422 malformed body.
+        ApiError: 415 not multipart, 413 over a limit, 422 malformed body, 503 body budget spent.
     """
     boundary = _boundary(request, expected)
     total_limit = body_limit if body_limit is not None else max_files * (file_limit + 16 * 1024) + 64 * 1024
+    if hold is not None and hold.limit is not None:
+        total_limit = min(total_limit, hold.limit)
     _check_declared_length(request, total_limit + DRAIN_LIMIT, f"{total_limit} bytes")
     collector = _Collector(file_limit, f"{file_limit} bytes", max_files, per_file_errors)
     parser = MultipartParser(boundary, collector.callbacks())
     received = 0
     try:
+        if hold is not None:
+            hold.ensure(min(_declared_length(request), total_limit))
         async for chunk in request.stream():
             received += len(chunk)
             if received > total_limit:
                 raise _LimitHit(ApiError(413, "too_large", f"request body is over the limit of {total_limit} bytes"))
+            if hold is not None:
+                hold.ensure(received)
             parser.write(chunk)
         parser.finalize()
     except _LimitHit as hit:
@@ -199,12 +271,19 @@ async def read_multipart(request: Request, *, file_limit: int, max_files: int, e
     return collector.parts
 
 
-async def read_body(request: Request, *, limit: int) -> bytes:
-    """The whole body, refusing more than `limit` bytes (413)."""
+async def read_body(request: Request, *, limit: int, hold: BodyHold | None = None) -> bytes:
+    """The whole body, refusing more than `limit` bytes (413) and, with `hold`, more than the body budget
+    allows right now (503)."""
     _check_declared_length(request, limit + DRAIN_LIMIT, f"{limit} bytes")
     buf = bytearray()
     try:
         async for chunk in request.stream():
+            if hold is not None:
+                try:
+                    hold.ensure(max(len(buf) + len(chunk), min(_declared_length(request), limit)))
+                except _LimitHit as hit:
+                    await _drain(request, len(buf) + len(chunk))
+                    raise hit.error from None
             buf.extend(chunk)
             if len(buf) > limit:
                 await _drain(request, len(buf))
