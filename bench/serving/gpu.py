@@ -1,0 +1,167 @@
+"""`python -m bench.serving.gpu`: the serving tables on one NVIDIA GPU, fp32 and fp16, in about 8 minutes.
+
+    python -m bench.serving.gpu [--out docs/benchmarks] [--work DIR]
+
+Writes `serving-gpu.json` and `serving-gpu.md` (named with the card) next to the CPU report. With
+`onnxruntime-gpu` installed (the `gpu` extra instead of `cpu`), the ceiling, the service (`--provider cuda`)
+and LitServe run on ONNX Runtime's CUDA provider, and the hand-written server runs PyTorch on the GPU. Without
+it, only the PyTorch numbers can be measured on the GPU: the script then measures the encoder through
+PyTorch (fp32 and fp16) and the hand-written server, and the report says so in its first lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.serving import cells
+from bench.serving.bundles import BenchBundle, demo_bundle, random_init_bundle
+from bench.serving.images import write_jpegs
+from bench.serving.machine import describe, load_average
+from bench.serving.report import GPU_NAME, write_json, write_markdown, write_plot
+from bench.serving.servers import MissingPeerError, require
+from bench.serving.suite import run_model
+from bench.serving.targets import compute_targets
+from service.settings import default_cache_dir
+
+log = logging.getLogger("bench.serving.gpu")
+REPO = Path(__file__).resolve().parents[2]
+# Sized so that both precisions of the realistic model and the demo model fit in about 8 minutes.
+PLAN: dict[str, Any] = {"small": cells.Timing(1.5, 4.0), "realistic": cells.Timing(2.0, 5.0),
+                        "concurrencies": [1, 8, 32, 64], "target_c": 32, "images": 256,
+                        "ceiling_batches": [1, 8, 32, 64, 128], "ceiling_s": 1.0}
+
+
+def gpu_name() -> str | None:
+    """The first CUDA device's name, or None without one."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return str(torch.cuda.get_device_name(0))
+    except ImportError:
+        pass
+    return None
+
+
+def ort_cuda_available() -> bool:
+    """Whether this onnxruntime build can run on CUDA (checked again, per session, by the service)."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def torch_ceiling(bb: BenchBundle, batches: list[int], seconds: float) -> dict[str, Any]:
+    """The image encoder through PyTorch on the GPU, fp32 and fp16 (autocast), per batch size."""
+    import torch
+
+    from training.checkpoint import load_final_model
+
+    model = load_final_model(bb.run, device="cuda").classifier.eval()
+    size = int(bb.manifest()["preprocess"]["size"])
+    out: dict[str, Any] = {"points": []}
+    for precision in ("fp32", "fp16"):
+        for bs in batches:
+            x = torch.randn(bs, 3, size, size, device="cuda")
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=precision == "fp16"):
+                model.image_features(x)
+                torch.cuda.synchronize()
+                runs, started = 0, time.perf_counter()
+                while runs < 3 or time.perf_counter() - started < seconds:
+                    model.image_features(x)
+                    runs += 1
+                torch.cuda.synchronize()
+            took = time.perf_counter() - started
+            out["points"].append({"session": f"pytorch {precision}", "batch_size": bs,
+                                  "images_per_s": bs * runs / took, "ms_per_batch": 1000 * took / runs, "runs": runs})
+    out["best"] = max(out["points"], key=lambda p: p["images_per_s"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the GPU tables; 2 without a CUDA device or without the bench extra."""
+    parser = argparse.ArgumentParser(prog="python -m bench.serving.gpu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
+    parser.add_argument("--work", type=Path, default=default_cache_dir() / "bench-serving-gpu")
+    parser.add_argument("--arch", default="ViT-B-16", help="open_clip architecture of the realistic model")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = gpu_name()
+    if name is None:
+        print("python -m bench.serving.gpu: no CUDA device visible to PyTorch; run it on a GPU machine",
+              file=sys.stderr)
+        return 2
+    try:
+        require("locust", "the Locust load generator")
+        require("litserve", "LitServe")
+    except MissingPeerError as exc:
+        print(f"python -m bench.serving.gpu: {exc}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    work = args.work.expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    ort_cuda = ort_cuda_available()
+    results: dict[str, Any] = {
+        "command": " ".join(["python -m bench.serving.gpu", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]),
+        "mode": "gpu", "gpu": {"name": name, "onnxruntime_cuda": ort_cuda},
+        "machine": describe(), "load_average_start": load_average(), "provider": "cuda" if ort_cuda else "cpu",
+        "plan": {k: (v.__dict__ if isinstance(v, cells.Timing) else v) for k, v in PLAN.items()},
+        "load_generator": "locust (FastHttpUser, closed loop, one process)", "models": {},
+    }
+    images = work / "images"
+    write_jpegs(images, PLAN["images"])
+    fp32 = random_init_bundle(work, args.arch)
+    notes: list[str] = []
+    fp16: BenchBundle | None
+    try:
+        fp16 = random_init_bundle(work, args.arch, fp16=True)
+    except Exception as exc:  # the exporter refuses fp16 when it disagrees with fp32 (message has the numbers)
+        fp16 = None
+        results["fp16_refused"] = str(exc)
+        notes += [f"**fp16 bundle refused by the exporter**: {exc}", ""]
+    if ort_cuda:
+        small = demo_bundle(work)
+        for bb, is_small, timing in ((fp32, False, PLAN["realistic"]), (fp16, False, PLAN["realistic"]),
+                                     (small, True, PLAN["small"])):
+            if bb is None:
+                continue
+            ctx = cells.Context(work=work, images=images, timing=timing, service_flags=("--provider", "cuda"))
+            plan = dict(PLAN, class_sizes=[1000, 50000], growth_c=[1], cache_c=[1], add_c=8)
+            results["models"][bb.label] = run_model(bb, ctx, plan, small=is_small, ceiling_s=PLAN["ceiling_s"],
+                                                    provider="cuda")
+        results["targets"] = compute_targets(results, small.label, fp32.label, str(PLAN["target_c"]))
+    else:
+        notes += ["**onnxruntime-gpu is not installed here**: the ONNX Runtime rows could not run on the GPU. "
+                 "Below, the image encoder runs through PyTorch on the GPU (fp32 and fp16 autocast), and the "
+                 "hand-written PyTorch server runs on the GPU; no service or LitServe rows.", ""]
+        for bb in (fp32,):
+            ctx = cells.Context(work=work, images=images, timing=PLAN["realistic"])
+            ceiling = torch_ceiling(bb, PLAN["ceiling_batches"], PLAN["ceiling_s"])
+            results["models"][bb.label + "-pytorch"] = {"ceiling": ceiling,
+                                                        "handwritten": cells.handwritten(bb, ctx, 32, device="cuda")}
+        results["targets"] = {}
+    results["load_average_end"] = load_average()
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(results, args.out / f"{GPU_NAME}.json")
+    if ort_cuda:
+        plots = write_plot(results, args.out, GPU_NAME)
+        write_markdown(results, args.out / f"{GPU_NAME}.md", plots,
+                       notes=[f"GPU: **{name}** (ONNX Runtime CUDA provider).", "", *notes])
+    else:
+        (args.out / f"{GPU_NAME}.md").write_text("\n".join(
+            [f"# Serving benchmark on {name}", "", *notes, "```json",
+             json.dumps(results["models"], indent=1), "```", ""]))
+    log.info("done in %.0f s on %s", results["elapsed_s"], name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

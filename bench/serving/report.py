@@ -1,0 +1,351 @@
+"""serving.json, serving.png and serving.md from one results dict (every number in the doc comes from it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+GPU_NAME = "serving-gpu"
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    """Every measurement, as the run produced it."""
+    path.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+
+
+def _f(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def write_plot(results: dict[str, Any], out_dir: Path, name: str) -> list[str]:
+    """Throughput as a share of the ceiling per system (each model), and p50 latency against the number of
+    classes; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    panels = len(models) + (1 if any("classes" in m for m in models.values()) else 0)
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(5.5 * max(panels, 1), 4))
+    axes = list(axes) if panels > 1 else [axes]
+    c = str(results["plan"]["target_c"])
+    for ax, (label, m) in zip(axes, models.items()):
+        ceiling = m["ceiling"]["best"]["images_per_s"]
+        rows = [r for r in _systems(m, c) if r[1]]
+        names = [r[0] for r in rows]
+        shares = [(r[1]["throughput"] / ceiling) if r[1] else 0.0 for r in rows]
+        ax.barh(names[::-1], shares[::-1], color="#4a7ab5")
+        ax.axvline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xlabel(f"throughput / in-process ceiling ({ceiling:,.{0 if ceiling >= 100 else 2}f} img/s)")
+        ax.set_title(f"{label}: concurrency {c}")
+    growth = next((m["classes"] for m in models.values() if "classes" in m), None)
+    if growth:
+        ax = axes[-1]
+        xs = sorted(int(k) for k in growth)
+        ax.plot(xs, [growth[str(x)]["load"]["1"]["p50_ms"] for x in xs], "o-", label="p50, client")
+        ax.plot(xs, [growth[str(x)]["load"]["1"]["p99_ms"] for x in xs], "s--", label="p99, client")
+        ax.set_xscale("log")
+        ax.set_xlabel("classes in the table")
+        ax.set_ylabel("latency at concurrency 1 (ms)")
+        ax.set_title("cost of a larger class table")
+        ax.legend()
+    fig.tight_layout()
+    fname = f"{name}.png"
+    fig.savefig(out_dir / fname, dpi=110)
+    plt.close(fig)
+    return [fname]
+
+
+def _systems(m: dict[str, Any], c: str) -> list[tuple[str, dict | None]]:
+    rows = [(f"service", m["service"]["load"].get(c)),
+            ("service, batching off", m["service_batching_off"]["load"]),
+            ("service, --jpeg-draft", (m.get("service_jpeg_draft") or {}).get("load")),
+            ("service, --ort-spinning", (m.get("service_ort_spinning") or {}).get("load")),
+            ("hand-written FastAPI + PyTorch", m.get("handwritten"))]
+    rows += [(name, cell) for name, cell in m.get("peers", {}).items()]
+    return rows
+
+
+def _load_row(name: str, cell: dict | None, ceiling: float) -> str:
+    if not cell:
+        return f"| {name} | – | – | – | – | – | – |"
+    return (f"| {name} | {cell['concurrency']} | {_f(cell['throughput'])} | {_f(cell['throughput'] / ceiling, 3)} | "
+            f"{_f(cell['p50_ms'])} | {_f(cell['p95_ms'])} | {_f(cell['p99_ms'])} | {cell['errors']} |")
+
+
+def _model_section(label: str, m: dict[str, Any], c: str) -> list[str]:
+    b = m["bundle"]
+    ceiling = m["ceiling"]["best"]["images_per_s"]
+    lines = [f"## Model `{label}`: {b['arch']}, {b['image_size']} px input, {b['precision']}, "
+             f"{b['classes']} trained classes, image encoder {b['image_encoder_bytes'] / 1e6:.1f} MB", ""]
+    if "max_batch_size" in m:
+        lines += [f"The service and LitServe run with a largest batch of {m['max_batch_size']}, the ceiling's best "
+                  "batch size measured just before them.", ""]
+    lines += ["### Ceiling: ONNX Runtime in-process on preprocessed tensors", "",
+              "Measured before and after the HTTP cells; the best point is the ceiling.", "",
+              "| when | session | batch | images/s | ms per batch | runs |", "|---|---|---:|---:|---:|---:|"]
+    top = m["ceiling"]["best"]
+    for pt in m["ceiling"]["points"]:
+        mark = " **(best)**" if pt == top else ""
+        lines.append(f"| {pt.get('when', '')} | {pt.get('session', 'service options')} | {pt['batch_size']}{mark} | "
+                     f"{_f(pt['images_per_s'])} | {_f(pt['ms_per_batch'], 2)} | {pt['runs']} |")
+    lines += ["", "### Over HTTP (distinct 640×480 JPEGs, closed loop)", "",
+              "| system | concurrency | images/s | × ceiling | p50 ms | p95 ms | p99 ms | errors |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for conc in sorted(m["service"]["load"], key=int):
+        lines.append(_load_row("service", m["service"]["load"][conc], ceiling))
+    lines.append(_load_row("service, batching off (`--max-batch-size 1`)", m["service_batching_off"]["load"], ceiling))
+    if "service_jpeg_draft" in m:
+        lines.append(_load_row("service, `--jpeg-draft` (not training-exact; not the default)",
+                               m["service_jpeg_draft"]["load"], ceiling))
+    if "service_ort_spinning" in m:
+        lines.append(_load_row("service, `--ort-spinning` (ONNX Runtime's default threading; not ours)",
+                               m["service_ort_spinning"]["load"], ceiling))
+    lines.append(_load_row("hand-written FastAPI + PyTorch", m.get("handwritten"), ceiling))
+    for name, cell in m.get("peers", {}).items():
+        lines.append(_load_row(f"{name} (own batching, same ONNX model)", cell, ceiling))
+    lines += ["", "### Where the service's time goes (its own histograms, per load cell)", "",
+              "| cell | decode + preprocess ms/image | queue wait ms | mean batch | encoder + head ms/batch | "
+              "ms/image in batch | server request ms (mean) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    profiles = [(f"c={k}", m["service"]["profile"][k]) for k in sorted(m["service"]["profile"], key=int)]
+    profiles.append((f"batching off, c={c}", m["service_batching_off"]["profile"]))
+    if "service_jpeg_draft" in m:
+        profiles.append((f"`--jpeg-draft`, c={c}", m["service_jpeg_draft"]["profile"]))
+    if "service_ort_spinning" in m:
+        profiles.append((f"`--ort-spinning`, c={c}", m["service_ort_spinning"]["profile"]))
+    for name, pr in profiles:
+        lines.append(f"| {name} | {_f(pr.get('decode_preprocess_ms_per_image'), 2)} | {_f(pr.get('queue_wait_ms_mean'), 2)} | "
+                     f"{_f(pr.get('mean_batch_size'), 1)} | {_f(pr.get('inference_ms_per_batch'), 2)} | "
+                     f"{_f(pr.get('inference_ms_per_image'), 2)} | {_f(pr.get('request_ms_mean'), 1)} |")
+    if "cache" in m:
+        cache = m["cache"]
+        lines += ["", f"### Cache hits ({cache['distinct_images']} images sent over and over, in-process cache)", "",
+                  "| concurrency | images/s | client p50 ms | client p99 ms | server p50 ms | server p99 ms | hits | misses |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for conc, cell in cache["load"].items():
+            srv = cache["server"][conc]
+            lines.append(f"| {conc} | {_f(cell['throughput'])} | {_f(cell['p50_ms'], 2)} | {_f(cell['p99_ms'], 2)} | "
+                         f"{_f(srv['p50_ms'], 2)} | {_f(srv['p99_ms'], 2)} | {int(srv['hits'])} | {int(srv['misses'])} |")
+        lines += ["", "Server-side percentiles are read from the service's `vlltr_request_duration_seconds` histogram "
+                  "(buckets 1, 2.5, 5, 10 ms, …), interpolated linearly within a bucket as Prometheus does, so "
+                  "they are coarse; the target uses the client's p50, which includes the server's time and so "
+                  "bounds it from above."]
+    if "classes" in m:
+        growth = m["classes"]
+        concs = sorted({k for e in growth.values() for k in e["load"]}, key=int)
+        head = "| classes | added | start s | " + " | ".join(
+            f"c={k} images/s | c={k} p50 ms | c={k} p99 ms" for k in concs) + " |"
+        lines += ["", "### Cost of a larger class table (classes added programmatically)", "", head,
+                  "|" + "---:|" * (3 + 3 * len(concs))]
+        for total, e in growth.items():
+            cols = " | ".join(f"{_f(e['load'][k]['throughput'])} | {_f(e['load'][k]['p50_ms'], 2)} | "
+                              f"{_f(e['load'][k]['p99_ms'], 2)}" for k in concs)
+            lines.append(f"| {int(total):,} | {e['added']:,} | {_f(e['start_s'])} | {cols} |")
+    if "add_class" in m:
+        a = m["add_class"]
+        lines += ["", f"### Adding classes while serving ({a['classes']:,} classes, concurrency {a['concurrency']})", "",
+                  "| run | images/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|"]
+        for name, key in (("no adds", "without"), ("classes added back to back", "with_adds"),
+                          ("requests overlapping an add", "overlapping_adds")):
+            cell = a.get(key)
+            if cell:
+                lines.append(f"| {name} | {_f(cell['throughput']) if key != 'overlapping_adds' else '–'} | "
+                             f"{_f(cell['p50_ms'])} | {_f(cell['p95_ms'])} | {_f(cell['p99_ms'])} | {cell['errors']} |")
+        adds = a["adds"]
+        lines += ["", f"{adds['count']} classes were added during the measured run; one `POST /v1/classes` took "
+                  f"{_f(adds['p50_ms'])} ms at the median and {_f(adds['max_ms'])} ms at most."]
+    lines.append("")
+    return lines
+
+
+def _findings(results: dict[str, Any], small: str | None) -> list[str]:
+    """One paragraph per missed target, built from this run's own numbers (profile included)."""
+    targets = results["targets"]
+    models = results["models"]
+    c = str(results["plan"]["target_c"])
+    out: list[str] = []
+    if small and small in models:
+        m = models[small]
+        prof = m["service"]["profile"].get(c, {})
+        svc = m["service"]["load"].get(c, {})
+        draft = m.get("service_jpeg_draft")
+        decode = prof.get("decode_preprocess_ms_per_image")
+        throughput_missed = [k for k in ("small_service_vs_best_peer", "small_service_vs_handwritten",
+                                         "small_service_vs_ceiling") if targets.get(k, {}).get("met") is False]
+        if throughput_missed and decode and svc:
+            text = (f"- **Small model throughput** ({', '.join(f'`{k}`' for k in throughput_missed)} missed): at "
+                    f"concurrency {c} the service answered {svc['throughput']:,.1f} images/s. Its profile puts "
+                    f"{decode:.2f} ms per image in JPEG decoding and preprocessing (CPU time in the decode pool, "
+                    f"640×480 → {m['bundle']['image_size']} px) against {prof.get('inference_ms_per_image', 0):.2f} ms "
+                    f"per image in the encoder and head (mean batch {prof.get('mean_batch_size', 0):.1f}); the "
+                    f"event loop's HTTP, multipart and response work comes on top. Every system here decodes the same "
+                    f"JPEGs, and the two cores are shared with the load generator, so decoding bounds everyone: the "
+                    f"encoder's ceiling ({m['ceiling']['best']['images_per_s']:,.0f} images/s on tensors) is out of "
+                    f"reach of any server that must decode full-size JPEGs on these cores.")
+            if draft:
+                dprof = draft["profile"]
+                text += (f" Decoding at reduced size (`--jpeg-draft`) cuts that to "
+                         f"{dprof.get('decode_preprocess_ms_per_image', 0):.2f} ms per image and gives "
+                         f"{draft['load']['throughput']:,.1f} images/s, but its pixels differ from the training "
+                         f"evaluation transform, so it stays off by default until training decodes the same way.")
+            out.append(text)
+        t = targets.get("cache_hit_p50_ms_server")
+        if t and t["met"] is False:
+            cp = m["cache"]["server"]["1"]["profile"]
+            out.append(f"- **Cache hits** (`cache_hit_p50_ms_server` {t['value']:.2f} ms > {t['goal']} ms, measured by "
+                       f"the client): a hit skips decoding and the encoder but still goes through HTTP parsing, "
+                       f"hashing the upload and the head; the server's own histogram puts its p50 at "
+                       f"{_f(m['cache']['server']['1']['p50_ms'], 2)} ms.")
+        t = targets.get("latency_50k_vs_1k_classes")
+        if t and t["met"] is False:
+            g = m["classes"]
+            out.append(f"- **Class growth** (`latency_50k_vs_1k_classes` {t['value']:.2f} > {t['goal']}): p50 at "
+                       f"concurrency 1 was {g['1000']['load']['1']['p50_ms']:.2f} ms with 1,000 classes and "
+                       f"{g['50000']['load']['1']['p50_ms']:.2f} ms with 50,000; the head scores every image "
+                       f"against every class's anchors, which is linear in the number of classes.")
+        t = targets.get("add_class_p99_ratio")
+        if t and t["met"] is False:
+            a = m["add_class"]
+            out.append(f"- **Adding classes under load** (`add_class_p99_ratio` {t['value']:.2f} > {t['goal']}): p99 "
+                       f"went from {a['without']['p99_ms']:.1f} ms to {a['with_adds']['p99_ms']:.1f} ms while "
+                       f"{a['adds']['count']} classes were added back to back (median add {a['adds']['p50_ms']:.0f} ms): "
+                       f"encoding the descriptions and rebuilding the table take the same two cores, and the "
+                       f"local class store rewrites and re-reads its whole JSON file on every add.")
+    t = targets.get("realistic_service_vs_ceiling")
+    realistic = next((k for k, v in models.items() if "cache" not in v), None)
+    if t and t["met"] is False and realistic:
+        r = models[realistic]
+        prof = r["service"]["profile"].get(c, {})
+        top = r["ceiling"]["best"]
+        peers = [f"{name} {cell['throughput']:.2f}" for name, cell in
+                 [("hand-written", r.get("handwritten")), *r.get("peers", {}).items()] if cell]
+        phases = {}
+        for pt in r["ceiling"]["points"]:
+            when = pt.get("when", "")
+            phases[when] = max(phases.get(when, 0.0), pt["images_per_s"])
+        svc = r["service"]["load"].get(c, {}).get("throughput", 0.0)
+        spread = ""
+        if "before" in phases and "after" in phases:
+            spread = (f" The same session ran at {phases['before']:.2f} images/s at its best before the HTTP cells "
+                      f"and {phases['after']:.2f} after them, a {max(phases.values()) / min(phases.values()):.1f}x "
+                      f"swing from other work on the machine; against the ceiling measured just before it, the "
+                      f"service's ratio is {svc / phases['before']:.2f}.")
+        out.append(f"- **Realistic model** (`realistic_service_vs_ceiling` {t['value']:.3f} < {t['goal']}): the "
+                   f"ceiling is {top['images_per_s']:.2f} images/s ({1000 / top['images_per_s']:.0f} ms per image at "
+                   f"batch {top['batch_size']}, {top.get('when', '')}).{spread} At concurrency {c} the service's batches "
+                   f"(mean {prof.get('mean_batch_size', 0):.1f} images) took "
+                   f"{prof.get('inference_ms_per_image', 0):.0f} ms per image in the encoder and head, and "
+                   f"decoding took {prof.get('decode_preprocess_ms_per_image', 0):.1f} ms per image on the same two "
+                   f"cores, beside the load generator. Images/s of the others in the same run: "
+                   f"{', '.join(peers)}. On two cores shared with other work, the encoder's speed varies from one "
+                   f"minute to the next, so this ratio carries that noise as much as any cost of serving.")
+    if not out:
+        return []
+    return ["## Why targets were missed (from this run's profile)", "", *out, ""]
+
+
+def _targets_section(targets: dict[str, Any]) -> list[str]:
+    lines = ["## Targets", "", "| target | value | goal | met |", "|---|---:|---:|:---:|"]
+    for name, t in targets.items():
+        met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['what']} (`{name}`) | {_f(t['value'], 3)} | {t['comparison']} {t['goal']} | {met} |")
+    lines.append("")
+    return lines
+
+
+def write_markdown(results: dict[str, Any], path: Path, plots: list[str], notes: list[str] | None = None) -> None:
+    """The report: machine, command, targets, one section per model, the GPU status, and `notes`."""
+    mach = results["machine"]
+    c = str(results["plan"]["target_c"])
+    lines = ["# Serving benchmark", "",
+             "The service against its ceiling (ONNX Runtime in-process) and its peers (a hand-written FastAPI + "
+             "PyTorch server, LitServe), on the same bundles and machine, in one run. Written by "
+             f"`{results['command'].strip()}`; every number below is in `{path.with_suffix('.json').name}`.", "",
+             "## Machine", "",
+             f"- CPU: {mach['cpu']}, {mach['cores']} cores visible, {mach['memory_gib']} GiB memory; {mach['os']}",
+             f"- Python {mach['python']}; " + ", ".join(f"{k} {v}" for k, v in mach["packages"].items()),
+             f"- provider: {results['provider']}; mode: {results['mode']}; run took {results['elapsed_s']:.0f} s",
+             f"- load average (1/5/15 min) at start {results['load_average_start']}, at end "
+             f"{results['load_average_end']}: the load generator, the server and any other work on the machine "
+             "share the same cores, so compare ratios within this run rather than absolute numbers across runs",
+             f"- load: {results['load_generator']}; warm-up / measured seconds per cell: " +
+             ", ".join(f"{k} {v['warmup_s']:g} / {v['duration_s']:g}" for k, v in results["plan"].items()
+                       if isinstance(v, dict) and "warmup_s" in v), ""]
+    lines += _targets_section(results["targets"])
+    lines += _findings(results, next((k for k, v in results["models"].items() if "cache" in v), None))
+    for notes_line in notes or []:
+        lines.append(notes_line)
+    for fname in plots:
+        lines += [f"![throughput and latency]({fname})", ""]
+    for label, m in results["models"].items():
+        lines += _model_section(label, m, c)
+    lines += _gpu_section(path.parent)
+    lines += _method_section()
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _gpu_section(out_dir: Path) -> list[str]:
+    gpu = out_dir / f"{GPU_NAME}.json"
+    lines = ["## GPU", "", "`python -m bench.serving.gpu` runs the same tables on one NVIDIA GPU (fp32 and fp16 "
+             "bundles, ONNX Runtime's CUDA provider when `onnxruntime-gpu` is installed, otherwise the encoder "
+             "through PyTorch on the GPU, which the results then say) in under 8 minutes and writes "
+             f"`{GPU_NAME}.json` and `{GPU_NAME}.md` with the card's name.", ""]
+    if gpu.is_file():
+        data = json.loads(gpu.read_text())
+        lines += [f"Results from {data.get('gpu', {}).get('name', 'a GPU')}: see `{GPU_NAME}.md`.", ""]
+    else:
+        lines += ["**Not run yet**: no GPU was available where this report was produced.", ""]
+    return lines
+
+
+def _method_section() -> list[str]:
+    return ["## Commands", "",
+            "```bash",
+            "pip install -e '.[train,cpu,bench]'       # the load generator (Locust) and LitServe come with `bench`",
+            "python -m bench.serving                   # this report: both models, every table (under 30 min on 2 cores)",
+            "python -m bench.serving --quick           # the demo model only, short cells (development)",
+            "python -m bench.serving --report-only     # rewrite serving.md/.png from serving.json",
+            "python -m bench.serving.gpu               # the GPU tables (serving-gpu.md/.json), with the `gpu` extra",
+            "```", "",
+            "Bundles, images, logs and every load cell's raw records (start time, latency, status of each request) "
+            "stay under `~/.cache/vlltr/bench-serving` (`--work`).", "",
+            "## What the service does for speed", "",
+            "- Decoding and preprocessing run in a thread pool with one thread per core (`--preprocess-threads`); "
+            "Pillow and numpy release the GIL there, so images decode in parallel with each other, with the "
+            "event loop and with the encoder.",
+            "- One inference thread forms batches across requests: a batch leaves when full, at once when no "
+            "other image is being decoded (no idle wait at low load), and otherwise after `--max-wait-ms`, "
+            "stretched to a tenth of the recent batch run time while images are still being decoded (so a slow "
+            "encoder gets full batches). Batches are padded to warmed power-of-two shapes.",
+            "- ONNX Runtime's intra-op threads do not spin between runs (`--ort-spinning` turns it back on; the "
+            "table above measures both), and numpy's BLAS uses one thread for the head (`--head-threads`).",
+            "- A cache hit on a small class table is scored on the event loop instead of through the batcher; "
+            "the request path has no thread-pool hop for its dependencies, and long-lived start-up objects are "
+            "frozen out of the garbage collector.", "",
+            "## Method", "",
+            "- Each system runs as its own server process on 127.0.0.1; the load generator (Locust, one process, "
+            "`FastHttpUser`, closed loop: each user sends its next image when the previous answer arrives) runs on "
+            "the same machine. Throughput counts answers completed in the measured window after the warm-up; "
+            "latency is measured by the client.",
+            "- Images: distinct photo-like 640×480 JPEGs (quality 90, about 65 kB each); each user cycles "
+            "through them from its own offset. The service runs with its cache off (`--cache-size 0`) except in "
+            "the cache table, so every request decodes and runs the encoder, as it does for the peers.",
+            "- Ceiling: the bundle's image encoder session, created exactly as the service creates it, run on "
+            "preprocessed float32 tensors at each batch size; the best batch size is the ceiling.",
+            "- Hand-written server: FastAPI `def` endpoint, `UploadFile`, the training evaluation transform, "
+            "the PyTorch model on one image per request under `torch.inference_mode()`, uvicorn with one worker.",
+            "- LitServe: the bundle's ONNX encoder and head in a `LitAPI` with `max_batch_size` as the service's, "
+            "`batch_timeout=0.005`, one worker; decoding in `decode_request` as its documentation shows; "
+            "requests are JSON with the JPEG in base64 (LitServe's image recipe; its multipart path fails to "
+            "pickle the form into its worker in this version).",
+            "- Class growth: the class-store file is written with the extra classes before the service starts "
+            "(anchor features are trained anchors plus noise); adding classes under load uses `POST /v1/classes` "
+            "back to back (0.2 s apart) during the whole measured window.",
+            "- Server-side stage times come from the service's Prometheus histograms scraped before and after "
+            "each cell.", ""]

@@ -1,0 +1,65 @@
+"""The serving benchmark's harness runs end to end in its smoke mode and writes a complete report.
+
+Seconds-long cells on the tiny test bundle: this proves the harness works (servers start, load is generated
+and recorded, every table and the targets object are written); it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Checked without importing: importing Locust monkey-patches the standard library (gevent).
+_MISSING = [m for m in ("locust", "litserve") if importlib.util.find_spec(m) is None]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(bool(_MISSING), reason=f"{_MISSING} not installed (pip install -e '.[bench]')")]
+REPO = Path(__file__).resolve().parents[1]
+LOAD_KEYS = {"concurrency", "duration_s", "requests", "errors", "throughput", "p50_ms", "p95_ms", "p99_ms"}
+
+
+def test_smoke_run_writes_every_table(service_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.serving", "--smoke", "--demo-bundle", str(service_bundle),
+         "--demo-run", str(service_bundle.parent / "run"), "--work", str(tmp_path / "work"), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "serving.json").read_text())
+    demo = results["models"]["demo"]
+    assert demo["ceiling"]["best"]["images_per_s"] > 0
+    for cell in [*demo["service"]["load"].values(), demo["service_batching_off"]["load"],
+                 demo["service_jpeg_draft"]["load"], demo["service_ort_spinning"]["load"], demo["handwritten"],
+                 demo["peers"]["litserve"]]:
+        assert LOAD_KEYS <= set(cell)
+        assert cell["requests"] > 0 and cell["errors"] == 0
+    assert set(demo["service"]["load"]) == {"1", "4"}
+    assert demo["service_batching_off"]["profile"]["mean_batch_size"] == pytest.approx(1.0)
+    assert demo["cache"]["server"]["1"]["hits"] > 0
+    assert set(demo["classes"]) == {"100", "1000"}
+    assert demo["classes"]["1000"]["added"] == 1000 - demo["bundle"]["classes"]
+    assert demo["add_class"]["adds"]["count"] >= 1
+    targets = results["targets"]
+    assert {"small_service_vs_best_peer", "small_service_vs_handwritten", "small_service_vs_ceiling",
+            "cache_hit_p50_ms_server", "add_class_p99_ratio"} <= set(targets)
+    for t in targets.values():
+        assert set(t) >= {"value", "goal", "met"}
+    doc = (out / "serving.md").read_text()
+    assert "## Targets" in doc and "Not run yet" in doc and "hand-written FastAPI + PyTorch" in doc
+    assert (out / "serving.png").stat().st_size > 0
+    # Nothing a framework writes may land in the checkout (LitServe's client.py, for one).
+    assert not (REPO / "client.py").exists()
+
+
+def test_missing_peer_framework_names_the_extra(tmp_path: Path) -> None:
+    code = ("import sys, importlib.util as u; real = u.find_spec; "
+            "u.find_spec = lambda name, *a: None if name == 'litserve' else real(name, *a); "
+            "from bench.serving.__main__ import main; sys.exit(main(['--smoke', '--work', sys.argv[1]]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "pip install -e '.[bench]'" in proc.stderr
