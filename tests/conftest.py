@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -72,14 +72,20 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def argv(self) -> list[str]:
+        """The `redis-server` command line."""
+        return ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--daemonize", "no", "--dir", str(self.workdir)]
+
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not _wait_port(self.port, 10):
             self.stop()
             raise RuntimeError(f"redis-server did not start on port {self.port}")
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Return once the server answers commands (an open port is enough without persistence)."""
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -91,12 +97,17 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def redis_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], RedisServer]]:
     """Start private Redis servers (`factory()` -> a started `RedisServer`); all are killed at the end."""
+    yield from _redis_servers(lambda: RedisServer(_free_port(), tmp_path_factory.mktemp("redis")))
+
+
+def _redis_servers(make: Callable[..., RedisServer]) -> Iterator[Callable[..., Any]]:
+    """Body of the Redis factory fixtures: yield a factory that starts `make(...)`, kill every server after."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
     started: list[RedisServer] = []
 
-    def factory() -> RedisServer:
-        server = RedisServer(_free_port(), tmp_path_factory.mktemp("redis"))
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        server = make(*args, **kwargs)
         server.start()
         started.append(server)
         return server
@@ -307,18 +318,14 @@ class PersistentRedisServer(RedisServer):
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def argv(self) -> list[str]:
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no", "--dir", str(self.workdir)]
         if self.password:
             argv += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not _wait_port(self.port, 10):
-            self.stop()
-            raise RuntimeError(f"redis-server did not start on port {self.port}")
-        self._wait_loaded()
+        return argv
 
-    def _wait_loaded(self) -> None:
+    def wait_ready(self) -> None:
         import redis
 
         client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=1)
@@ -340,19 +347,8 @@ class PersistentRedisServer(RedisServer):
 def persistent_redis_factory(
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., PersistentRedisServer]]:
     """Start private persistent Redis servers: `factory(password=None)` -> a started `PersistentRedisServer`."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    started: list[PersistentRedisServer] = []
-
-    def factory(password: str | None = None) -> PersistentRedisServer:
-        server = PersistentRedisServer(_free_port(), tmp_path_factory.mktemp("redis-aof"), password)
-        server.start()
-        started.append(server)
-        return server
-
-    yield factory
-    for server in started:
-        server.stop()
+    yield from _redis_servers(lambda password=None: PersistentRedisServer(
+        _free_port(), tmp_path_factory.mktemp("redis-aof"), password))
 
 
 class Balancer:
