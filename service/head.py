@@ -8,8 +8,10 @@ table (trained classes from the bundle, plus classes added by text at run time):
   batch are one GEMM against `LN_q(f)` (`q . K = LN_q(f) . W_q^T K`);
 - `anchors`: `T` as one contiguous `[C*M, D]` matrix, so `T_c f_hat` for all classes is the second GEMM;
 - `gram`: `G_c = T_c T_c^T`, `[C, M, M]`, so `|a_c T_c|^2 = a_c^T G_c a_c` without building `[B, C, D]`;
-- `mask_bias`: 0 where an anchor exists, -inf for padding (padding gets exactly zero attention).
-Memory is about `2*C*M*D + C*M*M` floats; scoring runs in chunks of classes to bound the temporaries.
+- `mask_bias`: 0 where an anchor exists, -inf for padding (padding gets exactly zero attention);
+- `prototypes`: each class's unit mean anchor, `[C, D]`, which ranks added classes cheaply when a
+  `Shortlist` limits exact scoring to the nearest ones (tables with many thousands of added classes).
+Memory is about `2*C*M*D + C*M*M + C*D` floats; scoring runs in chunks of classes to bound the temporaries.
 Tables are immutable: `with_added` returns a new table, so the service can swap tables atomically.
 """
 
@@ -132,6 +134,7 @@ class ClassTable:
     gram: np.ndarray  # [C, M, M]
     mask: np.ndarray  # [C, M] bool
     mask_bias: np.ndarray  # [C, M] float32, 0 or -inf
+    prototypes: np.ndarray  # [C, D] unit mean of each class's anchors (the shortlist's cheap score)
     logit_scale: float
     _index: Mapping[str, int] = field(repr=False, default_factory=dict)
 
@@ -172,7 +175,7 @@ class ClassTable:
             names=tuple(names), num_trained=trained, num_anchors=m, embed_dim=d,
             keys=keys, anchors=anchors.reshape(c * m, d), gram=gram, mask=mask,
             mask_bias=np.where(mask, np.float32(0.0), np.float32(-np.inf)).astype(np.float32),
-            logit_scale=float(params.logit_scale), _index=index,
+            prototypes=_prototypes(anchors, mask), logit_scale=float(params.logit_scale), _index=index,
         )
 
     @property
@@ -214,7 +217,8 @@ class ClassTable:
             names=names, num_trained=self.num_trained, num_anchors=m, embed_dim=d,
             keys=np.concatenate([self.keys, new.keys]), anchors=np.concatenate([self.anchors, new.anchors]),
             gram=np.concatenate([self.gram, new.gram]), mask=np.concatenate([self.mask, new.mask]),
-            mask_bias=np.concatenate([self.mask_bias, new.mask_bias]), logit_scale=self.logit_scale,
+            mask_bias=np.concatenate([self.mask_bias, new.mask_bias]),
+            prototypes=np.concatenate([self.prototypes, new.prototypes]), logit_scale=self.logit_scale,
             _index={n: i for i, n in enumerate(names)},
         )
 
@@ -227,34 +231,90 @@ class ClassTable:
         return ClassTable(
             names=names, num_trained=s, num_anchors=m, embed_dim=self.embed_dim,
             keys=self.keys[: s * m].copy(), anchors=self.anchors[: s * m].copy(), gram=self.gram[:s].copy(),
-            mask=self.mask[:s].copy(), mask_bias=self.mask_bias[:s].copy(), logit_scale=self.logit_scale,
+            mask=self.mask[:s].copy(), mask_bias=self.mask_bias[:s].copy(), prototypes=self.prototypes[:s].copy(),
+            logit_scale=self.logit_scale,
             _index={n: i for i, n in enumerate(names)},
         )
 
-    def language_logits(self, queries: np.ndarray, f: np.ndarray) -> np.ndarray:
+    def language_logits(self, queries: np.ndarray, f: np.ndarray, shortlist: "Shortlist | None" = None) -> np.ndarray:
         """`s * cos(f, sum_m a_cm T_cm)` for every class of the table, `[B, C]`.
 
         Args:
             queries: `LN_q(f)` from :meth:`HeadParams.queries`, `[B, D]`.
             f: raw image features `[B, D]`.
+            shortlist: with many added classes, score exactly only the added classes each image is closest to
+                (see :class:`Shortlist`); None scores every class exactly.
         """
         f = np.asarray(f, dtype=np.float32)
-        b = f.shape[0]
         f_hat = f / np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), np.float32(_EPS))
-        c, m = self.num_classes, self.num_anchors
-        out = np.empty((b, c), dtype=np.float32)
+        c, s = self.num_classes, self.num_trained
+        if shortlist is None or not shortlist.applies(self.num_added):
+            return self._exact(queries, f_hat, slice(0, c))
+        out = np.empty((f.shape[0], c), dtype=np.float32)
+        out[:, :s] = self._exact(queries, f_hat, slice(0, s))
+        # Every added class gets the cheap score, then the union of the images' shortlists is scored exactly.
+        np.matmul(f_hat, self.prototypes[s:].T, out=out[:, s:])
+        out[:, s:] *= np.float32(self.logit_scale)
+        k = shortlist.size
+        near = np.unique(np.argpartition(-out[:, s:], k - 1, axis=1)[:, :k]) + s
+        out[:, near] = self._exact(queries, f_hat, near)
+        return out
+
+    def _exact(self, queries: np.ndarray, f_hat: np.ndarray, classes: slice | np.ndarray) -> np.ndarray:
+        """Exact language logits `[B, n]` of a class range (views, no copy) or an index array (gathered)."""
+        m, d = self.num_anchors, self.embed_dim
+        if isinstance(classes, slice):
+            rows = slice(classes.start * m, classes.stop * m)
+            keys, anchors = self.keys[rows], self.anchors[rows]
+        else:
+            keys = self.keys.reshape(-1, m, d)[classes].reshape(-1, d)
+            anchors = self.anchors.reshape(-1, m, d)[classes].reshape(-1, d)
+        gram, mask_bias = self.gram[classes], self.mask_bias[classes]
+        b, n = f_hat.shape[0], gram.shape[0]
+        out = np.empty((b, n), dtype=np.float32)
         step = max(1, _CHUNK_ELEMENTS // max(1, b * m))
-        for lo in range(0, c, step):
-            hi = min(c, lo + step)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
             rows = slice(lo * m, hi * m)
-            scores = (queries @ self.keys[rows].T).reshape(b, hi - lo, m) + self.mask_bias[lo:hi]
+            scores = (queries @ keys[rows].T).reshape(b, hi - lo, m) + mask_bias[lo:hi]
             attn = softmax(scores, axis=-1)
-            proj = (f_hat @ self.anchors[rows].T).reshape(b, hi - lo, m)
+            proj = (f_hat @ anchors[rows].T).reshape(b, hi - lo, m)
             numerator = np.sum(attn * proj, axis=-1)
             a_t = attn.transpose(1, 0, 2)  # [c, B, M]
-            sq_norm = np.sum(np.matmul(a_t, self.gram[lo:hi]) * a_t, axis=-1).T
+            sq_norm = np.sum(np.matmul(a_t, gram[lo:hi]) * a_t, axis=-1).T
             out[:, lo:hi] = self.logit_scale * numerator / np.sqrt(np.maximum(sq_norm, np.float32(_EPS)))
         return out
+
+
+@dataclass(frozen=True)
+class Shortlist:
+    """Scoring only some added classes exactly, for tables with many thousands of them.
+
+    Exact scoring reads every class's anchors and keys for every batch, so its cost grows with the table
+    (about 200 MB per batch at 50,000 classes of 8 anchors in 64 dimensions); past `min_added` added
+    classes, each image ranks the added classes by the cosine to their anchors' unit mean (one small matrix
+    product), the union of the images' `size` best is scored exactly, and the rest keep that cheaper score.
+    Trained classes are always scored exactly. The top classes are then those of the exact scoring unless the
+    right class falls outside the shortlist; `tests/test_head_shortlist.py` measures how often it does.
+    """
+
+    size: int = 512
+    min_added: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.min_added < 0:
+            raise ValueError(f"shortlist size must be >= 1 and min_added >= 0, got {self.size}, {self.min_added}")
+
+    def applies(self, num_added: int) -> bool:
+        """Whether a table with `num_added` added classes is shortlisted."""
+        return num_added > max(self.min_added, self.size)
+
+
+def _prototypes(anchors: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Unit mean direction of each class's (unit-normalised, unpadded) anchors, `[C, D]`."""
+    norms = np.maximum(np.linalg.norm(anchors, axis=-1, keepdims=True), np.float32(_EPS))
+    mean = np.sum((anchors / norms) * mask[..., None], axis=1)
+    return (mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), np.float32(_EPS))).astype(np.float32)
 
 
 def _keys(anchors: np.ndarray, params: HeadParams) -> np.ndarray:

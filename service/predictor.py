@@ -14,7 +14,7 @@ from PIL import Image
 
 from service.bundle import Bundle, Calibration
 from service.encoders import ImageEncoder, ProviderName, TextEncoder
-from service.head import ClassTable, HeadParams, calibrated_probabilities
+from service.head import ClassTable, HeadParams, Shortlist, calibrated_probabilities
 from service.preprocess import preprocess_batch
 
 
@@ -28,11 +28,12 @@ class Prediction:
 
 
 def probabilities(features: np.ndarray, head: HeadParams, table: ClassTable, log_prior: np.ndarray,
-                  calibration: Calibration, alpha: float) -> np.ndarray:
-    """Calibrated fused probabilities `[B, C]` over `table`'s classes for raw image features `[B, D]`."""
+                  calibration: Calibration, alpha: float, shortlist: Shortlist | None = None) -> np.ndarray:
+    """Calibrated fused probabilities `[B, C]` over `table`'s classes for raw image features `[B, D]`
+    (`shortlist`: see `service.head.Shortlist`; None scores every class exactly)."""
     features = np.asarray(features, dtype=np.float32)
     z_vis = head.vision_logits(features)
-    z_lin = table.language_logits(head.queries(features), features)
+    z_lin = table.language_logits(head.queries(features), features, shortlist)
     return calibrated_probabilities(
         z_vis, z_lin, log_prior, alpha=alpha, tau=calibration.tau, temperature=calibration.temperature,
         added_class_bias=calibration.added_class_bias, added_class_vision=calibration.added_class_vision,

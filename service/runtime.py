@@ -26,6 +26,7 @@ from service.bundle import Bundle, load_bundle
 from service.cache import EmbeddingCache, LocalLRUCache, RedisEmbeddingCache, cache_key
 from service.encoders import ImageEncoder, TextEncoder
 from service.errors_http import ApiError, image_error
+from service.head import Shortlist
 from service.metrics import Metrics
 from service.predictor import probabilities
 from service.preprocess import decode_image, preprocess_image
@@ -143,6 +144,8 @@ class Runtime:
     def __init__(self, settings: Settings, bundle: Bundle, image_encoder: ImageEncoder,
                  text_encoder: TextEncoder, metrics: Metrics) -> None:
         self.settings = settings
+        self.shortlist = (Shortlist(settings.head_shortlist, settings.head_shortlist_from)
+                          if settings.head_shortlist > 0 else None)
         self.bundle = bundle
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
@@ -303,7 +306,7 @@ class Runtime:
         for i, job in enumerate(jobs):
             if job.pixels is None:
                 feats[i] = job.features
-        probs = probabilities(feats, b.head, served.table, b.log_prior, b.calibration, b.alpha)
+        probs = probabilities(feats, b.head, served.table, b.log_prior, b.calibration, b.alpha, self.shortlist)
         idx, vals = top_k(probs, max(job.top_k for job in jobs))
         return [Scored(idx[i, : job.top_k], vals[i, : job.top_k], served,
                        feats[i] if job.pixels is not None else None) for i, job in enumerate(jobs)]
