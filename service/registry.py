@@ -1,7 +1,8 @@
 """The class table served right now: trained classes from the bundle plus classes added by text.
 
-- Adding a class: validate, encode the descriptions with the text encoder (on the text thread), choose its
-  anchors (`service.head.build_added_class_anchors`), check for near-duplicates, write it to the durable
+- Adding a class: validate, encode the descriptions and the name's prompts with the text encoder (on the
+  text thread), choose its anchors (`service.head.build_added_class_anchors`: close to the name, far from
+  every class already served), check for near-duplicates, write it to the durable
   store (atomic: one winner per name across replicas), then rebuild the table.
 - The table is rebuilt off the request path (in a worker thread) and swapped in by ONE reference
   assignment; a batch reads `registry.current` once and is scored entirely against that table.
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from service.head import ClassEntry, ClassTable, HeadParams, build_added_class_anchors
+from service.prompts import name_prompts
 from service.metrics import Metrics
 from service.store import (
     AddedClass,
@@ -393,11 +395,16 @@ class ClassRegistry:
         """
         self._check_name_free(name)
         loop = asyncio.get_running_loop()
-        features = await loop.run_in_executor(self._text_pool, self._encode_texts, list(descriptions))
+        # The name, in CLIP's prompts, is what tells a description from a sentence about another class.
+        prompts = name_prompts(name)
+        texts = list(descriptions) + prompts
+        features = await loop.run_in_executor(self._text_pool, self._encode_texts, texts)
         features = np.asarray(features, dtype=np.float32)
-        if features.shape[0] != len(descriptions) or not np.all(np.isfinite(features)):
+        if features.shape[0] != len(texts) or not np.all(np.isfinite(features)):
             raise RuntimeError("the text encoder returned unusable features")
-        anchors, mask, chosen = build_added_class_anchors(features, self.trained.table.num_anchors)
+        n = len(descriptions)
+        anchors, mask, chosen = build_added_class_anchors(
+            features[:n], self.trained.table.num_anchors, reference=features[n:], others=self.current.embeddings)
         chosen_feats = anchors[mask]
         record = AddedClass(
             name=name,

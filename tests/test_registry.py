@@ -13,6 +13,8 @@ import pytest
 
 from service.bundle import load_bundle
 from service.encoders import TextEncoder
+from service.head import build_added_class_anchors
+from service.prompts import name_prompts
 from service.redis_link import RedisLink
 from service.registry import (
     ClassConflictError,
@@ -105,6 +107,32 @@ def test_add_remove_bump_the_version_and_swap_the_table_atomically(tmp_path, tra
             name, version = await reg.remove_class("STRIPED THING")
             assert (name, version) == ("striped thing", 2)
             assert reg.current.table.num_classes == bundle.num_classes
+        finally:
+            await reg.close()
+
+    asyncio.run(main())
+
+
+def test_anchors_are_chosen_by_the_name_rule_against_the_served_classes(tmp_path, trained, encoder, bundle):
+    """More descriptions than anchor slots: the registry keeps the sentences closest to the class name's
+    prompts and farthest from every class already served (the rule the long-tail benchmark measures)."""
+    m = bundle.num_anchors
+    descriptions = [f"sentence {i} about a {w} shape" for i, w in enumerate(
+        ["red", "green", "spotted", "tiny", "huge", "square", "round", "blue", "striped", "dark", "pale", "odd"])]
+    assert len(descriptions) > m
+
+    async def main():
+        reg = _registry(trained, encoder, FileClassStore(tmp_path / "c.json", bundle_id=bundle.bundle_id))
+        await reg.start()
+        try:
+            others = reg.current.embeddings
+            outcome = await reg.add_class("spotted round thing", descriptions)
+            feats = encoder.encode_texts(descriptions)
+            reference = encoder.encode_texts(name_prompts("spotted round thing"))
+            _, _, chosen = build_added_class_anchors(feats, m, reference=reference, others=others)
+            assert list(outcome.record.anchors) == [descriptions[i] for i in chosen]
+            _, _, centroid = build_added_class_anchors(feats, m)
+            assert list(chosen) != list(centroid)  # the name and the other classes change the choice
         finally:
             await reg.close()
 

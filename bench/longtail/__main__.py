@@ -198,9 +198,13 @@ def notes(dataset: str) -> list[str]:
         "Backbone arms (both image-only arms and stage 1) get the same budget: epochs, batch, lr schedule, "
         "flip/shift augmentation. Stage-2 heads train on cached features of the frozen stage-1 backbone; mixup "
         "in the published stage 2 is therefore applied to features, not pixels.",
-        "The controls swap the text that AnSS and the head see (shuffled across classes, or distractors only) on "
-        "the stage-1 backbone trained with the real text; stage 1 is not rerun per control (CPU budget). They "
-        "therefore measure what the text contributes through the anchors and the head.",
+        "Each class's text pool is its name in CLIP's 7 prompt templates followed by its description sentences, "
+        "as in the paper (80 templates there) and in `vlltr train`. AnSS precision is measured on the "
+        "descriptions alone, where the truth is known; `prompt_anchors_per_class` says how many of the M anchors "
+        "AnSS takes from the name prompts when they are in the pool.",
+        "The controls replace the descriptions (shuffled across classes, or distractors only) and keep the name "
+        "prompts; each reruns stage 1 on its pool, then AnSS and the recommended head on its own backbone. They "
+        "measure what the descriptions add to the class names.",
         "AnSS uses the balanced val split as its reference images, as the published ImageNet-LT/Places-LT "
         "configs do. The fusion weight α of the recommended recipe is also picked on val; test is used once.",
         "The added-class bias γ is chosen on pseudo-new classes: few-shot trained classes whose head is retrained "

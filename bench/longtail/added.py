@@ -24,6 +24,7 @@ from service.head import (
     calibrated_probabilities,
     log_prior_from_counts,
 )
+from service.registry import unit_mean
 
 GAMMA_GRID = np.round(np.arange(-8.0, 16.01, 0.25), 2)
 
@@ -45,24 +46,31 @@ def head_params(head: LGRHead) -> tuple[HeadParams, np.ndarray, np.ndarray]:
 
 def added_entries(sentence_feats: list[torch.Tensor], names: list[str], num_anchors: int, *,
                   name_feats: torch.Tensor | None = None,
-                  other_name_feats: torch.Tensor | None = None) -> tuple[list[ClassEntry], list[np.ndarray]]:
+                  served: np.ndarray | None = None) -> tuple[list[ClassEntry], list[np.ndarray]]:
     """Class-table entries built from description features only; also returns the chosen sentence indices.
 
-    `name_feats` `[A, D]` (one class-name prompt feature per added class) and `other_name_feats` `[K, D]`
-    (the trained classes' name prompts) switch the image-free rule from the centroid to "close to its own
-    name, far from every other class's name" (see `build_added_class_anchors`); the other added classes'
-    names count as other classes too, as they would once registered."""
+    With `name_feats` `[A, D]` (each added class's name-prompt feature) and `served` `[K, D]` (the unit
+    directions of the classes already served, see `class_directions`), the rule is the service's: close to
+    its own name, far from every served class; the classes are added one after another, so each earlier one
+    joins `served`, as in `service.registry`. Without them, the centroid rule."""
     entries, chosen = [], []
+    others = None if served is None else np.asarray(served, dtype=np.float32)
     for i, (feats, name) in enumerate(zip(sentence_feats, names)):
         kw = {}
         if name_feats is not None:
-            rest = torch.cat([name_feats[:i], name_feats[i + 1:]])
-            others = rest if other_name_feats is None else torch.cat([other_name_feats, rest])
-            kw = {"reference": name_feats[i:i + 1].numpy(), "others": others.numpy() if len(others) else None}
+            kw = {"reference": name_feats[i:i + 1].numpy(), "others": others if others is not None and len(others)
+                  else None}
         anchors, mask, idx = build_added_class_anchors(feats.numpy(), num_anchors, **kw)
         entries.append(ClassEntry(name=name, anchors=anchors, mask=mask))
         chosen.append(idx)
+        if others is not None:
+            others = np.concatenate([others, unit_mean(anchors[mask])[None]])
     return entries, chosen
+
+
+def class_directions(anchors: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`[C, D]` unit mean of each class's anchors: what `service.registry` keeps per served class."""
+    return np.stack([unit_mean(a[m]) for a, m in zip(anchors, mask)])
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from service.prompts import SIMPLE_TEMPLATES
 from training.config import DataCfg
 from training.data.errors import DataError
 
@@ -46,11 +47,6 @@ CLIP_TEMPLATES: tuple[str, ...] = (
     "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
     "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
     "a photo of a small {}.", "a tattoo of the {}.",
-)
-# CLIP's 7-template subset, chosen on ImageNet by its authors.
-SIMPLE_TEMPLATES: tuple[str, ...] = (
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
 )
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"clip80": CLIP_TEMPLATES, "simple": SIMPLE_TEMPLATES, "none": ()}
 DEFAULT_DROP_SECTIONS: tuple[str, ...] = tuple(DataCfg().drop_sections)
