@@ -175,7 +175,7 @@ class ClassTable:
             names=tuple(names), num_trained=trained, num_anchors=m, embed_dim=d,
             keys=keys, anchors=anchors.reshape(c * m, d), gram=gram, mask=mask,
             mask_bias=np.where(mask, np.float32(0.0), np.float32(-np.inf)).astype(np.float32),
-            prototypes=_prototypes(anchors, mask), logit_scale=float(params.logit_scale), _index=index,
+            prototypes=class_directions(anchors, mask), logit_scale=float(params.logit_scale), _index=index,
         )
 
     @property
@@ -310,8 +310,9 @@ class Shortlist:
         return num_added > max(self.min_added, self.size)
 
 
-def _prototypes(anchors: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Unit mean direction of each class's (unit-normalised, unpadded) anchors, `[C, D]`."""
+def class_directions(anchors: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`[C, D]` unit mean of each class's unit-normalised anchors `[C, M, D]` (padding, `mask` `[C, M]` False,
+    left out): a class's text direction, `unit_mean` of its anchors."""
     norms = np.maximum(np.linalg.norm(anchors, axis=-1, keepdims=True), np.float32(_EPS))
     mean = np.sum((anchors / norms) * mask[..., None], axis=1)
     return (mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), np.float32(_EPS))).astype(np.float32)
@@ -447,6 +448,14 @@ def build_added_class_anchors(
     mask = np.zeros(num_anchors, dtype=bool)
     mask[: chosen.size] = True
     return anchors, mask, chosen
+
+
+def unit_mean(features: np.ndarray) -> np.ndarray:
+    """Unit vector of the mean of unit vectors: one class's text direction (from its anchors)."""
+    x = np.asarray(features, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(_EPS))
+    m = x.mean(axis=0)
+    return (m / max(float(np.linalg.norm(m)), _EPS)).astype(np.float32)
 
 
 def load_head_npz(path: str | Path, *, logit_scale: float, ln_eps: float = 1e-5) -> HeadParams:

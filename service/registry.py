@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from service.head import ClassEntry, ClassTable, HeadParams, build_added_class_anchors
+from service.head import ClassEntry, ClassTable, HeadParams, build_added_class_anchors, class_directions, unit_mean
 from service.prompts import name_prompts
 from service.metrics import Metrics
 from service.store import (
@@ -143,14 +143,6 @@ def descriptions_from_text(data: bytes, *, max_count: int, max_chars: int) -> li
     return _dedupe([_clean_description(line, f"line {n}", max_chars) for n, line in lines], max_count)
 
 
-def unit_mean(features: np.ndarray) -> np.ndarray:
-    """Unit vector of the mean of unit vectors: one class's text direction."""
-    x = np.asarray(features, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
-    m = x.mean(axis=0)
-    return (m / max(float(np.linalg.norm(m)), 1e-12)).astype(np.float32)
-
-
 @dataclass(frozen=True)
 class TrainedClasses:
     """What the registry needs about the bundle's trained classes.
@@ -172,10 +164,7 @@ class TrainedClasses:
     def embeddings(self) -> np.ndarray:
         """`[S, D]` class text directions from the anchors (mask respected)."""
         t = self.table
-        out = np.empty((t.num_trained, t.embed_dim), dtype=np.float32)
-        for i in range(t.num_trained):
-            out[i] = unit_mean(t.anchors_of(i)[t.mask[i]])
-        return out
+        return class_directions(t.anchors.reshape(t.num_classes, t.num_anchors, t.embed_dim), t.mask)
 
 
 @dataclass(frozen=True)

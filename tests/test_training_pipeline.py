@@ -61,6 +61,11 @@ def test_run_writes_the_documented_layout(finished):
     assert all(c["source"] == "trained" and 1 <= len(c["anchors"]) <= 4 for c in classes)
     calibration = json.loads((finished / "calibration.json").read_text())
     assert calibration["fitted_on"] == "val" and 0.0 <= calibration["tau"] <= 2.0 and calibration["temperature"] > 0
+    # γ for classes added by text, from two rare classes treated as new (a fifth of 10 classes).
+    fit = calibration["added_class_fit"]
+    assert calibration["added_class_vision"] == "standardised" and len(fit["pseudo_new"]) == 2
+    assert calibration["added_class_bias"] in [c["gamma"] for c in fit["curve"]]
+    assert fit["seen_before"] - fit["seen_after"] <= 1.5 or fit["rule"].startswith("no γ")
     metrics = json.loads((finished / "metrics.json").read_text())
     test = metrics["test"]
     assert test["num_images"] == 500 and test["thresholds"]["oltr"] == {"many_gt": 40, "few_lt": 15}

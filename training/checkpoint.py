@@ -5,7 +5,8 @@
       model.pt           final model: see `save_final_model`
       classes.json       trained classes in model index order:
                          [{"name", "dataset_id", "train_count", "source": "trained", "anchors": [sentences]}]
-      calibration.json   {"tau", "temperature", "added_class_bias", "fitted_on", ...}
+      calibration.json   {"tau", "temperature", "fitted_on", "added_class_bias", "added_class_vision",
+                          "added_class_fit" (how γ was chosen, `training.added_classes`), ...}
       metrics.json       evaluation results per split
       stage1/, anss/, stage2/   per-stage state (resumable checkpoints, AnSS scores)
 

@@ -119,6 +119,11 @@ class EvalCfg:
     calibrate: bool = True
     tau_max: float = 2.0  # post-hoc logit adjustment grid [0, tau_max]
     tau_step: float = 0.05
+    # γ for classes added by text after training (training/added_classes.py): fitted on up to `pseudo_new`
+    # rare trained classes treated as new, costing the others at most `added_class_max_cost` points.
+    fit_added_classes: bool = True
+    pseudo_new: int = 8
+    added_class_max_cost: float = 1.5
 
 
 @dataclass

@@ -56,18 +56,31 @@ def _meta_thresholds(meta: dict) -> tuple[int, int] | None:
 
 
 @torch.no_grad()
-def collect_logits(classifier, dataset, *, batch_size: int, num_workers: int, device: torch.device,
-                   desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(z_vis [N, C], z_lin [N, C], labels [N])` of a dataset, in fp32 on CPU."""
+def collect_features(classifier, dataset, *, batch_size: int, num_workers: int, device: torch.device,
+                     desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor]:
+    """`(raw image features [N, D], labels [N])` of a dataset, in fp32 on CPU."""
     classifier.eval()
     loader = eval_loader(dataset, batch_size, num_workers)
-    feats, labels = encode_images(classifier.image_features, loader, device=device, desc=desc, total=len(loader))
+    return encode_images(classifier.image_features, loader, device=device, desc=desc, total=len(loader))
+
+
+@torch.no_grad()
+def head_logits(classifier, feats: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(z_vis [N, C], z_lin [N, C])` of raw image features, in fp32 on CPU."""
     z_vis, z_lin = [], []
     for start in range(0, feats.shape[0], 4096):
         zv, zl = classifier.head(feats[start:start + 4096].to(device))
         z_vis.append(zv.float().cpu())
         z_lin.append(zl.float().cpu())
-    return torch.cat(z_vis), torch.cat(z_lin), labels
+    return torch.cat(z_vis), torch.cat(z_lin)
+
+
+def collect_logits(classifier, dataset, *, batch_size: int, num_workers: int, device: torch.device,
+                   desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(z_vis [N, C], z_lin [N, C], labels [N])` of a dataset, in fp32 on CPU."""
+    feats, labels = collect_features(classifier, dataset, batch_size=batch_size, num_workers=num_workers,
+                                     device=device, desc=desc)
+    return (*head_logits(classifier, feats, device), labels)
 
 
 def build_eval_split(run: TrainedRun, split: str):

@@ -16,13 +16,18 @@ import numpy as np
 import torch
 import yaml
 
+from model.factory import get_tokenizer
+from service.prompts import name_prompts
+from training.added_classes import fit_added_class_calibration, numpy_head, pick_pseudo_new
 from training.anss import run_anss
 from training.calibration import fit_calibration, identity_calibration
-from training.checkpoint import (CALIBRATION_FILE, CLASSES_FILE, CONFIG_FILE, METRICS_FILE, atomic_write_json,
-                                 load_final_model)
+from training.checkpoint import (CALIBRATION_FILE, CLASSES_FILE, CONFIG_FILE, METRICS_FILE, TrainedRun,
+                                 atomic_write_json, load_final_model)
 from training.config import Config, ConfigError, save_config
+from training.data.text import templates_for
 from training.distributed import DistEnv, barrier, init_distributed
-from training.evaluate import build_eval_split, collect_logits, evaluate_run
+from training.evaluate import build_eval_split, collect_features, evaluate_run, head_logits
+from training.features import encode_token_table
 from training.inputs import PreparedInputs, check_model_config, prepare_inputs
 from training.runtime import EpochHook, derive_seed, seed_everything
 from training.stage1 import train_stage1
@@ -71,8 +76,8 @@ def write_classes(run_dir: Path, inputs: PreparedInputs, selection: dict) -> Non
     atomic_write_json(classes, run_dir / CLASSES_FILE)
 
 
-def calibrate(cfg: Config, run_dir: Path, env: DistEnv) -> dict:
-    """Fit tau and temperature on the calibration split; write calibration.json."""
+def calibrate(cfg: Config, run_dir: Path, env: DistEnv, inputs: PreparedInputs) -> dict:
+    """Fit tau and temperature on the calibration split, then the added-class bias; write calibration.json."""
     path = run_dir / CALIBRATION_FILE
     if path.is_file():
         return json.loads(path.read_text())
@@ -82,13 +87,47 @@ def calibrate(cfg: Config, run_dir: Path, env: DistEnv) -> dict:
         result = identity_calibration(counts, run.alpha, "calibration switched off (eval.calibrate: false)")
     else:
         split = cfg.eval.calibration_split
-        z_vis, z_lin, labels = collect_logits(run.classifier, build_eval_split(run, split),
-                                              batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
-                                              device=env.device, desc=f"calibration logits ({split})")
+        feats, labels = collect_features(run.classifier, build_eval_split(run, split), batch_size=cfg.eval.batch_size,
+                                         num_workers=cfg.data.num_workers, device=env.device,
+                                         desc=f"calibration features ({split})")
+        z_vis, z_lin = head_logits(run.classifier, feats, env.device)
         result = fit_calibration(z_vis, z_lin, labels, counts, run.alpha, fitted_on=split,
                                  stage2_loss=cfg.stage2.loss, tau_max=cfg.eval.tau_max, tau_step=cfg.eval.tau_step)
+        if cfg.eval.fit_added_classes:
+            result.update(fit_added_classes(cfg, run, inputs, feats, labels, result, env.device))
     atomic_write_json(result, path)
     return result
+
+
+def fit_added_classes(cfg: Config, run: TrainedRun, inputs: PreparedInputs, feats: torch.Tensor,
+                      labels: torch.Tensor, calibration: dict, device: torch.device) -> dict:
+    """`added_class_bias` (γ) and `added_class_vision` for classes added by text to this model, fitted on
+    rare trained classes treated as new (`training.added_classes`); their descriptions are their text pool
+    without the prompt-template sentences, as a user would upload."""
+    counts = np.asarray([c["train_count"] for c in run.classes])
+    names = [c["name"] for c in run.classes]
+    n_templates = len(templates_for(cfg.data.templates))
+    has_text = np.diff(inputs.offsets) > n_templates
+    pseudo = pick_pseudo_new(np.where(has_text, counts, np.iinfo(np.int64).max), labels.numpy(), cfg.eval.pseudo_new,
+                             derive_seed(cfg.run.seed, "pseudo-new"))
+    pseudo = pseudo[has_text[pseudo]]
+    if len(pseudo) == 0:
+        log.warning("added-class bias not fitted: no rare class with descriptions and calibration images")
+        return {"added_class_fit": {"skipped": "no rare trained class with descriptions and calibration images"}}
+    clip = run.classifier.clip
+    tokenizer = get_tokenizer(cfg.model.arch)
+
+    def encode(tokens: torch.Tensor) -> np.ndarray:
+        return encode_token_table(clip, tokens, device=device, progress=False).numpy()
+
+    descriptions = {int(c): encode(inputs.tokens[inputs.offsets[c] + n_templates:inputs.offsets[c + 1]])
+                    for c in pseudo}
+    prompts = {int(c): encode(tokenizer(name_prompts(names[c]))) for c in pseudo}
+    params, anchors, mask = numpy_head(run.classifier.head)
+    return fit_added_class_calibration(
+        feats.numpy(), labels.numpy(), params, anchors, mask, names, counts, descriptions, prompts,
+        alpha=run.alpha, tau=float(calibration["tau"]), temperature=float(calibration["temperature"]),
+        pseudo=pseudo, max_seen_drop=cfg.eval.added_class_max_cost)
 
 
 def evaluate(cfg: Config, run_dir: Path, env: DistEnv) -> dict:
@@ -135,7 +174,7 @@ def run_training(cfg: Config, out_dir: str | Path, *, epoch_hook: EpochHook | No
         train_stage2(cfg, inputs, classifier, run_dir, env, epoch_hook)
     metrics: dict = {}
     if env.is_main:
-        calibrate(cfg, run_dir, env)
+        calibrate(cfg, run_dir, env, inputs)
         metrics = evaluate(cfg, run_dir, env)
     barrier()
     return metrics

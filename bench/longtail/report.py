@@ -207,9 +207,12 @@ def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> Non
                   f"- Text-only rule (centroid of the class's sentence embeddings): "
                   f"{s['text_only_precision']['mean']:.1f} ± {s['text_only_precision']['std']:.1f} %"]
         if "name_rule_precision" in s:
-            lines.append(f"- Image-free name rule (close to the class-name prompts, far from other classes' names; the "
-                         f"rule used to add classes by text): {s['name_rule_precision']['mean']:.1f} ± "
-                         f"{s['name_rule_precision']['std']:.1f} %")
+            lines.append(f"- Image-free name rule (close to the class-name prompts, far from every other class's "
+                         f"anchors; the rule the service uses to add classes by text): "
+                         f"{s['name_rule_precision']['mean']:.1f} ± {s['name_rule_precision']['std']:.1f} %")
+        if "prompt_anchors_per_class" in s:
+            lines.append(f"- Anchors AnSS takes from the name prompts (of M per class, the pool holding both): "
+                         f"{s['prompt_anchors_per_class']['mean']:.1f} ± {s['prompt_anchors_per_class']['std']:.1f}")
     if "added" in agg:
         s = agg["added"]["summary"]
 

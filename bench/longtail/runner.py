@@ -34,7 +34,7 @@ from bench.longtail.heads import HeadRecipe, head_logits, train_lgr_head
 from bench.longtail.metrics import ShotGroups, harmonic_mean, split_accuracies
 from model.factory import get_tokenizer
 from model.head import fuse_probabilities
-from service.head import build_added_class_anchors
+from service.head import build_added_class_anchors, class_directions
 from service.prompts import SIMPLE_TEMPLATES, name_prompts
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
             desc_feats = [all_feats[c] for c in trained]
             desc_anchors, _ = anss_anchors(desc_feats, v_feats["val"], val.y, v_scale, cfg.num_anchors)
             trained_names = name_feats[torch.as_tensor(trained, dtype=torch.long)]
-            directions = added_mod.class_directions(anchors.tensor.numpy(), anchors.mask.numpy())
+            directions = class_directions(anchors.tensor.numpy(), anchors.mask.numpy())
             named = [build_added_class_anchors(f.numpy(), cfg.num_anchors, reference=trained_names[c:c + 1].numpy(),
                                                others=np.delete(directions, c, axis=0))[2]
                      for c, f in enumerate(desc_feats)]
@@ -266,7 +266,7 @@ def _added_classes(bm: Benchmark, head, alpha: float, stage1, all_feats: list[to
         return name_feats[torch.as_tensor(np.asarray(ids), dtype=torch.long)]
 
     entries, chosen = added_mod.added_entries(held_feats, held_names, cfg.num_anchors, name_feats=by_ids(bm.heldout),
-                                              served=added_mod.class_directions(*added_mod.head_params(head)[1:]))
+                                              served=added_mod.served_directions(head))
     _, centroid_chosen = added_mod.added_entries(held_feats, held_names, cfg.num_anchors)
     image_free_precision = precision(chosen, [bm.descriptive[c] for c in bm.heldout])
     centroid_precision = precision(centroid_chosen, [bm.descriptive[c] for c in bm.heldout])
@@ -291,7 +291,7 @@ def _added_classes(bm: Benchmark, head, alpha: float, stage1, all_feats: list[to
     pseudo_entries, _ = added_mod.added_entries([all_feats[bm.trained[c]] for c in pseudo],
                                                 [names[c] for c in pseudo], cfg.num_anchors,
                                                 name_feats=by_ids(bm.trained[pseudo]),
-                                                served=added_mod.class_directions(*added_mod.head_params(sub_head)[1:]))
+                                                served=added_mod.served_directions(sub_head))
     keep_names = [names[c] for c in keep]
     v_seen = np.isin(val.y, keep)
     seen_scores = added_mod.score_table(sub_head, keep_names, pseudo_entries, feats["val"][torch.as_tensor(v_seen)])
