@@ -53,6 +53,8 @@ class PreprocessSpec:
         resize_size: the shorter image side after resizing (torchvision `Resize(int)`).
         mean, std: per-channel normalisation of 0..1 RGB values.
         interpolation: resampling filter name (`bicubic` for CLIP models).
+        jpeg_draft: decode large JPEGs at a reduced size (`draft_jpeg`), in training's evaluation and in the
+            service alike, so both still see the same pixels; a run's `data.jpeg_draft` sets it.
     """
 
     size: int
@@ -60,6 +62,7 @@ class PreprocessSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
+    jpeg_draft: bool = False
 
     def __post_init__(self) -> None:
         if int(self.size) != self.size or self.size < 1:
@@ -77,11 +80,13 @@ class PreprocessSpec:
         object.__setattr__(self, "resize_size", int(self.resize_size))
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if not isinstance(self.jpeg_draft, bool):
+            raise ValueError(f"preprocess jpeg_draft must be true or false, got {self.jpeg_draft!r}")
 
-    @classmethod
-    def from_config(cls, size: int, resize_ratio: float, mean: Any, std: Any) -> "PreprocessSpec":
-        """The spec of a run: `resize_size = round(size * resize_ratio)` (224 * 256/224 -> 256)."""
-        return cls(size=int(size), resize_size=int(round(size * resize_ratio)), mean=tuple(mean), std=tuple(std))
+    @property
+    def draft_min_side(self) -> int | None:
+        """What `decode_image` / `draft_jpeg` take as `draft_min_side` for this spec (None: full decoding)."""
+        return self.resize_size if self.jpeg_draft else None
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's `preprocess` section."""
@@ -94,6 +99,7 @@ class PreprocessSpec:
             "mean": list(self.mean),
             "std": list(self.std),
             "fill_alpha": list(_WHITE),
+            "jpeg_draft": self.jpeg_draft,
         }
 
     @classmethod
@@ -114,6 +120,7 @@ class PreprocessSpec:
             mean=tuple(values["mean"]),
             std=tuple(values["std"]),
             interpolation=values.get("interpolation", "bicubic"),
+            jpeg_draft=values.get("jpeg_draft", False),  # absent in bundles written before it existed
         )
 
 
@@ -250,11 +257,12 @@ def decode_image(
     Args:
         data: the encoded bytes.
         max_pixels: width * height limit read from the header.
-        draft_min_side: when set and the image is a JPEG whose shorter side is over twice this value, the
+        draft_min_side: when set and the image is a JPEG whose shorter side is over four times this value, the
             decoder's DCT scaling (1/2, 1/4, 1/8) is used while keeping the shorter side at least
             `2 * draft_min_side` (pass the spec's `resize_size`). This makes large photos much cheaper to decode
-            but is not bit-identical to decoding in full then resizing; docs/bundle.md records the measured
-            difference. None (default) decodes in full, exactly as training does.
+            but is not bit-identical to decoding in full then resizing (docs/bundle.md records the measured
+            difference), so the service passes it when the bundle's spec says `jpeg_draft` (training then
+            decoded the same way) or when told to. None (default) decodes in full.
         formats: the Pillow format names accepted.
 
     Raises:
@@ -296,9 +304,7 @@ def decode_image(
             pixels=pixels,
             limit=max_pixels,
         )
-    if draft_min_side and img.format in ("JPEG", "MPO") and min(width, height) > 2 * 2 * draft_min_side:
-        factor = 2 * draft_min_side / min(width, height)
-        img.draft(None, (max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor))))
+    draft_jpeg(img, draft_min_side)
     try:
         img.load()
     except Image.DecompressionBombError as exc:
@@ -306,6 +312,18 @@ def decode_image(
     except Exception as exc:  # truncated data, bad Huffman tables, zlib errors, ...
         raise ImageDecodeError(f"cannot decode the {img.format} image: {exc}") from exc
     return img
+
+
+def draft_jpeg(img: Image.Image, min_side: int | None) -> None:
+    """Before `img.load()`: let libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale, keeping the shorter side
+    at least `2 * min_side`. No-op for other formats, small images, or `min_side=None`. Training's image
+    loader calls it too when the run's preprocessing says `jpeg_draft`."""
+    if not min_side or img.format not in ("JPEG", "MPO"):
+        return
+    width, height = img.size
+    if min(width, height) > 2 * 2 * min_side:
+        factor = 2 * min_side / min(width, height)
+        img.draft(None, (max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor))))
 
 
 # Signatures of image formats Pillow cannot even identify, so that they get 415 (a known type this service does

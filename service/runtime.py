@@ -315,7 +315,8 @@ class Runtime:
 
     def _prepare(self, data: bytes | bytearray) -> np.ndarray:
         started = time.monotonic()
-        draft = self.bundle.preprocess.resize_size if self.settings.jpeg_draft else None
+        spec = self.bundle.preprocess
+        draft = {"bundle": spec.draft_min_side, "on": spec.resize_size, "off": None}[self.settings.jpeg_draft]
         img = decode_image(data, max_pixels=self.settings.max_pixels, draft_min_side=draft)  # type: ignore[arg-type]
         pixels = preprocess_image(img, self.bundle.preprocess)
         self.metrics.preprocess_duration.observe(time.monotonic() - started)

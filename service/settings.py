@@ -74,10 +74,12 @@ class Settings(BaseSettings):
                     "it gets 413")
     preprocess_threads: int = Field(0, ge=0, description="threads decoding and resizing images "
                                                          "(0 = one per CPU core)")
-    jpeg_draft: bool = Field(False, description="decode large JPEGs at a reduced size (libjpeg's DCT "
-                                                "scaling, keeping the shorter side at least twice the "
-                                                "resize size): several times cheaper, but not bit-identical "
-                                                "to the training evaluation transform, so off by default")
+    jpeg_draft: Literal["bundle", "on", "off"] = Field(
+        "bundle", description="decode large JPEGs at a reduced size (libjpeg's DCT scaling, keeping the shorter "
+                              "side at least twice the resize size): bundle = when the bundle's preprocessing "
+                              "says so (training evaluated that way, so serving stays exact), on = always "
+                              "(several times cheaper for big photos, but not the training evaluation's pixels "
+                              "for other bundles), off = never")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 answers")
 
     # Input limits.

@@ -33,7 +33,7 @@ def test_smoke_run_writes_every_table(service_bundle: Path, tmp_path: Path) -> N
     demo = results["models"]["demo"]
     assert demo["ceiling"]["best"]["images_per_s"] > 0
     for cell in [*demo["service"]["load"].values(), demo["service_batching_off"]["load"],
-                 demo["service_jpeg_draft"]["load"], demo["service_ort_spinning"]["load"], demo["handwritten"],
+                 demo["service_full_decode"]["load"], demo["service_ort_spinning"]["load"], demo["handwritten"],
                  demo["peers"]["litserve"]]:
         assert LOAD_KEYS <= set(cell)
         assert cell["requests"] > 0 and cell["errors"] == 0

@@ -51,3 +51,26 @@ def test_none_is_eval_and_light_is_random() -> None:
 def test_unknown_augment() -> None:
     with pytest.raises(DataError, match="unknown augment 'heavy'"):
         train_transform(DataCfg(augment="heavy"), 32)
+
+
+@pytest.mark.parametrize("jpeg_draft", [False, True])
+def test_dataset_decodes_large_jpegs_as_the_service_does(tmp_path, jpeg_draft: bool) -> None:
+    """With `data.jpeg_draft`, training's evaluation reads a large JPEG at reduced size, exactly as the service
+    decodes the uploaded bytes for a bundle with that spec; without it both decode in full."""
+    from sklearn.datasets import load_sample_images
+
+    from service.preprocess import decode_image
+    from training.data.datasets import ImageListDataset
+
+    photo = Image.fromarray(load_sample_images().images[0]).resize((1600, 1068))
+    path = tmp_path / "photo.jpg"
+    photo.save(path, "JPEG", quality=90)
+    cfg = DataCfg(jpeg_draft=jpeg_draft)
+    transform = eval_transform(cfg, 32)
+    assert transform.spec.jpeg_draft is jpeg_draft
+    trained_view = ImageListDataset([(str(path), 0)], 1, transform)[0][0].numpy()
+    served = decode_image(path.read_bytes(), max_pixels=10**8, draft_min_side=transform.spec.draft_min_side)
+    assert served.size == ((200, 134) if jpeg_draft else (1600, 1068))  # 1/8 scale keeps the short side >= 74
+    np.testing.assert_array_equal(trained_view, preprocess_image(served, transform.spec))
+    full = preprocess_image(decode_image(path.read_bytes(), max_pixels=10**8), transform.spec)
+    assert np.array_equal(trained_view, full) is not jpeg_draft

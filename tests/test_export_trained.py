@@ -4,6 +4,8 @@ that cannot import torch, against the PyTorch model on torchvision-preprocessed 
 
 from __future__ import annotations
 
+import json
+
 from test_export import check_bundle_matches_torch
 
 from training.config import load_config
@@ -21,3 +23,10 @@ def test_trained_digits_lt_bundle_matches_torch(tmp_path):
     assert main(["export", "--checkpoint", str(run), "--out", str(bundle)]) == 0
     numbers = check_bundle_matches_torch(run, bundle, data / "test.txt", data, tmp_path)
     assert numbers["images"] == 500
+    # The shipped tiny configs decode large JPEGs at reduced size; the bundle tells the service to do the same,
+    # and classes added later by text get the γ that training fitted.
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["preprocess"]["jpeg_draft"] is True
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert manifest["calibration"]["added_class_vision"] == "standardised"
+    assert manifest["calibration"]["added_class_bias"] == calibration["added_class_bias"]

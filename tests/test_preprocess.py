@@ -185,8 +185,8 @@ def test_resized_size_matches_torchvision_rule():
 
 
 def test_spec_round_trip_and_validation():
-    spec = PreprocessSpec.from_config(224, 256 / 224, list(CLIP_MEAN), list(CLIP_STD))
-    assert spec == SPEC_224
+    spec = PreprocessSpec(224, 256, list(CLIP_MEAN), list(CLIP_STD))
+    assert spec == SPEC_224  # sequence types do not matter
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="std"):
         PreprocessSpec(224, 256, CLIP_MEAN, (0.2, 0.0, 0.2))
@@ -197,6 +197,13 @@ def test_spec_round_trip_and_validation():
         PreprocessSpec.from_dict(bad)
     with pytest.raises(ValueError, match="resize_size"):
         PreprocessSpec.from_dict({"size": 224, "mean": CLIP_MEAN, "std": CLIP_STD})
+    # jpeg_draft: written, read back, absent in older manifests (= off), and checked.
+    drafted = PreprocessSpec(224, 256, CLIP_MEAN, CLIP_STD, jpeg_draft=True)
+    assert PreprocessSpec.from_dict(drafted.to_dict()) == drafted and drafted.draft_min_side == 256
+    old = {k: v for k, v in spec.to_dict().items() if k != "jpeg_draft"}
+    assert PreprocessSpec.from_dict(old).jpeg_draft is False and spec.draft_min_side is None
+    with pytest.raises(ValueError, match="jpeg_draft"):
+        PreprocessSpec.from_dict(spec.to_dict() | {"jpeg_draft": "yes"})
 
 
 def test_decode_refuses_bad_bytes(photos):

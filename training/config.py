@@ -49,6 +49,10 @@ class DataCfg:
     few_threshold: int = 20
     # Evaluation preprocessing: resize shorter side to round(image_size * resize_ratio), centre crop.
     resize_ratio: float = 256 / 224
+    # Decode JPEGs whose shorter side is over 4x the resize size at 1/2-1/8 scale (libjpeg DCT scaling), in the
+    # evaluation transform here and in the service: several times cheaper to serve large photos, and since
+    # training evaluates the same way, the served pixels stay the evaluated ones.
+    jpeg_draft: bool = False
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     augment: Literal["clip", "light", "none"] = "clip"  # clip = RRC + flip + RandAugment m9 + erasing 0.25

@@ -41,6 +41,7 @@ from service.preprocess import PreprocessSpec, preprocess_batch
 from service.tokenizer import ClipTokenizer, TextSpec, build_tokenizer_json
 from training.checkpoint import METRICS_FILE, TrainedRun, load_final_model
 from training.data.datasets import build_split
+from training.data.transforms import preprocess_spec
 from training.data.errors import DataError
 from training.export_onnx import (
     FP16_OP_BLOCK_LIST,
@@ -126,7 +127,7 @@ def _write_bundle(run: TrainedRun, tmp: Path, *, fp16: bool, verify_images: int,
     dims = clip_dims(clip)
     cfg = run.config
     classes = _bundle_classes(run)
-    spec = PreprocessSpec.from_config(dims.image_size, cfg.data.resize_ratio, cfg.data.mean, cfg.data.std)
+    spec = preprocess_spec(cfg.data, dims.image_size)  # the run's evaluation preprocessing, drafting included
 
     tokenizer = get_tokenizer(run.arch)
     text_spec = _write_tokenizer(tokenizer, tmp / B.TOKENIZER, dims.context_length)

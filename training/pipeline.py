@@ -23,7 +23,7 @@ from training.anss import run_anss
 from training.calibration import fit_calibration, identity_calibration
 from training.checkpoint import (CALIBRATION_FILE, CLASSES_FILE, CONFIG_FILE, METRICS_FILE, TrainedRun,
                                  atomic_write_json, load_final_model)
-from training.config import Config, ConfigError, save_config
+from training.config import Config, ConfigError, load_config, save_config
 from training.data.text import templates_for
 from training.distributed import DistEnv, barrier, init_distributed
 from training.evaluate import build_eval_split, collect_features, evaluate_run, head_logits
@@ -51,7 +51,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path, env: DistEnv) -> None:
     """Write config.yaml, or check that a resumed run uses the same config."""
     path = run_dir / CONFIG_FILE
     if path.is_file():
-        old = _flatten(yaml.safe_load(path.read_text()) or {})
+        # Through load_config, so settings added since the run was written compare at their defaults.
+        old = _flatten(yaml.safe_load(yaml.safe_dump(load_config(path).to_dict())))
         new = _flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_FREE_KEYS)
         if changed:

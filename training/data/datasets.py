@@ -16,7 +16,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from service.preprocess import apply_exif_orientation, to_rgb
+from service.preprocess import apply_exif_orientation, draft_jpeg, to_rgb
 from training.config import DataCfg
 from training.data.classes import data_path, load_class_names
 from training.data.errors import DataError
@@ -29,14 +29,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 _SHOW_MISSING = 5
 
 
-def load_rgb(path: str) -> Image.Image:
+def load_rgb(path: str, draft_min_side: int | None = None) -> Image.Image:
     """An image file as 8-bit RGB, EXIF orientation applied, with the service's conversion rules.
 
     Sharing `service.preprocess.to_rgb` means a transparent or palette image looks the same in training as
-    when the service classifies it (transparency composited on white).
+    when the service classifies it (transparency composited on white); `draft_min_side` decodes large JPEGs
+    at reduced size exactly as the service does for a bundle with `jpeg_draft` (`service.preprocess.draft_jpeg`).
     """
     try:
         with Image.open(path) as img:
+            draft_jpeg(img, draft_min_side)
             img.load()
             return to_rgb(apply_exif_orientation(img))
     except (OSError, ValueError) as exc:
@@ -99,7 +101,8 @@ class ImageListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        img = load_rgb(path)
+        # The evaluation transform says how the service decodes; training augmentation decodes in full.
+        img = load_rgb(path, getattr(self.transform, "draft_min_side", None))
         return (self.transform(img) if self.transform is not None else img), label
 
     def class_counts(self) -> np.ndarray:

@@ -19,22 +19,24 @@ AUGMENTS = ("clip", "light", "none")
 
 def preprocess_spec(cfg: DataCfg, image_size: int) -> PreprocessSpec:
     """The evaluation/serving preprocessing of a run: shorter side to `round(image_size * resize_ratio)`,
-    centre crop `image_size`, bicubic, the config's mean and std."""
+    centre crop `image_size`, bicubic, the config's mean and std, JPEG draft decoding per `data.jpeg_draft`."""
     return PreprocessSpec(
         size=int(image_size),
         resize_size=int(round(image_size * cfg.resize_ratio)),
         mean=tuple(cfg.mean),
         std=tuple(cfg.std),
         interpolation="bicubic",
+        jpeg_draft=bool(cfg.jpeg_draft),
     )
 
 
 class EvalTransform:
     """PIL image -> float32 tensor `[3, S, S]` through `service.preprocess.preprocess_image` (picklable, so
-    DataLoader workers can use it)."""
+    DataLoader workers can use it). `draft_min_side` tells the dataset how to decode (see `load_rgb`)."""
 
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
+        self.draft_min_side = spec.draft_min_side
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return torch.from_numpy(preprocess_image(img, self.spec))
