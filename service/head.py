@@ -9,14 +9,16 @@ table (trained classes from the bundle, plus classes added by text at run time):
 - `anchors`: `T` as one contiguous `[C*M, D]` matrix, so `T_c f_hat` for all classes is the second GEMM;
 - `gram`: `G_c = T_c T_c^T`, `[C, M, M]`, so `|a_c T_c|^2 = a_c^T G_c a_c` without building `[B, C, D]`;
 - `mask_bias`: 0 where an anchor exists, -inf for padding (padding gets exactly zero attention);
-- `prototypes`: each class's unit mean anchor, `[C, D]`, which ranks added classes cheaply when a
-  `Shortlist` limits exact scoring to the nearest ones (tables with many thousands of added classes).
+- `prototypes`: each class's unit mean anchor, sketched to at most 128 dimensions (`_sketch`), which ranks
+  added classes cheaply when a `Shortlist` limits exact scoring to the nearest ones (tables with many
+  thousands of added classes).
 Memory is about `2*C*M*D + C*M*M + C*D` floats; scoring runs in chunks of classes to bound the temporaries.
 Tables are immutable: `with_added` returns a new table, so the service can swap tables atomically.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +136,7 @@ class ClassTable:
     gram: np.ndarray  # [C, M, M]
     mask: np.ndarray  # [C, M] bool
     mask_bias: np.ndarray  # [C, M] float32, 0 or -inf
-    prototypes: np.ndarray  # [C, D] unit mean of each class's anchors (the shortlist's cheap score)
+    prototypes: np.ndarray  # [C, K] sketched unit mean of each class's anchors (the shortlist's cheap score)
     logit_scale: float
     _index: Mapping[str, int] = field(repr=False, default_factory=dict)
 
@@ -175,7 +177,7 @@ class ClassTable:
             names=tuple(names), num_trained=trained, num_anchors=m, embed_dim=d,
             keys=keys, anchors=anchors.reshape(c * m, d), gram=gram, mask=mask,
             mask_bias=np.where(mask, np.float32(0.0), np.float32(-np.inf)).astype(np.float32),
-            prototypes=class_directions(anchors, mask), logit_scale=float(params.logit_scale), _index=index,
+            prototypes=_sketch(class_directions(anchors, mask)), logit_scale=float(params.logit_scale), _index=index,
         )
 
     @property
@@ -252,8 +254,9 @@ class ClassTable:
             return self._exact(queries, f_hat, slice(0, c))
         out = np.empty((f.shape[0], c), dtype=np.float32)
         out[:, :s] = self._exact(queries, f_hat, slice(0, s))
-        # Every added class gets the cheap score, then the union of the images' shortlists is scored exactly.
-        np.matmul(f_hat, self.prototypes[s:].T, out=out[:, s:])
+        # Every added class gets the cheap score (cosine in the sketch), then the union of the images'
+        # shortlists is scored exactly.
+        np.matmul(_sketch(f_hat), self.prototypes[s:].T, out=out[:, s:])
         out[:, s:] *= np.float32(self.logit_scale)
         k = shortlist.size
         near = np.unique(np.argpartition(-out[:, s:], k - 1, axis=1)[:, :k]) + s
@@ -298,7 +301,7 @@ class Shortlist:
     right class falls outside the shortlist; `tests/test_head_shortlist.py` measures how often it does.
     """
 
-    size: int = 512
+    size: int = 256
     min_added: int = 4096
 
     def __post_init__(self) -> None:
@@ -308,6 +311,27 @@ class Shortlist:
     def applies(self, num_added: int) -> bool:
         """Whether a table with `num_added` added classes is shortlisted."""
         return num_added > max(self.min_added, self.size)
+
+
+_SKETCH_DIMS = 128
+
+
+@functools.lru_cache(maxsize=4)
+def _sketch_matrix(d: int) -> np.ndarray | None:
+    """`[D, 128]` random orthonormal columns scaled by sqrt(D / 128), fixed for a given D (None when D <= 128).
+
+    Inner products of sketched unit vectors estimate their cosines (Johnson-Lindenstrauss, spread about
+    1/sqrt(128)), which is enough to find an image's few hundred nearest classes among many thousands in a
+    quarter of the memory traffic; the shortlisted ones are then scored exactly."""
+    if d <= _SKETCH_DIMS:
+        return None
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((d, _SKETCH_DIMS)))
+    return (q * math.sqrt(d / _SKETCH_DIMS)).astype(np.float32)
+
+
+def _sketch(x: np.ndarray) -> np.ndarray:
+    m = _sketch_matrix(x.shape[-1])
+    return x if m is None else np.ascontiguousarray(x @ m, dtype=np.float32)
 
 
 def class_directions(anchors: np.ndarray, mask: np.ndarray) -> np.ndarray:

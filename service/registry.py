@@ -177,6 +177,7 @@ class ServedTable:
     tiers: np.ndarray  # [C] int8 index into TIER_NAMES
     embeddings: np.ndarray  # [C, D] unit class text directions
     keys: dict[str, int]  # casefolded name -> class id
+    source: tuple[AddedClass, ...] = ()  # the store snapshot's classes it was built from
 
     @property
     def num_classes(self) -> int:
@@ -320,7 +321,7 @@ class ClassRegistry:
             self.last_sync = time.monotonic()
             if current is not None and snapshot.version == current.version and not force:
                 return current
-            served = await asyncio.to_thread(self._build, snapshot)
+            served = await asyncio.to_thread(self._build, snapshot, current)
             self._current = served  # the atomic swap
             self._report(served)
             if current is None or current.version != served.version:
@@ -328,13 +329,22 @@ class ClassRegistry:
                          served.table.num_trained, served.table.num_added)
             return served
 
-    def _build(self, snapshot: StoreSnapshot) -> ServedTable:
-        base = self.trained.table
-        m, d = base.num_anchors, base.embed_dim
+    def _build(self, snapshot: StoreSnapshot, prev: ServedTable | None = None) -> ServedTable:
+        """The served table for `snapshot`; when it only appends classes to the one `prev` was built from
+        (the common case: one class added), `prev` is extended instead of rebuilt."""
+        m, d = self.trained.table.num_anchors, self.trained.table.embed_dim
+        n = len(prev.source) if prev is not None else 0
+        if prev is not None and len(snapshot.classes) >= n and all(
+                a is b for a, b in zip(snapshot.classes[:n], prev.source)):
+            table, keys, kept = prev.table, dict(prev.keys), list(prev.added)
+            tiers, embeddings, todo = prev.tiers, prev.embeddings, snapshot.classes[n:]
+        else:
+            table, keys, kept = self.trained.table, dict(self._trained_keys), []
+            tiers, embeddings = self.trained.tiers.astype(np.int8), self._trained_embeddings
+            todo = snapshot.classes
         entries: list[ClassEntry] = []
-        kept: list[AddedClass] = []
-        keys = dict(self._trained_keys)
-        for record in snapshot.classes:
+        new: list[AddedClass] = []
+        for record in todo:
             if record.key in keys:  # a trained name (or a duplicate) can never be shadowed
                 log.warning("ignoring stored class %r: the name is taken", record.name)
                 continue
@@ -348,16 +358,14 @@ class ClassRegistry:
             anchors[: feats.shape[0]] = feats
             mask = np.zeros(m, dtype=bool)
             mask[: feats.shape[0]] = True
-            keys[record.key] = base.num_classes + len(entries)
+            keys[record.key] = table.num_classes + len(entries)
             entries.append(ClassEntry(record.name, anchors, mask))
-            kept.append(record)
-        table = base.with_added(entries, self.trained.params)
-        tiers = np.concatenate([self.trained.tiers.astype(np.int8),
-                                np.full(len(kept), TIER_NAMES.index("added"), dtype=np.int8)])
-        added_emb = (np.stack([unit_mean(r.anchor_features[:m]) for r in kept]) if kept
-                     else np.zeros((0, d), dtype=np.float32))
-        embeddings = np.concatenate([self._trained_embeddings, added_emb])
-        return ServedTable(snapshot.version, table, tuple(kept), tiers, embeddings, keys)
+            new.append(record)
+        table = table.with_added(entries, self.trained.params)
+        tiers = np.concatenate([tiers, np.full(len(new), TIER_NAMES.index("added"), dtype=np.int8)])
+        if new:
+            embeddings = np.concatenate([embeddings, np.stack([unit_mean(r.anchor_features[:m]) for r in new])])
+        return ServedTable(snapshot.version, table, tuple(kept + new), tiers, embeddings, keys, snapshot.classes)
 
     def _report(self, served: ServedTable) -> None:
         if self._metrics is None:

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
                                                   "inference thread (0 = numpy's default, every core); 1 "
                                                   "keeps them from fighting the encoder and decode threads "
                                                   "for the cores")
-    head_shortlist: int = Field(512, ge=0, description="with more than --head-shortlist-from added classes, "
+    head_shortlist: int = Field(256, ge=0, description="with more than --head-shortlist-from added classes, "
                                 "score exactly only this many added classes per image, those nearest by their "
                                 "anchors' mean; 0 = always score every class exactly")
     head_shortlist_from: int = Field(4096, ge=0, description="added classes above which the shortlist is used")

@@ -148,9 +148,22 @@ class ClassStore(Protocol):
         """Release resources."""
 
 
-def _snapshot_from_records(version: int, records: list[dict[str, Any]]) -> StoreSnapshot:
-    classes = sorted((AddedClass.from_json(r) for r in records), key=lambda c: (c.seq, c.key))
-    return StoreSnapshot(version=version, classes=tuple(classes))
+class _DecodedRecords:
+    """Records decoded in earlier snapshots, by `(key, seq)`. A stored record never changes (adding a name
+    again gives it a new seq), so a snapshot decodes only what is new; unchanged classes come back as the
+    same objects, which lets the registry extend its table instead of rebuilding it."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[tuple[str, int], AddedClass] = {}
+
+    def snapshot(self, version: int, records: list[dict[str, Any]]) -> StoreSnapshot:
+        known, fresh = self._by_id, {}
+        for r in records:
+            rid = (name_key(str(r.get("name", ""))), int(r.get("seq", 0)))
+            fresh[rid] = known.get(rid) or AddedClass.from_json(r)
+        self._by_id = fresh  # one assignment: a concurrent snapshot at worst decodes again
+        classes = sorted(fresh.values(), key=lambda c: (c.seq, c.key))
+        return StoreSnapshot(version=version, classes=tuple(classes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +197,7 @@ class RedisClassStore:
         self.channel = f"{base}:events"
         self._add = link.client.register_script(_ADD_LUA)
         self._remove = link.client.register_script(_REMOVE_LUA)
+        self._decoded = _DecodedRecords()
 
     def _unavailable(self, exc: BaseException | None = None) -> StoreUnavailableError:
         if exc is not None:
@@ -200,7 +214,7 @@ class RedisClassStore:
             raise self._unavailable(exc) from exc
         self.link.succeeded()
         records = [json.loads(v) for v in raw_classes.values()]
-        return _snapshot_from_records(int(raw_version or 0), records)
+        return self._decoded.snapshot(int(raw_version or 0), records)
 
     async def version(self) -> int:
         if not self.link.available():
@@ -280,6 +294,7 @@ class FileClassStore:
         self.bundle_id = bundle_id
         self._stat: tuple[int, int, int] | None = None
         self._version = 0
+        self._decoded = _DecodedRecords()
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     # Blocking helpers (run in a worker thread).
@@ -330,7 +345,7 @@ class FileClassStore:
     def _snapshot_sync(self) -> StoreSnapshot:
         section = self._section(self._read_all())
         records = list(section["classes"].values())
-        return _snapshot_from_records(int(section["version"]), records)
+        return self._decoded.snapshot(int(section["version"]), records)
 
     def _version_sync(self) -> int:
         try:

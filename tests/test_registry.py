@@ -139,6 +139,35 @@ def test_anchors_are_chosen_by_the_name_rule_against_the_served_classes(tmp_path
     asyncio.run(main())
 
 
+def test_extended_tables_equal_rebuilt_ones(tmp_path, trained, encoder, bundle):
+    """Adding a class extends the served table instead of rebuilding it; the result is the same table."""
+    async def main():
+        store = FileClassStore(tmp_path / "c.json", bundle_id=bundle.bundle_id)
+        reg = _registry(trained, encoder, store)
+        await reg.start()
+        try:
+            for i in range(3):
+                await reg.add_class(f"thing {i}", [f"a thing numbered {i}", "with stripes", "round"])
+            await reg.remove_class("thing 1")
+            await reg.add_class("thing 3", ["a fourth thing"])
+            served = reg.current
+            assert [c.name for c in served.added] == ["thing 0", "thing 2", "thing 3"]
+            snapshot = await store.snapshot()
+            assert all(a is b for a, b in zip(snapshot.classes, served.source))  # decoded once, reused
+            full = reg._build(snapshot)  # from the trained classes, no previous table
+            assert served.table.names == full.table.names and served.keys == full.keys
+            # Equal up to float32 rounding: BLAS blocks a 2-row product differently from a 3-row one.
+            for name in ("keys", "anchors", "gram", "mask", "prototypes"):
+                np.testing.assert_allclose(getattr(served.table, name), getattr(full.table, name), rtol=1e-5,
+                                           atol=1e-6)
+            np.testing.assert_array_equal(served.embeddings, full.embeddings)
+            np.testing.assert_array_equal(served.tiers, full.tiers)
+        finally:
+            await reg.close()
+
+    asyncio.run(main())
+
+
 def test_duplicates_trained_names_and_missing_classes(tmp_path, trained, encoder, bundle):
     async def main():
         reg = _registry(trained, encoder, FileClassStore(tmp_path / "c.json", bundle_id=bundle.bundle_id))

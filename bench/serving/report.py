@@ -325,7 +325,7 @@ def _method_section() -> list[str]:
             "encoder gets full batches). Batches are padded to warmed power-of-two shapes.",
             "- A bundle trained with `data.jpeg_draft` (the demo) lets libjpeg decode large JPEGs at 1/2-1/8 "
             "scale; training evaluated the same pixels, so this costs no parity (`--jpeg-draft off` row above).",
-            "- Past 4,096 added classes only each image's nearest 512 added classes are scored exactly "
+            "- Past 4,096 added classes only each image's nearest 256 added classes are scored exactly "
             "(`--head-shortlist`, docs/bundle.md), so latency stops growing with the class table.",
             "- ONNX Runtime's intra-op threads do not spin between runs (`--ort-spinning` turns it back on; the "
             "table above measures both), and numpy's BLAS uses one thread for the head (`--head-threads`).",
