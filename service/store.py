@@ -292,14 +292,30 @@ class FileClassStore:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.bundle_id = bundle_id
-        self._stat: tuple[int, int, int] | None = None
-        self._version = 0
         self._decoded = _DecodedRecords()
+        # The file's parsed content and the (mtime, size, inode) it was read or written at: while the file
+        # is unchanged nothing is re-read. Never mutated in place (readers in other threads may hold it).
+        self._parsed: tuple[tuple[int, int, int], dict[str, Any]] | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     # Blocking helpers (run in a worker thread).
 
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot read the class store {self.path}: {exc}") from exc
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
     def _read_all(self) -> dict[str, Any]:
+        stamp = self._stamp()
+        if stamp is None:
+            return {"format_version": FILE_FORMAT_VERSION, "bundles": {}}
+        parsed = self._parsed
+        if parsed is not None and parsed[0] == stamp:
+            return parsed[1]
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -314,11 +330,18 @@ class FileClassStore:
         if not isinstance(data, dict) or data.get("format_version") != FILE_FORMAT_VERSION:
             raise StoreUnavailableError(f"the class store {self.path} has an unknown format "
                                         f"(expected format_version {FILE_FORMAT_VERSION})")
-        data.setdefault("bundles", {})
+        if not isinstance(data.get("bundles"), dict):
+            data["bundles"] = {}
+        # A replace between the stat and the read leaves an older stamp: the next call re-reads.
+        self._parsed = (stamp, data)
         return data
 
     def _section(self, data: dict[str, Any]) -> dict[str, Any]:
-        return data["bundles"].setdefault(self.bundle_id, {"version": 0, "classes": {}})
+        return data["bundles"].get(self.bundle_id) or {"version": 0, "classes": {}}
+
+    def _with_section(self, data: dict[str, Any], version: int, classes: dict[str, Any]) -> dict[str, Any]:
+        """A new file content with this bundle's section replaced (the others shared, not copied)."""
+        return {**data, "bundles": {**data["bundles"], self.bundle_id: {"version": version, "classes": classes}}}
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -341,22 +364,15 @@ class FileClassStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        stamp = self._stamp()
+        self._parsed = None if stamp is None else (stamp, data)
 
     def _snapshot_sync(self) -> StoreSnapshot:
         section = self._section(self._read_all())
-        records = list(section["classes"].values())
-        return self._decoded.snapshot(int(section["version"]), records)
+        return self._decoded.snapshot(int(section["version"]), list(section["classes"].values()))
 
     def _version_sync(self) -> int:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return 0
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp != self._stat:
-            self._version = int(self._section(self._read_all())["version"])
-            self._stat = stamp
-        return self._version
+        return int(self._section(self._read_all())["version"])
 
     def _add_sync(self, record: AddedClass) -> int:
         with self._locked():
@@ -365,20 +381,19 @@ class FileClassStore:
             if record.key in section["classes"]:
                 raise ClassExistsError(f"class {record.name!r} already exists")
             version = int(section["version"]) + 1
-            section["version"] = version
-            section["classes"][record.key] = {"seq": version, **record.to_json()}
-            self._write_all(data)
+            classes = {**section["classes"], record.key: {"seq": version, **record.to_json()}}
+            self._write_all(self._with_section(data, version, classes))
             return version
 
     def _remove_sync(self, name: str) -> int:
         with self._locked():
             data = self._read_all()
             section = self._section(data)
-            if section["classes"].pop(name_key(name), None) is None:
+            if name_key(name) not in section["classes"]:
                 raise ClassMissingError(f"no added class named {name!r}")
             version = int(section["version"]) + 1
-            section["version"] = version
-            self._write_all(data)
+            classes = {k: v for k, v in section["classes"].items() if k != name_key(name)}
+            self._write_all(self._with_section(data, version, classes))
             return version
 
     # Async interface.
