@@ -201,7 +201,9 @@ class Runtime:
         spin = settings.ort_spinning
         image_encoder = ImageEncoder(bundle.image_encoder_path, settings.provider, threads, fp16=fp16,
                                      spinning=spin)
-        text_encoder = TextEncoder(bundle.text_encoder_path, bundle.tokenizer(), settings.provider, threads,
+        # One intra-op thread for the text encoder: it runs only when a class is added, a few sentences at a
+        # time, and a second thread would take a core from the image encoder serving requests meanwhile.
+        text_encoder = TextEncoder(bundle.text_encoder_path, bundle.tokenizer(), settings.provider, 1,
                                    fp16=fp16, spinning=spin)
         log.info("bundle %s (%s, %d classes, %s) loaded in %.1f s; image encoder on %s, text encoder on %s",
                  bundle.bundle_id, bundle.arch, bundle.num_classes, bundle.precision,
