@@ -17,6 +17,7 @@ import torch
 from model.head import LGRHead
 from service.head import ClassEntry, HeadParams, class_directions, log_prior_from_counts
 from training.added_classes import (  # noqa: F401  (re-exported for the runner)
+    GAMMA_GRID,
     TableScores,
     choose_gamma,
     class_mean_accuracy,

@@ -314,15 +314,23 @@ def _added_classes(bm: Benchmark, head, alpha: float, stage1, all_feats: list[to
            "added_alone": round(alone, 3), "trained_before": round(before, 3),
            "gamma": fit.gamma, "gamma_rule": fit.rule, "pseudo_new_classes": [names[c] for c in pseudo],
            "pseudo_new_curve": [{k: round(v, 3) for k, v in c.items()} for c in fit.curve]}
-    # "published": added classes get no vision-branch mass (the paper's fusion), γ = 0; "uncalibrated": the
-    # served standardised vision stand-in, γ = 0; "calibrated": the same with the pseudo-new γ.
-    for label, gamma, vision in (("published", 0.0, "none"), ("uncalibrated", 0.0, "standardised"),
-                                 ("calibrated", fit.gamma, "standardised")):
+    def on_test(gamma: float, vision: str) -> dict[str, float]:
         a_seen = added_mod.class_mean_accuracy(
             added_mod.predict(seen_t, log_prior, alpha=alpha, tau=0.0, gamma=gamma, vision=vision), test.y)
         a_new = added_mod.class_mean_accuracy(
             added_mod.predict(new_t, log_prior, alpha=alpha, tau=0.0, gamma=gamma, vision=vision), held.y)
-        out[label] = {"trained_after": round(a_seen, 3), "added_among_all": round(a_new, 3),
-                      "harmonic_mean": round(harmonic_mean(a_seen, a_new), 3),
-                      "trained_cost": round(before - a_seen, 3)}
+        return {"trained_after": round(a_seen, 3), "added_among_all": round(a_new, 3),
+                "harmonic_mean": round(harmonic_mean(a_seen, a_new), 3), "trained_cost": round(before - a_seen, 3)}
+
+    # "published": added classes get no vision-branch mass (the paper's fusion), γ = 0; "uncalibrated": the
+    # served standardised vision stand-in, γ = 0; "calibrated": the same with the pseudo-new γ.
+    for label, gamma, vision in (("published", 0.0, "none"), ("uncalibrated", 0.0, "standardised"),
+                                 ("calibrated", fit.gamma, "standardised")):
+        out[label] = on_test(gamma, vision)
+    # Not a method (it reads the held-out test labels): the best any single γ could do within the 2-point
+    # budget, which separates a wrong choice of γ from a model that cannot get there at all.
+    curve = [(float(g), on_test(float(g), "standardised")) for g in added_mod.GAMMA_GRID]
+    within = [(g, r) for g, r in curve if r["trained_cost"] <= 2.0] or [min(curve, key=lambda x: x[1]["trained_cost"])]
+    g_best, r_best = max(within, key=lambda x: (x[1]["added_among_all"], -x[1]["trained_cost"]))
+    out["oracle_within_2_points"] = {**r_best, "gamma": g_best}
     return out
