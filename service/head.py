@@ -12,7 +12,7 @@ table (trained classes from the bundle, plus classes added by text at run time):
 - `prototypes`: each class's unit mean anchor, sketched to at most 128 dimensions (`_sketch`), which ranks
   added classes cheaply when a `Shortlist` limits exact scoring to the nearest ones (tables with many
   thousands of added classes).
-Memory is about `2*C*M*D + C*M*M + C*D` floats; scoring runs in chunks of classes to bound the temporaries.
+Memory is about `2*C*M*D + C*M*M + C*min(D, 128)` floats; scoring runs in chunks of classes to bound the temporaries.
 Tables are immutable: `with_added` returns a new table, so the service can swap tables atomically.
 """
 
@@ -294,9 +294,10 @@ class Shortlist:
     """Scoring only some added classes exactly, for tables with many thousands of them.
 
     Exact scoring reads every class's anchors and keys for every batch, so its cost grows with the table
-    (about 200 MB per batch at 50,000 classes of 8 anchors in 64 dimensions); past `min_added` added
-    classes, each image ranks the added classes by the cosine to their anchors' unit mean (one small matrix
-    product), the union of the images' `size` best is scored exactly, and the rest keep that cheaper score.
+    (1.6 GB per batch at 50,000 classes of 8 anchors in 512 dimensions); past `min_added` added classes,
+    each image ranks the added classes by the cosine to their anchors' unit mean, estimated in a
+    128-dimensional sketch (one matrix-vector product per image), the union of the images' `size` best is
+    scored exactly, and the rest keep that estimate.
     Trained classes are always scored exactly. The top classes are then those of the exact scoring unless the
     right class falls outside the shortlist; `tests/test_head_shortlist.py` measures how often it does.
     """
