@@ -49,8 +49,8 @@ def settings(dataset: str, quick: bool) -> tuple[dict, PretrainCfg, SeedConfig]:
                     PretrainCfg(source="shapes", arch=SHAPES_ARCH, num_images=128, epochs=1, batch_size=64),
                     SeedConfig(arch=SHAPES_ARCH, budget=Budget(epochs=1, batch_size=128), head_epochs=1,
                                pseudo_new=4))
-        return ({}, PretrainCfg(source="shapes", arch=SHAPES_ARCH, epochs=4),
-                SeedConfig(arch=SHAPES_ARCH, budget=Budget(epochs=3, batch_size=256, lr=3e-4), head_epochs=10))
+        return ({}, PretrainCfg(source="shapes", arch=SHAPES_ARCH, epochs=8),
+                SeedConfig(arch=SHAPES_ARCH, budget=Budget(epochs=6, batch_size=256, lr=3e-4), head_epochs=10))
     if quick:
         return ({}, PretrainCfg(source="digits", arch=DIGITS_ARCH, epochs=1, batch_size=64),
                 SeedConfig(arch=DIGITS_ARCH, budget=Budget(epochs=1, batch_size=64), head_epochs=1))
