@@ -21,6 +21,14 @@ from torch import nn
 _EPS = 1e-12
 
 
+# `LGRHead` state-dict keys -> the served head's array names (`service.head.HEAD_ARRAYS`, head.npz).
+STATE_TO_SERVED = {
+    "ln_q.weight": "ln_q_weight", "ln_q.bias": "ln_q_bias", "w_q.weight": "w_q",
+    "ln_k.weight": "ln_k_weight", "ln_k.bias": "ln_k_bias", "w_k.weight": "w_k",
+    "mlp.0.weight": "mlp_w1", "mlp.0.bias": "mlp_b1", "mlp.2.weight": "mlp_w2", "mlp.2.bias": "mlp_b2",
+}
+
+
 class LGRHead(nn.Module):
     """LGR head with frozen anchors.
 

@@ -144,6 +144,8 @@ class Runtime:
     def __init__(self, settings: Settings, bundle: Bundle, image_encoder: ImageEncoder,
                  text_encoder: TextEncoder, metrics: Metrics) -> None:
         self.settings = settings
+        spec = bundle.preprocess
+        self.draft_min_side = {"bundle": spec.draft_min_side, "on": spec.resize_size, "off": None}[settings.jpeg_draft]
         self.shortlist = (Shortlist(settings.head_shortlist, settings.head_shortlist_from)
                           if settings.head_shortlist > 0 else None)
         self.bundle = bundle
@@ -317,9 +319,7 @@ class Runtime:
 
     def _prepare(self, data: bytes | bytearray) -> np.ndarray:
         started = time.monotonic()
-        spec = self.bundle.preprocess
-        draft = {"bundle": spec.draft_min_side, "on": spec.resize_size, "off": None}[self.settings.jpeg_draft]
-        img = decode_image(data, max_pixels=self.settings.max_pixels, draft_min_side=draft)  # type: ignore[arg-type]
+        img = decode_image(data, max_pixels=self.settings.max_pixels, draft_min_side=self.draft_min_side)
         pixels = preprocess_image(img, self.bundle.preprocess)
         self.metrics.preprocess_duration.observe(time.monotonic() - started)
         return pixels

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from model.head import STATE_TO_SERVED
 from service.head import (
     ClassEntry,
     ClassTable,
@@ -42,13 +43,8 @@ ADDED_CLASS_VISION = "standardised"
 def numpy_head(head) -> tuple[HeadParams, np.ndarray, np.ndarray]:
     """The service's view of a trained `model.head.LGRHead`: `HeadParams`, anchors `[C, M, D]` (padding
     zeroed) and mask `[C, M]`."""
-    arrays = {
-        "ln_q_weight": head.ln_q.weight, "ln_q_bias": head.ln_q.bias, "w_q": head.w_q.weight,
-        "ln_k_weight": head.ln_k.weight, "ln_k_bias": head.ln_k.bias, "w_k": head.w_k.weight,
-        "mlp_w1": head.mlp[0].weight, "mlp_b1": head.mlp[0].bias, "mlp_w2": head.mlp[2].weight,
-        "mlp_b2": head.mlp[2].bias,
-    }
-    arrays = {k: v.detach().float().cpu().numpy() for k, v in arrays.items()}
+    arrays = {STATE_TO_SERVED[k]: v.detach().float().cpu().numpy() for k, v in head.state_dict().items()
+              if k in STATE_TO_SERVED}
     params = HeadParams.from_arrays(arrays, logit_scale=float(head.logit_scale), ln_eps=head.ln_q.eps)
     mask = head.anchor_mask.detach().cpu().numpy().astype(bool)
     anchors = (head.anchors.detach().float().cpu() * head.anchor_mask.unsqueeze(-1).cpu()).numpy()

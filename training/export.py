@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from model.factory import clip_dims, get_tokenizer
-from model.head import calibrated_probabilities
+from model.head import STATE_TO_SERVED, calibrated_probabilities
 from service import bundle as B
 from service.bundle import Calibration
 from service.encoders import create_session
@@ -60,13 +60,6 @@ EXPORT_TOLERANCE = 1e-4
 VERIFY_MAX_PROB_DIFF = 1e-4
 VERIFY_MIN_AGREEMENT = 0.999
 FP16_THRESHOLDS = {"min_cosine": 0.999, "top1_agreement": 0.99}
-_STATE_TO_NPZ = {
-    "ln_q.weight": "ln_q_weight", "ln_q.bias": "ln_q_bias", "w_q.weight": "w_q",
-    "ln_k.weight": "ln_k_weight", "ln_k.bias": "ln_k_bias", "w_k.weight": "w_k",
-    "mlp.0.weight": "mlp_w1", "mlp.0.bias": "mlp_b1", "mlp.2.weight": "mlp_w2", "mlp.2.bias": "mlp_b2",
-}
-
-
 class ExportError(RuntimeError):
     """The run cannot be exported, or what was written does not match the PyTorch model."""
 
@@ -153,8 +146,8 @@ def _write_bundle(run: TrainedRun, tmp: Path, *, fp16: bool, verify_images: int,
     log.info("ONNX encoders match PyTorch: image %.2g, text %.2g (max relative difference)",
              export_check["image_max_rel_diff"], export_check["text_max_rel_diff"])
 
-    arrays = {_STATE_TO_NPZ[k]: v.detach().float().cpu().numpy() for k, v in head.state_dict().items()
-              if k in _STATE_TO_NPZ}
+    arrays = {STATE_TO_SERVED[k]: v.detach().float().cpu().numpy() for k, v in head.state_dict().items()
+              if k in STATE_TO_SERVED}
     missing = [k for k in HEAD_ARRAYS if k not in arrays]
     if missing:
         raise ExportError(f"the run's head lacks {missing}")

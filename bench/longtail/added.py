@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from model.head import LGRHead
-from service.head import ClassEntry, HeadParams, class_directions, log_prior_from_counts
+from service.head import ClassEntry, class_directions
 from training.added_classes import (  # noqa: F401  (re-exported for the runner)
     GAMMA_GRID,
     TableScores,
@@ -28,14 +28,9 @@ from training.added_classes import (  # noqa: F401  (re-exported for the runner)
 from training.added_classes import score_table as _score_arrays
 
 
-def head_params(head: LGRHead) -> tuple[HeadParams, np.ndarray, np.ndarray]:
-    """The service's view of a trained torch head: `HeadParams`, anchors `[C, M, D]` and mask `[C, M]`."""
-    return numpy_head(head)
-
-
 def served_directions(head: LGRHead) -> np.ndarray:
     """`[C, D]` text directions of a head's classes, as the service keeps them for the anchor rule."""
-    _, anchors, mask = head_params(head)
+    _, anchors, mask = numpy_head(head)
     return class_directions(anchors, mask)
 
 
@@ -51,10 +46,6 @@ def added_entries(sentence_feats: list[torch.Tensor], names: list[str], num_anch
 def score_table(head: LGRHead, trained_names: list[str], entries: list[ClassEntry],
                 feats: torch.Tensor) -> TableScores:
     """Vision and language logits of `feats` against a head's trained classes plus `entries`."""
-    params, anchors, mask = head_params(head)
+    params, anchors, mask = numpy_head(head)
     return _score_arrays(params, anchors, mask, trained_names, entries, feats.numpy())
 
-
-def trained_log_prior(counts: np.ndarray) -> np.ndarray:
-    """The service's log prior of the trained classes."""
-    return log_prior_from_counts(counts)

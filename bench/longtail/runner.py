@@ -34,7 +34,7 @@ from bench.longtail.heads import HeadRecipe, head_logits, train_lgr_head
 from bench.longtail.metrics import ShotGroups, harmonic_mean, split_accuracies
 from model.factory import get_tokenizer
 from model.head import fuse_probabilities
-from service.head import build_added_class_anchors, class_directions
+from service.head import build_added_class_anchors, class_directions, log_prior_from_counts
 from service.prompts import SIMPLE_TEMPLATES, name_prompts
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ def _added_classes(bm: Benchmark, head, alpha: float, stage1, all_feats: list[to
     _, centroid_chosen = added_mod.added_entries(held_feats, held_names, cfg.num_anchors)
     image_free_precision = precision(chosen, [bm.descriptive[c] for c in bm.heldout])
     centroid_precision = precision(centroid_chosen, [bm.descriptive[c] for c in bm.heldout])
-    log_prior = added_mod.trained_log_prior(counts)
+    log_prior = log_prior_from_counts(counts)
 
     # γ from pseudo-new classes: drop some few-shot trained classes, retrain the head without them, add them by
     # text, and pick γ on their val images (no held-out label is used).
@@ -298,7 +298,7 @@ def _added_classes(bm: Benchmark, head, alpha: float, stage1, all_feats: list[to
     new_scores = added_mod.score_table(sub_head, keep_names, pseudo_entries, feats["val"][torch.as_tensor(~v_seen)])
     pos = {int(c): len(keep) + i for i, c in enumerate(pseudo)}
     fit = added_mod.choose_gamma(seen_scores, np.array([sub[int(v)] for v in val.y[v_seen]]), new_scores,
-                                 np.array([pos[int(v)] for v in val.y[~v_seen]]), added_mod.trained_log_prior(sub_counts),
+                                 np.array([pos[int(v)] for v in val.y[~v_seen]]), log_prior_from_counts(sub_counts),
                                  alpha=alpha, tau=0.0, max_seen_drop=cfg.max_seen_drop)
 
     # The real held-out classes on test, scored by the service's code path.

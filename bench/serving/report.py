@@ -220,9 +220,8 @@ def _findings(results: dict[str, Any], small: str | None) -> list[str]:
                        f"went from {a['without']['p99_ms']:.1f} ms to {a['with_adds']['p99_ms']:.1f} ms while "
                        f"{a['adds']['count']} classes were added back to back (median add {a['adds']['p50_ms']:.0f} ms): "
                        f"encoding the descriptions and the name prompts, writing the class store (the local file "
-                       f"store parses and rewrites its whole JSON file and fsyncs it on every add, holding "
-                       f"Python's lock while it parses and serialises) and extending the table run on the same two "
-                       f"cores as the requests.")
+                       f"store serialises its whole JSON file, holding Python's lock, and fsyncs it on every add) and "
+                       f"extending the table (copying its arrays) run on the same two cores as the requests.")
     t = targets.get("realistic_service_vs_ceiling")
     realistic = next((k for k, v in models.items() if "cache" not in v), None)
     if t and t["met"] is False and realistic:
