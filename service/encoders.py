@@ -2,8 +2,8 @@
 
 onnxruntime-gpu on a machine without a usable GPU logs an error and quietly runs on CPU, so the provider
 in use is read back from the session (`get_providers()[0]`) after creation:
-- `cuda`: the session must run on CUDAExecutionProvider, with CPU fallback of nodes disabled; otherwise
-  `ProviderError` says what was active;
+- `cuda`: the session must run on CUDAExecutionProvider (small shape computations may still run on CPU, as
+  ONNX Runtime places them there on purpose); otherwise `ProviderError` says what was active;
 - `auto`: CUDA when the build offers it and a session really gets it, otherwise CPU, logged either way;
 - `cpu`: CPU.
 """
@@ -31,8 +31,7 @@ class ProviderError(RuntimeError):
     """The requested execution provider is not available or not active."""
 
 
-def _options(threads: int | None, *, strict_cuda: bool, cpu_fp16: bool = False,
-             spinning: bool = False) -> ort.SessionOptions:
+def _options(threads: int | None, *, cpu_fp16: bool = False, spinning: bool = False) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     # onnxruntime 1.31's CPU session crashes (segfault) optimising float16 graphs at ORT_ENABLE_ALL; the
     # layout level below it is fine and already includes the fusions that matter for these graphs.
@@ -41,9 +40,6 @@ def _options(threads: int | None, *, strict_cuda: bool, cpu_fp16: bool = False,
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
-    if strict_cuda:
-        # A node CUDA cannot run must fail the session, not silently run on CPU.
-        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     # ONNX Runtime's intra-op threads spin between runs by default. In a server they share the cores with
     # the decode pool, the event loop and the clients, and the spinning takes CPU the decoders need; the
     # serving benchmark measures both (docs/benchmarks/serving.md).
@@ -72,8 +68,12 @@ def create_session(path: str | Path, provider: ProviderName = "auto", threads: i
     available = ort.get_available_providers()
     if provider in ("auto", "cuda") and CUDA in available:
         strict = provider == "cuda"
+        # No "session.disable_cpu_ep_fallback" for strict mode: ONNX Runtime refuses it with the CPU provider
+        # listed ("Conflicting session configuration"), and without it whenever a node lands on CPU, which the
+        # CUDA provider does on purpose for the small shape computations of dynamic-batch graphs. Strict mode
+        # checks below that CUDA is the session's first provider instead.
         try:
-            session = ort.InferenceSession(path, _options(threads, strict_cuda=strict, spinning=spinning),
+            session = ort.InferenceSession(path, _options(threads, spinning=spinning),
                                            providers=[(CUDA, CUDA_OPTIONS), CPU])
         except Exception as exc:
             if strict:
@@ -95,7 +95,7 @@ def create_session(path: str | Path, provider: ProviderName = "auto", threads: i
         )
     elif provider == "auto":
         log.info("no CUDAExecutionProvider in this onnxruntime build (available: %s); running on CPU", available)
-    session = ort.InferenceSession(path, _options(threads, strict_cuda=False, cpu_fp16=fp16, spinning=spinning),
+    session = ort.InferenceSession(path, _options(threads, cpu_fp16=fp16, spinning=spinning),
                                    providers=[CPU])
     return session, "cpu"
 

@@ -54,6 +54,20 @@ def test_smoke_run_writes_every_table(service_bundle: Path, tmp_path: Path) -> N
     # Nothing a framework writes may land in the checkout (LitServe's client.py, for one).
     assert not (REPO / "client.py").exists()
 
+    # A GPU run stopped at its time limit leaves a partial JSON; its page renders without a GPU and says so.
+    gpu = dict(results, gpu={"name": "Test GPU", "onnxruntime_cuda": True}, partial=True, notes=[])
+    del gpu["load_average_end"]  # written only at the end of a complete run
+    (out / "serving-gpu.json").write_text(json.dumps(gpu))
+    (tmp_path / "findings.txt").write_text("First finding.\n\nSecond\nfinding.\n")
+    proc = subprocess.run([sys.executable, "-m", "bench.serving.gpu", "--render-only", "--out", str(out),
+                           "--findings", str(tmp_path / "findings.txt")], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    page = (out / "serving-gpu.md").read_text()
+    assert "stopped at its time limit" in page and "GPU: **Test GPU**" in page
+    assert "- First finding." in page and "- Second finding." in page
+    assert json.loads((out / "serving-gpu.json").read_text())["findings"] == ["First finding.", "Second finding."]
+
 
 def test_missing_peer_framework_names_the_extra(tmp_path: Path) -> None:
     code = ("import sys, importlib.util as u; real = u.find_spec; "

@@ -1,4 +1,4 @@
-"""`python -m bench.serving.gpu`: the serving tables on one NVIDIA GPU, fp32 and fp16, in about 8 minutes.
+"""`python -m bench.serving.gpu`: the serving tables on one NVIDIA GPU, fp32 and fp16, in about 6 minutes.
 
     python -m bench.serving.gpu [--out docs/benchmarks] [--work DIR]
 
@@ -7,6 +7,10 @@ Writes `serving-gpu.json` and `serving-gpu.md` (named with the card) next to the
 and LitServe run on ONNX Runtime's CUDA provider, and the hand-written server runs PyTorch on the GPU. Without
 it, only the PyTorch numbers can be measured on the GPU: the script then measures the encoder through
 PyTorch (fp32 and fp16) and the hand-written server, and the report says so in its first lines.
+
+The JSON is rewritten after each model (fp32, then the demo model, then fp16), so a run stopped early (a
+machine rented by the minute) still leaves the models measured so far and, once the demo model is in, the
+targets.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.serving import cells
 from bench.serving.bundles import BenchBundle, demo_bundle, random_init_bundle
@@ -32,10 +36,13 @@ from service.settings import default_cache_dir
 
 log = logging.getLogger("bench.serving.gpu")
 REPO = Path(__file__).resolve().parents[2]
-# Sized so that both precisions of the realistic model and the demo model fit in about 8 minutes.
-PLAN: dict[str, Any] = {"small": cells.Timing(1.5, 4.0), "realistic": cells.Timing(2.0, 5.0),
-                        "concurrencies": [1, 8, 32, 64], "target_c": 32, "images": 256,
-                        "ceiling_batches": [1, 8, 32, 64, 128], "ceiling_s": 1.0}
+# Sized so that building the three bundles (about 2 minutes on 16 cores) and measuring them fit in 6.5
+# minutes, a short slot on a rented GPU machine: 18 server starts and 23 load cells, so the
+# cells are short (a GPU answers hundreds of requests per second, so 3 s still holds hundreds of them) and
+# the sweep keeps 1 and the target concurrency.
+PLAN: dict[str, Any] = {"small": cells.Timing(1.0, 3.0), "realistic": cells.Timing(1.0, 3.0),
+                        "concurrencies": [1, 32], "target_c": 32, "images": 256,
+                        "ceiling_batches": [1, 8, 32, 128], "ceiling_s": 0.5}
 
 
 def gpu_name() -> str | None:
@@ -91,8 +98,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
     parser.add_argument("--work", type=Path, default=default_cache_dir() / "bench-serving-gpu")
     parser.add_argument("--arch", default="ViT-B-16", help="open_clip architecture of the realistic model")
+    parser.add_argument("--render-only", action="store_true",
+                        help=f"rewrite the page and plot from <out>/{GPU_NAME}.json (e.g. a run stopped early); "
+                             "no GPU needed")
+    parser.add_argument("--findings", type=Path, default=None,
+                        help="with --render-only: a text file of findings (one per paragraph) to store and show")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.render_only:
+        path = args.out / f"{GPU_NAME}.json"
+        results = json.loads(path.read_text())
+        if args.findings is not None:
+            text = args.findings.read_text(encoding="utf-8")
+            results["findings"] = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+            write_json(results, path)
+        render(results, args.out)
+        return 0
     name = gpu_name()
     if name is None:
         print("python -m bench.serving.gpu: no CUDA device visible to PyTorch; run it on a GPU machine",
@@ -119,24 +140,37 @@ def main(argv: list[str] | None = None) -> int:
     write_jpegs(images, PLAN["images"])
     fp32 = random_init_bundle(work, args.arch)
     notes: list[str] = []
-    fp16: BenchBundle | None
-    try:
-        fp16 = random_init_bundle(work, args.arch, fp16=True)
-    except Exception as exc:  # the exporter refuses fp16 when it disagrees with fp32 (message has the numbers)
-        fp16 = None
-        results["fp16_refused"] = str(exc)
-        notes += [f"**fp16 bundle refused by the exporter**: {exc}", ""]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def fp16_bundle() -> BenchBundle | None:
+        """The fp16 bundle, or None (the reason goes into the results) when the exporter refuses it."""
+        try:
+            return random_init_bundle(work, args.arch, fp16=True)
+        except Exception as exc:  # the exporter refuses fp16 when it disagrees with fp32 (message has the numbers)
+            results["fp16_refused"] = str(exc)
+            notes.extend([f"**fp16 bundle refused by the exporter**: {exc}", ""])
+            return None
+
     if ort_cuda:
         small = demo_bundle(work)
-        for bb, is_small, timing in ((fp32, False, PLAN["realistic"]), (fp16, False, PLAN["realistic"]),
-                                     (small, True, PLAN["small"])):
+        # fp16 last and its bundle built only then: the fp32 and demo tables, which the targets need, come first.
+        models: list[tuple[Callable[[], BenchBundle | None], bool, cells.Timing]] = [
+            (lambda: fp32, False, PLAN["realistic"]), (lambda: small, True, PLAN["small"]),
+            (fp16_bundle, False, PLAN["realistic"])]
+        for make, is_small, timing in models:
+            bb = make()
             if bb is None:
                 continue
             ctx = cells.Context(work=work, images=images, timing=timing, service_flags=("--provider", "cuda"))
             plan = dict(PLAN, class_sizes=[1000, 50000], growth_c=[1], cache_c=[1], add_c=8)
             results["models"][bb.label] = run_model(bb, ctx, plan, small=is_small, ceiling_s=PLAN["ceiling_s"],
                                                     provider="cuda")
-        results["targets"] = compute_targets(results, small.label, fp32.label, str(PLAN["target_c"]))
+            if small.label in results["models"]:
+                results["targets"] = compute_targets(results, small.label, fp32.label, str(PLAN["target_c"]))
+            # Written after each model, so that a run stopped early keeps what it measured.
+            write_json(dict(results, elapsed_s=round(time.monotonic() - started, 1), partial=True, notes=notes,
+                            load_average_end=load_average()),
+                       args.out / f"{GPU_NAME}.json")
     else:
         notes += ["**onnxruntime-gpu is not installed here**: the ONNX Runtime rows could not run on the GPU. "
                  "Below, the image encoder runs through PyTorch on the GPU (fp32 and fp16 autocast), and the "
@@ -149,18 +183,31 @@ def main(argv: list[str] | None = None) -> int:
         results["targets"] = {}
     results["load_average_end"] = load_average()
     results["elapsed_s"] = round(time.monotonic() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
+    results["notes"] = notes
     write_json(results, args.out / f"{GPU_NAME}.json")
-    if ort_cuda:
-        plots = write_plot(results, args.out, GPU_NAME)
-        write_markdown(results, args.out / f"{GPU_NAME}.md", plots,
-                       notes=[f"GPU: **{name}** (ONNX Runtime CUDA provider).", "", *notes])
-    else:
-        (args.out / f"{GPU_NAME}.md").write_text("\n".join(
-            [f"# Serving benchmark on {name}", "", *notes, "```json",
-             json.dumps(results["models"], indent=1), "```", ""]))
+    render(results, args.out)
     log.info("done in %.0f s on %s", results["elapsed_s"], name)
     return 0
+
+
+def render(results: dict[str, Any], out: Path) -> None:
+    """Write the page (and plot) of a GPU run's results; a run stopped early (`partial`) says so first."""
+    name = results["gpu"]["name"]
+    notes = list(results.get("notes", []))
+    if results.get("partial"):
+        done = ", ".join(results["models"]) or "none"
+        notes = [f"**This run stopped at its time limit after {results.get('elapsed_s')} s**: the models measured "
+                 f"completely or in part are {done}; a model's missing rows were not measured.", "", *notes]
+    if results.get("findings"):
+        notes = [*notes, "## Findings", "", *(f"- {f}" for f in results["findings"]), ""]
+    if results["gpu"].get("onnxruntime_cuda"):
+        plots = write_plot(results, out, GPU_NAME)
+        write_markdown(results, out / f"{GPU_NAME}.md", plots,
+                       notes=[f"GPU: **{name}** (ONNX Runtime CUDA provider).", "", *notes])
+    else:
+        (out / f"{GPU_NAME}.md").write_text("\n".join(
+            [f"# Serving benchmark on {name}", "", *notes, "```json",
+             json.dumps(results["models"], indent=1), "```", ""]))
 
 
 if __name__ == "__main__":

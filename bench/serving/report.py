@@ -169,6 +169,7 @@ def _findings(results: dict[str, Any], small: str | None) -> list[str]:
     targets = results["targets"]
     models = results["models"]
     c = str(results["plan"]["target_c"])
+    cores = f"{results['machine']['cores']} cores"
     out: list[str] = []
     if small and small in models:
         m = models[small]
@@ -185,7 +186,7 @@ def _findings(results: dict[str, Any], small: str | None) -> list[str]:
                     f"640×480 → {m['bundle']['image_size']} px) against {prof.get('inference_ms_per_image', 0):.2f} ms "
                     f"per image in the encoder and head (mean batch {prof.get('mean_batch_size', 0):.1f}); the "
                     f"event loop's HTTP, multipart and response work comes on top. Every system here decodes the same "
-                    f"JPEGs, and the two cores are shared with the load generator, so decoding bounds everyone: the "
+                    f"JPEGs, and the {cores} are shared with the load generator, so decoding bounds everyone: the "
                     f"encoder's ceiling ({m['ceiling']['best']['images_per_s']:,.0f} images/s on tensors) is out of "
                     f"reach of any server that must decode JPEGs on these cores.")
             if full and m["bundle"].get("jpeg_draft"):
@@ -221,7 +222,7 @@ def _findings(results: dict[str, Any], small: str | None) -> list[str]:
                        f"{a['adds']['count']} classes were added back to back (median add {a['adds']['p50_ms']:.0f} ms): "
                        f"encoding the descriptions and the name prompts, writing the class store (the local file "
                        f"store serialises its whole JSON file, holding Python's lock, and fsyncs it on every add) and "
-                       f"extending the table (copying its arrays) run on the same two cores as the requests.")
+                       f"extending the table (copying its arrays) run on the same {cores} as the requests.")
     t = targets.get("realistic_service_vs_ceiling")
     realistic = next((k for k, v in models.items() if "cache" not in v), None)
     if t and t["met"] is False and realistic:
@@ -242,14 +243,17 @@ def _findings(results: dict[str, Any], small: str | None) -> list[str]:
                       f"swing from other work on the machine; against the ceiling measured just before it, the "
                       f"service's ratio is {svc / phases['before']:.2f}.")
         out.append(f"- **Realistic model** (`realistic_service_vs_ceiling` {t['value']:.3f} < {t['goal']}): the "
-                   f"ceiling is {top['images_per_s']:.2f} images/s ({1000 / top['images_per_s']:.0f} ms per image at "
+                   f"ceiling is {top['images_per_s']:.2f} images/s ({1000 / top['images_per_s']:.2f} ms per image at "
                    f"batch {top['batch_size']}, {top.get('when', '')}).{spread} At concurrency {c} the service's batches "
                    f"(mean {prof.get('mean_batch_size', 0):.1f} images) took "
-                   f"{prof.get('inference_ms_per_image', 0):.0f} ms per image in the encoder and head, and "
-                   f"decoding took {prof.get('decode_preprocess_ms_per_image', 0):.1f} ms per image on the same two "
-                   f"cores, beside the load generator. Images/s of the others in the same run: "
-                   f"{', '.join(peers)}. On two cores shared with other work, the encoder's speed varies from one "
-                   f"minute to the next, so this ratio carries that noise as much as any cost of serving.")
+                   f"{prof.get('inference_ms_per_image', 0):.2f} ms per image in the encoder and head, and "
+                   f"decoding took {prof.get('decode_preprocess_ms_per_image', 0):.1f} ms per image on the same "
+                   f"{cores}, beside the load generator. Images/s of the others in the same run: "
+                   f"{', '.join(peers)}. " + (
+                       f"On {cores} shared with other work, the encoder's speed varies from one minute to the next, "
+                       "so this ratio carries that noise as much as any cost of serving." if results["provider"] == "cpu"
+                       else "On the GPU the encoder is not what limits the service: decoding the JPEGs on the CPU "
+                            "is, as for every server in the table."))
     if not out:
         return []
     return ["## Why targets were missed (from this run's profile)", "", *out, ""]
@@ -277,7 +281,7 @@ def write_markdown(results: dict[str, Any], path: Path, plots: list[str], notes:
              f"- Python {mach['python']}; " + ", ".join(f"{k} {v}" for k, v in mach["packages"].items()),
              f"- provider: {results['provider']}; mode: {results['mode']}; run took {results['elapsed_s']:.0f} s",
              f"- load average (1/5/15 min) at start {results['load_average_start']}, at end "
-             f"{results['load_average_end']}: the load generator, the server and any other work on the machine "
+             f"{results.get('load_average_end', 'not recorded (stopped early)')}: the load generator, the server and any other work on the machine "
              "share the same cores, so compare ratios within this run rather than absolute numbers across runs",
              f"- load: {results['load_generator']}; warm-up / measured seconds per cell: " +
              ", ".join(f"{k} {v['warmup_s']:g} / {v['duration_s']:g}" for k, v in results["plan"].items()
@@ -299,11 +303,14 @@ def _gpu_section(out_dir: Path) -> list[str]:
     gpu = out_dir / f"{GPU_NAME}.json"
     lines = ["## GPU", "", "`python -m bench.serving.gpu` runs the same tables on one NVIDIA GPU (fp32 and fp16 "
              "bundles, ONNX Runtime's CUDA provider when `onnxruntime-gpu` is installed, otherwise the encoder "
-             "through PyTorch on the GPU, which the results then say) in under 8 minutes and writes "
-             f"`{GPU_NAME}.json` and `{GPU_NAME}.md` with the card's name.", ""]
+             "through PyTorch on the GPU, which the results then say) in about 6 minutes and writes "
+             f"`{GPU_NAME}.json` and `{GPU_NAME}.md` with the card's name. On a GPU machine without network access, "
+             "`bench/serving/gpu_lease.sh` installs the serving stack and onnxruntime-gpu from carried wheels, "
+             "checks that a CUDA session really runs, then runs it (the script's header says how).", ""]
     if gpu.is_file():
         data = json.loads(gpu.read_text())
-        lines += [f"Results from {data.get('gpu', {}).get('name', 'a GPU')}: see `{GPU_NAME}.md`.", ""]
+        stopped = " (stopped at its time limit; the page lists what was measured)" if data.get("partial") else ""
+        lines += [f"Results from {data.get('gpu', {}).get('name', 'a GPU')}{stopped}: see `{GPU_NAME}.md`.", ""]
     else:
         lines += ["**Not run yet**: no GPU was available where this report was produced.", ""]
     return lines
@@ -317,6 +324,7 @@ def _method_section() -> list[str]:
             "python -m bench.serving --quick           # the demo model only, short cells (development)",
             "python -m bench.serving --report-only     # rewrite serving.md/.png from serving.json",
             "python -m bench.serving.gpu               # the GPU tables (serving-gpu.md/.json), with the `gpu` extra",
+            "python -m bench.serving.gpu --render-only # rewrite serving-gpu.md/.png from serving-gpu.json",
             "```", "",
             "Bundles, images, logs and every load cell's raw records (start time, latency, status of each request) "
             "stay under `~/.cache/vlltr/bench-serving` (`--work`).", "",
