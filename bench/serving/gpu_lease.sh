@@ -11,7 +11,7 @@
 # - The machine's image has torch (CUDA 13), numpy, onnx and CPU onnxruntime, but none of the serving stack
 #   (fastapi, pydantic, uvicorn, litserve, locust, open_clip, ...): those travel as wheels in `.whl/`.
 # - onnxruntime-gpu 1.31.1 (CUDA 13 / cuDNN 9) is a 256 MB wheel, over what one call may carry. It travels
-#   as an xz-compressed stored wheel (its TensorRT provider library dropped, RECORD fixed) split into
+#   as an xz-compressed wheel (`pack`) split into
 #   numbered chunks in `.ortgpu/`, with `.ortgpu/SHA256SUMS`. Each call carries one chunk; `stage` moves it
 #   to $LEASE_STAGE (under /tmp, which lives as long as the machine stays warm) and checks it.
 # - Everything is installed with `pip --target` into $LEASE_SITE and put first on PYTHONPATH, so it shadows
@@ -262,7 +262,7 @@ cmd_run() {
 # what the image already has (torch, numpy, onnx, the nvidia-* CUDA libraries); onnxruntime-gpu is xz-compressed and cut into chunks of
 # $LEASE_CHUNK_MB (one per call, under the 64 MiB a call may carry with the working tree).
 cmd_pack() {
-  local chunk_mb="${LEASE_CHUNK_MB:-50}" tmp wheel
+  local chunk_mb="${LEASE_CHUNK_MB:-45}" tmp wheel
   local plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
               --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
   mkdir -p "$REPO/.whl" "$CHUNKS"
