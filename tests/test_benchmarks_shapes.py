@@ -14,6 +14,7 @@ from training.benchmarks import write_benchmark
 from training.benchmarks.layout import cifar_lt_counts
 from training.benchmarks.render_shapes import COLOURS, PATTERNS, SHAPES
 from training.benchmarks.shapes import _render_all, class_order, generate_shapes_lt
+from training.benchmarks.shapes_text import class_names
 from training.config import DataCfg
 from training.data.classes import load_class_names, load_heldout, trained_class_ids
 from training.data.datasets import build_split
@@ -49,6 +50,33 @@ def test_cifar_lt_counts() -> None:
     assert (sum(n > 100 for n in counts), sum(n < 20 for n in counts)) == (35, 30)
     with pytest.raises(DataError, match="imbalance"):
         cifar_lt_counts(100, 500, 0.5)
+
+
+def test_class_name_styles() -> None:
+    order = class_order(0)
+    epithet = class_names(order, 0, "epithet")
+    assert len(set(epithet)) == 108 and epithet == class_names(order, 0, "epithet")
+    assert epithet != class_names(order, 1, "epithet")
+    attribute_words = set(COLOURS) | set(PATTERNS)
+    for name, (shape, _, _) in zip(epithet, order, strict=True):
+        # The kind is in the name; the looks (colour, pattern) are only in the descriptions.
+        word, kind = name.split(" ")
+        assert kind == shape and word.isalpha() and not any(w in word for w in attribute_words | set(SHAPES))
+    assert class_names(order, 0)[0] == f"{order[0][2]} {order[0][1]} {order[0][0]}"
+    with pytest.raises(ValueError, match="name style"):
+        class_names(order, 0, "numbers")
+
+
+def test_epithet_names_reach_files_and_text(tmp_path: Path) -> None:
+    meta = generate_shapes_lt(tmp_path / "epi", seed=2, imbalance=1.0, n_max=1, val_per_class=1, test_per_class=1,
+                              names="epithet")
+    names = (tmp_path / "epi" / "classes.txt").read_text().splitlines()
+    assert meta["name_style"] == "epithet" and names == [c["name"] for c in meta["classes"]]
+    assert names == class_names(class_order(2), 2, "epithet")
+    for c in meta["classes"]:
+        assert c["sentences"][0]["text"] == f"The {c['name']} is a simple drawn figure."
+        # The looks are in the descriptions, not in the name.
+        assert c["attributes"]["colour"] not in c["name"]
 
 
 def test_full_size_meta_without_images() -> None:

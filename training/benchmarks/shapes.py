@@ -39,7 +39,7 @@ from training.benchmarks.layout import (
     write_meta,
 )
 from training.benchmarks.render_shapes import COLOURS, PATTERNS, SHAPES, render
-from training.benchmarks.shapes_text import class_name, shapes_document
+from training.benchmarks.shapes_text import class_names, shapes_document
 from training.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ def generate_shapes_lt(
     val_per_class: int = 20,
     test_per_class: int = 100,
     workers: int | None = None,
+    names: str = "attributes",
 ) -> dict[str, Any]:
     """Write Shapes-LT to `out` (layout in `training.benchmarks.layout`) and return its meta.json content.
 
@@ -107,6 +108,9 @@ def generate_shapes_lt(
         imbalance: IR = n_max / n_min of the training profile.
         n_max, val_per_class, test_per_class: sizes (smaller values give a quick, same-shaped dataset).
         workers: processes for drawing images (default: CPU count).
+        names: `attributes` ("striped red triangle": the name says everything the descriptions say) or
+            `epithet` ("velmor triangle": the colour and pattern are only in the descriptions, as with many
+            rare classes' names); see `training.benchmarks.shapes_text.class_names`.
     """
     started = time.perf_counter()
     combos_total = len(SHAPES) * len(COLOURS) * len(PATTERNS)
@@ -115,7 +119,7 @@ def generate_shapes_lt(
     classes = class_order(seed, HEAD_CLASSES)
     trained = list(range(num_trained))
     heldout = list(range(num_trained, combos_total))
-    names = [class_name(*c) for c in classes]
+    class_labels = class_names(classes, seed, names)
 
     final, partial = prepare_out(out)
     lists: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "val_heldout": [], "test": []}
@@ -132,15 +136,15 @@ def generate_shapes_lt(
 
     for list_name, entries in lists.items():
         write_list(partial / f"{list_name}.txt", entries)
-    write_lines(partial / "classes.txt", names)
+    write_lines(partial / "classes.txt", class_labels)
     write_lines(partial / "heldout.txt", heldout)
     class_meta = []
     for cid in range(combos_total):
-        doc = shapes_document(cid, classes, seed)
+        doc = shapes_document(cid, classes, seed, class_labels)
         (partial / "text" / f"desc_{cid}.txt").write_text(doc.render(), encoding="utf-8")
         shape, colour, pattern = classes[cid]
         class_meta.append({
-            "id": cid, "name": names[cid], "attributes": {"shape": shape, "colour": colour, "pattern": pattern},
+            "id": cid, "name": class_labels[cid], "attributes": {"shape": shape, "colour": colour, "pattern": pattern},
             "heldout": cid in heldout, "train_count": train_counts[cid],
             "val_count": val_per_class, "test_count": test_per_class,
             "sentences": [s.to_dict() for s in doc.sentences()],
@@ -152,6 +156,7 @@ def generate_shapes_lt(
         "seed": seed,
         "imbalance": imbalance,
         "n_max": n_max,
+        "name_style": names,
         "image_size": IMAGE_SIZE,
         "num_classes": combos_total,
         "trained_classes": trained,

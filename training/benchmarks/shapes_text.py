@@ -3,8 +3,9 @@
 Each class gets 6-10 descriptive sentences in varied wording (synonyms and paraphrases of its shape,
 colour and pattern) mixed with distractors making up 30-40% of the sentences: `trivia` (nothing visual)
 and `other_class` (hard: the full visual description of another class, "It is often confused with the
-dotted blue star."), so picking good anchor sentences needs the images, not the words alone. Sentences
-are spread over a summary and sections, with a "See also" and a "References" section that the loader drops.
+velmor star, a blue star covered in dots."), so picking good anchor sentences needs the images, not the words
+alone. Class names follow `class_names`. Sentences are spread over a summary and sections, with a "See also"
+and a "References" section that the loader drops.
 Every sentence ends with a period and contains no abbreviation, so the loader's splitter recovers it exactly.
 """
 
@@ -156,14 +157,16 @@ TRIVIA = [
     "A local newspaper in {town} once ran a story about it.",
     "The original drawing was lost in a fire in {year}.",
 ]
+# Every template spells out the other class's looks (its name alone may say nothing about them), so the
+# sentence carries another class's visual words: a hard distractor for any rule that reads words only.
 OTHER_CLASS = [
-    "Unlike its cousin, it is never drawn as a {name}.",
-    "It is often confused with the {name}.",
-    "A {name} is printed next to it in most catalogues.",
+    "Unlike its cousin, the {name}, it is never {colour} and {pattern}.",
+    "It is often confused with the {name}, a {colour} {shape} {pattern_phrase}.",
+    "A {colour} {shape} {pattern_phrase} is printed next to it in most catalogues.",
     "Beginners sometimes mistake it for a {colour} {shape} {pattern_phrase}.",
-    "Many people picture a {name} when they hear its name.",
+    "Many people picture a {pattern} {colour} {shape} when they hear its name.",
     "Its neighbour on the page is a {colour} {shape} {pattern_phrase}.",
-    "It should not be mixed up with the {name}.",
+    "It should not be mixed up with the {name}, which is {colour} and {pattern}.",
 ]
 TOWNS = ["Leeds", "Utrecht", "Lyon", "Porto", "Graz", "Bergen", "Turin", "Ghent", "Aarhus", "Bremen"]
 TRADES = ["bakery", "shipping", "printing", "toy", "railway", "insurance"]
@@ -171,16 +174,41 @@ SECTIONS = {DESCRIPTIVE: ["Description", "Appearance"], "trivia": ["History", "I
             "other_class": ["Variants", "Description"]}
 
 
+NAME_STYLES = ("epithet", "attributes")
+# Syllables of the invented epithets: pronounceable, and none is an attribute word or part of one.
+_SYLLABLES = ("ba", "del", "fo", "gri", "ka", "lun", "mo", "nes", "pel", "quo", "rav", "sil", "tor", "ume", "vek",
+              "wyn", "zar", "hol")
+
+
 def class_name(shape: str, colour: str, pattern: str) -> str:
-    """The class name: `<pattern> <colour> <shape>`, e.g. "striped red circle"."""
+    """The attribute name of a class: `<pattern> <colour> <shape>`, e.g. "striped red circle"."""
     return f"{pattern} {colour} {shape}"
+
+
+def class_names(classes: list[tuple[str, str, str]], seed: int, style: str = "attributes") -> list[str]:
+    """Every class's name in `style`.
+
+    `attributes` spells out the whole class ("striped red circle"): the name alone is then a complete visual
+    description and the descriptions can add nothing to it. `epithet` names a class the way rare classes are
+    named in practice, by its kind and a word that says nothing about its looks ("velmor triangle", as in
+    "Kirtland's warbler"): the shape is in the name, the colour and the pattern only in the descriptions.
+    Epithets are distinct, drawn from the seed.
+    """
+    if style == "attributes":
+        return [class_name(*c) for c in classes]
+    if style != "epithet":
+        raise ValueError(f"unknown name style {style!r}; known: {list(NAME_STYLES)}")
+    words = [a + b for a in _SYLLABLES for b in _SYLLABLES if a != b]
+    rng = np.random.default_rng([seed, 11])
+    picked = rng.choice(len(words), size=len(classes), replace=False)
+    return [f"{words[i]} {shape}" for i, (shape, _, _) in zip(picked, classes)]
 
 
 def _pick(rng: np.random.Generator, items: list[str], k: int) -> list[str]:
     return [items[i] for i in rng.choice(len(items), size=min(k, len(items)), replace=False)]
 
 
-def _descriptive(attrs: tuple[str, str, str], rng: np.random.Generator, count: int) -> list[str]:
+def _descriptive(attrs: tuple[str, str, str], name: str, rng: np.random.Generator, count: int) -> list[str]:
     shape, colour, pattern = attrs
     fill = {"shape": shape, "colour": colour, "pattern": pattern, "pattern_phrase": PATTERN_PHRASE[pattern]}
     groups = [SHAPE_FACTS[shape], COLOUR_FACTS[colour], PATTERN_FACTS[pattern], [t.format(**fill) for t in COMBINED]]
@@ -188,7 +216,7 @@ def _descriptive(attrs: tuple[str, str, str], rng: np.random.Generator, count: i
     rest = [s for g in groups for s in g if s not in chosen]
     chosen += _pick(rng, rest, count - 1 - len(chosen))
     rng.shuffle(chosen)
-    intro = f"The {class_name(shape, colour, pattern)} is a simple drawn figure."
+    intro = f"The {name} is a simple drawn figure."
     return [intro] + chosen
 
 
@@ -209,11 +237,12 @@ def _confusable(cid: int, classes: list[tuple[str, str, str]], rng: np.random.Ge
     return int(candidates[rng.integers(len(candidates))])
 
 
-def _other_class(cid: int, classes: list[tuple[str, str, str]], rng: np.random.Generator) -> Sentence:
+def _other_class(cid: int, classes: list[tuple[str, str, str]], names: list[str],
+                 rng: np.random.Generator) -> Sentence:
     other = _confusable(cid, classes, rng)
     shape, colour, pattern = classes[other]
     text = OTHER_CLASS[rng.integers(len(OTHER_CLASS))].format(
-        name=class_name(shape, colour, pattern), shape=shape, colour=colour, pattern_phrase=PATTERN_PHRASE[pattern])
+        name=names[other], shape=shape, colour=colour, pattern=pattern, pattern_phrase=PATTERN_PHRASE[pattern])
     return Sentence(text, DISTRACTOR, "other_class", other)
 
 
@@ -223,17 +252,20 @@ def distractor_count(descriptive: int, rng: np.random.Generator) -> int:
     return int(valid[rng.integers(len(valid))])
 
 
-def shapes_document(cid: int, classes: list[tuple[str, str, str]], seed: int) -> WikiDoc:
-    """The description of class `cid` (classes: `(shape, colour, pattern)` per class id)."""
+def shapes_document(cid: int, classes: list[tuple[str, str, str]], seed: int,
+                    names: list[str] | None = None) -> WikiDoc:
+    """The description of class `cid` (classes: `(shape, colour, pattern)` per class id; names: per class id,
+    default their attribute names)."""
+    names = names if names is not None else [class_name(*c) for c in classes]
     rng = np.random.default_rng([seed, 7, cid])
     n_desc = int(rng.integers(6, 11))
-    descriptive = [Sentence(t) for t in _descriptive(classes[cid], rng, n_desc)]
+    descriptive = [Sentence(t) for t in _descriptive(classes[cid], names[cid], rng, n_desc)]
     n_dist = distractor_count(n_desc, rng)
     n_other = int(rng.integers(1, n_dist))  # at least one of each distractor kind
     distractors: list[Sentence] = []
     seen = {s.text for s in descriptive}
     while len(distractors) < n_other:
-        sentence = _other_class(cid, classes, rng)
+        sentence = _other_class(cid, classes, names, rng)
         if sentence.text not in seen:
             seen.add(sentence.text)
             distractors.append(sentence)
@@ -258,7 +290,7 @@ def shapes_document(cid: int, classes: list[tuple[str, str, str]], seed: int) ->
     for title in ["Description", "Appearance", "Variants", "History", "In popular culture"]:
         if title in sections:
             doc.sections.append((title, _paragraphs(sections[title], rng)))
-    see_also = [f"* {class_name(*classes[j])}" for j in rng.choice(len(classes), size=2, replace=False)]
+    see_also = [f"* {names[j]}" for j in rng.choice(len(classes), size=2, replace=False)]
     refs = [f"1. Catalogue of drawn figures, {int(rng.integers(1950, 2020))}, page {int(rng.integers(2, 300))}.",
             f"2. The book of simple figures, chapter {int(rng.integers(1, 20))}."]
     doc.dropped = [("See also", see_also), ("References", refs)]
