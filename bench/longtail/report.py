@@ -23,6 +23,7 @@ ARM_LABELS = {
     "text_recommended": "**Recommended: stage 1 + AnSS + text-initialised anchors, LA loss, fusion α on val**",
     "control_shuffled": "Control: recommended, descriptions shuffled across classes",
     "control_distractors": "Control: recommended, distractor sentences only",
+    "control_text_shuffled": "Control: recommended, whole class text (names and descriptions) shuffled",
 }
 ANSS_GOAL = 5.0  # "clearly beats": at least this many points of precision
 

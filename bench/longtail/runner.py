@@ -11,9 +11,11 @@ Arms (same pretrained starting point, same backbone budget):
   (a text-initialised cosine classifier, as in LIFT), the logit-adjusted loss with instance sampling, and the
   fusion weight chosen on the balanced val split.
 - Controls on the recommended recipe: `control_shuffled` (descriptions permuted across classes) and
-  `control_distractors` (each class keeps only its distractor sentences). The name prompts stay, so the
-  controls measure what the descriptions add to the names. Each reruns stage 1 on its text and then AnSS and
-  the head on that backbone, so it removes the descriptions' contribution everywhere they enter.
+  `control_distractors` (each class keeps only its distractor sentences) keep the name prompts, so they
+  measure what the descriptions add to the names; `control_text_shuffled` permutes each class's whole text
+  pool (name prompts and descriptions, with the same permutation), so it measures what the class text as a
+  whole gives. Each reruns stage 1 on its text and then AnSS and the head on that backbone, so it removes the
+  text's contribution everywhere it enters.
 """
 
 from __future__ import annotations
@@ -91,14 +93,12 @@ def _choose_alpha(z_vis: torch.Tensor, z_lin: torch.Tensor, labels: np.ndarray, 
     return float(best)
 
 
-def _shuffled(texts: list[list[str]], flags: list[np.ndarray], rng: np.random.Generator):
-    """Descriptions permuted across classes with no class keeping its own (a derangement)."""
-    n = len(texts)
+def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of n classes with no class kept in place."""
     while True:
         perm = rng.permutation(n)
         if n < 2 or not np.any(perm == np.arange(n)):
-            break
-    return [texts[p] for p in perm], [flags[p] for p in perm]
+            return perm
 
 
 def _distractors_only(texts: list[list[str]], flags: list[np.ndarray]):
@@ -166,10 +166,10 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
     flags = [bm.descriptive[c] for c in trained]
     prompts = [name_prompts(bm.names[c]) for c in trained]
 
-    def pools(descriptions: list[list[str]]) -> list[list[str]]:
-        return [p + d for p, d in zip(prompts, descriptions)]
+    def pools(descriptions: list[list[str]], name_prompts_per_class: list[list[str]]) -> list[list[str]]:
+        return [p + d for p, d in zip(name_prompts_per_class, descriptions)]
 
-    class_tokens = [tokenizer(s) for s in pools(texts)]  # stage 1 sees the trained classes' text only
+    class_tokens = [tokenizer(s) for s in pools(texts, prompts)]  # stage 1 sees the trained classes' text only
     stage1 = train_stage1(pretrained, train.x, train.y, counts, class_tokens, budget=cfg.budget, seed=seed)
     scale = float(stage1.logit_scale.detach().exp())
     feats = {"train": encode_images(stage1, train.x), "val": encode_images(stage1, val.x),
@@ -182,22 +182,25 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
     prompt_feats = _class_sentence_features(stage1, tokenizer, [name_prompts(n) for n in bm.names])
     name_feats = torch.stack([F.normalize(F.normalize(p, dim=-1).mean(0), dim=0) for p in prompt_feats])
     pool_feats = [torch.cat([prompt_feats[c], all_feats[c]]) for c in range(len(bm.names))]  # dataset ids
-    rng = np.random.default_rng(seed)
-    variants = {"real": (texts, flags), "shuffled": _shuffled(texts, flags, rng),
-                "distractors": _distractors_only(texts, flags)}
+    perm = _derangement(len(texts), np.random.default_rng(seed))
+    shuffled = ([texts[p] for p in perm], [flags[p] for p in perm])
+    # (name prompts, descriptions, their flags) of each variant's pools
+    variants = {"real": (prompts, texts, flags), "shuffled": (prompts, *shuffled),
+                "distractors": (prompts, *_distractors_only(texts, flags)),
+                "text_shuffled": ([prompts[p] for p in perm], *shuffled)}
     heads: dict[str, torch.nn.Module] = {}
-    for variant, (v_texts, v_flags) in variants.items():
+    for variant, (v_prompts, v_texts, v_flags) in variants.items():
         t = time.perf_counter()
         if variant == "real":
             v_feats, sent_feats, v_scale = feats, [pool_feats[c] for c in trained], scale
         else:
             # A control trains its own stage 1 on its text: the text reaches the tail through the backbone as
             # well as through the anchors, so a control that kept the real-text backbone would measure half.
-            v_stage1 = train_stage1(pretrained, train.x, train.y, counts, [tokenizer(s) for s in pools(v_texts)],
-                                    budget=cfg.budget, seed=seed)
+            v_stage1 = train_stage1(pretrained, train.x, train.y, counts,
+                                    [tokenizer(s) for s in pools(v_texts, v_prompts)], budget=cfg.budget, seed=seed)
             v_feats = {"train": encode_images(v_stage1, train.x), "val": encode_images(v_stage1, val.x),
                        "test": encode_images(v_stage1, test.x)}
-            sent_feats = _class_sentence_features(v_stage1, tokenizer, pools(v_texts))
+            sent_feats = _class_sentence_features(v_stage1, tokenizer, pools(v_texts, v_prompts))
             v_scale = float(v_stage1.logit_scale.detach().exp())
             del v_stage1
         anchors, _ = anss_anchors(sent_feats, v_feats["val"], val.y, v_scale, cfg.num_anchors)
@@ -234,7 +237,8 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
         zv, zl = head_logits(head, v_feats["val"])
         alpha = _choose_alpha(zv, zl, val.y, groups)
         zv, zl = head_logits(head, v_feats["test"])
-        name = {"real": "text_recommended", "shuffled": "control_shuffled", "distractors": "control_distractors"}
+        name = {"real": "text_recommended", "shuffled": "control_shuffled", "distractors": "control_distractors",
+                "text_shuffled": "control_text_shuffled"}
         arms[name[variant]] = _pred_metrics(_fused_pred(zv, zl, alpha), test.y, groups)
         arms[name[variant]]["alpha"] = alpha
         heads[variant] = head
