@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench.findings import read_findings
 from bench.longtail.backbone import Budget
 from bench.longtail.data import load_benchmark
 from bench.longtail.report import aggregate, compute_targets, write_json, write_markdown, write_plot
@@ -183,8 +184,7 @@ def render_only(args: argparse.Namespace) -> int:
         if args.dataset == "shapes-lt" else None
     payload["targets"] = compute_targets(payload["results"], other)
     if args.findings is not None:
-        text = args.findings.read_text(encoding="utf-8")
-        payload["findings"] = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+        payload["findings"] = read_findings(args.findings)
     write_json(path, payload)
     n = len(payload["seeds"])
     write_plot(args.out / payload["plot"], payload["results"],

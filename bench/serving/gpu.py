@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.findings import read_findings
 from bench.serving import cells
 from bench.serving.bundles import BenchBundle, demo_bundle, random_init_bundle
 from bench.serving.images import write_jpegs
@@ -109,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / f"{GPU_NAME}.json"
         results = json.loads(path.read_text())
         if args.findings is not None:
-            text = args.findings.read_text(encoding="utf-8")
-            results["findings"] = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+            results["findings"] = read_findings(args.findings)
             write_json(results, path)
         render(results, args.out)
         return 0
