@@ -14,7 +14,8 @@ from training.benchmarks import write_benchmark
 from training.benchmarks.layout import cifar_lt_counts
 from training.benchmarks.render_shapes import COLOURS, PATTERNS, SHAPES
 from training.benchmarks.shapes import _render_all, class_order, generate_shapes_lt
-from training.benchmarks.shapes_text import class_names
+from training.benchmarks.shapes_text import NAME_STYLES, class_names
+from vlltr.cli import main as vlltr_main
 from training.config import DataCfg
 from training.data.classes import load_class_names, load_heldout, trained_class_ids
 from training.data.datasets import build_split
@@ -77,6 +78,19 @@ def test_epithet_names_reach_files_and_text(tmp_path: Path) -> None:
         assert c["sentences"][0]["text"] == f"The {c['name']} is a simple drawn figure."
         # The looks are in the descriptions, not in the name.
         assert c["attributes"]["colour"] not in c["name"]
+
+
+def test_cli_offers_every_name_style(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The CLI spells the styles out (so `vlltr serve` imports nothing); they must stay the generator's.
+    with pytest.raises(SystemExit) as exc:
+        vlltr_main(["data", "shapes-lt", "--out", str(tmp_path / "x"), "--names", "numbers"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    offered = err.split("choose from", 1)[1].replace("'", "").replace(")", "").split(",")
+    assert "invalid choice" in err and sorted(s.strip() for s in offered) == sorted(NAME_STYLES)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(DataError, match="shapes-lt only"):
+        write_benchmark("digits-lt", tmp_path / "d", names="epithet")
 
 
 def test_full_size_meta_without_images() -> None:

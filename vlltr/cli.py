@@ -17,6 +17,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--seed", type=int, default=0, help="seed for everything drawn")
     s.add_argument("--imbalance", type=float, default=100.0, help="n_max / n_min of the training profile")
+    # The styles of training.benchmarks.shapes_text.class_names, spelled out here so `vlltr serve` imports nothing.
+    s.add_argument("--names", choices=("attributes", "epithet"), default="attributes",
+                   help="class names: attributes ('striped red triangle') or epithet ('velmor triangle': the "
+                        "colour and pattern only in the descriptions)")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +73,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
         from training.benchmarks import write_benchmark
 
-        write_benchmark(args.dataset, args.out, seed=args.seed, imbalance=getattr(args, "imbalance", None))
+        write_benchmark(args.dataset, args.out, seed=args.seed, imbalance=getattr(args, "imbalance", None),
+                        names=getattr(args, "names", None))
     elif args.command == "train":
         from training.config import load_config
         from training.pipeline import run_training
