@@ -32,7 +32,7 @@ STAGE="${LEASE_STAGE:-/tmp/ortgpu}"
 WORK="${LEASE_WORK:-/tmp/vlltr-bench-gpu}"
 # The benchmark's own limit (SIGINT first, so its servers are stopped and the JSON written so far stays).
 BENCH_TIMEOUT="${LEASE_BENCH_TIMEOUT:-390}"
-OUT="${OUT:-/tmp/vlltr-lease-out}"  # the device machine sets OUT; what is under it comes back
+OUT="${OUT:-/tmp/vlltr-lease-out}"  # a remote runner that returns the files under $OUT sets it
 CHUNKS="$REPO/.ortgpu"
 SUMS="SHA256SUMS"
 
