@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,11 +23,20 @@ _EPS = 1e-12
 
 
 # `LGRHead` state-dict keys -> the served head's array names (`service.head.HEAD_ARRAYS`, head.npz).
-STATE_TO_SERVED = {
+_STATE_TO_SERVED = {
     "ln_q.weight": "ln_q_weight", "ln_q.bias": "ln_q_bias", "w_q.weight": "w_q",
     "ln_k.weight": "ln_k_weight", "ln_k.bias": "ln_k_bias", "w_k.weight": "w_k",
     "mlp.0.weight": "mlp_w1", "mlp.0.bias": "mlp_b1", "mlp.2.weight": "mlp_w2", "mlp.2.bias": "mlp_b2",
 }
+
+
+def served_head_arrays(head: nn.Module) -> dict[str, np.ndarray]:
+    """A trained head's weights as float32 numpy arrays under the served names (what head.npz holds).
+
+    Works for `LGRHead` and subclasses with the same state-dict keys; anchors and mask are not included.
+    """
+    return {_STATE_TO_SERVED[k]: v.detach().float().cpu().numpy() for k, v in head.state_dict().items()
+            if k in _STATE_TO_SERVED}
 
 
 class LGRHead(nn.Module):

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from model.head import STATE_TO_SERVED
+from model.head import served_head_arrays
 from service.head import (
     ClassEntry,
     ClassTable,
@@ -43,8 +43,7 @@ ADDED_CLASS_VISION = "standardised"
 def numpy_head(head) -> tuple[HeadParams, np.ndarray, np.ndarray]:
     """The service's view of a trained `model.head.LGRHead`: `HeadParams`, anchors `[C, M, D]` (padding
     zeroed) and mask `[C, M]`."""
-    arrays = {STATE_TO_SERVED[k]: v.detach().float().cpu().numpy() for k, v in head.state_dict().items()
-              if k in STATE_TO_SERVED}
+    arrays = served_head_arrays(head)
     params = HeadParams.from_arrays(arrays, logit_scale=float(head.logit_scale), ln_eps=head.ln_q.eps)
     mask = head.anchor_mask.detach().cpu().numpy().astype(bool)
     anchors = (head.anchors.detach().float().cpu() * head.anchor_mask.unsqueeze(-1).cpu()).numpy()

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from model.factory import clip_dims, get_tokenizer
-from model.head import STATE_TO_SERVED, calibrated_probabilities
+from model.head import calibrated_probabilities, served_head_arrays
 from service import bundle as B
 from service.bundle import Calibration
 from service.encoders import create_session
@@ -60,6 +60,8 @@ EXPORT_TOLERANCE = 1e-4
 VERIFY_MAX_PROB_DIFF = 1e-4
 VERIFY_MIN_AGREEMENT = 0.999
 FP16_THRESHOLDS = {"min_cosine": 0.999, "top1_agreement": 0.99}
+
+
 class ExportError(RuntimeError):
     """The run cannot be exported, or what was written does not match the PyTorch model."""
 
@@ -146,8 +148,7 @@ def _write_bundle(run: TrainedRun, tmp: Path, *, fp16: bool, verify_images: int,
     log.info("ONNX encoders match PyTorch: image %.2g, text %.2g (max relative difference)",
              export_check["image_max_rel_diff"], export_check["text_max_rel_diff"])
 
-    arrays = {STATE_TO_SERVED[k]: v.detach().float().cpu().numpy() for k, v in head.state_dict().items()
-              if k in STATE_TO_SERVED}
+    arrays = served_head_arrays(head)
     missing = [k for k in HEAD_ARRAYS if k not in arrays]
     if missing:
         raise ExportError(f"the run's head lacks {missing}")

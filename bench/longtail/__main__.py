@@ -63,8 +63,7 @@ def settings(dataset: str, quick: bool) -> tuple[dict, PretrainCfg, SeedConfig]:
                        num_anchors=6))
 
 
-def write_data(dataset: str, out: Path, seed: int, imbalance: float | None, sizes: dict,
-               names: str = "attributes") -> Path:
+def write_data(dataset: str, out: Path, seed: int, imbalance: float | None, sizes: dict, names: str) -> Path:
     """Write (or reuse) the benchmark directory (`names`: the Shapes-LT class-name style)."""
     if (out / "meta.json").is_file():
         return out
