@@ -65,6 +65,15 @@ def test_openai_weights_need_quick_gelu():
         check_model_config(cfg)
 
 
+@pytest.mark.parametrize("override, key", [("stage2.loss=la", "stage2.loss"), ("stage1.sampler=sqrtt", "stage1.sampler"),
+                                           ("data.templates=clip81", "data.templates")])
+def test_a_value_outside_a_keys_choices_is_refused_at_load(override, key):
+    # Caught when the config loads, not when the value is first used hours into a run.
+    with pytest.raises(ConfigError, match=key):
+        load_config("digits-lt-tiny", [override])
+    assert load_config("digits-lt-tiny", ["stage2.loss=logit_adjusted"]).stage2.loss == "logit_adjusted"
+
+
 def _image(path: Path, seed: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

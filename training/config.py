@@ -1,7 +1,8 @@
 """Run configuration: typed dataclasses loaded from YAML, with `--set key=value` overrides.
 
-A config file holds the sections below; anything not given takes the default written here. Unknown keys
-are an error (a typo must not silently fall back to a default). The resolved config is saved next to every
+A config file holds the sections below; anything not given takes the default written here. Unknown keys,
+and values outside a key's listed choices, are an error (a typo must not silently fall back to a default or
+fail hours into a run). The resolved config is saved next to every
 checkpoint, so a run can always be reproduced and resumed.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -165,11 +166,15 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ConfigError(f"unknown key(s) {[f'{where}.{k}'.lstrip('.') for k in unknown]}; known: {sorted(fields)}")
     kwargs = {}
+    hints = get_type_hints(cls)
     for name, value in values.items():
         sub = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
         if sub is not None and dataclasses.is_dataclass(sub) and isinstance(value, dict):
             kwargs[name] = _build(sub, value, f"{where}.{name}".lstrip("."))
         else:
+            if get_origin(hints[name]) is Literal and value not in get_args(hints[name]):
+                raise ConfigError(f"{f'{where}.{name}'.lstrip('.')}: {value!r} is not one of "
+                                  f"{list(get_args(hints[name]))}")
             kwargs[name] = value
     return cls(**kwargs)
 
