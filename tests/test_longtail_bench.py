@@ -31,7 +31,7 @@ def quick_run(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.longtail", "--dataset", "shapes-lt", "--quick", "--seeds", "0",
-         "--out", str(out), "--cache-dir", str(cache)],
+         "--text-lr-scale", "0.5", "--out", str(out), "--cache-dir", str(cache)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "shapes-lt.json").read_text())
@@ -43,6 +43,9 @@ def test_quick_run_writes_table_plot_and_json(quick_run):
     assert "python -m bench.longtail --dataset shapes-lt --quick" in md and "QUICK" in md
     assert (out / "shapes-lt.png").stat().st_size > 1000
     assert data["quick"] is True and data["seeds"] == [0]
+    # The recipe's text-tower lr reaches the run, its page, and a separate published stage 1.
+    assert data["config"]["seed"]["text_lr_scale"] == 0.5 and "0.5× that lr" in md
+    assert "vlltr_faithful" in data["results"]["timings_s"]["0"]
     for arm in ARMS:
         entry = data["results"]["arms"][arm]
         assert set(SPLITS) <= set(entry["per_seed"]["0"]) and set(SPLITS) <= set(entry["mean"])
@@ -101,3 +104,31 @@ def test_split_metrics_and_helpers():
     assert harmonic_mean(0.0, 0.0) == 0.0 and harmonic_mean(50.0, 100.0) == pytest.approx(66.667, abs=1e-3)
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(1.4142, abs=1e-4))
     assert mean_std([4.0]) == (4.0, 0.0)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1])
+def test_stage1_text_lr_scale_slows_or_freezes_only_the_text_tower(scale):
+    import torch
+
+    from bench.longtail.backbone import Budget, train_stage1
+    from model.factory import clip_dims, create_clip
+
+    torch.manual_seed(0)
+    clip = create_clip("vlltr-tiny-vit")
+    size, ctx = clip_dims(clip).image_size, int(clip.positional_embedding.shape[0])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+    tokens = [torch.randint(1, 100, (2, ctx)) for _ in range(3)]
+    kwargs = dict(budget=Budget(epochs=2, batch_size=8, warmup_frac=0.0), seed=0)
+    images = torch.randn(len(labels), 3, size, size)
+    scaled = train_stage1(clip, images, labels, np.bincount(labels), tokens, text_lr_scale=scale, **kwargs)
+    full = train_stage1(clip, images, labels, np.bincount(labels), tokens, **kwargs)
+
+    def moved(model, text: bool) -> float:
+        return sum(float((p - q).abs().sum()) for (k, p), q in zip(model.named_parameters(), clip.parameters())
+                   if k.startswith("visual.") != text and k != "logit_scale")
+
+    assert moved(scaled, text=False) > 0
+    if scale == 0.0:
+        assert moved(scaled, text=True) == 0.0
+    else:
+        assert 0.0 < moved(scaled, text=True) < moved(full, text=True)

@@ -71,6 +71,9 @@ class Stage1Cfg:
     weight_decay: float = 0.05
     smoothing: float = 0.1
     distill_beta: float = 0.5  # 0 switches distillation (and the teacher) off
+    # Multiplier on the text tower's lr (1: the paper's one shared lr; 0 freezes the text tower). Lower values lean
+    # more on what the class text says and, on the long-tail benchmark, cost accuracy (docs/benchmarks/shapes-lt.md).
+    text_lr_scale: float = 1.0
     bn_train_mode: bool = False  # the original trains IN-LT/Places in eval mode (frozen BN)
     sampler: Literal["sqrt", "balanced", "instance"] = "sqrt"
     amp: bool = True  # fp16 autocast + grad scaling on CUDA; ignored on CPU (bf16 autocast is slower there)

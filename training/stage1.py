@@ -86,9 +86,33 @@ def build_stage1_model(cfg: Config, clip: open_clip.CLIP) -> Stage1Model:
     return Stage1Model(clip, teacher, bn_train_mode=cfg.stage1.bn_train_mode)
 
 
+def split_towers(clip: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Parameter]],
+                                                 list[tuple[str, torch.nn.Parameter]]]:
+    """(image side, text side) named parameters of a CLIP; the logit scale counts as image side."""
+    image, text = [], []
+    for name, p in clip.named_parameters():
+        (image if name.startswith("visual.") or name == "logit_scale" else text).append((name, p))
+    return image, text
+
+
 def stage1_optimizer(model: Stage1Model, cfg: Config) -> torch.optim.AdamW:
-    """One lr for both towers and the logit scale (the original's text_lr = 0); no decay on 1-D params."""
-    groups = decay_groups(model.clip.named_parameters(), cfg.stage1.lr, cfg.stage1.weight_decay, "clip")
+    """AdamW over the student; no decay on 1-D params.
+
+    With `stage1.text_lr_scale` = 1 (the original, whose text_lr = 0 means "shared") one lr trains both towers and
+    the logit scale. Another value puts the text tower in its own groups at `lr * text_lr_scale`; 0 freezes it.
+    """
+    scale = cfg.stage1.text_lr_scale
+    if not scale >= 0.0:
+        raise ValueError(f"stage1.text_lr_scale must be >= 0 (0 freezes the text tower), got {scale}")
+    if scale == 1.0:
+        groups = decay_groups(model.clip.named_parameters(), cfg.stage1.lr, cfg.stage1.weight_decay, "clip")
+        return adamw(groups, cfg.stage1.lr, cfg.stage1.eps)
+    image_side, text_side = split_towers(model.clip)
+    if scale == 0.0:
+        for _, p in text_side:
+            p.requires_grad_(False)
+    groups = decay_groups(iter(image_side), cfg.stage1.lr, cfg.stage1.weight_decay, "image")
+    groups += decay_groups(iter(text_side), cfg.stage1.lr * scale, cfg.stage1.weight_decay, "text")
     return adamw(groups, cfg.stage1.lr, cfg.stage1.eps)
 
 

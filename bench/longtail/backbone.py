@@ -19,6 +19,7 @@ from torch import nn
 
 from training.features import encode_text, encode_token_table
 from training.losses import contrastive_logits, stage1_loss
+from training.stage1 import split_towers
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,20 @@ def epoch_batches(labels: np.ndarray, counts: np.ndarray, kind: str, batch_size:
     return [order[i:i + batch_size] for i in range(0, n, batch_size) if len(order[i:i + batch_size]) > 1]
 
 
-def _optimizer(params: list[nn.Parameter], budget: Budget) -> torch.optim.Optimizer:
+def _optimizer(params: list[nn.Parameter], budget: Budget, scaled: tuple[list[nn.Parameter], float] | None = None,
+               ) -> torch.optim.Optimizer:
+    """AdamW; `scaled` is (parameters, lr multiplier) for a group that trains at a fraction of the lr."""
     # No weight decay on 1-D parameters (norms, biases, scales), as in the original.
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": budget.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=budget.lr)
+    groups = []
+    for ps, scale in ((params, 1.0),) + ((scaled,) if scaled else ()):
+        groups += [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": budget.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=budget.lr)
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def _lr_at(step: int, total: int, budget: Budget) -> float:
@@ -128,8 +137,7 @@ def finetune_image_only(clip: open_clip.CLIP, images: torch.Tensor, labels: np.n
     clip.train()
     for _ in range(budget.epochs):
         for idx in epoch_batches(labels, counts, "instance", budget.batch_size, rng):
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, budget)
+            _set_lr(opt, _lr_at(step, total, budget))
             x = augment(images[idx], gen)
             logits = fc(clip.encode_image(x))
             y = y_all[idx]
@@ -144,16 +152,23 @@ def finetune_image_only(clip: open_clip.CLIP, images: torch.Tensor, labels: np.n
 
 def train_stage1(clip: open_clip.CLIP, images: torch.Tensor, labels: np.ndarray, counts: np.ndarray,
                  class_tokens: list[torch.Tensor], *, budget: Budget, seed: int, beta: float = 0.5,
-                 smoothing: float = 0.1, sampler: str = "sqrt") -> open_clip.CLIP:
+                 smoothing: float = 0.1, sampler: str = "sqrt", text_lr_scale: float = 1.0) -> open_clip.CLIP:
     """VL-LTR stage 1 (CVLP): fine-tune both towers; each image is paired with one sentence drawn uniformly from
-    its class pool; the frozen starting model is the distillation teacher. Returns the tuned copy."""
+    its class pool; the frozen starting model is the distillation teacher. Returns the tuned copy.
+
+    `text_lr_scale` multiplies the text tower's lr (0 freezes it; the image tower and logit scale keep the lr).
+    """
     if any(len(t) == 0 for t in class_tokens):
         empty = [c for c, t in enumerate(class_tokens) if len(t) == 0][:10]
         raise ValueError(f"classes {empty} have no sentences for stage 1")
     torch.manual_seed(seed)
     teacher = copy.deepcopy(clip).eval().requires_grad_(False) if beta > 0 else None
     student = copy.deepcopy(clip)
-    opt = _optimizer([p for p in student.parameters() if p.requires_grad], budget)
+    image_side, text_side = ([p for _, p in side] for side in split_towers(student))
+    if text_lr_scale == 0.0:
+        for p in text_side:
+            p.requires_grad_(False)
+    opt = _optimizer(image_side, budget, scaled=(text_side, text_lr_scale) if text_lr_scale > 0.0 else None)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     y_all = torch.as_tensor(labels, dtype=torch.long)
@@ -162,8 +177,7 @@ def train_stage1(clip: open_clip.CLIP, images: torch.Tensor, labels: np.ndarray,
     student.train()
     for _ in range(budget.epochs):
         for idx in epoch_batches(labels, counts, sampler, budget.batch_size, rng):
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, budget)
+            _set_lr(opt, _lr_at(step, total, budget))
             y = y_all[idx]
             tok = torch.stack([class_tokens[c][rng.integers(len(class_tokens[c]))] for c in y.tolist()])
             x = augment(images[idx], gen)
