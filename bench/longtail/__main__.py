@@ -1,8 +1,8 @@
 """`python -m bench.longtail`: the long-tail benchmark (Shapes-LT or Digits-LT), every arm, several seeds.
 
-    python -m bench.longtail --dataset shapes-lt --seeds 0 1 2            # writes docs/benchmarks/shapes-lt.*
-    python -m bench.longtail --dataset digits-lt --seeds 0 1 2            # writes docs/benchmarks/digits-lt.*
-    python -m bench.longtail --dataset shapes-lt --seed 3 --imbalance 50  # another draw of the data
+    python -m bench.longtail --dataset shapes-lt --names epithet --seeds 0 1 2  # writes docs/benchmarks/shapes-lt.*
+    python -m bench.longtail --dataset digits-lt --seeds 0 1 2                  # writes docs/benchmarks/digits-lt.*
+    python -m bench.longtail --dataset shapes-lt --seed 3 --imbalance 50        # another draw of the data
 
 The benchmark data and the pretrained CLIP are cached under --cache-dir (default ~/.cache/vlltr/bench), so a
 rerun only trains the arms. `--quick` runs a tiny same-shaped version in about a minute (a smoke test of the

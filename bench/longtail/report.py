@@ -177,6 +177,15 @@ def _fmt(entry: dict[str, Any], k: str) -> str:
     return f"{entry['mean'][k]:.1f} ± {entry['std'][k]:.1f}"
 
 
+def _name_style(style: str | None) -> str:
+    if style == "epithet":
+        return ("; class names are epithets (\"velmor triangle\"): the shape is in the name, the colour and "
+                "pattern only in the descriptions")
+    if style == "attributes":
+        return "; class names say every attribute (\"striped red triangle\")"
+    return ""
+
+
 def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> None:
     """The human-readable benchmark page: table, targets with their margins, plot, command, seeds."""
     agg, targets = payload["results"], payload["targets"]
@@ -188,8 +197,8 @@ def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> Non
                if payload.get("seeds_requested") and payload["seeds"] != payload["seeds_requested"] else []),
              f"Classes: {payload['num_trained']} trained ({agg['groups']['many']} many / {agg['groups']['medium']} "
              f"medium / {agg['groups']['few']} few, thresholds {payload['shot_rule']}), {payload['num_heldout']} "
-             "held out (text only). Test sets are balanced; every number is mean per-class top-1 (%) on test, "
-             "mean ± sample std over the seeds.", "",
+             f"held out (text only){_name_style(payload.get('name_style'))}. Test sets are balanced; every number "
+             "is mean per-class top-1 (%) on test, mean ± sample std over the seeds.", "",
              "| arm | overall | many | medium | few |", "|---|---|---|---|---|"]
     for arm, label in ARM_LABELS.items():
         if arm in agg["arms"]:
