@@ -31,7 +31,7 @@ def quick_run(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.longtail", "--dataset", "shapes-lt", "--quick", "--seeds", "0",
-         "--text-lr-scale", "0.5", "--out", str(out), "--cache-dir", str(cache)],
+         "--text-lr-scale", "0.5", "--pretrain-seed", "7", "--out", str(out), "--cache-dir", str(cache)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "shapes-lt.json").read_text())
@@ -46,6 +46,7 @@ def test_quick_run_writes_table_plot_and_json(quick_run):
     # The recipe's text-tower lr reaches the run, its page, and a separate published stage 1.
     assert data["config"]["seed"]["text_lr_scale"] == 0.5 and "0.5× that lr" in md
     assert "vlltr_faithful" in data["results"]["timings_s"]["0"]
+    assert data["pretrain"]["recipe"]["seed"] == 7
     for arm in ARMS:
         entry = data["results"]["arms"][arm]
         assert set(SPLITS) <= set(entry["per_seed"]["0"]) and set(SPLITS) <= set(entry["mean"])

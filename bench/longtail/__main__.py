@@ -105,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                         "everything the descriptions say) or epithet ('velmor triangle': colour and pattern "
                         "only in the descriptions)")
     p.add_argument("--text-lr-scale", type=float, default=None,
-                   help="the recommended recipe's stage-1 text-tower lr multiplier (default 0.1; 1 is the paper's "
-                        "shared lr, 0 freezes the text tower)")
+                   help="the recommended recipe's stage-1 text-tower lr multiplier (default 1, the paper's shared "
+                        "lr; 0 freezes the text tower)")
+    p.add_argument("--pretrain-seed", type=int, default=None,
+                   help="seed of the pretraining build (default: the recipe's); another value builds and caches "
+                        "another pretrained CLIP, to see how much the results depend on the build")
     p.add_argument("--quick", action="store_true", help="tiny smoke-test scale (not a result)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="where the .md/.json/.png go")
     p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("VLLTR_BENCH_CACHE",
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.text_lr_scale < 0:
             p.error("--text-lr-scale must be >= 0")
         seed_cfg = replace(seed_cfg, text_lr_scale=args.text_lr_scale)
+    if args.pretrain_seed is not None:
+        pre_cfg = replace(pre_cfg, seed=args.pretrain_seed)
     names = f"-{args.names}" if args.dataset == "shapes-lt" else ""
     tag = f"{args.dataset}-s{args.seed}-ir{args.imbalance or 'default'}{names}{'-quick' if args.quick else ''}"
     data_dir = write_data(args.dataset, args.cache_dir / "data" / tag, args.seed, args.imbalance, sizes, args.names)
