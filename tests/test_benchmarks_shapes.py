@@ -91,6 +91,8 @@ def test_cli_offers_every_name_style(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert not (tmp_path / "x").exists()
     with pytest.raises(DataError, match="shapes-lt only"):
         write_benchmark("digits-lt", tmp_path / "d", names="epithet")
+    with pytest.raises(DataError, match="shapes-lt only"):
+        write_benchmark("digits-lt", tmp_path / "d", n_max=12)
 
 
 def test_full_size_meta_without_images() -> None:

@@ -105,6 +105,7 @@ def stage1_optimizer(model: Stage1Model, cfg: Config) -> torch.optim.AdamW:
     if not scale >= 0.0:
         raise ValueError(f"stage1.text_lr_scale must be >= 0 (0 freezes the text tower), got {scale}")
     if scale == 1.0:
+        # Kept as the two "clip" groups it always was, so optimizer states saved by earlier runs still resume.
         groups = decay_groups(model.clip.named_parameters(), cfg.stage1.lr, cfg.stage1.weight_decay, "clip")
         return adamw(groups, cfg.stage1.lr, cfg.stage1.eps)
     image_side, text_side = split_towers(model.clip)

@@ -30,6 +30,7 @@ from bench.longtail.data import load_benchmark
 from bench.longtail.report import aggregate, compute_targets, write_json, write_markdown, write_plot
 from bench.longtail.runner import FAITHFUL, RECOMMENDED, SeedConfig, run_seed
 from model.factory import clip_dims, create_clip
+from training.benchmarks import write_benchmark
 from training.benchmarks.shapes_text import NAME_STYLES
 from training.pretrain import PretrainCfg, load_pretrained, pretrained_checkpoint
 
@@ -67,16 +68,10 @@ def write_data(dataset: str, out: Path, seed: int, imbalance: float | None, size
     """Write (or reuse) the benchmark directory (`names`: the Shapes-LT class-name style)."""
     if (out / "meta.json").is_file():
         return out
-    if dataset == "shapes-lt":
-        from training.benchmarks.shapes import generate_shapes_lt
-
-        kw = dict(sizes)
-        ir = kw.pop("imbalance", None) if imbalance is None else imbalance
-        generate_shapes_lt(out, seed=seed, imbalance=100.0 if ir is None else ir, names=names, **kw)
-    else:
-        from training.benchmarks.digits import generate_digits_lt
-
-        generate_digits_lt(out, seed=seed, imbalance=25.0 if imbalance is None else imbalance)
+    kw = dict(sizes)
+    quick_imbalance = kw.pop("imbalance", None)
+    write_benchmark(dataset, out, seed=seed, imbalance=quick_imbalance if imbalance is None else imbalance,
+                    names=names if dataset == "shapes-lt" else None, **kw)
     return out
 
 

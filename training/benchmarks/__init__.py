@@ -12,23 +12,26 @@ BENCHMARKS = ("digits-lt", "shapes-lt")
 
 
 def write_benchmark(name: str, out: str | Path, *, seed: int = 0, imbalance: float | None = None,
-                    names: str | None = None) -> dict[str, Any]:
+                    names: str | None = None, **sizes: int) -> dict[str, Any]:
     """Write benchmark `name` (`digits-lt` or `shapes-lt`) to `out` and return its meta.json content.
 
     `imbalance` (n_max / n_min of the training profile) defaults to 25 for digits-lt and 100 for shapes-lt.
-    `names` is the shapes-lt class-name style (`attributes`, the default, or `epithet`).
+    `names` is the shapes-lt class-name style (`attributes`, the default, or `epithet`); `sizes` are shapes-lt's
+    `n_max`, `val_per_class` and `test_per_class` (smaller values give a quick, same-shaped dataset).
     """
     if name == "digits-lt":
         from training.benchmarks.digits import generate_digits_lt
 
         if names is not None:
             raise DataError("digits-lt classes are named by their digit; a name style applies to shapes-lt only")
+        if sizes:
+            raise DataError(f"digits-lt has fixed sizes; {sorted(sizes)} apply to shapes-lt only")
         return generate_digits_lt(out, seed=seed, imbalance=25.0 if imbalance is None else imbalance)
     if name == "shapes-lt":
         from training.benchmarks.shapes import generate_shapes_lt
 
         return generate_shapes_lt(out, seed=seed, imbalance=100.0 if imbalance is None else imbalance,
-                                  names=names or "attributes")
+                                  names=names or "attributes", **sizes)
     raise DataError(f"unknown benchmark {name!r}; known: {list(BENCHMARKS)}")
 
 
