@@ -30,8 +30,8 @@ def quick_run(tmp_path_factory):
     cache = tmp_path_factory.mktemp("bench-cache")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.longtail", "--dataset", "shapes-lt", "--quick", "--seeds", "0",
-         "--text-lr-scale", "0.5", "--pretrain-seed", "7", "--out", str(out), "--cache-dir", str(cache)],
+        [sys.executable, "-m", "bench.longtail", "--dataset", "shapes-lt", "--quick", "--seeds", "0", "1",
+         "--text-lr-scale", "0.5", "--pretrain-seed", "7", "--pretrain-per-seed", "--out", str(out), "--cache-dir", str(cache)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "shapes-lt.json").read_text())
@@ -42,11 +42,16 @@ def test_quick_run_writes_table_plot_and_json(quick_run):
     md = (out / "shapes-lt.md").read_text()
     assert "python -m bench.longtail --dataset shapes-lt --quick" in md and "QUICK" in md
     assert (out / "shapes-lt.png").stat().st_size > 1000
-    assert data["quick"] is True and data["seeds"] == [0]
+    assert data["quick"] is True and data["seeds"] == [0, 1]
+    assert "torch " in data["machine"] and "kernels" in data["machine"]  # what pretraining builds depend on
     # The recipe's text-tower lr reaches the run, its page, and a separate published stage 1.
     assert data["config"]["seed"]["text_lr_scale"] == 0.5 and "0.5× that lr" in md
     assert "vlltr_faithful" in data["results"]["timings_s"]["0"]
-    assert data["pretrain"]["recipe"]["seed"] == 7
+    # One pretraining build per training seed: the recipe's seed plus the training seed, each its own checkpoint.
+    builds = data["pretrain"]["builds"]
+    assert data["pretrain"]["recipe"]["seed"] == 7 and data["pretrain"]["per_seed_builds"] is True
+    assert {s: b["pretrain_seed"] for s, b in builds.items()} == {"0": 7, "1": 8}
+    assert builds["0"]["file"] != builds["1"]["file"] and builds["1"]["file"] in md
     for arm in ARMS:
         entry = data["results"]["arms"][arm]
         assert set(SPLITS) <= set(entry["per_seed"]["0"]) and set(SPLITS) <= set(entry["mean"])

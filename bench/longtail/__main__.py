@@ -1,8 +1,12 @@
 """`python -m bench.longtail`: the long-tail benchmark (Shapes-LT or Digits-LT), every arm, several seeds.
 
-    python -m bench.longtail --dataset shapes-lt --names epithet --seeds 0 1 2  # writes docs/benchmarks/shapes-lt.*
-    python -m bench.longtail --dataset digits-lt --seeds 0 1 2                  # writes docs/benchmarks/digits-lt.*
-    python -m bench.longtail --dataset shapes-lt --seed 3 --imbalance 50        # another draw of the data
+    python -m bench.longtail --dataset shapes-lt --names epithet --seeds 0 1 2 --pretrain-per-seed
+                                                        # writes docs/benchmarks/shapes-lt.*
+    python -m bench.longtail --dataset digits-lt --seeds 0 1 2            # writes docs/benchmarks/digits-lt.*
+    python -m bench.longtail --dataset shapes-lt --seed 3 --imbalance 50  # another draw of the data
+
+`--pretrain-per-seed` gives every training seed its own pretraining build, so the reported ± includes what
+changes with the pretrained starting point (on Shapes-LT the shuffled-description control does).
 
 The benchmark data and the pretrained CLIP are cached under --cache-dir (default ~/.cache/vlltr/bench), so a
 rerun only trains the arms. `--quick` runs a tiny same-shaped version in about a minute (a smoke test of the
@@ -105,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-seed", type=int, default=None,
                    help="seed of the pretraining build (default: the recipe's); another value builds and caches "
                         "another pretrained CLIP, to see how much the results depend on the build")
+    p.add_argument("--pretrain-per-seed", action="store_true",
+                   help="start each training seed s from its own pretraining build (pretraining seed = the "
+                        "recipe's + s; seed 0 keeps the recipe's build), so the ± covers pretraining builds as well "
+                        "as training seeds")
     p.add_argument("--quick", action="store_true", help="tiny smoke-test scale (not a result)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="where the .md/.json/.png go")
     p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("VLLTR_BENCH_CACHE",
@@ -134,25 +142,27 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = write_data(args.dataset, args.cache_dir / "data" / tag, args.seed, args.imbalance, sizes, args.names)
     bm = load_benchmark(data_dir, image_size=clip_dims(create_clip(pre_cfg.arch)).image_size,
                         cache_dir=args.cache_dir / "images")
-    pre_path = pretrained_checkpoint(pre_cfg, args.cache_dir / "pretrained", benchmark_dir=data_dir,
-                                     render_size=int(bm.meta.get("image_size", 64)))
-    pretrained = load_pretrained(pre_path, pre_cfg.arch)
-    pre_meta_path = pre_path.with_suffix(".json")
-    pre_meta = json.loads(pre_meta_path.read_text()) if pre_meta_path.is_file() else {}
+
+    def build(seed: int) -> tuple[PretrainCfg, Path]:
+        cfg = replace(pre_cfg, seed=pre_cfg.seed + seed) if args.pretrain_per_seed else pre_cfg
+        return cfg, pretrained_checkpoint(cfg, args.cache_dir / "pretrained", benchmark_dir=data_dir,
+                                          render_size=int(bm.meta.get("image_size", 64)))
 
     per_seed: dict[int, dict] = {}
+    builds: dict[int, tuple[PretrainCfg, Path]] = {}
     args.out.mkdir(parents=True, exist_ok=True)
     for s in args.seeds:
         log.info("seed %d", s)
-        per_seed[s] = run_seed(bm, pretrained, s, seed_cfg)
+        builds[s] = build(s)
+        per_seed[s] = run_seed(bm, load_pretrained(builds[s][1], pre_cfg.arch), s, seed_cfg)
         # Written after every seed, so an interrupted run still leaves honest (fewer-seed) results.
-        _write_outputs(args, command, started, bm, pre_cfg, pre_path, pre_meta, seed_cfg, per_seed)
+        _write_outputs(args, command, started, bm, pre_cfg, builds, seed_cfg, per_seed)
     log.info("wrote %s (%.1f min)", args.out / f"{args.dataset}.md", (time.perf_counter() - started) / 60)
     return 0
 
 
-def _write_outputs(args: argparse.Namespace, command: str, started: float, bm, pre_cfg: PretrainCfg, pre_path: Path,
-                   pre_meta: dict, seed_cfg: SeedConfig, per_seed: dict[int, dict]) -> None:
+def _write_outputs(args: argparse.Namespace, command: str, started: float, bm, pre_cfg: PretrainCfg,
+                   builds: dict[int, tuple[PretrainCfg, Path]], seed_cfg: SeedConfig, per_seed: dict[int, dict]) -> None:
     agg = aggregate(per_seed)
     other = other_summary(args.out / f"{OTHER[args.dataset]}.json", OTHER[args.dataset]) \
         if args.dataset == "shapes-lt" else None
@@ -164,13 +174,13 @@ def _write_outputs(args: argparse.Namespace, command: str, started: float, bm, p
         "data_seed": args.seed, "imbalance": bm.meta.get("imbalance"), "quick": args.quick,
         "name_style": bm.meta.get("name_style"),
         "wall_time_min": round((time.perf_counter() - started) / 60, 2),
-        "machine": f"{platform.machine()}, {args.threads} torch threads, {os.cpu_count()} CPUs visible",
+        # The torch build and its CPU kernel level are recorded because pretraining builds differ across them.
+        "machine": f"{platform.machine()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} "
+                   f"kernels), {args.threads} torch threads, {os.cpu_count()} CPUs visible",
         "num_trained": int(len(bm.trained)), "num_heldout": int(len(bm.heldout)),
         "shot_rule": f"many > {bm.many_threshold}, few < {bm.few_threshold} train images",
         "plot": plot.name,
-        "pretrain": {"file": pre_path.name, "recipe": asdict(pre_cfg), "provenance": pre_meta.get("provenance"),
-                     "summary": f"{pre_cfg.arch}, {pre_meta.get('provenance', {}).get('num_images')} captioned "
-                                f"images, {pre_cfg.epochs} epochs"},
+        "pretrain": _pretrain_summary(pre_cfg, builds, args.pretrain_per_seed),
         "config": {"seed": asdict(seed_cfg), "faithful_head": asdict(FAITHFUL), "recommended_head": asdict(RECOMMENDED)},
         "targets": targets,
         "results": agg,
@@ -178,6 +188,18 @@ def _write_outputs(args: argparse.Namespace, command: str, started: float, bm, p
     write_json(args.out / f"{args.dataset}.json", payload)
     write_plot(plot, agg, f"{args.dataset}: accuracy per split ({len(done)} seed{'s' if len(done) > 1 else ''})")
     write_markdown(args.out / f"{args.dataset}.md", payload, notes(args.dataset, payload))
+
+
+def _pretrain_summary(pre_cfg: PretrainCfg, builds: dict[int, tuple[PretrainCfg, Path]], per_seed: bool) -> dict:
+    """The pretraining recipe and the build (checkpoint file and pretraining seed) each training seed started from."""
+    first = builds[min(builds)][1].with_suffix(".json")
+    meta = json.loads(first.read_text()) if first.is_file() else {}
+    files = sorted({path.name for _, path in builds.values()})
+    return {"file": ", ".join(files), "recipe": asdict(pre_cfg), "provenance": meta.get("provenance"),
+            "per_seed_builds": per_seed,
+            "builds": {str(s): {"pretrain_seed": cfg.seed, "file": path.name} for s, (cfg, path) in builds.items()},
+            "summary": f"{pre_cfg.arch}, {meta.get('provenance', {}).get('num_images')} captioned images, "
+                       f"{pre_cfg.epochs} epochs"}
 
 
 def render_only(args: argparse.Namespace) -> int:
@@ -213,10 +235,14 @@ def notes(dataset: str, payload: dict) -> list[str]:
                "published arm has its own stage 1.")
     tower = ("a small ResNet image tower on 64-pixel inputs, `" + SHAPES_ARCH + "`" if dataset == "shapes-lt" else
              "a tiny ViT, `" + DIGITS_ARCH + "`")
+    builds = ("Each training seed has its own pretraining build (pretraining seed = the recipe's + the training "
+              "seed, `--pretrain-per-seed`), so the ± covers pretraining builds as well as training seeds."
+              if payload["pretrain"].get("per_seed_builds") else
+              "All seeds share one pretraining build, so the ± covers training seeds, not builds.")
     return [
-        f"Every arm starts from the same pretrained CLIP ({tower}, trained once on {source}; none of the "
+        f"Within a seed every arm starts from the same pretrained CLIP ({tower}, trained on {source}; none of the "
         "benchmark's images, class names or description files). It is also the stage-1 distillation teacher "
-        "(β = 0.5) and the zero-shot arm.",
+        f"(β = 0.5) and the zero-shot arm. {builds}",
         "Backbone arms (both image-only arms and stage 1) get the same budget: epochs, batch, lr schedule, "
         "flip/shift augmentation. " + text_lr + " Stage-2 heads train on cached features of the frozen stage-1 "
         "backbone; mixup in the published stage 2 is therefore applied to features, not pixels.",

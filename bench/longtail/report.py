@@ -186,6 +186,14 @@ def _name_style(style: str | None) -> str:
     return ""
 
 
+def _pretrain_line(pretrain: dict[str, Any]) -> str:
+    if not pretrain.get("per_seed_builds"):
+        return f"Pretrained starting point: `{pretrain['file']}` ({pretrain['summary']})."
+    each = "; ".join(f"seed {s}: `{b['file']}` (pretraining seed {b['pretrain_seed']})"
+                     for s, b in pretrain["builds"].items())
+    return f"Pretrained starting points, one build per training seed ({pretrain['summary']}): {each}."
+
+
 def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> None:
     """The human-readable benchmark page: table, targets with their margins, plot, command, seeds."""
     agg, targets = payload["results"], payload["targets"]
@@ -251,7 +259,7 @@ def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> Non
         gammas = [agg["added"]["per_seed"][k]["gamma"] for k in agg["added"]["per_seed"]]
         lines.append(f"\nChosen γ per seed: {gammas}; rule: {next(iter(agg['added']['per_seed'].values()))['gamma_rule']}.")
     lines += ["", "## How it was run", "", "```", payload["command"], "```", "",
-              f"Pretrained starting point: `{payload['pretrain']['file']}` ({payload['pretrain']['summary']}).", ""]
+              _pretrain_line(payload["pretrain"]), ""]
     if payload.get("findings"):
         lines += ["## Findings (why the targets are met or missed)", ""] + [f"- {f}" for f in payload["findings"]] + [""]
     lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
