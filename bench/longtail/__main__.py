@@ -6,7 +6,7 @@
     python -m bench.longtail --dataset shapes-lt --seed 3 --imbalance 50  # another draw of the data
 
 `--pretrain-per-seed` gives every training seed its own pretraining build, so the reported ± includes what
-changes with the pretrained starting point (on Shapes-LT the shuffled-description control does).
+changes with the pretrained starting point (on Shapes-LT every arm moves with it).
 
 The benchmark data and the pretrained CLIP are cached under --cache-dir (default ~/.cache/vlltr/bench), so a
 rerun only trains the arms. `--quick` runs a tiny same-shaped version in about a minute (a smoke test of the
