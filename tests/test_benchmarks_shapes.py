@@ -93,6 +93,9 @@ def test_cli_offers_every_name_style(tmp_path: Path, capsys: pytest.CaptureFixtu
         write_benchmark("digits-lt", tmp_path / "d", names="epithet")
     with pytest.raises(DataError, match="shapes-lt only"):
         write_benchmark("digits-lt", tmp_path / "d", n_max=12)
+    with pytest.raises(DataError, match="monochrome_prob must be in"):
+        vlltr_main(["data", "shapes-lt", "--out", str(tmp_path / "m"), "--monochrome-sessions", "1.5"])
+    assert not (tmp_path / "m").exists()
 
 
 def test_full_size_meta_without_images() -> None:
@@ -186,8 +189,8 @@ def test_deterministic(small: tuple[Path, dict], tmp_path: Path) -> None:
 def test_parallel_rendering_gives_the_same_bytes(tmp_path: Path) -> None:
     def jobs(root: str) -> list[tuple]:
         (tmp_path / root / "images" / "test").mkdir(parents=True)
-        return [(str(tmp_path / root), 9, "test", cid, ("star", "cyan", "dotted"), start, 3)
-                for cid, start in ((5, 0), (6, 3))]
+        return [(str(tmp_path / root), 9, "test", cid, ("star", "cyan", "dotted"), start, 3, mono)
+                for cid, start, mono in ((5, 0, (True,)), (6, 3, ()))]
 
     _render_all(jobs("one"), workers=1)
     _render_all(jobs("two"), workers=2, min_parallel=0)
@@ -208,6 +211,44 @@ def test_images_show_the_class_colour(small: tuple[Path, dict]) -> None:
         hue = np.angle(np.mean(np.exp(1j * top[:, 0] / 255 * 2 * np.pi)), deg=True) % 360
         want = hues[meta["classes"][label]["attributes"]["colour"]]
         assert min(abs(hue - want), 360 - abs(hue - want)) < 25, (path, hue, want)
+
+
+def _grey(path: str | Path) -> bool:
+    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    return bool((arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all())
+
+
+def test_black_and_white_sessions_only_in_training(small: tuple[Path, dict], tmp_path: Path) -> None:
+    plain, plain_meta = small
+    assert plain_meta["sessions"]["monochrome_prob"] == 0.0
+    assert not any(c["train_monochrome"] for c in plain_meta["classes"])
+    out = tmp_path / "bw"
+    meta = generate_shapes_lt(out, seed=3, monochrome_prob=0.5, **SMALL)
+    cfg = _cfg(out)
+
+    train = build_split(cfg, "train", None)
+    per_class: dict[int, list[bool]] = {}
+    for path, label in train.samples:
+        per_class.setdefault(label, []).append(_grey(path))
+    # SMALL has n_max 10: every class is one session, in black and white or in colour as a whole.
+    assert all(len(set(flags)) == 1 for flags in per_class.values())
+    assert {c: sum(f) for c, f in per_class.items()} == {
+        c["id"]: c["train_monochrome"] for c in meta["classes"] if c["train_count"]}
+    assert 0 < sum(f[0] for f in per_class.values()) < len(per_class)
+    assert meta["sessions"]["size"] == 25 and meta["format_version"] == 2
+    for split in ("val", "test"):
+        assert not any(_grey(p) for p, _ in build_split(cfg, split, None).samples)
+    # Sessions only turn whole images grey: every other file is the colour benchmark's, byte for byte.
+    changed = {k for k, v in _digest(out).items() if _digest(plain).get(k) != v}
+    assert changed == {f"images/train/{Path(p).name}" for p, _ in train.samples if _grey(p)} | {"meta.json"}
+
+
+def test_sessions_follow_the_class_not_n_max() -> None:
+    from training.benchmarks.shapes import monochrome_sessions
+
+    assert monochrome_sessions(0, 7, 500, 0.5)[:1] == monochrome_sessions(0, 7, 12, 0.5)
+    assert len(monochrome_sessions(0, 7, 500, 0.5)) == 20 and len(monochrome_sessions(0, 7, 26, 0.5)) == 2
+    assert monochrome_sessions(0, 7, 500, prob=0.0) == [False] * 20
 
 
 def test_refuses_foreign_directory(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def quick_run(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.longtail", "--dataset", "shapes-lt", "--quick", "--seeds", "0", "1",
-         "--text-lr-scale", "0.5", "--pretrain-seed", "7", "--pretrain-per-seed", "--out", str(out), "--cache-dir", str(cache)],
+         "--text-lr-scale", "0.5", "--fixed-anchors", "--monochrome-sessions", "0.5", "--pretrain-epochs", "2", "--pretrain-seed", "7", "--pretrain-per-seed", "--out", str(out), "--cache-dir", str(cache)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "shapes-lt.json").read_text())
@@ -47,11 +47,30 @@ def test_quick_run_writes_table_plot_and_json(quick_run):
     # The recipe's text-tower lr reaches the run, its page, and a separate published stage 1.
     assert data["config"]["seed"]["text_lr_scale"] == 0.5 and "0.5× that lr" in md
     assert "vlltr_faithful" in data["results"]["timings_s"]["0"]
+    # --fixed-anchors gives the recommended head the published fixed anchors, and the page says so.
+    assert data["config"]["recommended_head"]["anchor_lr"] == 0 and data["config"]["recommended_head"]["loss"] == \
+        "logit_adjusted"
+    assert data["config"]["seed"]["recommended"] == data["config"]["recommended_head"]
+    assert "`--fixed-anchors`" in md
+    # --monochrome-sessions reaches the data and the pretraining set.
+    assert data["pretrain"]["recipe"]["monochrome_prob"] > 0 and "in black and white, their captions" in md
     # One pretraining build per training seed: the recipe's seed plus the training seed, each its own checkpoint.
     builds = data["pretrain"]["builds"]
     assert data["pretrain"]["recipe"]["seed"] == 7 and data["pretrain"]["per_seed_builds"] is True
+    assert data["pretrain"]["recipe"]["epochs"] == 2 and "2 epochs" in md
     assert {s: b["pretrain_seed"] for s, b in builds.items()} == {"0": 7, "1": 8}
     assert builds["0"]["file"] != builds["1"]["file"] and builds["1"]["file"] in md
+    # The quick data (n_max 12) is one training session per class: the page counts the classes seen only in black
+    # and white, all of them in its few-shot group.
+    sessions = data["training_sessions"]
+    assert sessions["size"] == 25 and sessions["monochrome_prob"] == 0.5
+    greyed = sessions["classes_only_in_black_and_white"]
+    assert greyed["many"] == greyed["medium"] == 0 and 0 < greyed["few"] < data["num_trained"]
+    assert f"{greyed['few']} few." in md
+    # ... and splits every arm's few-shot accuracy by what the training images showed.
+    assert "trained only in black and white" in md
+    for arm in ARMS:
+        assert {"few_colour", "few_black_and_white"} <= set(data["results"]["arms"][arm]["mean"])
     for arm in ARMS:
         entry = data["results"]["arms"][arm]
         assert set(SPLITS) <= set(entry["per_seed"]["0"]) and set(SPLITS) <= set(entry["mean"])
@@ -107,6 +126,8 @@ def test_split_metrics_and_helpers():
     pred = np.array([0, 0, 1, 0, 0, 0])
     acc = split_accuracies(pred, labels, groups)
     assert acc == {"overall": pytest.approx(50.0), "many": 100.0, "medium": 50.0, "few": 0.0}
+    sub = ShotGroups(groups.many, groups.medium, groups.few, subsets={"head_and_tail": np.array([0, 2])})
+    assert split_accuracies(pred, labels, sub)["head_and_tail"] == pytest.approx(50.0)
     assert harmonic_mean(0.0, 0.0) == 0.0 and harmonic_mean(50.0, 100.0) == pytest.approx(66.667, abs=1e-3)
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(1.4142, abs=1e-4))
     assert mean_std([4.0]) == (4.0, 0.0)

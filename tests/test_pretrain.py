@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ from training.benchmarks.digits import generate_digits_lt
 from training.benchmarks.render_shapes import COLOURS, PATTERNS, SHAPES
 from training.benchmarks.shapes_text import class_name
 from training.pretrain import (
+    CLIP_MEAN,
+    CLIP_STD,
     PretrainCfg,
     digits_outside_benchmark,
     pretrained_checkpoint,
@@ -34,6 +38,23 @@ def test_shapes_captions_are_varied_and_not_the_class_names():
     # Partial captions: some captions leave the colour out entirely.
     colour_words = ("cyan", "turquoise", "aqua", "light blue-green", "teal")
     assert any(not any(w in c for w in colour_words) for c in caps)
+
+
+def test_black_and_white_pictures_never_have_their_colour_named():
+    from training.pretrain import _COLOUR_WORDS, _MONOCHROME_WORDS
+
+    rng = np.random.default_rng(1)
+    attrs = {"shape": "ring", "colour": "red", "pattern": "solid"}
+    caps = [shapes_caption(attrs, rng, 0.75, monochrome=True) for _ in range(300)]
+    assert not any(re.search(rf"\b{w}\b", c) for c in caps for w in _COLOUR_WORDS["red"])
+    assert sum(any(w in c for w in _MONOCHROME_WORDS) for c in caps) > 150
+    def grey_images(cfg: PretrainCfg) -> int:
+        data = shapes_caption_set(cfg, 64, 32, progress=False)
+        diff = data.images[:, 0] * CLIP_STD[0] + CLIP_MEAN[0] - (data.images[:, 1] * CLIP_STD[1] + CLIP_MEAN[1])
+        return int((diff.abs().flatten(1).amax(1) < 0.02).sum())
+
+    assert grey_images(TINY) == 0  # the default: the colour-only set
+    assert 0 < grey_images(replace(TINY, monochrome_prob=0.2)) < TINY.num_images
 
 
 def test_shapes_caption_set_is_deterministic_and_preprocessed():

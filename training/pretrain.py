@@ -58,6 +58,9 @@ class PretrainCfg:
     smoothing: float = 0.0
     seed: int = 20240  # separate from every benchmark seed: the images are a fresh draw
     mention_prob: float = 0.75  # chance that a caption names each attribute (noisy, partial captions)
+    # shapes only: share of black-and-white pictures, whose captions never name a colour (the web has old photos
+    # too; used when the benchmark's training sessions can be black and white)
+    monochrome_prob: float = 0.0
 
 
 @dataclass
@@ -118,10 +121,16 @@ _PATTERN_WORDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def shapes_caption(attrs: dict[str, str], rng: np.random.Generator, mention_prob: float) -> str:
+_MONOCHROME_WORDS = ("black and white", "greyscale", "grey", "monochrome", "black-and-white")
+
+
+def shapes_caption(attrs: dict[str, str], rng: np.random.Generator, mention_prob: float,
+                   monochrome: bool = False) -> str:
     """A free-form caption of a shapes image: each attribute is named with probability `mention_prob`, in
-    a random synonym and order (so captions are partial and varied, like alt text)."""
-    colour = _word(_COLOUR_WORDS[attrs["colour"]], rng) if rng.random() < mention_prob else ""
+    a random synonym and order (so captions are partial and varied, like alt text). A black-and-white picture's
+    caption may say so, and never names the colour it does not show."""
+    colour_words = _MONOCHROME_WORDS if monochrome else _COLOUR_WORDS[attrs["colour"]]
+    colour = _word(colour_words, rng) if rng.random() < mention_prob else ""
     pattern = _word(_PATTERN_WORDS[attrs["pattern"]], rng) if rng.random() < mention_prob else ""
     shape = _word(_SHAPE_WORDS[attrs["shape"]], rng) if rng.random() < mention_prob else \
         _word(("shape", "figure", "object", "thing"), rng)
@@ -150,8 +159,9 @@ def shapes_caption_set(cfg: PretrainCfg, image_size: int, input_size: int, progr
     caps: list[list[str]] = []
     for i in range(cfg.num_images):
         attrs = {"shape": _word(SHAPES, rng), "colour": _word(colours, rng), "pattern": _word(PATTERNS, rng)}
-        images[i] = render(attrs["shape"], attrs["colour"], attrs["pattern"], rng, size=image_size)
-        caps.append([shapes_caption(attrs, rng, cfg.mention_prob) for _ in range(cfg.captions_per_image)])
+        mono = cfg.monochrome_prob > 0 and bool(rng.random() < cfg.monochrome_prob)  # 0: the colour-only stream
+        images[i] = render(attrs["shape"], attrs["colour"], attrs["pattern"], rng, size=image_size, monochrome=mono)
+        caps.append([shapes_caption(attrs, rng, cfg.mention_prob, mono) for _ in range(cfg.captions_per_image)])
     return CaptionSet(preprocess_array(images, input_size), caps,
                       {"source": "shapes", "num_images": cfg.num_images, "render_size": image_size})
 
@@ -306,7 +316,7 @@ def _source_fingerprint(cfg: PretrainCfg, image_size: int, benchmark_dir: str | 
     for fn in (compose_caption, shapes_caption, digit_caption, shapes_caption_set, digits_outside_benchmark,
                preprocess_array, _augment, train_clip):
         h.update(inspect.getsource(fn).encode())
-    h.update(repr((_FILLERS, _SUFFIXES, _SHAPE_WORDS, _COLOUR_WORDS, _PATTERN_WORDS, _DIGIT_WORDS, _DIGIT_NOUNS,
+    h.update(repr((_FILLERS, _SUFFIXES, _SHAPE_WORDS, _COLOUR_WORDS, _PATTERN_WORDS, _MONOCHROME_WORDS, _DIGIT_WORDS, _DIGIT_NOUNS,
                    _DIGIT_STYLES)).encode())
     if cfg.source == "shapes":
         h.update(_shapes_generator_source().encode())

@@ -21,6 +21,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--names", choices=("attributes", "epithet"), default="attributes",
                    help="class names: attributes ('striped red triangle') or epithet ('velmor triangle': the "
                         "colour and pattern only in the descriptions)")
+    s.add_argument("--monochrome-sessions", type=float, default=0.0, metavar="P",
+                   help="chance that a training session (25 images) is black and white (default 0: all in colour). "
+                        "A few-shot class is one session, so its colour may be known only from its text")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -73,8 +76,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
         from training.benchmarks import write_benchmark
 
+        extra = {"monochrome_prob": args.monochrome_sessions} if args.dataset == "shapes-lt" else {}
         write_benchmark(args.dataset, args.out, seed=args.seed, imbalance=getattr(args, "imbalance", None),
-                        names=getattr(args, "names", None))
+                        names=getattr(args, "names", None), **extra)
     elif args.command == "train":
         from training.config import load_config
         from training.pipeline import run_training

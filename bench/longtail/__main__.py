@@ -8,6 +8,10 @@
 `--pretrain-per-seed` gives every training seed its own pretraining build, so the reported ± includes what
 changes with the pretrained starting point (on Shapes-LT every arm moves with it).
 
+`--monochrome-sessions P` draws Shapes-LT with black-and-white training shoots (some tail classes' colour is then
+only in their descriptions), `--fixed-anchors` gives the recommended head the published fixed anchors and
+`--pretrain-epochs N` changes the pretraining build; the Shapes-LT page's findings use them.
+
 The benchmark data and the pretrained CLIP are cached under --cache-dir (default ~/.cache/vlltr/bench), so a
 rerun only trains the arms. `--quick` runs a tiny same-shaped version in about a minute (a smoke test of the
 harness, not a result).
@@ -32,9 +36,9 @@ from bench.findings import read_findings
 from bench.longtail.backbone import Budget
 from bench.longtail.data import load_benchmark
 from bench.longtail.report import aggregate, compute_targets, write_json, write_markdown, write_plot
-from bench.longtail.runner import FAITHFUL, RECOMMENDED, SeedConfig, run_seed
+from bench.longtail.runner import FAITHFUL, FIXED_ANCHORS, SeedConfig, run_seed
 from model.factory import clip_dims, create_clip
-from training.benchmarks import write_benchmark
+from training.benchmarks import FORMAT_VERSIONS, write_benchmark
 from training.benchmarks.shapes_text import NAME_STYLES
 from training.pretrain import PretrainCfg, load_pretrained, pretrained_checkpoint
 
@@ -46,6 +50,7 @@ DATASETS = ("shapes-lt", "digits-lt")
 SHAPES_ARCH = "vlltr-tiny-rn64"
 DIGITS_ARCH = "vlltr-tiny-vit"
 OTHER = {"shapes-lt": "digits-lt", "digits-lt": "shapes-lt"}
+PRETRAIN_MONOCHROME = 0.2  # black-and-white share of the pretraining set when the benchmark has such sessions
 
 
 def settings(dataset: str, quick: bool) -> tuple[dict, PretrainCfg, SeedConfig]:
@@ -69,8 +74,10 @@ def settings(dataset: str, quick: bool) -> tuple[dict, PretrainCfg, SeedConfig]:
 
 
 def write_data(dataset: str, out: Path, seed: int, imbalance: float | None, sizes: dict, names: str) -> Path:
-    """Write (or reuse) the benchmark directory (`names`: the Shapes-LT class-name style)."""
-    if (out / "meta.json").is_file():
+    """Write (or reuse) the benchmark directory (`names`: the Shapes-LT class-name style). A cached directory
+    written by an older generator format is rewritten."""
+    meta = out / "meta.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("format_version") == FORMAT_VERSIONS[dataset]:
         return out
     kw = dict(sizes)
     quick_imbalance = kw.pop("imbalance", None)
@@ -106,6 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-lr-scale", type=float, default=None,
                    help="the recommended recipe's stage-1 text-tower lr multiplier (default 1, the paper's shared "
                         "lr; 0 freezes the text tower)")
+    p.add_argument("--fixed-anchors", action="store_true",
+                   help="the recommended head keeps its anchors the text's, as published (default: trained from "
+                        "their text initialisation)")
+    p.add_argument("--monochrome-sessions", type=float, default=0.0, metavar="P",
+                   help="shapes-lt: chance that a training session (25 images) is black and white (default 0). A "
+                        "few-shot class is one session, so some tail classes' colour is only in their text; the "
+                        "pretraining set then has black-and-white pictures too")
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="epochs of the pretraining build (default: the recipe's; another value is another build)")
     p.add_argument("--pretrain-seed", type=int, default=None,
                    help="seed of the pretraining build (default: the recipe's); another value builds and caches "
                         "another pretrained CLIP, to see how much the results depend on the build")
@@ -135,10 +151,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.text_lr_scale < 0:
             p.error("--text-lr-scale must be >= 0")
         seed_cfg = replace(seed_cfg, text_lr_scale=args.text_lr_scale)
+    if args.fixed_anchors:
+        seed_cfg = replace(seed_cfg, recommended=FIXED_ANCHORS)
+    if args.monochrome_sessions:
+        if args.dataset != "shapes-lt" or not 0 < args.monochrome_sessions <= 1:
+            p.error("--monochrome-sessions takes a probability in (0, 1] and applies to shapes-lt only")
+        sizes = {**sizes, "monochrome_prob": args.monochrome_sessions}
+        pre_cfg = replace(pre_cfg, monochrome_prob=PRETRAIN_MONOCHROME)
     if args.pretrain_seed is not None:
         pre_cfg = replace(pre_cfg, seed=args.pretrain_seed)
+    if args.pretrain_epochs is not None:
+        if args.pretrain_epochs < 1:
+            p.error("--pretrain-epochs must be >= 1")
+        pre_cfg = replace(pre_cfg, epochs=args.pretrain_epochs)
     names = f"-{args.names}" if args.dataset == "shapes-lt" else ""
-    tag = f"{args.dataset}-s{args.seed}-ir{args.imbalance or 'default'}{names}{'-quick' if args.quick else ''}"
+    mono = f"-bw{args.monochrome_sessions:g}" if args.monochrome_sessions else ""
+    tag = f"{args.dataset}-s{args.seed}-ir{args.imbalance or 'default'}{names}{mono}{'-quick' if args.quick else ''}"
     data_dir = write_data(args.dataset, args.cache_dir / "data" / tag, args.seed, args.imbalance, sizes, args.names)
     bm = load_benchmark(data_dir, image_size=clip_dims(create_clip(pre_cfg.arch)).image_size,
                         cache_dir=args.cache_dir / "images")
@@ -180,14 +208,30 @@ def _write_outputs(args: argparse.Namespace, command: str, started: float, bm, p
         "num_trained": int(len(bm.trained)), "num_heldout": int(len(bm.heldout)),
         "shot_rule": f"many > {bm.many_threshold}, few < {bm.few_threshold} train images",
         "plot": plot.name,
+        "training_sessions": _sessions_summary(bm),
         "pretrain": _pretrain_summary(pre_cfg, builds, args.pretrain_per_seed),
-        "config": {"seed": asdict(seed_cfg), "faithful_head": asdict(FAITHFUL), "recommended_head": asdict(RECOMMENDED)},
+        "config": {"seed": asdict(seed_cfg), "faithful_head": asdict(FAITHFUL), "recommended_head": asdict(seed_cfg.recommended)},
         "targets": targets,
         "results": agg,
     }
     write_json(args.out / f"{args.dataset}.json", payload)
     write_plot(plot, agg, f"{args.dataset}: accuracy per split ({len(done)} seed{'s' if len(done) > 1 else ''})")
     write_markdown(args.out / f"{args.dataset}.md", payload, notes(args.dataset, payload))
+
+
+def _sessions_summary(bm) -> dict | None:
+    """Shapes-LT's black-and-white training sessions: how many trained classes of each shot group are seen in
+    training only without their colour (None for data without sessions)."""
+    sessions = bm.meta.get("sessions")
+    if not sessions:
+        return None
+    greyed = {"many": 0, "medium": 0, "few": 0}
+    for c in bm.meta["classes"]:
+        n = c["train_count"]
+        if n and c.get("train_monochrome") == n:
+            group = "many" if n > bm.many_threshold else "few" if n < bm.few_threshold else "medium"
+            greyed[group] += 1
+    return {**sessions, "classes_only_in_black_and_white": greyed}
 
 
 def _pretrain_summary(pre_cfg: PretrainCfg, builds: dict[int, tuple[PretrainCfg, Path]], per_seed: bool) -> dict:
@@ -225,14 +269,20 @@ def notes(dataset: str, payload: dict) -> list[str]:
     """Fixed facts about how the arms are built (the measured results are in the tables above)."""
     # Runs written before the text tower had its own lr trained it at the shared lr.
     text_lr_scale = payload["config"]["seed"].get("text_lr_scale", 1.0)
+    mono = payload["pretrain"]["recipe"].get("monochrome_prob", 0.0)
     source = ("a separate, class-balanced set of 12,000 shapes drawn by the benchmark's renderer from its own "
-              "random stream, with free-form partial captions" if dataset == "shapes-lt" else
+              "random stream, with free-form partial captions" +
+              (f" ({mono:.0%} of the pictures in black and white, their captions never naming a colour)"
+               if mono else "") if dataset == "shapes-lt" else
               "the scikit-learn digits that are in none of the benchmark's train/val/test files (compared by "
               "pixels), with free-form captions that name the digit")
     text_lr = ("Every stage 1 trains both towers at that lr, as published." if text_lr_scale == 1.0 else
                "VL-LTR as published trains both towers at that lr; the recommended recipe and its controls train the "
                f"text tower at {text_lr_scale:g}× that lr (`stage1.text_lr_scale` in `vlltr train`), so the "
                "published arm has its own stage 1.")
+    if payload["config"].get("recommended_head", {}).get("anchor_lr", 1.0) == 0:
+        text_lr += (" The recommended head here keeps its anchors the text's, as published (`--fixed-anchors`), "
+                    "and the row's label does not apply to it.")
     tower = ("a small ResNet image tower on 64-pixel inputs, `" + SHAPES_ARCH + "`" if dataset == "shapes-lt" else
              "a tiny ViT, `" + DIGITS_ARCH + "`")
     builds = ("Each training seed has its own pretraining build (pretraining seed = the recipe's + the training "

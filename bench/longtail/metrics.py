@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -15,6 +15,8 @@ class ShotGroups:
     many: np.ndarray
     medium: np.ndarray
     few: np.ndarray
+    # Further named class subsets reported beside the groups (e.g. the few-shot classes seen only in black and white).
+    subsets: dict[str, np.ndarray] = field(default_factory=dict)
 
     @staticmethod
     def from_counts(train_counts: np.ndarray, many_threshold: int, few_threshold: int) -> "ShotGroups":
@@ -41,7 +43,8 @@ def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -
 
 
 def split_accuracies(pred: np.ndarray, labels: np.ndarray, groups: ShotGroups) -> dict[str, float]:
-    """Overall / many / medium / few accuracy in percent, each the mean over its classes."""
+    """Overall / many / medium / few accuracy in percent, each the mean over its classes, and the same for every
+    subset in `groups.subsets`."""
     num = int(max(groups.many.max(initial=-1), groups.medium.max(initial=-1), groups.few.max(initial=-1))) + 1
     acc = per_class_accuracy(pred, labels, num)
 
@@ -55,6 +58,7 @@ def split_accuracies(pred: np.ndarray, labels: np.ndarray, groups: ShotGroups) -
         "many": mean(groups.many),
         "medium": mean(groups.medium),
         "few": mean(groups.few),
+        **{name: mean(ids) for name, ids in groups.subsets.items()},
     }
 
 

@@ -12,6 +12,8 @@ import numpy as np
 from bench.longtail.metrics import mean_std
 
 SPLIT_KEYS = ("overall", "many", "medium", "few")
+# Shapes-LT's few-shot classes split by what their training images show (absent for other data).
+SUBSET_KEYS = ("few_colour", "few_black_and_white")
 IMAGE_ONLY_ARMS = ("image_ce", "image_bs")
 ARM_LABELS = {
     "zero_shot": "Zero-shot (pretrained CLIP, class-name prompts)",
@@ -34,7 +36,7 @@ def aggregate(per_seed: dict[int, dict]) -> dict[str, Any]:
     arms: dict[str, Any] = {}
     for arm in per_seed[seeds[0]]["arms"]:
         entry: dict[str, Any] = {"per_seed": {str(s): per_seed[s]["arms"][arm] for s in seeds}, "mean": {}, "std": {}}
-        for k in SPLIT_KEYS:
+        for k in (*SPLIT_KEYS, *(k for k in SUBSET_KEYS if k in per_seed[seeds[0]]["arms"][arm])):
             m, sd = mean_std([per_seed[s]["arms"][arm][k] for s in seeds])
             entry["mean"][k], entry["std"][k] = round(m, 3), round(sd, 3)
         arms[arm] = entry
@@ -194,6 +196,28 @@ def _pretrain_line(pretrain: dict[str, Any]) -> str:
     return f"Pretrained starting points, one build per training seed ({pretrain['summary']}): {each}."
 
 
+def _sessions_line(sessions: dict[str, Any] | None) -> list[str]:
+    if not sessions:
+        return []
+    g = sessions["classes_only_in_black_and_white"]
+    return [f"Training images come in sessions of {sessions['size']}, each in black and white with probability "
+            f"{sessions['monochrome_prob']:.2f}; val and test are in colour. Trained classes seen in training only "
+            f"in black and white, whose colour only their descriptions give: {g['many']} many / {g['medium']} "
+            f"medium / {g['few']} few.", ""]
+
+
+def _subset_table(agg: dict[str, Any]) -> list[str]:
+    arms = [a for a in ARM_LABELS if a in agg["arms"] and all(k in agg["arms"][a]["mean"] for k in SUBSET_KEYS)]
+    if not arms:
+        return []
+    lines = ["", "Few-shot classes by what their training images show (test images are in colour):", "",
+             "| arm | few-shot, trained on colour images | few-shot, trained only in black and white |",
+             "|---|---|---|"]
+    for arm in arms:
+        lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(_fmt(agg["arms"][arm], k) for k in SUBSET_KEYS) + " |")
+    return lines
+
+
 def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> None:
     """The human-readable benchmark page: table, targets with their margins, plot, command, seeds."""
     agg, targets = payload["results"], payload["targets"]
@@ -207,11 +231,13 @@ def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> Non
              f"medium / {agg['groups']['few']} few, thresholds {payload['shot_rule']}), {payload['num_heldout']} "
              f"held out (text only){_name_style(payload.get('name_style'))}. Test sets are balanced; every number "
              "is mean per-class top-1 (%) on test, mean ± sample std over the seeds.", "",
+             *_sessions_line(payload.get("training_sessions")),
              "| arm | overall | many | medium | few |", "|---|---|---|---|---|"]
     for arm, label in ARM_LABELS.items():
         if arm in agg["arms"]:
             e = agg["arms"][arm]
             lines.append(f"| {label} | " + " | ".join(_fmt(e, k) for k in SPLIT_KEYS) + " |")
+    lines += _subset_table(agg)
     lines += ["", f"![per-split accuracy]({payload['plot']})", "", "## Acceptance targets (computed from the runs above)", "",
               "| target | value | goal | met | rule |", "|---|---|---|---|---|"]
     for name, t in targets.items():

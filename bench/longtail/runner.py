@@ -10,7 +10,9 @@ Arms (same pretrained starting point, same backbone budget):
   fusion alpha 0.2.
 - `text_recommended`: the same stage 1 and AnSS, then the LGR head with trainable text-initialised anchors (a
   text-initialised cosine classifier, as in LIFT), the logit-adjusted loss with instance sampling, and the fusion
-  weight chosen on the balanced val split. Its stage-1 text-tower lr multiplier (`SeedConfig.text_lr_scale`,
+  weight chosen on the balanced val split. `--fixed-anchors` keeps the anchors the text's, as published: on
+  Shapes-LT with black-and-white sessions, trained anchors fit a class's colourless images and forget the colour
+  its text gives (the page's findings). Its stage-1 text-tower lr multiplier (`SeedConfig.text_lr_scale`,
   `--text-lr-scale`) is 1 as published; with another value the faithful arm trains its own stage 1.
 - Controls on the recommended recipe: `control_shuffled` (descriptions permuted across classes) and
   `control_distractors` (each class keeps only its distractor sentences) keep the name prompts, so they
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -47,6 +49,8 @@ ALPHA_GRID = tuple(round(a, 2) for a in np.arange(0.0, 1.001, 0.1))
 FAITHFUL = HeadRecipe()  # the published stage 2, see HeadRecipe's docstring
 RECOMMENDED = HeadRecipe(loss="logit_adjusted", sampler="instance", mixup=0.0, smoothing=0.0,
                          attn_lr=1e-3, anchor_lr=3e-3)
+# `--fixed-anchors`: the recommended loss and sampling with the published head's fixed anchors and attention lr.
+FIXED_ANCHORS = replace(RECOMMENDED, attn_lr=FAITHFUL.attn_lr, anchor_lr=0.0)
 
 
 @dataclass
@@ -62,6 +66,7 @@ class SeedConfig:
     # make the recipe depend more on what the class text says, at a cost in accuracy on this benchmark
     # (docs/benchmarks/shapes-lt.md, findings), so the recipe keeps 1.
     text_lr_scale: float = 1.0
+    recommended: HeadRecipe = field(default_factory=lambda: RECOMMENDED)  # the recommended arm's (and controls') head
     pseudo_new: int = 8  # trained classes treated as new to pick the added-class bias
     # Points of seen-class accuracy the chosen bias may cost on pseudo-new val: below the 2-point budget, as the
     # val estimate of that cost runs a little under the test one.
@@ -97,6 +102,14 @@ def _choose_alpha(z_vis: torch.Tensor, z_lin: torch.Tensor, labels: np.ndarray, 
         if acc > best_acc + 1e-9:
             best, best_acc = a, acc
     return float(best)
+
+
+def _black_and_white_only(bm: Benchmark) -> np.ndarray | None:
+    """Per dataset class id: seen in training only in black and white (None for data without such sessions)."""
+    if "sessions" not in bm.meta:
+        return None
+    return np.array([bool(c["train_count"]) and c.get("train_monochrome") == c["train_count"]
+                     for c in bm.meta["classes"]])
 
 
 def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -139,6 +152,11 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
     held = _split(bm, "test", bm.heldout, held_map) if len(bm.heldout) else None
     counts = np.bincount(train.y, minlength=len(trained))
     groups = ShotGroups.from_counts(counts, bm.many_threshold, bm.few_threshold)
+    colourless = _black_and_white_only(bm)
+    if colourless is not None:
+        greyed = np.flatnonzero(colourless[trained])
+        groups = replace(groups, subsets={"few_colour": np.setdiff1d(groups.few, greyed),
+                                          "few_black_and_white": np.intersect1d(groups.few, greyed)})
     names = [bm.names[c] for c in trained]
     tokenizer = get_tokenizer(cfg.arch)
     arms: dict[str, dict] = {}
@@ -255,7 +273,7 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
             arms["vlltr_faithful_language_branch"] = _pred_metrics(zl.argmax(1).numpy(), test.y, groups)
             arms["vlltr_faithful_vision_branch"] = _pred_metrics(zv.argmax(1).numpy(), test.y, groups)
         head = train_lgr_head(v_feats["train"], train.y, counts, anchors.tensor, anchors.mask, v_scale,
-                              _with_epochs(RECOMMENDED, cfg.head_epochs), seed)
+                              _with_epochs(cfg.recommended, cfg.head_epochs), seed)
         zv, zl = head_logits(head, v_feats["val"])
         alpha = _choose_alpha(zv, zl, val.y, groups)
         zv, zl = head_logits(head, v_feats["test"])
@@ -313,7 +331,7 @@ def _added_classes(bm: Benchmark, head, alpha: float, stage1, all_feats: list[to
                               float(stage1.logit_scale.detach().exp()), cfg.num_anchors)
     sub_head = train_lgr_head(feats["train"][torch.as_tensor(tr_sel)], np.array([sub[int(v)] for v in train.y[tr_sel]]),
                               sub_counts, anchors.tensor, anchors.mask, float(stage1.logit_scale.detach().exp()),
-                              _with_epochs(RECOMMENDED, cfg.head_epochs), seed)
+                              _with_epochs(cfg.recommended, cfg.head_epochs), seed)
     pseudo_entries, _ = added_mod.added_entries([all_feats[bm.trained[c]] for c in pseudo],
                                                 [names[c] for c in pseudo], cfg.num_anchors,
                                                 name_feats=by_ids(bm.trained[pseudo]),

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from training.benchmarks import FORMAT_VERSIONS
 from training.benchmarks.digits_text import digit_name, digits_document
 from training.benchmarks.layout import (
     cifar_lt_counts,
@@ -100,7 +101,7 @@ def generate_digits_lt(
         })
     meta = {
         "generator": "digits-lt",
-        "format_version": 1,
+        "format_version": FORMAT_VERSIONS["digits-lt"],
         "seed": seed,
         "imbalance": imbalance,
         "n_max": n_max,

@@ -23,6 +23,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 PATTERNS: tuple[str, ...] = ("solid", "striped", "dotted")
 _SUPERSAMPLE = 2
+_LUMA = (0.299, 0.587, 0.114)
 _STAR_INNER = 0.42
 
 
@@ -84,8 +85,11 @@ def jitter_colour(rgb: tuple[int, int, int], rng: np.random.Generator) -> np.nda
     return np.asarray(colorsys.hsv_to_rgb(h, s, v), dtype=np.float64)
 
 
-def render(shape: str, colour: str, pattern: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
-    """One image, uint8 `[size, size, 3]`."""
+def render(shape: str, colour: str, pattern: str, rng: np.random.Generator, size: int = 64,
+           monochrome: bool = False) -> np.ndarray:
+    """One image, uint8 `[size, size, 3]`; `monochrome` gives the same picture in black and white (luma,
+    ITU-R BT.601, in all three channels), like an old plate or a night camera: shape and pattern stay visible,
+    the colour only as a grey level."""
     # Background: a low-saturation grey with a tint and a gradient, so colour only comes from the shape.
     grey = rng.uniform(0.25, 0.85)
     tint = rng.uniform(-0.06, 0.06, size=3)
@@ -125,4 +129,6 @@ def render(shape: str, colour: str, pattern: str, rng: np.random.Generator, size
     box = image[y0:y1, x0:x1]
     image[y0:y1, x0:x1] = box * (1 - alpha) + fill * (alpha - pale_part) + pale * pale_part
     image += rng.normal(0.0, rng.uniform(0.02, 0.06), size=image.shape).astype(np.float32)
+    if monochrome:
+        image[:] = (image @ np.asarray(_LUMA, dtype=np.float32))[:, :, None]
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)

@@ -9,6 +9,12 @@
   i = 0..C-1 (class 0 most frequent); n_max 500 and IR 100 give 10,847 images.
 - Val: 20 per trained class (`val.txt`); the held-out classes' 20 each go to `val_heldout.txt`, so the
   calibration split never contains them. Test: 100 per class, held-out classes included.
+- Photo sessions (optional, `monochrome_prob`, default 0: all in colour): a class's training images come in
+  sessions (shoots) of :data:`SESSION_SIZE`, and each session is in black and white with that probability (old
+  plates, night cameras). A few-shot class (under 20 images) is a single session, so at 1/3 about a third of
+  the tail is only ever seen in training without its colour, which its descriptions still name; a many-shot
+  class has many sessions, most in colour. Val and test are always in colour. This makes the descriptions say
+  something the few images cannot show, as they do for real rare classes.
 - Images: 64x64 RGB PNGs (see `render_shapes`), each drawn from its own seed (seed, split, class, index),
   so the output is identical whatever the number of worker processes.
 """
@@ -26,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from training.benchmarks import FORMAT_VERSIONS
 from training.benchmarks.layout import (
     cifar_lt_counts,
     finish_out,
@@ -51,6 +58,8 @@ HEAD_CLASSES = 30
 IMAGE_SIZE = 64
 MANY_THRESHOLD, FEW_THRESHOLD = 100, 20  # OLTR's rule, as used for CIFAR-100-LT (35/35/30 classes at IR 100)
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
+SESSION_SIZE = 25
+MONOCHROME_SESSION_PROB = 1 / 3  # the value the benchmark's black-and-white variant uses
 _PARALLEL_MIN_IMAGES = 2000  # below this, worker start-up costs more than it saves
 
 
@@ -70,15 +79,24 @@ def class_order(seed: int, n_head: int = HEAD_CLASSES) -> list[tuple[str, str, s
     raise DataError(f"no class order puts every attribute among the first {n_head} classes")
 
 
-def _render_chunk(job: tuple[str, int, str, int, tuple[str, str, str], int, int]) -> None:
-    out, seed, split, cid, (shape, colour, pattern), start, count = job
+def monochrome_sessions(seed: int, cid: int, count: int, prob: float) -> list[bool]:
+    """Whether each of class `cid`'s `count` training sessions (of :data:`SESSION_SIZE` images) is black and
+    white; drawn per class from the seed, so a class keeps its sessions at every n_max."""
+    sessions = -(-count // SESSION_SIZE)
+    draws = np.random.default_rng([seed, 5, cid]).random(sessions)
+    return [bool(d < prob) for d in draws]
+
+
+def _render_chunk(job: tuple[str, int, str, int, tuple[str, str, str], int, int, tuple[bool, ...]]) -> None:
+    out, seed, split, cid, (shape, colour, pattern), start, count, mono = job
     for n in range(start, start + count):
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], cid, n])
-        save_png(render(shape, colour, pattern, rng, IMAGE_SIZE), Path(out) / image_relpath(split, cid, n))
+        image = render(shape, colour, pattern, rng, IMAGE_SIZE, monochrome=bool(mono and mono[n // SESSION_SIZE]))
+        save_png(image, Path(out) / image_relpath(split, cid, n))
 
 
 def _render_all(jobs: list[tuple[Any, ...]], workers: int, min_parallel: int = _PARALLEL_MIN_IMAGES) -> None:
-    total = sum(j[-1] for j in jobs)
+    total = sum(j[6] for j in jobs)
     if workers <= 1 or total < min_parallel:
         for job in jobs:
             _render_chunk(job)
@@ -99,6 +117,7 @@ def generate_shapes_lt(
     test_per_class: int = 100,
     workers: int | None = None,
     names: str = "attributes",
+    monochrome_prob: float = 0.0,
 ) -> dict[str, Any]:
     """Write Shapes-LT to `out` (layout in `training.benchmarks.layout`) and return its meta.json content.
 
@@ -111,7 +130,10 @@ def generate_shapes_lt(
         names: `attributes` ("striped red triangle": the name says everything the descriptions say) or
             `epithet` ("velmor triangle": the colour and pattern are only in the descriptions, as with many
             rare classes' names); see `training.benchmarks.shapes_text.class_names`.
+        monochrome_prob: chance that a training session is black and white (0: every image in colour).
     """
+    if not 0.0 <= monochrome_prob <= 1.0:
+        raise DataError(f"monochrome_prob must be in [0, 1], got {monochrome_prob}")
     started = time.perf_counter()
     combos_total = len(SHAPES) * len(COLOURS) * len(PATTERNS)
     num_trained = combos_total - NUM_HELDOUT
@@ -124,6 +146,7 @@ def generate_shapes_lt(
     final, partial = prepare_out(out)
     lists: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "val_heldout": [], "test": []}
     jobs: list[tuple[Any, ...]] = []
+    mono = {cid: tuple(monochrome_sessions(seed, cid, train_counts[cid], monochrome_prob)) for cid in trained}
     for cid in range(combos_total):
         plan = [("train", "train", train_counts[cid]),
                 ("val", "val" if cid in trained else "val_heldout", val_per_class),
@@ -131,7 +154,8 @@ def generate_shapes_lt(
         for split, list_name, count in plan:
             lists[list_name] += [(image_relpath(split, cid, n), cid) for n in range(count)]
             for start in range(0, count, 50):
-                jobs.append((str(partial), seed, split, cid, classes[cid], start, min(50, count - start)))
+                jobs.append((str(partial), seed, split, cid, classes[cid], start, min(50, count - start),
+                             mono.get(cid, ()) if split == "train" else ()))
     _render_all(jobs, workers if workers is not None else (os.cpu_count() or 1))
 
     for list_name, entries in lists.items():
@@ -146,18 +170,21 @@ def generate_shapes_lt(
         class_meta.append({
             "id": cid, "name": class_labels[cid], "attributes": {"shape": shape, "colour": colour, "pattern": pattern},
             "heldout": cid in heldout, "train_count": train_counts[cid],
+            "train_monochrome": sum(min(SESSION_SIZE, train_counts[cid] - i * SESSION_SIZE)
+                                    for i, m in enumerate(mono.get(cid, ())) if m),
             "val_count": val_per_class, "test_count": test_per_class,
             "sentences": [s.to_dict() for s in doc.sentences()],
             "dropped_sections": [title for title, _ in doc.dropped],
         })
     meta = {
         "generator": "shapes-lt",
-        "format_version": 1,
+        "format_version": FORMAT_VERSIONS["shapes-lt"],
         "seed": seed,
         "imbalance": imbalance,
         "n_max": n_max,
         "name_style": names,
         "image_size": IMAGE_SIZE,
+        "sessions": {"size": SESSION_SIZE, "monochrome_prob": monochrome_prob},
         "num_classes": combos_total,
         "trained_classes": trained,
         "heldout_classes": heldout,
@@ -167,6 +194,9 @@ def generate_shapes_lt(
         "shot_groups": shot_groups(train_counts, MANY_THRESHOLD, FEW_THRESHOLD),
         "notes": ("val.txt holds trained classes only; val_heldout.txt holds the held-out classes' val images "
                   "(never use them to calibrate a model that is evaluated on held-out classes as unseen). "
+                  "Training images come in sessions of sessions.size; a session is black and white with "
+                  "probability sessions.monochrome_prob (train_monochrome counts a class's such images); val "
+                  "and test are in colour. "
                   "Sentence lists exclude the dropped sections (See also, References)."),
         "classes": class_meta,
     }
