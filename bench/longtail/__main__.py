@@ -221,9 +221,9 @@ def _write_outputs(args: argparse.Namespace, command: str, started: float, bm, p
 
 def _sessions_summary(bm) -> dict | None:
     """Shapes-LT's black-and-white training sessions: how many trained classes of each shot group are seen in
-    training only without their colour (None for data without sessions)."""
+    training only without their colour (None for data drawn all in colour)."""
     sessions = bm.meta.get("sessions")
-    if not sessions:
+    if not sessions or not sessions.get("monochrome_prob"):
         return None
     greyed = {"many": 0, "medium": 0, "few": 0}
     for c in bm.meta["classes"]:

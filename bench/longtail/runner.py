@@ -105,8 +105,8 @@ def _choose_alpha(z_vis: torch.Tensor, z_lin: torch.Tensor, labels: np.ndarray, 
 
 
 def _black_and_white_only(bm: Benchmark) -> np.ndarray | None:
-    """Per dataset class id: seen in training only in black and white (None for data without such sessions)."""
-    if "sessions" not in bm.meta:
+    """Per dataset class id: seen in training only in black and white (None for data drawn all in colour)."""
+    if not bm.meta.get("sessions", {}).get("monochrome_prob"):
         return None
     return np.array([bool(c["train_count"]) and c.get("train_monochrome") == c["train_count"]
                      for c in bm.meta["classes"]])
