@@ -89,15 +89,15 @@ def test_colour_only_data_has_no_session_split(tmp_path):
     from types import SimpleNamespace
 
     from bench.longtail.__main__ import _sessions_summary
-    from bench.longtail.runner import _black_and_white_only
+    from bench.longtail.runner import black_and_white_only
 
     meta = {"sessions": {"size": 25, "monochrome_prob": 0.0},
             "classes": [{"train_count": 3, "train_monochrome": 0}, {"train_count": 0, "train_monochrome": 0}]}
     bm = SimpleNamespace(meta=meta, many_threshold=100, few_threshold=20)
-    assert _black_and_white_only(bm) is None and _sessions_summary(bm) is None
+    assert black_and_white_only(bm) is None and _sessions_summary(bm) is None
     meta["sessions"]["monochrome_prob"] = 0.5
     meta["classes"][0]["train_monochrome"] = 3
-    assert _black_and_white_only(bm).tolist() == [True, False]
+    assert black_and_white_only(bm).tolist() == [True, False]
     assert _sessions_summary(bm)["classes_only_in_black_and_white"] == {"many": 0, "medium": 0, "few": 1}
 
 

@@ -48,6 +48,7 @@ def test_black_and_white_pictures_never_have_their_colour_named():
     caps = [shapes_caption(attrs, rng, 0.75, monochrome=True) for _ in range(300)]
     assert not any(re.search(rf"\b{w}\b", c) for c in caps for w in _COLOUR_WORDS["red"])
     assert sum(any(w in c for w in _MONOCHROME_WORDS) for c in caps) > 150
+
     def grey_images(cfg: PretrainCfg) -> int:
         data = shapes_caption_set(cfg, 64, 32, progress=False)
         diff = data.images[:, 0] * CLIP_STD[0] + CLIP_MEAN[0] - (data.images[:, 1] * CLIP_STD[1] + CLIP_MEAN[1])

@@ -316,8 +316,8 @@ def _source_fingerprint(cfg: PretrainCfg, image_size: int, benchmark_dir: str | 
     for fn in (compose_caption, shapes_caption, digit_caption, shapes_caption_set, digits_outside_benchmark,
                preprocess_array, _augment, train_clip):
         h.update(inspect.getsource(fn).encode())
-    h.update(repr((_FILLERS, _SUFFIXES, _SHAPE_WORDS, _COLOUR_WORDS, _PATTERN_WORDS, _MONOCHROME_WORDS, _DIGIT_WORDS, _DIGIT_NOUNS,
-                   _DIGIT_STYLES)).encode())
+    h.update(repr((_FILLERS, _SUFFIXES, _SHAPE_WORDS, _COLOUR_WORDS, _PATTERN_WORDS, _MONOCHROME_WORDS, _DIGIT_WORDS,
+                   _DIGIT_NOUNS, _DIGIT_STYLES)).encode())
     if cfg.source == "shapes":
         h.update(_shapes_generator_source().encode())
     else:

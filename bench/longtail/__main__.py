@@ -30,13 +30,15 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.findings import read_findings
 from bench.longtail.backbone import Budget
 from bench.longtail.data import load_benchmark
 from bench.longtail.report import aggregate, compute_targets, write_json, write_markdown, write_plot
-from bench.longtail.runner import FAITHFUL, FIXED_ANCHORS, SeedConfig, run_seed
+from bench.longtail.metrics import ShotGroups
+from bench.longtail.runner import FAITHFUL, FIXED_ANCHORS, SeedConfig, black_and_white_only, run_seed
 from model.factory import clip_dims, create_clip
 from training.benchmarks import FORMAT_VERSIONS, write_benchmark
 from training.benchmarks.shapes_text import NAME_STYLES
@@ -222,16 +224,13 @@ def _write_outputs(args: argparse.Namespace, command: str, started: float, bm, p
 def _sessions_summary(bm) -> dict | None:
     """Shapes-LT's black-and-white training sessions: how many trained classes of each shot group are seen in
     training only without their colour (None for data drawn all in colour)."""
-    sessions = bm.meta.get("sessions")
-    if not sessions or not sessions.get("monochrome_prob"):
+    colourless = black_and_white_only(bm)
+    if colourless is None:
         return None
-    greyed = {"many": 0, "medium": 0, "few": 0}
-    for c in bm.meta["classes"]:
-        n = c["train_count"]
-        if n and c.get("train_monochrome") == n:
-            group = "many" if n > bm.many_threshold else "few" if n < bm.few_threshold else "medium"
-            greyed[group] += 1
-    return {**sessions, "classes_only_in_black_and_white": greyed}
+    counts = np.array([c["train_count"] for c in bm.meta["classes"]])
+    groups = ShotGroups.from_counts(counts, bm.many_threshold, bm.few_threshold)
+    greyed = {g: int(colourless[getattr(groups, g)].sum()) for g in ("many", "medium", "few")}
+    return {**bm.meta["sessions"], "classes_only_in_black_and_white": greyed}
 
 
 def _pretrain_summary(pre_cfg: PretrainCfg, builds: dict[int, tuple[PretrainCfg, Path]], per_seed: bool) -> dict:

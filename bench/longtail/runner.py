@@ -104,7 +104,7 @@ def _choose_alpha(z_vis: torch.Tensor, z_lin: torch.Tensor, labels: np.ndarray, 
     return float(best)
 
 
-def _black_and_white_only(bm: Benchmark) -> np.ndarray | None:
+def black_and_white_only(bm: Benchmark) -> np.ndarray | None:
     """Per dataset class id: seen in training only in black and white (None for data drawn all in colour)."""
     if not bm.meta.get("sessions", {}).get("monochrome_prob"):
         return None
@@ -152,7 +152,7 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
     held = _split(bm, "test", bm.heldout, held_map) if len(bm.heldout) else None
     counts = np.bincount(train.y, minlength=len(trained))
     groups = ShotGroups.from_counts(counts, bm.many_threshold, bm.few_threshold)
-    colourless = _black_and_white_only(bm)
+    colourless = black_and_white_only(bm)
     if colourless is not None:
         greyed = np.flatnonzero(colourless[trained])
         groups = replace(groups, subsets={"few_colour": np.setdiff1d(groups.few, greyed),

@@ -9,8 +9,8 @@ from typing import Any
 from training.data.errors import DataError
 
 BENCHMARKS = ("digits-lt", "shapes-lt")
-# meta.json's format_version per benchmark; bumped when the same seed would draw different data
-# (shapes-lt 2: black-and-white training sessions), so caches of an older draw are not reused.
+# meta.json's format_version per benchmark; bumped when what a generator writes changes (shapes-lt 2: the
+# training sessions in meta.json, optionally black and white), so caches written by an older one are not reused.
 FORMAT_VERSIONS = {"digits-lt": 1, "shapes-lt": 2}
 
 

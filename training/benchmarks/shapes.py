@@ -59,7 +59,6 @@ IMAGE_SIZE = 64
 MANY_THRESHOLD, FEW_THRESHOLD = 100, 20  # OLTR's rule, as used for CIFAR-100-LT (35/35/30 classes at IR 100)
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 SESSION_SIZE = 25
-MONOCHROME_SESSION_PROB = 1 / 3  # the value the benchmark's black-and-white variant uses
 _PARALLEL_MIN_IMAGES = 2000  # below this, worker start-up costs more than it saves
 
 
