@@ -31,7 +31,7 @@ def quick_run(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.longtail", "--dataset", "shapes-lt", "--quick", "--seeds", "0", "1",
-         "--text-lr-scale", "0.5", "--fixed-anchors", "--monochrome-sessions", "0.5", "--pretrain-epochs", "2", "--pretrain-seed", "7", "--pretrain-per-seed", "--out", str(out), "--cache-dir", str(cache)],
+         "--text-lr-scale", "0.5", "--trained-anchors", "--monochrome-sessions", "0.5", "--pretrain-epochs", "2", "--pretrain-seed", "7", "--pretrain-per-seed", "--out", str(out), "--cache-dir", str(cache)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "shapes-lt.json").read_text())
@@ -47,11 +47,11 @@ def test_quick_run_writes_table_plot_and_json(quick_run):
     # The recipe's text-tower lr reaches the run, its page, and a separate published stage 1.
     assert data["config"]["seed"]["text_lr_scale"] == 0.5 and "0.5× that lr" in md
     assert "vlltr_faithful" in data["results"]["timings_s"]["0"]
-    # --fixed-anchors gives the recommended head the published fixed anchors, and the page says so.
-    assert data["config"]["recommended_head"]["anchor_lr"] == 0 and data["config"]["recommended_head"]["loss"] == \
+    # --trained-anchors makes the recommended head's anchors trainable, and the page says so.
+    assert data["config"]["recommended_head"]["anchor_lr"] > 0 and data["config"]["recommended_head"]["loss"] == \
         "logit_adjusted"
     assert data["config"]["seed"]["recommended"] == data["config"]["recommended_head"]
-    assert "`--fixed-anchors`" in md
+    assert "`--trained-anchors`" in md
     # --monochrome-sessions reaches the data and the pretraining set.
     assert data["pretrain"]["recipe"]["monochrome_prob"] > 0 and "in black and white, their captions" in md
     # One pretraining build per training seed: the recipe's seed plus the training seed, each its own checkpoint.
@@ -83,6 +83,24 @@ def test_quick_run_writes_table_plot_and_json(quick_run):
         assert isinstance(added[key], (int, float))
     for t in data["targets"].values():
         assert set(t) >= {"value", "goal", "met"} and isinstance(t["met"], bool)
+
+
+def test_default_recipe_is_the_pages():
+    """The defaults are what docs/benchmarks/shapes-lt.md was measured with: black-and-white shoots at 1/3, a
+    32-epoch pretraining build with black-and-white pictures, and the recommended head with fixed anchors."""
+    from bench.longtail.__main__ import settings
+    from bench.longtail.runner import FAITHFUL, RECOMMENDED
+
+    sizes, pre_cfg, seed_cfg = settings("shapes-lt", quick=False)
+    assert sizes["monochrome_prob"] == pytest.approx(1 / 3) and pre_cfg.epochs == 32
+    assert seed_cfg.recommended == RECOMMENDED and RECOMMENDED.anchor_lr == 0.0
+    assert RECOMMENDED.attn_lr == FAITHFUL.attn_lr and RECOMMENDED.loss == "logit_adjusted"
+    page = json.loads((ROOT / "docs/benchmarks/shapes-lt.json").read_text())
+    assert page["config"]["recommended_head"]["anchor_lr"] == 0.0
+    assert page["pretrain"]["recipe"]["epochs"] == pre_cfg.epochs
+    assert page["training_sessions"]["monochrome_prob"] == pytest.approx(sizes["monochrome_prob"])
+    # Digits-LT has no colour to take away.
+    assert "monochrome_prob" not in settings("digits-lt", quick=False)[0]
 
 
 def test_colour_only_data_has_no_session_split(tmp_path):

@@ -22,7 +22,7 @@ ARM_LABELS = {
     "vlltr_faithful": "VL-LTR as published (stage 1 + AnSS + LGR, CE, α=0.2)",
     "vlltr_faithful_vision_branch": "  ↳ its vision (MLP) branch alone",
     "vlltr_faithful_language_branch": "  ↳ its language (anchor) branch alone",
-    "text_recommended": "**Recommended: stage 1 + AnSS + text-initialised anchors, LA loss, fusion α on val**",
+    "text_recommended": "**Recommended: stage 1 + AnSS + LGR (anchors fixed), LA loss, fusion α on val**",
     "control_shuffled": "Control: recommended, descriptions shuffled across classes",
     "control_distractors": "Control: recommended, distractor sentences only",
     "control_text_shuffled": "Control: recommended, whole class text (names and descriptions) shuffled",
