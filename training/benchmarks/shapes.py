@@ -86,11 +86,17 @@ def monochrome_sessions(seed: int, cid: int, count: int, prob: float) -> list[bo
     return [bool(d < prob) for d in draws]
 
 
+def _in_monochrome_session(sessions: tuple[bool, ...], n: int) -> bool:
+    """Whether a class's training image `n` falls in one of its black-and-white sessions (`sessions`: the class's
+    `monochrome_sessions`, empty for val, test and colour-only data)."""
+    return bool(sessions) and sessions[n // SESSION_SIZE]
+
+
 def _render_chunk(job: tuple[str, int, str, int, tuple[str, str, str], int, int, tuple[bool, ...]]) -> None:
     out, seed, split, cid, (shape, colour, pattern), start, count, mono = job
     for n in range(start, start + count):
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], cid, n])
-        image = render(shape, colour, pattern, rng, IMAGE_SIZE, monochrome=bool(mono and mono[n // SESSION_SIZE]))
+        image = render(shape, colour, pattern, rng, IMAGE_SIZE, monochrome=_in_monochrome_session(mono, n))
         save_png(image, Path(out) / image_relpath(split, cid, n))
 
 
@@ -169,8 +175,7 @@ def generate_shapes_lt(
         class_meta.append({
             "id": cid, "name": class_labels[cid], "attributes": {"shape": shape, "colour": colour, "pattern": pattern},
             "heldout": cid in heldout, "train_count": train_counts[cid],
-            "train_monochrome": sum(min(SESSION_SIZE, train_counts[cid] - i * SESSION_SIZE)
-                                    for i, m in enumerate(mono.get(cid, ())) if m),
+            "train_monochrome": sum(_in_monochrome_session(mono.get(cid, ()), n) for n in range(train_counts[cid])),
             "val_count": val_per_class, "test_count": test_per_class,
             "sentences": [s.to_dict() for s in doc.sentences()],
             "dropped_sections": [title for title, _ in doc.dropped],
