@@ -27,9 +27,6 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY vlltr ./vlltr
-COPY service ./service
-COPY model ./model
-COPY training ./training
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir ".[cpu]" \
     && /opt/venv/bin/pip uninstall --yes pip setuptools wheel
@@ -47,9 +44,6 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY vlltr ./vlltr
-COPY service ./service
-COPY model ./model
-COPY training ./training
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir ".[gpu]" \
     && /opt/venv/bin/pip uninstall --yes pip setuptools wheel
@@ -139,9 +133,6 @@ RUN groupadd --system --gid 10001 vlltr \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY vlltr ./vlltr
-COPY service ./service
-COPY model ./model
-COPY training ./training
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" ".[train,cpu]"
 USER 10001:10001

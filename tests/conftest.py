@@ -13,8 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -53,7 +54,8 @@ def service_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (`run/data/test.txt` lists its images).
     """
     from test_export_support import make_run
-    from training.export import export_bundle
+
+    from vlltr.training.export import export_bundle
 
     root = tmp_path_factory.mktemp("service-bundle")
     run = make_run(root / "run")
@@ -74,8 +76,21 @@ class RedisServer:
 
     def argv(self) -> list[str]:
         """The `redis-server` command line."""
-        return ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--daemonize", "no", "--dir", str(self.workdir)]
+        return [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.workdir),
+        ]
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -158,7 +173,7 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 90.0) -> "ServerProcess":
+    def start(self, timeout: float = 90.0) -> ServerProcess:
         """Start and wait until `/readyz` answers 200 (raises with the log if it does not)."""
         import httpx
 
@@ -169,7 +184,11 @@ class ServerProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "vlltr.cli", "serve", "--port", str(self.port), *self.args],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -202,7 +221,7 @@ class ServerProcess:
         self.proc = None
         return code
 
-    def restart(self) -> "ServerProcess":
+    def restart(self) -> ServerProcess:
         self.stop()
         return self.start()
 
@@ -219,8 +238,12 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
     """
     started: list[ServerProcess] = []
 
-    def factory(env: dict[str, str] | None = None, args: list[str] | None = None,
-                workdir: Path | None = None, timeout: float = 90.0) -> ServerProcess:
+    def factory(
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        workdir: Path | None = None,
+        timeout: float = 90.0,
+    ) -> ServerProcess:
         server = ServerProcess(dict(env or {}), list(args or []), workdir or tmp_path_factory.mktemp("serve"))
         started.append(server)
         return server.start(timeout)
@@ -265,8 +288,13 @@ class ReliabilityLog:
 
     def to_json(self) -> dict:
         totals = {name: sum(row[name] for row in self.themes.values()) for name in self.FIGURES}
-        return {"generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "themes": self.themes,
-                "totals": totals, "outcomes": self.outcomes, "details": self.extra}
+        return {
+            "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "themes": self.themes,
+            "totals": totals,
+            "outcomes": self.outcomes,
+            "details": self.extra,
+        }
 
 
 _RELIABILITY_LOG = ReliabilityLog()
@@ -279,8 +307,12 @@ def reliability_log() -> ReliabilityLog:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--soak", action="store_true", default=False,
-                     help="run the full soak (50,000 requests at concurrency 32) instead of the reduced one")
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="run the full soak (50,000 requests at concurrency 32) instead of the reduced one",
+    )
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -319,8 +351,23 @@ class PersistentRedisServer(RedisServer):
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def argv(self) -> list[str]:
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no", "--dir", str(self.workdir)]
+        argv = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.workdir),
+        ]
         if self.password:
             argv += ["--requirepass", self.password]
         return argv
@@ -345,10 +392,12 @@ class PersistentRedisServer(RedisServer):
 
 @pytest.fixture(scope="session")
 def persistent_redis_factory(
-        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., PersistentRedisServer]]:
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., PersistentRedisServer]]:
     """Start private persistent Redis servers: `factory(password=None)` -> a started `PersistentRedisServer`."""
-    yield from _redis_servers(lambda password=None: PersistentRedisServer(
-        _free_port(), tmp_path_factory.mktemp("redis-aof"), password))
+    yield from _redis_servers(
+        lambda password=None: PersistentRedisServer(_free_port(), tmp_path_factory.mktemp("redis-aof"), password)
+    )
 
 
 class Balancer:
@@ -406,8 +455,12 @@ def balancer_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Calla
         conf = render.write_nginx_prefix(prefix / "p", listen=f"127.0.0.1:{port}", upstreams=upstreams)
         log_path = prefix / "nginx.log"
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([nginx, "-p", str(prefix / "p"), "-c", str(conf), "-g", "daemon off;"],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [nginx, "-p", str(prefix / "p"), "-c", str(conf), "-g", "daemon off;"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         balancer = Balancer(proc, f"http://127.0.0.1:{port}", log_path)
         started.append(balancer)
         deadline = time.monotonic() + 20

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.head import HeadParams
-from training.added_classes import GAMMA_GRID, fit_added_class_calibration, pick_pseudo_new
+from vlltr.model.runtime.head import HeadParams
+from vlltr.training.added_classes import GAMMA_GRID, fit_added_class_calibration, pick_pseudo_new
 
 D, M, C = 24, 4, 20
 
@@ -23,11 +23,17 @@ def model():
     dirs = _unit(rng.standard_normal((C, D)))
     eye = np.eye(D, dtype=np.float32)
     arrays = {
-        "ln_q_weight": np.ones(D), "ln_q_bias": np.zeros(D), "w_q": eye, "ln_k_weight": np.ones(D),
-        "ln_k_bias": np.zeros(D), "w_k": eye,
+        "ln_q_weight": np.ones(D),
+        "ln_q_bias": np.zeros(D),
+        "w_q": eye,
+        "ln_k_weight": np.ones(D),
+        "ln_k_bias": np.zeros(D),
+        "w_k": eye,
         # relu([f, -f]) split back into f: vision logits = 10 * dirs . f
-        "mlp_w1": np.concatenate([eye, -eye, np.zeros((2 * D, D))]), "mlp_b1": np.zeros(4 * D),
-        "mlp_w2": 10 * np.concatenate([dirs, -dirs, np.zeros((C, 2 * D))], axis=1), "mlp_b2": np.zeros(C),
+        "mlp_w1": np.concatenate([eye, -eye, np.zeros((2 * D, D))]),
+        "mlp_b1": np.zeros(4 * D),
+        "mlp_w2": 10 * np.concatenate([dirs, -dirs, np.zeros((C, 2 * D))], axis=1),
+        "mlp_b2": np.zeros(C),
     }
     params = HeadParams.from_arrays(arrays, logit_scale=20.0)
     anchors = dirs[:, None, :] + 0.3 * rng.standard_normal((C, M, D)).astype(np.float32) / np.sqrt(D)
@@ -60,8 +66,22 @@ def test_gamma_recognises_pseudo_new_classes_within_the_cost_bound(model):
     params, anchors, mask, feats, labels, counts, descriptions, prompts, names = model
     pseudo = pick_pseudo_new(counts, labels, count=4, seed=1)
     assert len(pseudo) == 4 and np.all(counts[pseudo] == 5)
-    out = fit_added_class_calibration(feats, labels, params, anchors, mask, names, counts, descriptions, prompts,
-                                      alpha=0.5, tau=0.0, temperature=1.0, pseudo=pseudo, max_seen_drop=1.5)
+    out = fit_added_class_calibration(
+        feats,
+        labels,
+        params,
+        anchors,
+        mask,
+        names,
+        counts,
+        descriptions,
+        prompts,
+        alpha=0.5,
+        tau=0.0,
+        temperature=1.0,
+        pseudo=pseudo,
+        max_seen_drop=1.5,
+    )
     fit = out["added_class_fit"]
     assert out["added_class_vision"] == "standardised" and out["added_class_bias"] in GAMMA_GRID
     assert fit["pseudo_new"] == [names[c] for c in pseudo]
@@ -72,5 +92,4 @@ def test_gamma_recognises_pseudo_new_classes_within_the_cost_bound(model):
     assert fit["seen_before"] - curve[0.0]["seen"] > 1.5 and out["added_class_bias"] < 0
     assert fit["seen_before"] - curve[16.0]["seen"] > 50  # a large bias takes the other classes' images
     assert fit["pseudo_new_accuracy"] >= 50.0
-    assert fit["pseudo_new_accuracy"] == max(c["new"] for c in fit["curve"]
-                                             if fit["seen_before"] - c["seen"] <= 1.5)
+    assert fit["pseudo_new_accuracy"] == max(c["new"] for c in fit["curve"] if fit["seen_before"] - c["seen"] <= 1.5)

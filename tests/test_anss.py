@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.anss import (
+from vlltr.training.anss import (
     check_sentence_counts,
     gather_anchors,
     load_selection,
@@ -110,11 +110,14 @@ def test_save_and_load_selection(tmp_path):
 
 
 def test_precision_against_benchmark_sentence_kinds(tmp_path):
-    from training.anss import anss_precision, benchmark_sentence_kinds
+    from vlltr.training.anss import anss_precision, benchmark_sentence_kinds
 
-    meta = {"classes": [
-        {"id": 0, "sentences": [{"text": "red", "kind": "descriptive"}, {"text": "trivia", "kind": "distractor"}]},
-        {"id": 1, "sentences": [{"text": "blue", "kind": "descriptive"}, {"text": "old", "kind": "distractor"}]}]}
+    meta = {
+        "classes": [
+            {"id": 0, "sentences": [{"text": "red", "kind": "descriptive"}, {"text": "trivia", "kind": "distractor"}]},
+            {"id": 1, "sentences": [{"text": "blue", "kind": "descriptive"}, {"text": "old", "kind": "distractor"}]},
+        ]
+    }
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     # model class 0 = dataset class 1; a template sentence has no known kind
     kinds = benchmark_sentence_kinds(tmp_path, [1, 0], [["old", "blue", "a photo of b."], ["red", "trivia"]])

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from service.batcher import BatcherStoppedError, MicroBatcher, QueueFullError
-from service.metrics import Metrics
+from vlltr.service.batcher import BatcherStoppedError, MicroBatcher, QueueFullError
+from vlltr.service.metrics import Metrics
 
 
 class Recorder:

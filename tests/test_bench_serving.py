@@ -16,8 +16,10 @@ import pytest
 
 # Checked without importing: importing Locust monkey-patches the standard library (gevent).
 _MISSING = [m for m in ("locust", "litserve") if importlib.util.find_spec(m) is None]
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(bool(_MISSING), reason=f"{_MISSING} not installed (pip install -e '.[bench]')")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(_MISSING), reason=f"{_MISSING} not installed (pip install -e '.[bench]')"),
+]
 REPO = Path(__file__).resolve().parents[1]
 LOAD_KEYS = {"concurrency", "duration_s", "requests", "errors", "throughput", "p50_ms", "p95_ms", "p99_ms"}
 
@@ -25,16 +27,37 @@ LOAD_KEYS = {"concurrency", "duration_s", "requests", "errors", "throughput", "p
 def test_smoke_run_writes_every_table(service_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.serving", "--smoke", "--demo-bundle", str(service_bundle),
-         "--demo-run", str(service_bundle.parent / "run"), "--work", str(tmp_path / "work"), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "bench.serving",
+            "--smoke",
+            "--demo-bundle",
+            str(service_bundle),
+            "--demo-run",
+            str(service_bundle.parent / "run"),
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "serving.json").read_text())
     demo = results["models"]["demo"]
     assert demo["ceiling"]["best"]["images_per_s"] > 0
-    for cell in [*demo["service"]["load"].values(), demo["service_batching_off"]["load"],
-                 demo["service_full_decode"]["load"], demo["service_ort_spinning"]["load"], demo["handwritten"],
-                 demo["peers"]["litserve"]]:
+    for cell in [
+        *demo["service"]["load"].values(),
+        demo["service_batching_off"]["load"],
+        demo["service_full_decode"]["load"],
+        demo["service_ort_spinning"]["load"],
+        demo["handwritten"],
+        demo["peers"]["litserve"],
+    ]:
         assert LOAD_KEYS <= set(cell)
         assert cell["requests"] > 0 and cell["errors"] == 0
     assert set(demo["service"]["load"]) == {"1", "4"}
@@ -44,8 +67,13 @@ def test_smoke_run_writes_every_table(service_bundle: Path, tmp_path: Path) -> N
     assert demo["classes"]["1000"]["added"] == 1000 - demo["bundle"]["classes"]
     assert demo["add_class"]["adds"]["count"] >= 1
     targets = results["targets"]
-    assert {"small_service_vs_best_peer", "small_service_vs_handwritten", "small_service_vs_ceiling",
-            "cache_hit_p50_ms_server", "add_class_p99_ratio"} <= set(targets)
+    assert {
+        "small_service_vs_best_peer",
+        "small_service_vs_handwritten",
+        "small_service_vs_ceiling",
+        "cache_hit_p50_ms_server",
+        "add_class_p99_ratio",
+    } <= set(targets)
     for t in targets.values():
         assert set(t) >= {"value", "goal", "met"}
     doc = (out / "serving.md").read_text()
@@ -59,9 +87,22 @@ def test_smoke_run_writes_every_table(service_bundle: Path, tmp_path: Path) -> N
     del gpu["load_average_end"]  # written only at the end of a complete run
     (out / "serving-gpu.json").write_text(json.dumps(gpu))
     (tmp_path / "findings.txt").write_text("First finding.\n\nSecond\nfinding.\n")
-    proc = subprocess.run([sys.executable, "-m", "bench.serving.gpu", "--render-only", "--out", str(out),
-                           "--findings", str(tmp_path / "findings.txt")], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.serving.gpu",
+            "--render-only",
+            "--out",
+            str(out),
+            "--findings",
+            str(tmp_path / "findings.txt"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     page = (out / "serving-gpu.md").read_text()
     assert "stopped at its time limit" in page and "GPU: **Test GPU**" in page
@@ -70,10 +111,13 @@ def test_smoke_run_writes_every_table(service_bundle: Path, tmp_path: Path) -> N
 
 
 def test_missing_peer_framework_names_the_extra(tmp_path: Path) -> None:
-    code = ("import sys, importlib.util as u; real = u.find_spec; "
-            "u.find_spec = lambda name, *a: None if name == 'litserve' else real(name, *a); "
-            "from bench.serving.__main__ import main; sys.exit(main(['--smoke', '--work', sys.argv[1]]))")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import sys, importlib.util as u; real = u.find_spec; "
+        "u.find_spec = lambda name, *a: None if name == 'litserve' else real(name, *a); "
+        "from bench.serving.__main__ import main; sys.exit(main(['--smoke', '--work', sys.argv[1]]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert "pip install -e '.[bench]'" in proc.stderr

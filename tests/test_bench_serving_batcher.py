@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import time
 
-from service.batcher import MicroBatcher
+from vlltr.service.batcher import MicroBatcher
 
 
 def test_nothing_upstream_dispatches_before_the_deadline():
     async def main() -> list[int]:
-        b = MicroBatcher(lambda xs: [x + 1 for x in xs], max_batch_size=8, max_wait_s=30.0, queue_size=10,
-                         upstream=lambda: 0)
+        b = MicroBatcher(
+            lambda xs: [x + 1 for x in xs], max_batch_size=8, max_wait_s=30.0, queue_size=10, upstream=lambda: 0
+        )
         b.start()
         # A 30 s deadline: only the "nothing upstream" rule can release a lone item within the timeout.
         out = await asyncio.wait_for(asyncio.gather(b.submit(1)), timeout=10)
@@ -31,8 +32,7 @@ def test_items_on_their_way_are_waited_for_and_batched_together():
             batches.append(list(xs))
             return xs
 
-        b = MicroBatcher(process, max_batch_size=8, max_wait_s=30.0, queue_size=10,
-                         upstream=lambda: preparing["n"])
+        b = MicroBatcher(process, max_batch_size=8, max_wait_s=30.0, queue_size=10, upstream=lambda: preparing["n"])
         b.start()
         futures = []
         for i in range(3):  # three items arrive one by one while the rest are still "being prepared"
@@ -56,8 +56,7 @@ def test_slow_batches_stretch_the_wait_while_items_are_being_prepared():
             return xs
 
         preparing = {"n": 1}
-        b = MicroBatcher(process, max_batch_size=8, max_wait_s=0.001, queue_size=10,
-                         upstream=lambda: preparing["n"])
+        b = MicroBatcher(process, max_batch_size=8, max_wait_s=0.001, queue_size=10, upstream=lambda: preparing["n"])
         b.start()
         await b.submit(0)  # one batch runs, so the batcher knows batches take about 2 s
         first = b.submit_many([1])

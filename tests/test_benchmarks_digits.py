@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.benchmarks import write_benchmark
-from training.benchmarks.digits import digit_png
-from training.config import DataCfg
-from training.data.classes import load_class_names, load_heldout
-from training.data.datasets import build_split
-from training.data.text import load_class_texts, parse_wiki_text, split_sentences
+from vlltr.training.benchmarks import write_benchmark
+from vlltr.training.benchmarks.digits import digit_png
+from vlltr.training.config import DataCfg
+from vlltr.training.data.classes import load_class_names, load_heldout
+from vlltr.training.data.datasets import build_split
+from vlltr.training.data.text import load_class_texts, parse_wiki_text, split_sentences
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_profile_and_splits(digits: tuple[Path, dict]) -> None:
     out, meta = digits
     cfg = DataCfg(root=str(out), templates="simple")
-    assert load_class_names(cfg) == [f"digit {w}" for w in
-                                     "zero one two three four five six seven eight nine".split()]
+    assert load_class_names(cfg) == [f"digit {w}" for w in "zero one two three four five six seven eight nine".split()]
     assert load_heldout(cfg) == []
     train = build_split(cfg, "train", None)
     counts = train.class_counts().tolist()
@@ -66,8 +65,9 @@ def test_text(digits: tuple[Path, dict]) -> None:
         assert 6 <= kinds.count("descriptive") <= 10
         assert 2 <= kinds.count("trivia") + kinds.count("other_class") <= 3
         assert kinds.count("trivia") >= 1 and kinds.count("other_class") == 1
-    pools = load_class_texts(DataCfg(root=str(out), templates="simple"), [c["name"] for c in meta["classes"]],
-                             list(range(10)))
+    pools = load_class_texts(
+        DataCfg(root=str(out), templates="simple"), [c["name"] for c in meta["classes"]], list(range(10))
+    )
     assert pools[3][0] == "itap of a digit three."
 
 
@@ -76,7 +76,10 @@ def test_deterministic(digits: tuple[Path, dict], tmp_path: Path) -> None:
     write_benchmark("digits-lt", tmp_path / "again", seed=0)
 
     def digest(root: Path) -> dict[str, str]:
-        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(root.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
 
     assert digest(tmp_path / "again") == digest(out)

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.benchmarks import write_benchmark
-from training.benchmarks.layout import cifar_lt_counts
-from training.benchmarks.render_shapes import COLOURS, PATTERNS, SHAPES
-from training.benchmarks.shapes import _render_all, class_order, generate_shapes_lt
-from training.benchmarks.shapes_text import NAME_STYLES, class_names
 from vlltr.cli import main as vlltr_main
-from training.config import DataCfg
-from training.data.classes import load_class_names, load_heldout, trained_class_ids
-from training.data.datasets import build_split
-from training.data.errors import DataError
-from training.data.text import load_class_texts, parse_wiki_text, split_sentences
+from vlltr.training.benchmarks import write_benchmark
+from vlltr.training.benchmarks.layout import cifar_lt_counts
+from vlltr.training.benchmarks.render_shapes import COLOURS, PATTERNS, SHAPES
+from vlltr.training.benchmarks.shapes import _render_all, class_order, generate_shapes_lt
+from vlltr.training.benchmarks.shapes_text import NAME_STYLES, class_names
+from vlltr.training.config import DataCfg
+from vlltr.training.data.classes import load_class_names, load_heldout, trained_class_ids
+from vlltr.training.data.datasets import build_split
+from vlltr.training.data.errors import DataError
+from vlltr.training.data.text import load_class_texts, parse_wiki_text, split_sentences
 
 SMALL = dict(imbalance=10.0, n_max=10, val_per_class=1, test_per_class=2)
 
@@ -37,8 +37,11 @@ def _cfg(out: Path) -> DataCfg:
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_cifar_lt_counts() -> None:
@@ -69,8 +72,9 @@ def test_class_name_styles() -> None:
 
 
 def test_epithet_names_reach_files_and_text(tmp_path: Path) -> None:
-    meta = generate_shapes_lt(tmp_path / "epi", seed=2, imbalance=1.0, n_max=1, val_per_class=1, test_per_class=1,
-                              names="epithet")
+    meta = generate_shapes_lt(
+        tmp_path / "epi", seed=2, imbalance=1.0, n_max=1, val_per_class=1, test_per_class=1, names="epithet"
+    )
     names = (tmp_path / "epi" / "classes.txt").read_text().splitlines()
     assert meta["name_style"] == "epithet" and names == [c["name"] for c in meta["classes"]]
     assert names == class_names(class_order(2), 2, "epithet")
@@ -189,8 +193,10 @@ def test_deterministic(small: tuple[Path, dict], tmp_path: Path) -> None:
 def test_parallel_rendering_gives_the_same_bytes(tmp_path: Path) -> None:
     def jobs(root: str) -> list[tuple]:
         (tmp_path / root / "images" / "test").mkdir(parents=True)
-        return [(str(tmp_path / root), 9, "test", cid, ("star", "cyan", "dotted"), start, 3, mono)
-                for cid, start, mono in ((5, 0, (True,)), (6, 3, ()))]
+        return [
+            (str(tmp_path / root), 9, "test", cid, ("star", "cyan", "dotted"), start, 3, mono)
+            for cid, start, mono in ((5, 0, (True,)), (6, 3, ()))
+        ]
 
     _render_all(jobs("one"), workers=1)
     _render_all(jobs("two"), workers=2, min_parallel=0)
@@ -233,7 +239,8 @@ def test_black_and_white_sessions_only_in_training(small: tuple[Path, dict], tmp
     # SMALL has n_max 10: every class is one session, in black and white or in colour as a whole.
     assert all(len(set(flags)) == 1 for flags in per_class.values())
     assert {c: sum(f) for c, f in per_class.items()} == {
-        c["id"]: c["train_monochrome"] for c in meta["classes"] if c["train_count"]}
+        c["id"]: c["train_monochrome"] for c in meta["classes"] if c["train_count"]
+    }
     assert 0 < sum(f[0] for f in per_class.values()) < len(per_class)
     assert meta["sessions"]["size"] == 25 and meta["format_version"] == 2
     for split in ("val", "test"):
@@ -244,7 +251,7 @@ def test_black_and_white_sessions_only_in_training(small: tuple[Path, dict], tmp
 
 
 def test_sessions_follow_the_class_not_n_max() -> None:
-    from training.benchmarks.shapes import monochrome_sessions
+    from vlltr.training.benchmarks.shapes import monochrome_sessions
 
     assert monochrome_sessions(0, 7, 500, 0.5)[:1] == monochrome_sessions(0, 7, 12, 0.5)
     assert len(monochrome_sessions(0, 7, 500, 0.5)) == 20 and len(monochrome_sessions(0, 7, 26, 0.5)) == 2
@@ -266,7 +273,10 @@ def test_rewrites_an_earlier_benchmark(tmp_path: Path) -> None:
     generate_shapes_lt(out, seed=6, imbalance=1.0, n_max=1, val_per_class=1, test_per_class=1)
     assert json.loads((out / "meta.json").read_text())["seed"] == 6
     # Nothing of the first run is left: every image on disk is listed.
-    listed = {line.split()[0] for name in ("train", "val", "val_heldout", "test")
-              for line in (out / f"{name}.txt").read_text().splitlines()}
+    listed = {
+        line.split()[0]
+        for name in ("train", "val", "val_heldout", "test")
+        for line in (out / f"{name}.txt").read_text().splitlines()
+    }
     assert {str(p.relative_to(out)) for p in (out / "images").rglob("*.png")} == listed
     assert len(listed) == 100 + 108 + 108

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from test_export_support import make_run
 
-from service.bundle import FORMAT_VERSION, MANIFEST, REQUIRED_FILES, file_entry, load_bundle
-from service.errors import BundleError
+from vlltr.errors import BundleError
+from vlltr.model.runtime.bundle import FORMAT_VERSION, MANIFEST, REQUIRED_FILES, file_entry, load_bundle
 
 
 @pytest.fixture(scope="module")
 def good_bundle(tmp_path_factory) -> Path:
-    from training.export import export_bundle
+    from vlltr.training.export import export_bundle
 
     root = tmp_path_factory.mktemp("bundle")
     make_run(root / "run", n_test=12)
@@ -113,12 +113,15 @@ def test_missing_directory_is_refused(tmp_path):
         load_bundle(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("version,message", [
-    (7, "format_version 7 not supported (this service reads 1)"),
-    ("1", "format_version '1' not supported (this service reads 1)"),
-    (True, "format_version True not supported"),
-    (None, "format_version missing"),
-])
+@pytest.mark.parametrize(
+    "version,message",
+    [
+        (7, "format_version 7 not supported (this service reads 1)"),
+        ("1", "format_version '1' not supported (this service reads 1)"),
+        (True, "format_version True not supported"),
+        (None, "format_version missing"),
+    ],
+)
 def test_wrong_format_version_is_refused(bundle, version, message):
     m = manifest_of(bundle)
     if version is None:
@@ -145,23 +148,28 @@ def test_malformed_manifest_json_is_refused(bundle):
         load_bundle(bundle)
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda m: m.pop("head"), "missing section 'head'"),
-    (lambda m: m.__setitem__("files", []), "section 'files' must be an object"),
-    (lambda m: m["files"].pop("anchors.npy"), "files does not list anchors.npy"),
-    (lambda m: m["files"].__setitem__("../etc/passwd", {"sha256": "0"}), "is not a plain file name"),
-    (lambda m: m["files"]["head.npz"].pop("sha256"), "must be an object with a sha256 string"),
-    (lambda m: m["head"].__setitem__("alpha", "high"), "head.alpha must be a finite number"),
-    (lambda m: m["head"].__setitem__("alpha", 1.5), "head.alpha must lie in [0, 1]"),
-    (lambda m: m["head"].__setitem__("num_classes", 5), "anchors.npy"),
-    (lambda m: m["calibration"].__setitem__("temperature", 0), "calibration temperature must be positive"),
-    (lambda m: m["calibration"].__setitem__("added_class_vision", "both"),
-     "calibration added_class_vision must be one of"),
-    (lambda m: m["preprocess"].__setitem__("crop", "random"), "preprocess crop='random' not supported"),
-    (lambda m: m["preprocess"].__setitem__("size", 64), "preprocess.size 64 differs from model.image_size 32"),
-    (lambda m: m["text"].__setitem__("sot_id", 5), "tokenizer.json: unusable"),
-    (lambda m: m.__setitem__("bundle_id", ""), "bundle_id must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m.pop("head"), "missing section 'head'"),
+        (lambda m: m.__setitem__("files", []), "section 'files' must be an object"),
+        (lambda m: m["files"].pop("anchors.npy"), "files does not list anchors.npy"),
+        (lambda m: m["files"].__setitem__("../etc/passwd", {"sha256": "0"}), "is not a plain file name"),
+        (lambda m: m["files"]["head.npz"].pop("sha256"), "must be an object with a sha256 string"),
+        (lambda m: m["head"].__setitem__("alpha", "high"), "head.alpha must be a finite number"),
+        (lambda m: m["head"].__setitem__("alpha", 1.5), "head.alpha must lie in [0, 1]"),
+        (lambda m: m["head"].__setitem__("num_classes", 5), "anchors.npy"),
+        (lambda m: m["calibration"].__setitem__("temperature", 0), "calibration temperature must be positive"),
+        (
+            lambda m: m["calibration"].__setitem__("added_class_vision", "both"),
+            "calibration added_class_vision must be one of",
+        ),
+        (lambda m: m["preprocess"].__setitem__("crop", "random"), "preprocess crop='random' not supported"),
+        (lambda m: m["preprocess"].__setitem__("size", 64), "preprocess.size 64 differs from model.image_size 32"),
+        (lambda m: m["text"].__setitem__("sot_id", 5), "tokenizer.json: unusable"),
+        (lambda m: m.__setitem__("bundle_id", ""), "bundle_id must be a non-empty string"),
+    ],
+)
 def test_inconsistent_manifest_is_refused(bundle, edit, message):
     m = manifest_of(bundle)
     edit(m)
@@ -175,7 +183,9 @@ def test_inconsistent_arrays_are_refused_even_with_matching_hashes(bundle):
     anchors = np.load(bundle / "anchors.npy")
     np.save(bundle / "anchors.npy", anchors[:, :3])
     rehash(bundle, "anchors.npy")
-    with pytest.raises(BundleError, match=r"^anchors\.npy: float32 \(6, 3, 64\), the manifest says float32 \(6, 4, 64\)"):
+    with pytest.raises(
+        BundleError, match=r"^anchors\.npy: float32 \(6, 3, 64\), the manifest says float32 \(6, 4, 64\)"
+    ):
         load_bundle(bundle)
 
 

@@ -8,14 +8,14 @@ import pytest
 from PIL import Image
 from test_export_support import draw_image, make_run
 
-from service.bundle import load_bundle
-from service.encoders import CUDA, ImageEncoder, ProviderError, TextEncoder, create_session
-from service.predictor import BundlePredictor, top_k_of
+from vlltr.model.runtime.bundle import load_bundle
+from vlltr.model.runtime.predictor import BundlePredictor, top_k_of
+from vlltr.model.runtime.sessions import CUDA, ImageEncoder, ProviderError, TextEncoder, create_session
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from training.export import export_bundle
+    from vlltr.training.export import export_bundle
 
     root = tmp_path_factory.mktemp("enc")
     make_run(root / "run", n_test=8)
@@ -58,7 +58,7 @@ def test_text_encoder_batches_equal_single_calls(bundle):
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
     assert enc.encode_texts([]).shape == (0, 64)
     with pytest.raises(ValueError, match="takes 77 tokens"):
-        from service.tokenizer import ClipTokenizer, TextSpec
+        from vlltr.model.runtime.tokenizer import ClipTokenizer, TextSpec
 
         TextEncoder(bundle.text_encoder_path, ClipTokenizer(bundle.tokenizer_path, TextSpec(16, 49406, 49407)), "cpu")
 

@@ -9,9 +9,9 @@ import uuid
 import numpy as np
 import pytest
 
-from service.cache import LocalLRUCache, RedisEmbeddingCache, cache_key
-from service.metrics import Metrics
-from service.redis_link import RedisLink
+from vlltr.service.cache import LocalLRUCache, RedisEmbeddingCache, cache_key
+from vlltr.service.metrics import Metrics
+from vlltr.service.redis_link import RedisLink
 
 
 def _lookups(metrics: Metrics, result: str) -> float:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.calibration import (
+from vlltr.training.calibration import (
     balanced_accuracy,
     fit_calibration,
     fit_tau,

@@ -11,15 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-from model.factory import list_architectures
-from training.config import BUNDLED_CONFIG_DIR, ConfigError, load_config
-from training.inputs import check_model_config, prepare_inputs
-from training.pipeline import run_training
-from training.stage1 import build_clip, build_stage1_model
-from training.stage2 import build_classifier, stage2_optimizer
+from vlltr.model.networks.factory import list_architectures
+from vlltr.training.config import BUNDLED_CONFIG_DIR, ConfigError, load_config
+from vlltr.training.inputs import check_model_config, prepare_inputs
+from vlltr.training.pipeline import run_training
+from vlltr.training.stage1 import build_clip, build_stage1_model
+from vlltr.training.stage2 import build_classifier, stage2_optimizer
 
-REAL = ["imagenet-lt-rn50", "imagenet-lt-vitb16", "places-lt-rn50", "places-lt-vitb16", "inat2018-rn50",
-        "inat2018-vitb16"]
+REAL = [
+    "imagenet-lt-rn50",
+    "imagenet-lt-vitb16",
+    "places-lt-rn50",
+    "places-lt-vitb16",
+    "inat2018-rn50",
+    "inat2018-vitb16",
+]
 # (arch, stage-1 batch, stage-1 lr, stage-1 epochs, MLP lr, alpha, train backbone, v_detach, AnSS reference)
 PAPER = {
     "imagenet-lt-rn50": ("RN50", 256, 5e-5, 50, 1e-3, 0.2, False, False, "val"),
@@ -49,7 +55,12 @@ def test_paper_hyper_parameters(name):
     cfg = load_config(name)
     arch, bs1, lr1, ep1, lr2, alpha, backbone, v_detach, ref = PAPER[name]
     assert (cfg.model.arch, cfg.stage1.batch_size, cfg.stage1.lr, cfg.stage1.epochs) == (arch, bs1, lr1, ep1)
-    assert (cfg.stage2.lr, cfg.stage2.alpha, cfg.stage2.train_backbone, cfg.stage2.v_detach) == (lr2, alpha, backbone, v_detach)
+    assert (cfg.stage2.lr, cfg.stage2.alpha, cfg.stage2.train_backbone, cfg.stage2.v_detach) == (
+        lr2,
+        alpha,
+        backbone,
+        v_detach,
+    )
     assert cfg.anss.reference_split == ref and cfg.anss.num_anchors == 64
     assert cfg.model.pretrained == "openai" and cfg.model.quick_gelu
     assert cfg.stage1.distill_beta == 0.5 and cfg.stage1.warmup_epochs == 5 and cfg.stage2.warmup_epochs == 0
@@ -65,8 +76,14 @@ def test_openai_weights_need_quick_gelu():
         check_model_config(cfg)
 
 
-@pytest.mark.parametrize("override, key", [("stage2.loss=la", "stage2.loss"), ("stage1.sampler=sqrtt", "stage1.sampler"),
-                                           ("data.templates=clip81", "data.templates")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("stage2.loss=la", "stage2.loss"),
+        ("stage1.sampler=sqrtt", "stage1.sampler"),
+        ("data.templates=clip81", "data.templates"),
+    ],
+)
 def test_a_value_outside_a_keys_choices_is_refused_at_load(override, key):
     # Caught when the config loads, not when the value is first used hours into a run.
     with pytest.raises(ConfigError, match=key):
@@ -86,7 +103,8 @@ def _wiki(root: Path) -> None:
         (root / "wiki").mkdir(parents=True, exist_ok=True)
         (root / "wiki" / f"desc_{i}.txt").write_text(
             f"The {name} is a fish. It lives in water.\n\n== Description ==\n\nIt has fins.\n\n"
-            f"== References ==\n\n1. A book.\n")
+            f"== References ==\n\n1. A book.\n"
+        )
 
 
 def listfile_standin(root: Path, kind: str) -> None:
@@ -126,9 +144,18 @@ def inat_standin(root: Path) -> None:
     _wiki(root)
 
 
-TINY = ["model.arch=vlltr-tiny-vit", "model.pretrained=null", "model.quick_gelu=false", "data.num_workers=0",
-        "stage1.batch_size=4", "stage1.epochs=1", "stage1.warmup_epochs=0", "stage2.batch_size=4",
-        "stage2.epochs=1", "eval.batch_size=8"]
+TINY = [
+    "model.arch=vlltr-tiny-vit",
+    "model.pretrained=null",
+    "model.quick_gelu=false",
+    "data.num_workers=0",
+    "stage1.batch_size=4",
+    "stage1.epochs=1",
+    "stage1.warmup_epochs=0",
+    "stage2.batch_size=4",
+    "stage2.epochs=1",
+    "eval.batch_size=8",
+]
 
 
 def standin(name: str, root: Path) -> None:
@@ -152,7 +179,7 @@ def test_real_config_builds_datasets_text_and_models(name, tmp_path):
     model = build_stage1_model(cfg, build_clip(cfg, torch.device("cpu")))
     assert model.teacher is not None and not any(p.requires_grad for p in model.teacher.parameters())
     assert model.bn_train_mode == cfg.stage1.bn_train_mode
-    from training.stage1 import Stage1Result
+    from vlltr.training.stage1 import Stage1Result
 
     s1 = Stage1Result(model.clip, torch.randn(249, 64), float(np.log(50.0)))
     classifier = build_classifier(cfg, s1, torch.randn(3, 4, 64), torch.ones(3, 4, dtype=torch.bool))
@@ -184,7 +211,7 @@ def test_local_pretrained_checkpoint_loads_through_the_config(tmp_path):
     torch.save(source.state_dict(), path)
     loaded = build_clip(load_config("digits-lt-tiny", [f"model.pretrained={path}", "run.seed=9"]), torch.device("cpu"))
     other = build_clip(load_config("digits-lt-tiny", ["run.seed=9"]), torch.device("cpu"))
-    for (name, a), b, c in zip(source.state_dict().items(), loaded.state_dict().values(), other.state_dict().values()):
+    for (name, a), b, _ in zip(source.state_dict().items(), loaded.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b), name
     assert not all(torch.equal(a, c) for a, c in zip(source.state_dict().values(), other.state_dict().values()))
     missing = load_config("digits-lt-tiny", [f"model.pretrained={tmp_path / 'nope.pt'}"])

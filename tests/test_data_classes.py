@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from training.config import DataCfg
-from training.data.classes import load_class_names, load_heldout, trained_class_ids
-from training.data.errors import DataError
+from vlltr.training.config import DataCfg
+from vlltr.training.data.classes import load_class_names, load_heldout, trained_class_ids
+from vlltr.training.data.errors import DataError
 
 
 def _cfg(root: Path, name: str, fmt: str, **kw) -> DataCfg:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.config import DataCfg
-from training.data.datasets import ImageListDataset, build_split, build_train_val_test, load_rgb
-from training.data.errors import DataError
-from training.data.text import load_class_texts
+from vlltr.training.config import DataCfg
+from vlltr.training.data.datasets import ImageListDataset, build_split, build_train_val_test, load_rgb
+from vlltr.training.data.errors import DataError
+from vlltr.training.data.text import load_class_texts
 
 
 def _png(path: Path, colour: tuple[int, int, int] = (200, 10, 10), mode: str = "RGB") -> None:
@@ -38,9 +38,16 @@ def _imagenet_lt(root: Path) -> DataCfg:
     (root / "ImageNet_LT_train.txt").write_text("\n".join(train) + "\n")
     (root / "ImageNet_LT_val.txt").write_text("\n".join(val) + "\n")
     return DataCfg(
-        name="imagenet-lt-standin", root=str(root), format="listfile", train="ImageNet_LT_train.txt",
-        val="ImageNet_LT_val.txt", test=None, class_names="labels.txt", class_names_format="imagenet_labels",
-        text_dir="wiki", templates="simple",
+        name="imagenet-lt-standin",
+        root=str(root),
+        format="listfile",
+        train="ImageNet_LT_train.txt",
+        val="ImageNet_LT_val.txt",
+        test=None,
+        class_names="labels.txt",
+        class_names_format="imagenet_labels",
+        text_dir="wiki",
+        templates="simple",
     )
 
 
@@ -102,8 +109,13 @@ def test_places_lt_standin(tmp_path: Path) -> None:
     _png(tmp_path / "data_256/a/abbey/00000001.jpg")
     _png(tmp_path / "data_256/a/airport_terminal/00000002.jpg")
     (tmp_path / "Places_LT_train.txt").write_text("/a/abbey/00000001.jpg 0\n/a/airport_terminal/00000002.jpg 1\n")
-    cfg = DataCfg(root=str(tmp_path), train="Places_LT_train.txt", class_names="labels.txt",
-                  class_names_format="places_labels", image_root="data_256")
+    cfg = DataCfg(
+        root=str(tmp_path),
+        train="Places_LT_train.txt",
+        class_names="labels.txt",
+        class_names_format="places_labels",
+        image_root="data_256",
+    )
     # Paths starting with `/` are still relative to the image root.
     ds = build_split(cfg, "train", None)
     assert ds.class_counts().tolist() == [1, 1]
@@ -120,10 +132,18 @@ def test_inat_joins_annotations_by_image_id(tmp_path: Path) -> None:
         images.append({"id": image_id, "file_name": rel, "width": 12, "height": 8})
         annotations.append({"id": image_id + 1000, "image_id": image_id, "category_id": label})
     annotations = annotations[::-1]  # a different order than images: zipping by position would mislabel
-    (tmp_path / "train2018.json").write_text(json.dumps({"images": images, "annotations": annotations,
-                                                         "categories": cats}))
-    cfg = DataCfg(root=str(tmp_path), format="inat", train="train2018.json", val=None, test=None,
-                  class_names="categories.json", class_names_format="inat_categories")
+    (tmp_path / "train2018.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": cats})
+    )
+    cfg = DataCfg(
+        root=str(tmp_path),
+        format="inat",
+        train="train2018.json",
+        val=None,
+        test=None,
+        class_names="categories.json",
+        class_names_format="inat_categories",
+    )
     ds = build_split(cfg, "train", None)
     assert ds.labels.tolist() == [2, 0, 1, 2]
     for path, label in ds.samples:

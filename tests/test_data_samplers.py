@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.data.errors import DataError
-from training.data.samplers import class_probabilities, make_sampler
+from vlltr.training.data.errors import DataError
+from vlltr.training.data.samplers import class_probabilities, make_sampler
 
 COUNTS = np.array([400, 100, 25, 4, 1])
 LABELS = np.repeat(np.arange(COUNTS.size), COUNTS)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from open_clip import zero_shot_metadata
 
-from model.factory import get_tokenizer
-from training.config import DataCfg
-from training.data.errors import DataError
-from training.data.text import (
+from vlltr.model.networks.factory import get_tokenizer
+from vlltr.training.config import DataCfg
+from vlltr.training.data.errors import DataError
+from vlltr.training.data.text import (
     CLIP_TEMPLATES,
     SIMPLE_TEMPLATES,
     class_sentences,
@@ -73,7 +73,7 @@ def test_split_sentences(text: str, expected: list[str]) -> None:
 def test_class_sentences_templates_then_wiki() -> None:
     pool = class_sentences("tench", WIKI, SIMPLE_TEMPLATES)
     assert pool[:2] == ["itap of a tench.", "a bad photo of the tench."]
-    assert pool[len(SIMPLE_TEMPLATES):] == [
+    assert pool[len(SIMPLE_TEMPLATES) :] == [
         "The tench is a fish.",
         "It lives in lakes.",
         "It has a thick, slimy skin, e.g. in winter.",

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from service.preprocess import preprocess_image
-from training.config import DataCfg
-from training.data.errors import DataError
-from training.data.transforms import eval_transform, preprocess_spec, train_transform
+from vlltr.model.runtime.preprocess import preprocess_image
+from vlltr.training.config import DataCfg
+from vlltr.training.data.errors import DataError
+from vlltr.training.data.transforms import eval_transform, preprocess_spec, train_transform
 
 
 def _image() -> Image.Image:
@@ -59,8 +59,8 @@ def test_dataset_decodes_large_jpegs_as_the_service_does(tmp_path, jpeg_draft: b
     decodes the uploaded bytes for a bundle with that spec; without it both decode in full."""
     from sklearn.datasets import load_sample_images
 
-    from service.preprocess import decode_image
-    from training.data.datasets import ImageListDataset
+    from vlltr.model.runtime.preprocess import decode_image
+    from vlltr.training.data.datasets import ImageListDataset
 
     photo = Image.fromarray(load_sample_images().images[0]).resize((1600, 1068))
     path = tmp_path / "photo.jpg"

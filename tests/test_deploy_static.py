@@ -19,7 +19,6 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-
 from deploy_tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +26,18 @@ DEPLOY = ROOT / "deploy"
 VALIDATE = DEPLOY / "validate.sh"
 INSTALL_HINT = "install the validators with: bash deploy/validate.sh --install"
 SERVE_ENTRYPOINT = ["vlltr", "serve", "--host", "0.0.0.0", "--port", "8000"]
-BUILD_TOOLS = ("gcc", "g++", "clang", "build-essential", "make", "cmake", "python3-dev", "python3-pip",
-               "python3-venv", "git")
+BUILD_TOOLS = (
+    "gcc",
+    "g++",
+    "clang",
+    "build-essential",
+    "make",
+    "cmake",
+    "python3-dev",
+    "python3-pip",
+    "python3-venv",
+    "git",
+)
 
 
 dockerfile = load_tool("dockerfile")
@@ -51,16 +60,23 @@ def test_validator_passes(check: str) -> None:
     """Each deploy/validate.sh check passes (and fails loudly when its tool is missing)."""
     if shutil.which("bash") is None:
         pytest.fail(f"bash is needed to run {VALIDATE}")
-    proc = subprocess.run(["bash", str(VALIDATE), check], cwd=ROOT, env=_validate_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(VALIDATE), check], cwd=ROOT, env=_validate_env(), capture_output=True, text=True, timeout=300
+    )
     output = proc.stdout + proc.stderr
     hint = f"\n{INSTALL_HINT}" if "not found" in output else ""
     assert proc.returncode == 0, f"deploy/validate.sh {check} failed:\n{output}{hint}"
 
 
 def test_validate_script_rejects_unknown_check() -> None:
-    proc = subprocess.run(["bash", str(VALIDATE), "no-such-check"], cwd=ROOT, env=_validate_env(),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(VALIDATE), "no-such-check"],
+        cwd=ROOT,
+        env=_validate_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "unknown argument" in proc.stderr
 
@@ -75,7 +91,8 @@ def test_serving_images_run_vlltr_serve_as_non_root_with_healthcheck() -> None:
         stage = stages[name]
         entry = stage.last("ENTRYPOINT")
         assert entry is not None and entry.json_args() == SERVE_ENTRYPOINT, (
-            f"{name} must run exactly {SERVE_ENTRYPOINT}, the command the topology test starts")
+            f"{name} must run exactly {SERVE_ENTRYPOINT}, the command the topology test starts"
+        )
         assert stage.last("CMD") is None, f"{name}: a CMD would append arguments to the serve command"
         user = stage.last("USER")
         assert user is not None, f"{name} runs as root"
@@ -93,11 +110,13 @@ def test_serving_images_leave_build_tools_and_torch_behind() -> None:
         runs = " ".join(i.args for i in stage.all("RUN"))
         for tool in BUILD_TOOLS:
             assert not re.search(rf"(?<![\w.-]){re.escape(tool)}(?![\w.-])", runs), (
-                f"{name} installs build tool {tool!r}; install into the builder stage instead")
+                f"{name} installs build tool {tool!r}; install into the builder stage instead"
+            )
         assert "pip install" not in runs, f"{name} must copy a built venv, not run pip itself"
         copies = [i.args for i in stage.all("COPY")]
         assert any(c.startswith("--from=build-") and "/opt/venv" in c for c in copies), (
-            f"{name} must take its venv from a build stage")
+            f"{name} must take its venv from a build stage"
+        )
         assert "torch" not in runs
     assert '".[cpu]"' in " ".join(i.args for i in stages["build-cpu"].all("RUN"))
     assert '".[gpu]"' in " ".join(i.args for i in stages["build-gpu"].all("RUN"))
@@ -117,7 +136,8 @@ def test_gpu_image_is_built_on_a_cuda_cudnn_runtime_base() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert '"onnxruntime-gpu==1.31.1"' in pyproject, (
         "the gpu extra's onnxruntime-gpu pin changed: re-check the CUDA/cuDNN the new wheel needs "
-        "(its nvidia-* requirements) and update CUDA_IMAGE")
+        "(its nvidia-* requirements) and update CUDA_IMAGE"
+    )
 
 
 def test_dockerignore_keeps_context_to_package_sources() -> None:
@@ -144,9 +164,25 @@ def compose() -> dict[str, Any]:
     if exe is None:
         pytest.fail(f"docker-compose not found: {INSTALL_HINT} (Debian package docker-compose)")
     env = {k: v for k, v in os.environ.items() if k not in ("VLLTR_ADMIN_TOKEN", "GRAFANA_ADMIN_PASSWORD")}
-    proc = subprocess.run([exe, "--env-file", ".env.example", "-f", "docker-compose.yml", "--profile", "gpu",
-                           "--profile", "train", "config"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            exe,
+            "--env-file",
+            ".env.example",
+            "-f",
+            "docker-compose.yml",
+            "--profile",
+            "gpu",
+            "--profile",
+            "train",
+            "config",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return yaml.safe_load(proc.stdout)
 
@@ -161,8 +197,7 @@ def _example_env() -> dict[str, str]:
 
 
 def _api_services(compose: dict[str, Any], target: str = "serve-cpu") -> dict[str, dict[str, Any]]:
-    return {name: svc for name, svc in compose["services"].items()
-            if svc.get("build", {}).get("target") == target}
+    return {name: svc for name, svc in compose["services"].items() if svc.get("build", {}).get("target") == target}
 
 
 def test_compose_runs_two_replicas_behind_nginx(compose: dict[str, Any]) -> None:
@@ -172,17 +207,20 @@ def test_compose_runs_two_replicas_behind_nginx(compose: dict[str, Any]) -> None
         assert "profiles" not in svc, f"{name} must start by default"
         assert "ports" not in svc, f"{name} must be reached through the balancer, not published"
         assert svc.get("entrypoint") is None and svc.get("command") is None, (
-            f"{name} must run the image's entrypoint (vlltr serve) unchanged")
+            f"{name} must run the image's entrypoint (vlltr serve) unchanged"
+        )
     lbs = [svc for svc in compose["services"].values() if "nginx" in str(svc.get("image", ""))]
     assert len(lbs) == 1, "expected one nginx load balancer"
     lb = lbs[0]
     template = (DEPLOY / "nginx" / "templates" / "default.conf.template").read_text(encoding="utf-8")
     placeholders = render.nginx_template_variables(template)
     assert placeholders <= set(lb["environment"]), (
-        f"the balancer's environment lacks template variables {sorted(placeholders - set(lb['environment']))}")
+        f"the balancer's environment lacks template variables {sorted(placeholders - set(lb['environment']))}"
+    )
     upstreams = {lb["environment"][v] for v in placeholders if re.fullmatch(r"VLLTR_API_\d+", v)}
     assert upstreams == {f"{name}:8000" for name in apis}, (
-        f"nginx upstreams {sorted(upstreams)} do not match the API replicas {sorted(apis)}")
+        f"nginx upstreams {sorted(upstreams)} do not match the API replicas {sorted(apis)}"
+    )
     mounts = " ".join(str(v) for v in lb.get("volumes", []))
     assert "deploy/nginx/templates" in mounts and "/etc/nginx/templates" in mounts
 
@@ -194,7 +232,8 @@ def test_compose_api_settings_come_from_env_file_and_shared_redis(compose: dict[
     for name, svc in {**_api_services(compose), **_api_services(compose, "serve-gpu")}.items():
         env = svc["environment"]
         assert env["VLLTR_ADMIN_TOKEN"] == example["VLLTR_ADMIN_TOKEN"], (
-            f"{name}: the admin token must come from the env file")
+            f"{name}: the admin token must come from the env file"
+        )
         assert urlparse(env["VLLTR_REDIS_URL"]).hostname == redis_services[0]
         assert env["VLLTR_BUNDLE"].startswith("/bundles"), f"{name}: VLLTR_BUNDLE must point into the bundle volume"
         volumes = [str(v) for v in svc.get("volumes", [])]
@@ -210,7 +249,8 @@ def test_compose_redis_persists_with_aof_on_a_volume(compose: dict[str, Any]) ->
     data_dir = command[command.index("--dir") + 1]
     named = set(compose.get("volumes", {}))
     assert any(str(v).split(":")[0] in named and str(v).split(":")[1] == data_dir for v in redis["volumes"]), (
-        f"Redis's data dir {data_dir} must be on a named volume")
+        f"Redis's data dir {data_dir} must be on a named volume"
+    )
 
 
 def test_compose_prometheus_scrapes_every_replica(compose: dict[str, Any]) -> None:
@@ -231,12 +271,14 @@ def test_compose_grafana_is_provisioned(compose: dict[str, Any]) -> None:
     mounts = " ".join(str(v) for v in grafana["volumes"])
     assert "deploy/grafana/provisioning" in mounts and "deploy/grafana/dashboards" in mounts
     datasources = yaml.safe_load(
-        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text(encoding="utf-8"))
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text(encoding="utf-8")
+    )
     uids = {d["uid"] for d in datasources["datasources"]}
     prom_name = next(n for n, s in compose["services"].items() if "prometheus" in str(s.get("image", "")))
     assert urlparse(datasources["datasources"][0]["url"]).hostname == prom_name
     providers = yaml.safe_load(
-        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "vlltr.yml").read_text(encoding="utf-8"))
+        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "vlltr.yml").read_text(encoding="utf-8")
+    )
     path = providers["providers"][0]["options"]["path"]
     assert f"deploy/grafana/dashboards:{path}" in mounts.replace(str(ROOT) + "/", "")
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "vlltr-service.json").read_text(encoding="utf-8"))
@@ -328,7 +370,8 @@ def test_k8s_gpu_pods_stay_out_of_the_cpu_deployment() -> None:
     gpu = _one(docs, "Deployment", "vlltr-api-gpu")
     gpu_labels = gpu["spec"]["template"]["metadata"]["labels"]
     assert not cpu["spec"]["selector"]["matchLabels"].items() <= gpu_labels.items(), (
-        "the CPU Deployment's selector (and so its HPA) would count the GPU pods")
+        "the CPU Deployment's selector (and so its HPA) would count the GPU pods"
+    )
     limits = gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits.get("nvidia.com/gpu") == "1"
 
@@ -339,7 +382,8 @@ def test_k8s_gpu_pods_stay_out_of_the_cpu_deployment() -> None:
 def test_dashboard_is_generated_and_laid_out() -> None:
     path = DEPLOY / "grafana" / "dashboards" / "vlltr-service.json"
     assert path.read_text(encoding="utf-8") == build_dashboard.render(), (
-        "the dashboard JSON differs from deploy/tools/build_dashboard.py: run it")
+        "the dashboard JSON differs from deploy/tools/build_dashboard.py: run it"
+    )
     dashboard = json.loads(path.read_text(encoding="utf-8"))
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
@@ -368,12 +412,14 @@ def test_alert_rules_cover_the_required_conditions() -> None:
 
 def test_dashboard_and_rule_metrics_exist_in_the_service_registry() -> None:
     """Cheap in-process twin of the live check in test_deploy_topology.py."""
-    from service.metrics import Metrics
+    from vlltr.service.metrics import Metrics
 
     body, _ = Metrics(redis_enabled=True).exposition()
     exposed = metric_names.exposed_names(body.decode())
-    used = metric_names.used_names([DEPLOY / "grafana" / "dashboards" / "vlltr-service.json"],
-                                   sorted((DEPLOY / "prometheus" / "rules").glob("*.yml")))
+    used = metric_names.used_names(
+        [DEPLOY / "grafana" / "dashboards" / "vlltr-service.json"],
+        sorted((DEPLOY / "prometheus" / "rules").glob("*.yml")),
+    )
     assert used, "no vlltr_* metric found in the dashboard or rules"
     missing = {name: sorted(files) for name, files in used.items() if name not in exposed}
     assert not missing, f"metrics used by deploy/ but not exported by service.metrics: {missing}"

@@ -33,7 +33,6 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import yaml
-
 from deploy_tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +54,7 @@ render = load_tool("render")
 
 def _program(name: str, package: str, extra_dirs: tuple[str, ...] = ("/usr/sbin", "/sbin")) -> str:
     """Absolute path of a program, or a test failure that says how to install it."""
-    found = shutil.which(name) or next(
-        (str(Path(d) / name) for d in extra_dirs if (Path(d) / name).is_file()), None)
+    found = shutil.which(name) or next((str(Path(d) / name) for d in extra_dirs if (Path(d) / name).is_file()), None)
     if found is None:
         pytest.fail(f"{name} not found (Debian package {package}); {INSTALL_HINT}")
     return found
@@ -131,22 +129,23 @@ class Stack:
 def _start(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> Process:
     log = workdir / f"{name}.log"
     handle = log.open("wb")
-    popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env=env, cwd=workdir)
+    popen = subprocess.Popen(
+        argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=workdir
+    )
     handle.close()
     return Process(name, popen, log)
 
 
-def _wait_for(what: str, probe: Callable[[], T | None], timeout: float, processes: list[Process],
-              interval: float = 0.25) -> T:
+def _wait_for(
+    what: str, probe: Callable[[], T | None], timeout: float, processes: list[Process], interval: float = 0.25
+) -> T:
     """Poll ``probe`` until it returns a value; fail with the stack's logs on timeout or a crash."""
     deadline = time.monotonic() + timeout
     last_error = ""
     while time.monotonic() < deadline:
         for proc in processes:
             if proc.popen.poll() is not None:
-                pytest.fail(f"{proc.name} exited with {proc.popen.returncode} while waiting for {what}:\n"
-                            f"{proc.tail()}")
+                pytest.fail(f"{proc.name} exited with {proc.popen.returncode} while waiting for {what}:\n{proc.tail()}")
         try:
             value = probe()
         except (httpx.HTTPError, OSError, ValueError, KeyError) as exc:
@@ -162,22 +161,25 @@ def _wait_for(what: str, probe: Callable[[], T | None], timeout: float, processe
 def _status_is(url: str, status: int = 200) -> Callable[[], bool | None]:
     def probe() -> bool | None:
         return True if httpx.get(url, timeout=5).status_code == status else None
+
     return probe
 
 
 def _service_env(bundle: Path, redis_url: str, prefix: str, token: str, state_dir: Path) -> dict[str, str]:
     """The replica environment: what compose sets, with local addresses."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLTR_")}
-    env.update({
-        "VLLTR_BUNDLE": str(bundle),
-        "VLLTR_REDIS_URL": redis_url,
-        "VLLTR_REDIS_PREFIX": prefix,
-        "VLLTR_ADMIN_TOKEN": token,
-        "VLLTR_PROVIDER": "cpu",
-        "VLLTR_LOG_LEVEL": "info",
-        "VLLTR_CACHE_DIR": str(state_dir / "cache"),
-        "VLLTR_CLASS_STORE": str(state_dir / "classes.json"),
-    })
+    env.update(
+        {
+            "VLLTR_BUNDLE": str(bundle),
+            "VLLTR_REDIS_URL": redis_url,
+            "VLLTR_REDIS_PREFIX": prefix,
+            "VLLTR_ADMIN_TOKEN": token,
+            "VLLTR_PROVIDER": "cpu",
+            "VLLTR_LOG_LEVEL": "info",
+            "VLLTR_CACHE_DIR": str(state_dir / "cache"),
+            "VLLTR_CLASS_STORE": str(state_dir / "classes.json"),
+        }
+    )
     return env
 
 
@@ -202,9 +204,25 @@ def stack(service_bundle: Path) -> Iterator[Stack]:
     processes: list[Process] = []
     try:
         (workdir / "redis").mkdir()
-        processes.append(_start("redis", [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1",
-                                          "--save", "", "--appendonly", "no", "--dir", str(workdir / "redis")],
-                                workdir))
+        processes.append(
+            _start(
+                "redis",
+                [
+                    redis_server,
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(workdir / "redis"),
+                ],
+                workdir,
+            )
+        )
 
         def redis_answers() -> bool | None:
             with socket.create_connection(("127.0.0.1", redis_port), timeout=1) as conn:
@@ -221,34 +239,52 @@ def stack(service_bundle: Path) -> Iterator[Stack]:
             command = dockerfile.serve_command("127.0.0.1", port)
             if command[0] == "vlltr":
                 command[0] = vlltr  # the console script of the interpreter running the tests
-            processes.append(_start(f"api-{index}", command, state,
-                                    _service_env(service_bundle, redis_url, prefix, token, state)))
+            processes.append(
+                _start(f"api-{index}", command, state, _service_env(service_bundle, redis_url, prefix, token, state))
+            )
             replicas.append(f"http://127.0.0.1:{port}")
         for index, base in enumerate(replicas, start=1):
-            _wait_for(f"api-{index} /readyz", _status_is(f"{base}/readyz"), READY_TIMEOUT_S, processes,
-                      interval=0.5)
+            _wait_for(f"api-{index} /readyz", _status_is(f"{base}/readyz"), READY_TIMEOUT_S, processes, interval=0.5)
 
         nginx_prefix = workdir / "nginx"
-        conf = render.write_nginx_prefix(nginx_prefix, listen=f"127.0.0.1:{lb_port}",
-                                         upstreams=[f"127.0.0.1:{api1_port}", f"127.0.0.1:{api2_port}"])
-        processes.append(_start("nginx", [nginx, "-p", str(nginx_prefix), "-c", str(conf), "-g", "daemon off;"],
-                                workdir))
+        conf = render.write_nginx_prefix(
+            nginx_prefix, listen=f"127.0.0.1:{lb_port}", upstreams=[f"127.0.0.1:{api1_port}", f"127.0.0.1:{api2_port}"]
+        )
+        processes.append(
+            _start("nginx", [nginx, "-p", str(nginx_prefix), "-c", str(conf), "-g", "daemon off;"], workdir)
+        )
         balancer = f"http://127.0.0.1:{lb_port}"
         _wait_for("nginx", _status_is(f"{balancer}/lb-healthz"), 20, processes)
 
         prom_dir = workdir / "prometheus"
         (prom_dir / "data").mkdir(parents=True)
         prom_config = render.write_prometheus_config(
-            prom_dir / "prometheus.yml", targets=[f"127.0.0.1:{api1_port}", f"127.0.0.1:{api2_port}"])
-        processes.append(_start("prometheus", [
-            prometheus, f"--config.file={prom_config}", f"--storage.tsdb.path={prom_dir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}", "--storage.tsdb.retention.time=1h",
-        ], prom_dir))
+            prom_dir / "prometheus.yml", targets=[f"127.0.0.1:{api1_port}", f"127.0.0.1:{api2_port}"]
+        )
+        processes.append(
+            _start(
+                "prometheus",
+                [
+                    prometheus,
+                    f"--config.file={prom_config}",
+                    f"--storage.tsdb.path={prom_dir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                    "--storage.tsdb.retention.time=1h",
+                ],
+                prom_dir,
+            )
+        )
         prom_base = f"http://127.0.0.1:{prom_port}"
         _wait_for("prometheus", _status_is(f"{prom_base}/-/ready"), 30, processes)
 
-        yield Stack(replicas=replicas, balancer=balancer, prometheus=prom_base, admin_token=token,
-                    redis_prefix=prefix, processes=processes)
+        yield Stack(
+            replicas=replicas,
+            balancer=balancer,
+            prometheus=prom_base,
+            admin_token=token,
+            redis_prefix=prefix,
+            processes=processes,
+        )
     finally:
         for proc in reversed(processes):
             proc.stop()
@@ -296,9 +332,14 @@ def _prom_query(stack: Stack, query: str) -> list[dict[str, Any]]:
 
 def test_class_added_through_balancer_reaches_every_replica(stack: Stack) -> None:
     name = f"topology-{uuid.uuid4().hex[:8]}"
-    body = {"name": name, "descriptions": [
-        "a small red square with a blue centre", "a red tile around a blue patch",
-        "a blue square framed in red"]}
+    body = {
+        "name": name,
+        "descriptions": [
+            "a small red square with a blue centre",
+            "a red tile around a blue patch",
+            "a blue square framed in red",
+        ],
+    }
     refused = httpx.post(f"{stack.balancer}/v1/classes", json=body, timeout=30)
     assert refused.status_code == 401, f"adding a class without the token gave {refused.status_code}: {refused.text}"
 
@@ -307,13 +348,20 @@ def test_class_added_through_balancer_reaches_every_replica(stack: Stack) -> Non
     assert added.status_code == 201, f"POST /v1/classes through nginx: {added.status_code} {added.text}\n{stack.logs()}"
 
     for replica in stack.replicas:
-        _wait_for(f"{name} on {replica}",
-                  lambda r=replica: True if name in _class_names(httpx.get(f"{r}/v1/classes", timeout=5).json()) else None,
-                  PROPAGATION_TIMEOUT_S, stack.processes)
+        _wait_for(
+            f"{name} on {replica}",
+            lambda r=replica: True if name in _class_names(httpx.get(f"{r}/v1/classes", timeout=5).json()) else None,
+            PROPAGATION_TIMEOUT_S,
+            stack.processes,
+        )
 
     # An image classified through the balancer is scored against the table that includes it.
-    answer = httpx.post(f"{stack.balancer}/v1/classify", params={"top_k": 100},
-                        files={"file": ("square.png", _png(), "image/png")}, timeout=60)
+    answer = httpx.post(
+        f"{stack.balancer}/v1/classify",
+        params={"top_k": 100},
+        files={"file": ("square.png", _png(), "image/png")},
+        timeout=60,
+    )
     assert answer.status_code == 200, f"classify through nginx: {answer.status_code} {answer.text}"
     labels = [p["label"] for p in answer.json()["predictions"]]
     assert labels, answer.text
@@ -321,9 +369,14 @@ def test_class_added_through_balancer_reaches_every_replica(stack: Stack) -> Non
     removed = httpx.delete(f"{stack.balancer}/v1/classes/{name}", headers=auth, timeout=30)
     assert removed.status_code in (200, 204), f"DELETE through nginx: {removed.status_code} {removed.text}"
     for replica in stack.replicas:
-        _wait_for(f"{name} gone from {replica}",
-                  lambda r=replica: True if name not in _class_names(httpx.get(f"{r}/v1/classes", timeout=5).json()) else None,
-                  PROPAGATION_TIMEOUT_S, stack.processes)
+        _wait_for(
+            f"{name} gone from {replica}",
+            lambda r=replica: (
+                True if name not in _class_names(httpx.get(f"{r}/v1/classes", timeout=5).json()) else None
+            ),
+            PROPAGATION_TIMEOUT_S,
+            stack.processes,
+        )
 
 
 def test_balancer_spreads_requests_and_hides_metrics(stack: Stack) -> None:
@@ -378,8 +431,11 @@ def test_prometheus_evaluates_every_alert_rule(stack: Stack) -> None:
     rules = _wait_for("a first evaluation of every rule", evaluated, SCRAPE_TIMEOUT_S, stack.processes, interval=0.5)
     broken = {rule["name"]: rule.get("lastError") for rule in rules if rule.get("health") != "ok"}
     assert not broken, f"rules failing in Prometheus: {broken}"
-    on_file = [expr for path in sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
-               for expr in metric_names.rules_exprs(yaml.safe_load(path.read_text(encoding="utf-8")))]
+    on_file = [
+        expr
+        for path in sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
+        for expr in metric_names.rules_exprs(yaml.safe_load(path.read_text(encoding="utf-8")))
+    ]
     assert len(rules) == len(on_file), "Prometheus loaded a different number of rules than the file holds"
 
 
@@ -389,8 +445,10 @@ def test_dashboard_and_alert_metrics_exist_in_live_service(stack: Stack) -> None
     exposition = httpx.get(f"{stack.replicas[0]}/metrics", timeout=5)
     assert exposition.status_code == 200
     exposed = metric_names.exposed_names(exposition.text)
-    used = metric_names.used_names([DEPLOY / "grafana" / "dashboards" / "vlltr-service.json"],
-                                   sorted((DEPLOY / "prometheus" / "rules").glob("*.yml")))
+    used = metric_names.used_names(
+        [DEPLOY / "grafana" / "dashboards" / "vlltr-service.json"],
+        sorted((DEPLOY / "prometheus" / "rules").glob("*.yml")),
+    )
     assert len(used) >= 10, f"suspiciously few vlltr_* metrics found in the dashboard and rules: {sorted(used)}"
     missing = {name: sorted(files) for name, files in used.items() if name not in exposed}
     assert not missing, f"metrics used by deploy/ but absent from a live replica's /metrics: {missing}"

@@ -31,8 +31,8 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def build_model(distill: bool):
-    from model.factory import create_clip
-    from training.stage1 import Stage1Model
+    from vlltr.model.networks.factory import create_clip
+    from vlltr.training.stage1 import Stage1Model
 
     torch.manual_seed(0)
     clip = create_clip(ARCH)
@@ -46,8 +46,8 @@ def build_model(distill: bool):
 
 
 def step(model, images, tokens, labels, distill: bool) -> tuple[float, dict[str, torch.Tensor]]:
-    from training.runtime import unwrap
-    from training.stage1 import stage1_losses
+    from vlltr.training.runtime import unwrap
+    from vlltr.training.stage1 import stage1_losses
 
     losses = stage1_losses(model, images, tokens, labels, smoothing=0.1, distill_beta=0.5 if distill else 0.0)
     losses["total_loss"].backward()
@@ -58,7 +58,7 @@ def step(model, images, tokens, labels, distill: bool) -> tuple[float, dict[str,
 def worker(out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
-    from training.distributed import init_distributed, shutdown_distributed
+    from vlltr.training.distributed import init_distributed, shutdown_distributed
 
     env = init_distributed("cpu")
     images, tokens, labels = global_batch()
@@ -66,15 +66,25 @@ def worker(out_dir: str) -> None:
     for distill in (False, True):
         model = DistributedDataParallel(build_model(distill))
         loss, grads = step(model, images[part], tokens[part], labels[part], distill)
-        torch.save({"loss": loss, "grads": grads, "backend": env.backend, "local_batch": part.stop - part.start},
-                   Path(out_dir) / f"rank{env.rank}-distill{int(distill)}.pt")
+        torch.save(
+            {"loss": loss, "grads": grads, "backend": env.backend, "local_batch": part.stop - part.start},
+            Path(out_dir) / f"rank{env.rank}-distill{int(distill)}.pt",
+        )
     shutdown_distributed()
 
 
 def test_two_process_step_equals_single_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__).resolve()),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     torch.set_num_threads(1)
@@ -90,7 +100,7 @@ def test_two_process_step_equals_single_process(tmp_path):
 
 
 def test_single_process_gathers_are_identity():
-    from training.distributed import all_gather_tensor, all_gather_with_grad, init_distributed
+    from vlltr.training.distributed import all_gather_tensor, all_gather_with_grad, init_distributed
 
     env = init_distributed("cpu")
     assert not env.is_distributed and env.is_main

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.evaluate import plot_per_class, shot_thresholds, write_per_class_csv
-from training.config import DataCfg
-from training.metrics import (
+from vlltr.training.config import DataCfg
+from vlltr.training.evaluate import plot_per_class, shot_thresholds, write_per_class_csv
+from vlltr.training.metrics import (
     branch_metrics,
     evaluate_logits,
     expected_calibration_error,
@@ -61,8 +61,16 @@ def test_evaluate_logits_reports_every_predictor():
     z_vis, z_lin = torch.randn(30, 6, generator=gen), torch.randn(30, 6, generator=gen)
     labels = torch.arange(30) % 6
     metrics, per_class = evaluate_logits(
-        z_vis, z_lin, labels, train_counts=COUNTS, alpha=0.2, log_prior=torch.zeros(6),
-        calibration={"tau": 0.0, "temperature": 1.0}, many_threshold=100, few_threshold=20)
+        z_vis,
+        z_lin,
+        labels,
+        train_counts=COUNTS,
+        alpha=0.2,
+        log_prior=torch.zeros(6),
+        calibration={"tau": 0.0, "temperature": 1.0},
+        many_threshold=100,
+        few_threshold=20,
+    )
     assert set(metrics["branches"]) == {"vision", "language", "fused", "logit_sum", "calibrated"}
     assert metrics["branches"]["vision"]["top1"] == pytest.approx(float((z_vis.argmax(1) == labels).float().mean()))
     # tau 0 and T 1: the calibrated predictor is the published fusion

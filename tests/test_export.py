@@ -10,23 +10,23 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms as T
 from test_export_support import make_run, run_without_torch
+from torchvision import transforms as T
 
-from model.factory import get_tokenizer
-from model.head import calibrated_probabilities
-from training.calibration import log_prior_from_counts
-from training.checkpoint import load_final_model
-from training.export import ExportError, export_bundle
+from vlltr.model.networks.factory import get_tokenizer
+from vlltr.model.networks.head import calibrated_probabilities
+from vlltr.training.calibration import log_prior_from_counts
+from vlltr.training.checkpoint import load_final_model
+from vlltr.training.export import ExportError, export_bundle
 
 PREDICT_SCRIPT = """
 import json
 from pathlib import Path
 import numpy as np
-from service.bundle import load_bundle
-from service.head import ClassEntry, build_added_class_anchors
-from service.predictor import BundlePredictor
-from service.preprocess import decode_image
+from vlltr.model.runtime.bundle import load_bundle
+from vlltr.model.runtime.head import ClassEntry, build_added_class_anchors
+from vlltr.model.runtime.predictor import BundlePredictor
+from vlltr.model.runtime.preprocess import decode_image
 
 bundle_dir, list_file, image_root, out_dir = sys.argv[1:5]
 bundle = load_bundle(bundle_dir)
@@ -55,10 +55,14 @@ def torch_reference(run_dir: Path, list_file: Path, image_root: Path) -> np.ndar
     data = run.config.data
     size = run.classifier.clip.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    transform = T.Compose([
-        T.Resize(round(size * data.resize_ratio), interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(size), T.ToTensor(), T.Normalize(data.mean, data.std),
-    ])
+    transform = T.Compose(
+        [
+            T.Resize(round(size * data.resize_ratio), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(data.mean, data.std),
+        ]
+    )
     tensors = []
     for line in list_file.read_text().splitlines():
         if line.strip():
@@ -69,9 +73,17 @@ def torch_reference(run_dir: Path, list_file: Path, image_root: Path) -> np.ndar
     out = []
     with torch.no_grad():
         for i in range(0, len(tensors), 64):
-            z_vis, z_lin = run.classifier(torch.stack(tensors[i:i + 64]))
-            out.append(calibrated_probabilities(z_vis, z_lin, log_prior_from_counts(counts), alpha=run.alpha,
-                                                tau=cal["tau"], temperature=cal["temperature"]).numpy())
+            z_vis, z_lin = run.classifier(torch.stack(tensors[i : i + 64]))
+            out.append(
+                calibrated_probabilities(
+                    z_vis,
+                    z_lin,
+                    log_prior_from_counts(counts),
+                    alpha=run.alpha,
+                    tau=cal["tau"],
+                    temperature=cal["temperature"],
+                ).numpy()
+            )
     return np.concatenate(out)
 
 
@@ -93,7 +105,12 @@ def check_bundle_matches_torch(run_dir: Path, bundle: Path, list_file: Path, ima
         ref_text = run.classifier.clip.encode_text(get_tokenizer(run.arch)(texts)).numpy()
     text_diff = float(np.max(np.abs(np.load(tmp / "text_features.npy") - ref_text)) / max(1.0, np.abs(ref_text).max()))
     assert text_diff <= 1e-4, text_diff
-    return {"images": len(served), "top1_agreement": agreement, "max_abs_prob_diff": max_diff, "text_rel_diff": text_diff}
+    return {
+        "images": len(served),
+        "top1_agreement": agreement,
+        "max_abs_prob_diff": max_diff,
+        "text_rel_diff": text_diff,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +133,14 @@ def test_manifest_records_provenance_and_checks(exported):
     assert m["training"]["dataset"] == "generated-test"
     assert m["training"]["metrics"] == {"test": {"overall": 0.5}}
     assert m["training"]["config"]["model"]["arch"] == "vlltr-tiny-vit"
-    assert m["head"] == {"num_anchors": 4, "alpha": 0.3, "logit_scale": pytest.approx(14.2857, rel=1e-4),
-                         "num_classes": 8, "ln_eps": 1e-5, "v_detach": False}
+    assert m["head"] == {
+        "num_anchors": 4,
+        "alpha": 0.3,
+        "logit_scale": pytest.approx(14.2857, rel=1e-4),
+        "num_classes": 8,
+        "ln_eps": 1e-5,
+        "v_detach": False,
+    }
     assert m["calibration"]["tau"] == 0.6 and m["calibration"]["temperature"] == 1.4
     assert m["preprocess"]["size"] == 32 and m["preprocess"]["resize_size"] == 37
     assert m["export_check"]["image_max_rel_diff"] <= 1e-5 and m["export_check"]["text_max_rel_diff"] <= 1e-5
@@ -131,8 +154,9 @@ def test_manifest_records_provenance_and_checks(exported):
 def test_service_modules_never_import_torch(exported):
     proc = run_without_torch("""
 import importlib
-for name in ("service.errors", "service.preprocess", "service.tokenizer", "service.head", "service.bundle",
-             "service.encoders", "service.predictor"):
+for name in ("vlltr.errors", "vlltr.model.runtime.preprocess", "vlltr.model.runtime.tokenizer",
+             "vlltr.model.runtime.head", "vlltr.model.runtime.bundle", "vlltr.model.runtime.sessions",
+             "vlltr.model.runtime.predictor", "vlltr.service.app"):
     importlib.import_module(name)
 """)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -175,7 +199,9 @@ def test_export_without_evaluation_images(exported, tmp_path):
     moved.mkdir()
     for name in ("model.pt", "config.yaml", "calibration.json", "classes.json"):
         (moved / name).write_bytes((run / name).read_bytes())
-    (moved / "config.yaml").write_text((run / "config.yaml").read_text().replace(str(run / "data"), str(tmp_path / "gone")))
+    (moved / "config.yaml").write_text(
+        (run / "config.yaml").read_text().replace(str(run / "data"), str(tmp_path / "gone"))
+    )
     bundle = export_bundle(moved, tmp_path / "b", verify_images=4)
     verification = json.loads((bundle / "manifest.json").read_text())["verification"]
     assert verification["inputs"].startswith("8 random-pixel inputs")
@@ -199,7 +225,9 @@ def test_fp16_export_is_checked(exported, tmp_path):
     check = m["fp16_check"]
     assert check["min_cosine"] >= 0.999 and check["top1_agreement"] >= 0.99
     assert check["thresholds"] == {"min_cosine": 0.999, "top1_agreement": 0.99}
-    assert (bundle / "image_encoder.onnx").stat().st_size < (run.parent / "bundle" / "image_encoder.onnx").stat().st_size
+    assert (bundle / "image_encoder.onnx").stat().st_size < (
+        run.parent / "bundle" / "image_encoder.onnx"
+    ).stat().st_size
 
 
 def test_cli_export(exported, tmp_path):

@@ -13,8 +13,8 @@ import re
 import pytest
 from test_export_support import make_run
 
-from service.bundle import load_bundle
-from training.export import ExportError, export_bundle
+from vlltr.model.runtime.bundle import load_bundle
+from vlltr.training.export import ExportError, export_bundle
 
 pytestmark = pytest.mark.slow
 

@@ -59,16 +59,25 @@ def write_dataset(root: Path, num_classes: int, n_test: int, seed: int = 0) -> l
     return labels
 
 
-def make_run(run_dir: Path, *, arch: str = "vlltr-tiny-vit", num_classes: int = 6, num_anchors: int = 4,
-             n_test: int = 64, seed: int = 0, calibration: dict | None = None, alpha: float = 0.3) -> Path:
+def make_run(
+    run_dir: Path,
+    *,
+    arch: str = "vlltr-tiny-vit",
+    num_classes: int = 6,
+    num_anchors: int = 4,
+    n_test: int = 64,
+    seed: int = 0,
+    calibration: dict | None = None,
+    alpha: float = 0.3,
+) -> Path:
     """Write a finished-run directory (see the module docstring) and its dataset; returns `run_dir`."""
     import torch
 
-    from model.classifier import VLLTRClassifier
-    from model.factory import create_clip, get_tokenizer
-    from model.head import LGRHead
-    from training.checkpoint import save_final_model
-    from training.config import Config, save_config
+    from vlltr.model.networks.classifier import VLLTRClassifier
+    from vlltr.model.networks.factory import create_clip, get_tokenizer
+    from vlltr.model.networks.head import LGRHead
+    from vlltr.training.checkpoint import save_final_model
+    from vlltr.training.config import Config, save_config
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +98,7 @@ def make_run(run_dir: Path, *, arch: str = "vlltr-tiny-vit", num_classes: int = 
     anchors = torch.zeros(num_classes, num_anchors, feats.shape[1])
     pos = 0
     for c, group in enumerate(sentences):
-        anchors[c, : len(group)] = feats[pos: pos + len(group)]
+        anchors[c, : len(group)] = feats[pos : pos + len(group)]
         pos += len(group)
     head = LGRHead(anchors, mask, logit_scale=float(clip.logit_scale.detach().exp()))
     with torch.no_grad():
@@ -105,11 +114,19 @@ def make_run(run_dir: Path, *, arch: str = "vlltr-tiny-vit", num_classes: int = 
     cfg.data.val = None
     save_config(cfg, run_dir / "config.yaml")
     counts = [int(100 / (1 + c)) + 1 for c in range(num_classes)]
-    classes = [{"name": f"class {c}", "dataset_id": c, "train_count": counts[c], "source": "trained",
-                "anchors": sentences[c]} for c in range(num_classes)]
+    classes = [
+        {"name": f"class {c}", "dataset_id": c, "train_count": counts[c], "source": "trained", "anchors": sentences[c]}
+        for c in range(num_classes)
+    ]
     (run_dir / "classes.json").write_text(json.dumps(classes))
-    cal = {"tau": 0.6, "temperature": 1.4, "added_class_bias": 0.0, "fitted_on": "val",
-           "log_prior": "train_counts", "train_counts": counts}
+    cal = {
+        "tau": 0.6,
+        "temperature": 1.4,
+        "added_class_bias": 0.0,
+        "fitted_on": "val",
+        "log_prior": "train_counts",
+        "train_counts": counts,
+    }
     cal.update(calibration or {})
     (run_dir / "calibration.json").write_text(json.dumps(cal))
     (run_dir / "metrics.json").write_text(json.dumps({"test": {"overall": 0.5}}))
@@ -132,5 +149,6 @@ def run_without_torch(script: str, *args: str, timeout: float = 300) -> subproce
     """)
     code = prelude + textwrap.dedent(script) + epilogue
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([PYTHON, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [PYTHON, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )

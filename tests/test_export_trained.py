@@ -8,9 +8,9 @@ import json
 
 from test_export import check_bundle_matches_torch
 
-from training.config import load_config
-from training.pipeline import run_training
 from vlltr.cli import main
+from vlltr.training.config import load_config
+from vlltr.training.pipeline import run_training
 
 
 def test_trained_digits_lt_bundle_matches_torch(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.head import LGRHead, calibrated_probabilities, fuse_probabilities
+from vlltr.model.networks.head import LGRHead, calibrated_probabilities, fuse_probabilities
 
 
 def make_head(v_detach: bool = False, seed: int = 0) -> tuple[LGRHead, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""service/head.py (numpy) equals model/head.py (torch): both branches, added classes, calibrated fusion."""
+"""model/runtime/head.py (numpy) equals model/networks/head.py (torch): both branches, added classes,
+calibrated fusion."""
 
 from __future__ import annotations
 
@@ -6,14 +7,28 @@ import numpy as np
 import pytest
 import torch
 
-import service.head as H
-from model.head import LGRHead, calibrated_probabilities as torch_calibrated
-from service.head import ClassEntry, ClassTable, HeadParams, build_added_class_anchors, calibrated_probabilities
+import vlltr.model.runtime.head as H
+from vlltr.model.networks.head import LGRHead
+from vlltr.model.networks.head import calibrated_probabilities as torch_calibrated
+from vlltr.model.runtime.head import (
+    ClassEntry,
+    ClassTable,
+    HeadParams,
+    build_added_class_anchors,
+    calibrated_probabilities,
+)
 
 STATE_TO_NPZ = {
-    "ln_q.weight": "ln_q_weight", "ln_q.bias": "ln_q_bias", "w_q.weight": "w_q",
-    "ln_k.weight": "ln_k_weight", "ln_k.bias": "ln_k_bias", "w_k.weight": "w_k",
-    "mlp.0.weight": "mlp_w1", "mlp.0.bias": "mlp_b1", "mlp.2.weight": "mlp_w2", "mlp.2.bias": "mlp_b2",
+    "ln_q.weight": "ln_q_weight",
+    "ln_q.bias": "ln_q_bias",
+    "w_q.weight": "w_q",
+    "ln_k.weight": "ln_k_weight",
+    "ln_k.bias": "ln_k_bias",
+    "w_k.weight": "w_k",
+    "mlp.0.weight": "mlp_w1",
+    "mlp.0.bias": "mlp_b1",
+    "mlp.2.weight": "mlp_w2",
+    "mlp.2.bias": "mlp_b2",
 }
 
 
@@ -71,8 +86,10 @@ def test_chunked_scoring_equals_one_chunk(monkeypatch):
     np.testing.assert_allclose(table.language_logits(params.queries(x), x), whole, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("tau,temperature,bias,alpha", [(0.0, 1.0, 0.0, 0.2), (1.0, 1.7, 0.5, 0.4),
-                                                        (0.35, 0.6, -1.2, 0.0), (2.0, 3.0, 2.0, 1.0)])
+@pytest.mark.parametrize(
+    "tau,temperature,bias,alpha",
+    [(0.0, 1.0, 0.0, 0.2), (1.0, 1.7, 0.5, 0.4), (0.35, 0.6, -1.2, 0.0), (2.0, 3.0, 2.0, 1.0)],
+)
 @pytest.mark.parametrize("added", [0, 3])
 @pytest.mark.parametrize("vision", ["none", "standardised"])
 def test_calibrated_probabilities_match_torch(tau, temperature, bias, alpha, added, vision):
@@ -82,14 +99,29 @@ def test_calibrated_probabilities_match_torch(tau, temperature, bias, alpha, add
     z_lin = (rng.standard_normal((13, s + added)) * 10).astype(np.float32)
     counts = rng.integers(1, 500, s)
     log_prior = H.log_prior_from_counts(counts)
-    from training.calibration import log_prior_from_counts as torch_prior
+    from vlltr.training.calibration import log_prior_from_counts as torch_prior
 
     np.testing.assert_allclose(log_prior, torch_prior(counts).numpy(), rtol=0, atol=1e-7)
-    ours = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=alpha, tau=tau, temperature=temperature,
-                                    added_class_bias=bias, added_class_vision=vision)
-    ref = torch_calibrated(torch.from_numpy(z_vis), torch.from_numpy(z_lin), torch.from_numpy(log_prior),
-                           alpha=alpha, tau=tau, temperature=temperature, added_class_bias=bias,
-                           added_class_vision=vision).numpy()
+    ours = calibrated_probabilities(
+        z_vis,
+        z_lin,
+        log_prior,
+        alpha=alpha,
+        tau=tau,
+        temperature=temperature,
+        added_class_bias=bias,
+        added_class_vision=vision,
+    )
+    ref = torch_calibrated(
+        torch.from_numpy(z_vis),
+        torch.from_numpy(z_lin),
+        torch.from_numpy(log_prior),
+        alpha=alpha,
+        tau=tau,
+        temperature=temperature,
+        added_class_bias=bias,
+        added_class_vision=vision,
+    ).numpy()
     assert ours.shape == (13, s + added)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
     np.testing.assert_allclose(ours.sum(1), 1.0, atol=1e-5)
@@ -106,10 +138,14 @@ def test_added_classes_match_torch_head_over_all_anchors():
     entries = [ClassEntry(f"new{i}", extra[i].numpy(), extra_mask[i].numpy()) for i in range(3)]
     bigger = table.with_added(entries, params)
     # Reference: a torch head with the same attention weights over trained + added anchors.
-    ref = LGRHead(torch.cat([trained.anchors, extra]), torch.cat([trained.anchor_mask, extra_mask]),
-                  float(trained.logit_scale))
-    state = {k: v for k, v in trained.state_dict().items() if not k.startswith("mlp.") and k not in
-             ("anchors", "anchor_mask", "logit_scale")}
+    ref = LGRHead(
+        torch.cat([trained.anchors, extra]), torch.cat([trained.anchor_mask, extra_mask]), float(trained.logit_scale)
+    )
+    state = {
+        k: v
+        for k, v in trained.state_dict().items()
+        if not k.startswith("mlp.") and k not in ("anchors", "anchor_mask", "logit_scale")
+    }
     ref.load_state_dict(state, strict=False)
     f = torch.randn(8, 16, generator=gen) * 2
     x = f.numpy()
@@ -127,8 +163,15 @@ def test_added_classes_match_torch_head_over_all_anchors():
     z_vis = params.vision_logits(x)
     log_prior = H.log_prior_from_counts(np.arange(1, 7))
     ours = calibrated_probabilities(z_vis, got, log_prior, alpha=0.3, tau=0.5, temperature=1.2, added_class_bias=0.7)
-    theirs = torch_calibrated(torch.from_numpy(z_vis), torch.from_numpy(expected), torch.from_numpy(log_prior),
-                              alpha=0.3, tau=0.5, temperature=1.2, added_class_bias=0.7).numpy()
+    theirs = torch_calibrated(
+        torch.from_numpy(z_vis),
+        torch.from_numpy(expected),
+        torch.from_numpy(log_prior),
+        alpha=0.3,
+        tau=0.5,
+        temperature=1.2,
+        added_class_bias=0.7,
+    ).numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
@@ -182,12 +225,15 @@ def test_standardised_vision_lets_an_added_class_win():
     # The stand-in is the language logit on the vision scale: mean 2, std sqrt(12) vs mean 2, std sqrt(3).
     expected = 2.0 + (9.0 - 2.0) * np.sqrt(12.0) / np.sqrt(3.0)
     vis = np.exp(np.array([8.0, 0, 0, 0, expected]) - expected)
-    np.testing.assert_allclose(std[0, 4], 0.6 * vis[4] / vis.sum() + 0.4 * np.exp(9 - 9) / np.exp(
-        z_lin[0] - 9).sum(), rtol=1e-5)
+    np.testing.assert_allclose(
+        std[0, 4], 0.6 * vis[4] / vis.sum() + 0.4 * np.exp(9 - 9) / np.exp(z_lin[0] - 9).sum(), rtol=1e-5
+    )
     # Without added classes both modes are the published fusion.
-    np.testing.assert_allclose(calibrated_probabilities(z_vis, z_lin[:, :4], log_prior, alpha=0.6,
-                                                        added_class_vision="standardised"),
-                               calibrated_probabilities(z_vis, z_lin[:, :4], log_prior, alpha=0.6), atol=1e-7)
+    np.testing.assert_allclose(
+        calibrated_probabilities(z_vis, z_lin[:, :4], log_prior, alpha=0.6, added_class_vision="standardised"),
+        calibrated_probabilities(z_vis, z_lin[:, :4], log_prior, alpha=0.6),
+        atol=1e-7,
+    )
     with pytest.raises(ValueError, match="added_class_vision"):
         calibrated_probabilities(z_vis, z_lin, log_prior, alpha=0.6, added_class_vision="both")
 
@@ -200,8 +246,9 @@ def test_added_class_anchor_choice_by_name():
     descriptive = a + 0.6 * rng.standard_normal((4, 16))
     distractor = (0.5 * a + b)[None] + 0.05 * rng.standard_normal((2, 16))
     feats = np.concatenate([descriptive, distractor]).astype(np.float32)
-    _, _, chosen = build_added_class_anchors(feats, 4, reference=a[None].astype(np.float32),
-                                             others=b[None].astype(np.float32))
+    _, _, chosen = build_added_class_anchors(
+        feats, 4, reference=a[None].astype(np.float32), others=b[None].astype(np.float32)
+    )
     assert sorted(chosen.tolist()) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="reference"):
         build_added_class_anchors(feats, 4, reference=np.zeros((1, 16), np.float32))

@@ -5,18 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.head import ClassEntry, ClassTable, HeadParams, Shortlist
+from vlltr.model.runtime.head import ClassEntry, ClassTable, HeadParams, Shortlist
 
 M, TRAINED = 4, 12
 
 
 def _params(rng: np.random.Generator, D: int) -> HeadParams:
     arrays = {
-        "ln_q_weight": 1 + 0.1 * rng.standard_normal(D), "ln_q_bias": 0.1 * rng.standard_normal(D),
-        "w_q": rng.standard_normal((D, D)) / np.sqrt(D), "ln_k_weight": 1 + 0.1 * rng.standard_normal(D),
-        "ln_k_bias": 0.1 * rng.standard_normal(D), "w_k": rng.standard_normal((D, D)) / np.sqrt(D),
-        "mlp_w1": rng.standard_normal((4 * D, D)), "mlp_b1": np.zeros(4 * D),
-        "mlp_w2": rng.standard_normal((TRAINED, 4 * D)), "mlp_b2": np.zeros(TRAINED),
+        "ln_q_weight": 1 + 0.1 * rng.standard_normal(D),
+        "ln_q_bias": 0.1 * rng.standard_normal(D),
+        "w_q": rng.standard_normal((D, D)) / np.sqrt(D),
+        "ln_k_weight": 1 + 0.1 * rng.standard_normal(D),
+        "ln_k_bias": 0.1 * rng.standard_normal(D),
+        "w_k": rng.standard_normal((D, D)) / np.sqrt(D),
+        "mlp_w1": rng.standard_normal((4 * D, D)),
+        "mlp_b1": np.zeros(4 * D),
+        "mlp_w2": rng.standard_normal((TRAINED, 4 * D)),
+        "mlp_b2": np.zeros(TRAINED),
     }
     return HeadParams.from_arrays(arrays, logit_scale=30.0)
 

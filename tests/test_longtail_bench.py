@@ -19,8 +19,15 @@ sys.path.insert(0, str(ROOT))  # `bench/` is a top-level folder, not an installe
 from bench.longtail.metrics import ShotGroups, harmonic_mean, mean_std, split_accuracies  # noqa: E402
 from bench.longtail.report import compute_targets  # noqa: E402
 
-ARMS = ("zero_shot", "image_ce", "image_bs", "vlltr_faithful", "text_recommended", "control_shuffled",
-        "control_distractors")
+ARMS = (
+    "zero_shot",
+    "image_ce",
+    "image_bs",
+    "vlltr_faithful",
+    "text_recommended",
+    "control_shuffled",
+    "control_distractors",
+)
 SPLITS = ("overall", "many", "medium", "few")
 
 
@@ -30,9 +37,37 @@ def quick_run(tmp_path_factory):
     cache = tmp_path_factory.mktemp("bench-cache")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.longtail", "--dataset", "shapes-lt", "--quick", "--seeds", "0", "1",
-         "--text-lr-scale", "0.5", "--trained-anchors", "--monochrome-sessions", "0.5", "--pretrain-epochs", "2", "--pretrain-seed", "7", "--pretrain-per-seed", "--out", str(out), "--cache-dir", str(cache)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "bench.longtail",
+            "--dataset",
+            "shapes-lt",
+            "--quick",
+            "--seeds",
+            "0",
+            "1",
+            "--text-lr-scale",
+            "0.5",
+            "--trained-anchors",
+            "--monochrome-sessions",
+            "0.5",
+            "--pretrain-epochs",
+            "2",
+            "--pretrain-seed",
+            "7",
+            "--pretrain-per-seed",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "shapes-lt.json").read_text())
 
@@ -48,8 +83,10 @@ def test_quick_run_writes_table_plot_and_json(quick_run):
     assert data["config"]["seed"]["text_lr_scale"] == 0.5 and "0.5× that lr" in md
     assert "vlltr_faithful" in data["results"]["timings_s"]["0"]
     # --trained-anchors makes the recommended head's anchors trainable, and the page says so.
-    assert data["config"]["recommended_head"]["anchor_lr"] > 0 and data["config"]["recommended_head"]["loss"] == \
-        "logit_adjusted"
+    assert (
+        data["config"]["recommended_head"]["anchor_lr"] > 0
+        and data["config"]["recommended_head"]["loss"] == "logit_adjusted"
+    )
     assert data["config"]["seed"]["recommended"] == data["config"]["recommended_head"]
     assert "`--trained-anchors`" in md
     # --monochrome-sessions reaches the data and the pretraining set.
@@ -109,8 +146,10 @@ def test_colour_only_data_has_no_session_split(tmp_path):
     from bench.longtail.__main__ import _sessions_summary
     from bench.longtail.runner import black_and_white_only
 
-    meta = {"sessions": {"size": 25, "monochrome_prob": 0.0},
-            "classes": [{"train_count": 3, "train_monochrome": 0}, {"train_count": 0, "train_monochrome": 0}]}
+    meta = {
+        "sessions": {"size": 25, "monochrome_prob": 0.0},
+        "classes": [{"train_count": 3, "train_monochrome": 0}, {"train_count": 0, "train_monochrome": 0}],
+    }
     bm = SimpleNamespace(meta=meta, many_threshold=100, few_threshold=20)
     assert black_and_white_only(bm) is None and _sessions_summary(bm) is None
     meta["sessions"]["monochrome_prob"] = 0.5
@@ -131,19 +170,29 @@ def test_targets_are_computed_from_the_measurements(quick_run):
     moved["arms"]["control_shuffled"]["mean"]["few"] -= 10.0
     after = compute_targets(moved)
     assert after["few_shot_gain_over_best_image_only"]["value"] == pytest.approx(
-        recomputed["few_shot_gain_over_best_image_only"]["value"] + 50.0, abs=1e-3)
+        recomputed["few_shot_gain_over_best_image_only"]["value"] + 50.0, abs=1e-3
+    )
     assert after["shuffled_text_few_shot_drop"]["value"] == pytest.approx(
-        recomputed["shuffled_text_few_shot_drop"]["value"] + 60.0, abs=1e-3)
+        recomputed["shuffled_text_few_shot_drop"]["value"] + 60.0, abs=1e-3
+    )
     assert after["few_shot_gain_over_best_image_only"]["met"] is True
 
 
 def test_targets_use_seed_noise_and_the_best_image_only_arm():
     def arm(few: float, std: float, overall: float = 50.0) -> dict:
-        return {"mean": {"overall": overall, "many": 0.0, "medium": 0.0, "few": few},
-                "std": {"overall": 0.0, "many": 0.0, "medium": 0.0, "few": std}}
+        return {
+            "mean": {"overall": overall, "many": 0.0, "medium": 0.0, "few": few},
+            "std": {"overall": 0.0, "many": 0.0, "medium": 0.0, "few": std},
+        }
 
-    results = {"arms": {"image_ce": arm(10, 1), "image_bs": arm(30, 2, overall=55.0), "text_recommended": arm(33, 1),
-                        "control_shuffled": arm(20, 1)}}
+    results = {
+        "arms": {
+            "image_ce": arm(10, 1),
+            "image_bs": arm(30, 2, overall=55.0),
+            "text_recommended": arm(33, 1),
+            "control_shuffled": arm(20, 1),
+        }
+    }
     t = compute_targets(results)
     assert t["few_shot_gain_over_best_image_only"]["value"] == pytest.approx(3.0)
     assert t["few_shot_gain_over_best_image_only"]["goal"] == pytest.approx(4.0)  # 2 x the larger std (image_bs)
@@ -172,7 +221,7 @@ def test_stage1_text_lr_scale_slows_or_freezes_only_the_text_tower(scale):
     import torch
 
     from bench.longtail.backbone import Budget, train_stage1
-    from model.factory import clip_dims, create_clip
+    from vlltr.model.networks.factory import clip_dims, create_clip
 
     torch.manual_seed(0)
     clip = create_clip("vlltr-tiny-vit")
@@ -185,8 +234,11 @@ def test_stage1_text_lr_scale_slows_or_freezes_only_the_text_tower(scale):
     full = train_stage1(clip, images, labels, np.bincount(labels), tokens, **kwargs)
 
     def moved(model, text: bool) -> float:
-        return sum(float((p - q).abs().sum()) for (k, p), q in zip(model.named_parameters(), clip.parameters())
-                   if k.startswith("visual.") != text and k != "logit_scale")
+        return sum(
+            float((p - q).abs().sum())
+            for (k, p), q in zip(model.named_parameters(), clip.parameters())
+            if k.startswith("visual.") != text and k != "logit_scale"
+        )
 
     assert moved(scaled, text=False) > 0
     if scale == 0.0:

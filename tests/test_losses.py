@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from training.losses import (
+from vlltr.training.losses import (
     classwise_contrastive_loss,
     classwise_targets,
     logit_distillation_loss,

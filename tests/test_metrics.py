@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import Metrics
+from vlltr.service.metrics import Metrics
 
 EXPECTED = {
     "vlltr_request_duration_seconds": "histogram",
@@ -39,8 +39,9 @@ def test_exact_names_and_types():
     assert families["vlltr_redis_up"].type == "gauge"
     info = families["vlltr_model_info"].samples[0]
     assert info.labels == {"bundle_id": "b", "provider": "cpu", "precision": "fp32"}
-    buckets = sorted(float(s.labels["le"]) for s in families["vlltr_request_duration_seconds"].samples
-                     if s.name.endswith("_bucket"))
+    buckets = sorted(
+        float(s.labels["le"]) for s in families["vlltr_request_duration_seconds"].samples if s.name.endswith("_bucket")
+    )
     assert buckets[:3] == [0.001, 0.0025, 0.005] and buckets[-2:] == [10.0, float("inf")]
     sizes = [float(s.labels["le"]) for s in families["vlltr_batch_size"].samples if s.name.endswith("_bucket")]
     assert sizes == [1, 2, 4, 8, 16, 32, 64, 128, float("inf")]
@@ -49,8 +50,15 @@ def test_exact_names_and_types():
 def test_labelled_series_exist_from_the_start():
     families = _families(Metrics())
     reasons = {s.labels["reason"] for s in families["vlltr_requests_rejected"].samples}
-    assert reasons == {"queue_full", "too_large", "bad_image", "unsupported_type", "invalid", "unauthorized",
-                       "forbidden"}
+    assert reasons == {
+        "queue_full",
+        "too_large",
+        "bad_image",
+        "unsupported_type",
+        "invalid",
+        "unauthorized",
+        "forbidden",
+    }
     assert {s.labels["tier"] for s in families["vlltr_predictions"].samples} == {"head", "medium", "tail", "added"}
     assert {s.labels["result"] for s in families["vlltr_cache_lookups"].samples} == {"hit", "miss", "error"}
     assert {s.labels["source"] for s in families["vlltr_classes"].samples} == {"trained", "added"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.factory import (
+from vlltr.model.networks.factory import (
     UnknownArchitectureError,
     clip_dims,
     create_clip,

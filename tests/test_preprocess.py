@@ -12,8 +12,8 @@ from PIL import Image, ImageOps
 from sklearn.datasets import load_sample_images
 from torchvision import transforms as T
 
-from service.errors import ImageDecodeError, ImageTooLargeError, UnsupportedImageTypeError
-from service.preprocess import PreprocessSpec, decode_image, preprocess_image, resized_size
+from vlltr.errors import ImageDecodeError, ImageTooLargeError, UnsupportedImageTypeError
+from vlltr.model.runtime.preprocess import PreprocessSpec, decode_image, preprocess_image, resized_size
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -29,12 +29,14 @@ def photos() -> list[Image.Image]:
 
 
 def torchvision_eval(spec: PreprocessSpec):
-    return T.Compose([
-        T.Resize(spec.resize_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(spec.size),
-        T.ToTensor(),
-        T.Normalize(spec.mean, spec.std),
-    ])
+    return T.Compose(
+        [
+            T.Resize(spec.resize_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(spec.size),
+            T.ToTensor(),
+            T.Normalize(spec.mean, spec.std),
+        ]
+    )
 
 
 def grey_levels(a: np.ndarray, b: np.ndarray, spec: PreprocessSpec) -> float:
@@ -69,8 +71,19 @@ def check(data: bytes, reference_rgb: Image.Image, spec: PreprocessSpec, limit: 
     return diff
 
 
-SIZES = [(1, 1), (2, 3), (31, 17), (224, 224), (256, 256), (255, 300), (427, 640), (640, 427), (1000, 257),
-         (2100, 1400), (7, 90)]
+SIZES = [
+    (1, 1),
+    (2, 3),
+    (31, 17),
+    (224, 224),
+    (256, 256),
+    (255, 300),
+    (427, 640),
+    (640, 427),
+    (1000, 257),
+    (2100, 1400),
+    (7, 90),
+]
 
 
 @pytest.mark.parametrize("spec", [SPEC_224, SPEC_32], ids=["224", "32"])
@@ -116,8 +129,12 @@ VARIANTS = list(_variants(Image.new("RGB", (8, 8))))
 def encoded_variants(photos) -> list[dict[str, bytes]]:
     out = []
     for photo in photos:
-        out.append({name: encode(img, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
-                    for name, (img, fmt) in _variants(photo).items()})
+        out.append(
+            {
+                name: encode(img, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+                for name, (img, fmt) in _variants(photo).items()
+            }
+        )
     return out
 
 

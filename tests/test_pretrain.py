@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from model.factory import create_clip
-from training.benchmarks.digits import generate_digits_lt
-from training.benchmarks.render_shapes import COLOURS, PATTERNS, SHAPES
-from training.benchmarks.shapes_text import class_name
-from training.pretrain import (
+from vlltr.model.networks.factory import create_clip
+from vlltr.training.benchmarks.digits import generate_digits_lt
+from vlltr.training.benchmarks.render_shapes import COLOURS, PATTERNS, SHAPES
+from vlltr.training.benchmarks.shapes_text import class_name
+from vlltr.training.pretrain import (
     CLIP_MEAN,
     CLIP_STD,
     PretrainCfg,
@@ -41,7 +41,7 @@ def test_shapes_captions_are_varied_and_not_the_class_names():
 
 
 def test_black_and_white_pictures_never_have_their_colour_named():
-    from training.pretrain import _COLOUR_WORDS, _MONOCHROME_WORDS
+    from vlltr.training.pretrain import _COLOUR_WORDS, _MONOCHROME_WORDS
 
     rng = np.random.default_rng(1)
     attrs = {"shape": "ring", "colour": "red", "pattern": "solid"}
@@ -83,8 +83,11 @@ def test_digits_pretraining_excludes_every_benchmark_image(tmp_path):
     bench = tmp_path / "digits"
     meta = generate_digits_lt(bench, seed=0)
     images, labels, excluded = digits_outside_benchmark(bench)
-    used = {hashlib.sha256(np.asarray(Image.open(bench / line.split()[0]).convert("L")).tobytes()).digest()
-            for split in ("train", "val", "test") for line in (bench / f"{split}.txt").read_text().splitlines()}
+    used = {
+        hashlib.sha256(np.asarray(Image.open(bench / line.split()[0]).convert("L")).tobytes()).digest()
+        for split in ("train", "val", "test")
+        for line in (bench / f"{split}.txt").read_text().splitlines()
+    }
     assert excluded >= sum(meta["splits"].values())  # every benchmark image (and any pixel-identical twin)
     assert all(hashlib.sha256(img[:, :, 0].tobytes()).digest() not in used for img in images)
     assert len(images) == len(labels) > 500 and set(labels.tolist()) == set(range(10))

@@ -11,12 +11,13 @@ import uuid
 import numpy as np
 import pytest
 
-from service.bundle import load_bundle
-from service.encoders import TextEncoder
-from service.head import build_added_class_anchors
-from service.prompts import name_prompts
-from service.redis_link import RedisLink
-from service.registry import (
+from vlltr.model.runtime.bundle import load_bundle
+from vlltr.model.runtime.head import build_added_class_anchors
+from vlltr.model.runtime.prompts import name_prompts
+from vlltr.model.runtime.sessions import TextEncoder
+from vlltr.service.core import trained_classes
+from vlltr.service.redis_link import RedisLink
+from vlltr.service.registry import (
     ClassConflictError,
     ClassNotFoundError,
     ClassRegistry,
@@ -26,8 +27,7 @@ from service.registry import (
     normalize_descriptions,
     normalize_name,
 )
-from service.runtime import trained_classes
-from service.store import AddedClass, ClassExistsError, FileClassStore, RedisClassStore, StoreUnavailableError
+from vlltr.service.store import AddedClass, ClassExistsError, FileClassStore, RedisClassStore, StoreUnavailableError
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,18 @@ def _registry(trained, encoder, store, **kw):
 def test_names_are_normalised_and_checked():
     assert normalize_name("  Cafe\u0301 au lait ") == "Café au lait"  # NFC: e + combining acute -> é
     assert normalize_name("x" * 100) == "x" * 100
-    for bad, why in [("", "empty"), ("   ", "empty"), ("x" * 101, "100"), ("a/b", "separator"),
-                     ("a\\b", "separator"), ("tab\there", "control"), ("nul\x00", "control"),
-                     ("zero\u200bwidth", "invisible"), ("rtl\u202eoverride", "invisible"), (5, "string")]:
+    for bad, why in [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("x" * 101, "100"),
+        ("a/b", "separator"),
+        ("a\\b", "separator"),
+        ("tab\there", "control"),
+        ("nul\x00", "control"),
+        ("zero\u200bwidth", "invisible"),
+        ("rtl\u202eoverride", "invisible"),
+        (5, "string"),
+    ]:
         with pytest.raises(ClassValidationError, match=why):
             normalize_name(bad)
 
@@ -117,8 +126,12 @@ def test_anchors_are_chosen_by_the_name_rule_against_the_served_classes(tmp_path
     """More descriptions than anchor slots: the registry keeps the sentences closest to the class name's
     prompts and farthest from every class already served (the rule the long-tail benchmark measures)."""
     m = bundle.num_anchors
-    descriptions = [f"sentence {i} about a {w} shape" for i, w in enumerate(
-        ["red", "green", "spotted", "tiny", "huge", "square", "round", "blue", "striped", "dark", "pale", "odd"])]
+    descriptions = [
+        f"sentence {i} about a {w} shape"
+        for i, w in enumerate(
+            ["red", "green", "spotted", "tiny", "huge", "square", "round", "blue", "striped", "dark", "pale", "odd"]
+        )
+    ]
     assert len(descriptions) > m
 
     async def main():
@@ -141,6 +154,7 @@ def test_anchors_are_chosen_by_the_name_rule_against_the_served_classes(tmp_path
 
 def test_extended_tables_equal_rebuilt_ones(tmp_path, trained, encoder, bundle):
     """Adding a class extends the served table instead of rebuilding it; the result is the same table."""
+
     async def main():
         store = FileClassStore(tmp_path / "c.json", bundle_id=bundle.bundle_id)
         reg = _registry(trained, encoder, store)
@@ -158,8 +172,7 @@ def test_extended_tables_equal_rebuilt_ones(tmp_path, trained, encoder, bundle):
             assert served.table.names == full.table.names and served.keys == full.keys
             # Equal up to float32 rounding: BLAS blocks a 2-row product differently from a 3-row one.
             for name in ("keys", "anchors", "gram", "mask", "prototypes"):
-                np.testing.assert_allclose(getattr(served.table, name), getattr(full.table, name), rtol=1e-5,
-                                           atol=1e-6)
+                np.testing.assert_allclose(getattr(served.table, name), getattr(full.table, name), rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(served.embeddings, full.embeddings)
             np.testing.assert_array_equal(served.tiers, full.tiers)
         finally:
@@ -191,8 +204,9 @@ def test_duplicates_trained_names_and_missing_classes(tmp_path, trained, encoder
 
 def test_near_duplicates_are_found_by_text_direction(tmp_path, trained, encoder, bundle):
     async def main():
-        reg = _registry(trained, encoder, FileClassStore(tmp_path / "c.json", bundle_id=bundle.bundle_id),
-                        duplicate_threshold=0.999)
+        reg = _registry(
+            trained, encoder, FileClassStore(tmp_path / "c.json", bundle_id=bundle.bundle_id), duplicate_threshold=0.999
+        )
         await reg.start()
         try:
             # A trained class's own anchor sentences: cosine 1 with that class.
@@ -227,7 +241,7 @@ def test_store_survives_reopening_and_keeps_order(tmp_path, trained, encoder, bu
     asyncio.run(add_three())
     table = asyncio.run(reopen())
     assert table.version == 4
-    assert table.table.names[bundle.num_classes:] == ("zeta", "mid")  # order of addition, not of name
+    assert table.table.names[bundle.num_classes :] == ("zeta", "mid")  # order of addition, not of name
     other = asyncio.run(_snapshot(FileClassStore(path, bundle_id="another-bundle")))
     assert other.version == 0 and other.classes == ()  # classes belong to one bundle id
 
@@ -295,13 +309,16 @@ def test_redis_replicas_race_and_sync(shared_redis_url, trained, encoder, bundle
 
     async def main():
         links = [RedisLink(shared_redis_url, timeout_s=1.0, retry_s=0.2) for _ in range(2)]
-        regs = [_registry(trained, encoder, RedisClassStore(link, prefix=prefix, bundle_id=bundle.bundle_id))
-                for link in links]
+        regs = [
+            _registry(trained, encoder, RedisClassStore(link, prefix=prefix, bundle_id=bundle.bundle_id))
+            for link in links
+        ]
         for reg in regs:
             await reg.start()
         try:
-            results = await asyncio.gather(*(reg.add_class("Raced", ["a raced class"]) for reg in regs * 3),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(reg.add_class("Raced", ["a raced class"]) for reg in regs * 3), return_exceptions=True
+            )
             winners = [r for r in results if not isinstance(r, BaseException)]
             assert len(winners) == 1 and all(isinstance(r, ClassConflictError) for r in results if r not in winners)
             for _ in range(100):  # pub/sub (or the poll) brings the loser up to date

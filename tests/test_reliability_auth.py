@@ -20,8 +20,8 @@ import pytest
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import SecretStr
 
-from service.api.deps import require_admin
-from service.errors_http import ApiError
+from vlltr.service.api.deps import require_admin
+from vlltr.service.errors_http import ApiError
 
 # Random per run, so a leak cannot hide behind a fixed string some log line happens to contain.
 TOKEN = "tok-" + uuid.uuid4().hex + "-" + uuid.uuid4().hex
@@ -36,8 +36,13 @@ def redis_server(persistent_redis_factory):
 
 @pytest.fixture(scope="module")
 def server(service_bundle, server_factory, redis_server, tmp_path_factory):
-    env = {"VLLTR_ADMIN_TOKEN": TOKEN, "VLLTR_REDIS_URL": redis_server.url, "VLLTR_LOG_LEVEL": "debug",
-           "VLLTR_ACCESS_LOG": "true", "VLLTR_REDIS_RETRY_S": "0.2"}
+    env = {
+        "VLLTR_ADMIN_TOKEN": TOKEN,
+        "VLLTR_REDIS_URL": redis_server.url,
+        "VLLTR_LOG_LEVEL": "debug",
+        "VLLTR_ACCESS_LOG": "true",
+        "VLLTR_REDIS_RETRY_S": "0.2",
+    }
     srv = server_factory(env=env, args=["--bundle", str(service_bundle)], workdir=tmp_path_factory.mktemp("auth"))
     yield srv
     srv.stop()
@@ -56,30 +61,36 @@ def _body(name: str) -> dict:
 REFUSED = [
     ("no header", {}, 401, "unauthorized"),
     ("bearer without a token", {"Authorization": "Bearer"}, 401, "unauthorized"),
-    ("basic scheme with the token", {"Authorization": "Basic " + base64.b64encode(f"admin:{TOKEN}".encode()).decode()},
-     401, "unauthorized"),
+    (
+        "basic scheme with the token",
+        {"Authorization": "Basic " + base64.b64encode(f"admin:{TOKEN}".encode()).decode()},
+        401,
+        "unauthorized",
+    ),
     ("token without a scheme", {"Authorization": TOKEN}, 401, "unauthorized"),
     ("wrong token", {"Authorization": "Bearer not-the-token"}, 403, "forbidden"),
     ("token prefix", {"Authorization": f"Bearer {TOKEN[:-1]}"}, 403, "forbidden"),
     ("token plus a character", {"Authorization": f"Bearer {TOKEN}x"}, 403, "forbidden"),
     ("token in upper case", {"Authorization": f"Bearer {TOKEN.upper()}"}, 403, "forbidden"),
     ("token twice", {"Authorization": f"Bearer {TOKEN} {TOKEN}"}, 403, "forbidden"),
-    ("non-ASCII token", {"Authorization": "Bearer ünïcödé".encode("utf-8")}, 403, "forbidden"),
+    ("non-ASCII token", {"Authorization": "Bearer ünïcödé".encode()}, 403, "forbidden"),
     ("8 KB token", {"Authorization": "Bearer " + "k" * 8192}, 403, "forbidden"),
 ]
 
 
 @pytest.mark.parametrize("label,headers,status,code", REFUSED, ids=[r[0] for r in REFUSED])
-def test_class_changes_without_the_right_token_are_refused(server, responses, reliability_log, label, headers,
-                                                           status, code):
+def test_class_changes_without_the_right_token_are_refused(
+    server, responses, reliability_log, label, headers, status, code
+):
     name = f"forbidden {uuid.uuid4().hex[:6]}"
     with httpx.Client(base_url=server.url, timeout=30) as c:
         add = c.post("/v1/classes", json=_body(name), headers=headers)
         delete = c.delete(f"/v1/classes/{quote(name)}", headers=headers)
         listed = {cl["name"] for cl in c.get("/v1/classes").json()["classes"]}
     responses.extend([add, delete])
-    reliability_log.add("auth", requests=3, inputs=1,
-                        errors=int(add.status_code >= 500) + int(delete.status_code >= 500))
+    reliability_log.add(
+        "auth", requests=3, inputs=1, errors=int(add.status_code >= 500) + int(delete.status_code >= 500)
+    )
     for r in (add, delete):
         assert r.status_code == status, (label, r.status_code, r.text)
         assert r.json()["error"]["code"] == code
@@ -92,8 +103,11 @@ def test_auth_is_checked_before_the_body_is_read(server, responses):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         # A body that would be 413 or 422 for an admin is 401/403 for anyone else: nothing of it is parsed.
         huge = c.post("/v1/classes", content=b"x" * (8 * 1024 * 1024), headers={"content-type": "application/json"})
-        broken = c.post("/v1/classes", content=b"{not json", headers={"content-type": "application/json",
-                                                                       "Authorization": "Bearer wrong"})
+        broken = c.post(
+            "/v1/classes",
+            content=b"{not json",
+            headers={"content-type": "application/json", "Authorization": "Bearer wrong"},
+        )
         form = c.post("/v1/classes", data={"name": "x"}, files={"file": ("d.txt", b"\xff\xfe")})
     responses.extend([huge, broken, form])
     assert (huge.status_code, broken.status_code, form.status_code) == (401, 403, 401)
@@ -178,8 +192,16 @@ def test_secrets_never_appear_in_logs_responses_or_metrics(server, redis_server,
         while "vlltr_redis_up 1.0" not in c.get("/metrics").text and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "vlltr_redis_up 1.0" in c.get("/metrics").text
-        extra = [outage, c.get("/metrics"), c.get("/v1/model"), c.get("/openapi.json"), c.get("/readyz"),
-                 c.get("/docs"), c.get("/nope"), c.post("/v1/classify", files={"file": ("x", b"junk")})]
+        extra = [
+            outage,
+            c.get("/metrics"),
+            c.get("/v1/model"),
+            c.get("/openapi.json"),
+            c.get("/readyz"),
+            c.get("/docs"),
+            c.get("/nope"),
+            c.post("/v1/classify", files={"file": ("x", b"junk")}),
+        ]
     assert outage.status_code == 503
     responses.extend(extra)
     reliability_log.add("auth", requests=len(extra), faults=1)
@@ -202,8 +224,13 @@ def test_cli_help_and_errors_do_not_echo_secrets(tmp_path):
     assert shown.returncode == 0 and "--admin-token" in shown.stdout
     # An invalid Redis URL carrying a password, and an invalid setting next to the token: the error names the
     # setting, never the secret.
-    bad = subprocess.run(cli + ["--redis-url", f"http://admin:{REDIS_PASSWORD}@cache.internal:6379/0",
-                                "--port", "70000"], env=env, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        cli + ["--redis-url", f"http://admin:{REDIS_PASSWORD}@cache.internal:6379/0", "--port", "70000"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "--redis-url" in bad.stderr and "--port" in bad.stderr
     for out in (shown.stdout + shown.stderr, bad.stdout + bad.stderr):
         for secret in SECRETS:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.batcher import BatcherStoppedError, MicroBatcher, QueueFullError
+from vlltr.service.batcher import BatcherStoppedError, MicroBatcher, QueueFullError
 
 ANSWER_TIMEOUT_S = 30.0  # generous: two shared cores; a hang is what this catches, not slowness
 
@@ -45,7 +45,8 @@ jobs_strategy = st.lists(
         st.sampled_from([0.0, 0.0, 0.0, 0.2, 1.0, 3.0]),
         st.one_of(st.none(), st.none(), st.sampled_from([0.0, 0.5, 2.0])),
     ),
-    min_size=1, max_size=60,
+    min_size=1,
+    max_size=60,
 ).map(lambda rows: [Job(i, kind, gap, cancel) for i, (kind, gap, cancel) in enumerate(rows)])
 
 
@@ -71,8 +72,9 @@ class BatchFunction:
         return results
 
 
-async def _scenario(jobs: list[Job], max_batch: int, max_wait_ms: float, queue_size: int, seed: int,
-                    stop_early: bool) -> None:
+async def _scenario(
+    jobs: list[Job], max_batch: int, max_wait_ms: float, queue_size: int, seed: int, stop_early: bool
+) -> None:
     loop = asyncio.get_running_loop()
     loop_errors: list[dict] = []
     loop.set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
@@ -158,12 +160,20 @@ async def _scenario(jobs: list[Job], max_batch: int, max_wait_ms: float, queue_s
         await batcher.stop()
 
 
-@settings(max_examples=250, deadline=None, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(jobs=jobs_strategy, max_batch=st.integers(1, 8), max_wait_ms=st.sampled_from([0.0, 0.5, 2.0, 5.0]),
-       queue_size=st.integers(1, 64), seed=st.integers(0, 2**16), stop_early=st.booleans())
-def test_every_request_is_answered_exactly_once_and_the_loop_survives(reliability_log, jobs, max_batch, max_wait_ms,
-                                                                      queue_size, seed, stop_early):
+@settings(
+    max_examples=250, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    jobs=jobs_strategy,
+    max_batch=st.integers(1, 8),
+    max_wait_ms=st.sampled_from([0.0, 0.5, 2.0, 5.0]),
+    queue_size=st.integers(1, 64),
+    seed=st.integers(0, 2**16),
+    stop_early=st.booleans(),
+)
+def test_every_request_is_answered_exactly_once_and_the_loop_survives(
+    reliability_log, jobs, max_batch, max_wait_ms, queue_size, seed, stop_early
+):
     asyncio.run(_scenario(jobs, max_batch, max_wait_ms, queue_size, seed, stop_early))
     # Faults: items that make their batch raise, return an exception or a short result list, cancellations,
     # and a stop while items wait.
@@ -172,8 +182,11 @@ def test_every_request_is_answered_exactly_once_and_the_loop_survives(reliabilit
 
 
 @settings(max_examples=40, deadline=None, database=None, derandomize=True)
-@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=12), queue_size=st.integers(1, 24),
-       max_batch=st.integers(1, 8))
+@given(
+    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=12),
+    queue_size=st.integers(1, 24),
+    max_batch=st.integers(1, 8),
+)
 def test_submit_many_is_all_or_nothing_and_never_exceeds_the_queue(sizes, queue_size, max_batch):
     async def main() -> None:
         gate = threading.Event()

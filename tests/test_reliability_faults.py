@@ -99,7 +99,7 @@ class Load:
                 self.outcomes.append((started, outcome))
                 i += 1
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self._workers = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(self.threads)]
         for w in self._workers:
             w.start()
@@ -128,10 +128,19 @@ class Deployment:
 @pytest.fixture(scope="module")
 def deployment(service_bundle, server_factory, persistent_redis_factory, balancer_factory, tmp_path_factory):
     redis_server = persistent_redis_factory()
-    env = {"VLLTR_REDIS_URL": redis_server.url, "VLLTR_ADMIN_TOKEN": TOKEN, "VLLTR_REDIS_RETRY_S": "0.2",
-           "VLLTR_SYNC_INTERVAL_S": "0.2", "VLLTR_PROVIDER": "cpu"}
-    replicas = [server_factory(env=env, args=["--bundle", str(service_bundle)],
-                               workdir=tmp_path_factory.mktemp(f"faults-api-{i}")) for i in range(2)]
+    env = {
+        "VLLTR_REDIS_URL": redis_server.url,
+        "VLLTR_ADMIN_TOKEN": TOKEN,
+        "VLLTR_REDIS_RETRY_S": "0.2",
+        "VLLTR_SYNC_INTERVAL_S": "0.2",
+        "VLLTR_PROVIDER": "cpu",
+    }
+    replicas = [
+        server_factory(
+            env=env, args=["--bundle", str(service_bundle)], workdir=tmp_path_factory.mktemp(f"faults-api-{i}")
+        )
+        for i in range(2)
+    ]
     balancer = balancer_factory([f"127.0.0.1:{r.port}" for r in replicas])
     yield Deployment(redis_server, replicas, balancer)
     balancer.stop()
@@ -148,26 +157,41 @@ def test_redis_killed_and_restarted_under_load(deployment, images, reliability_l
     lb, (a, b), redis_server = deployment.balancer.url, deployment.replicas, deployment.redis
     with httpx.Client(base_url=lb, timeout=60, headers=AUTH) as c:
         for i in range(3):
-            r = c.post("/v1/classes", json={"name": f"durable {i} {uuid.uuid4().hex[:6]}",
-                                            "descriptions": [f"a durable class number {i}", "kept across restarts"]})
+            r = c.post(
+                "/v1/classes",
+                json={
+                    "name": f"durable {i} {uuid.uuid4().hex[:6]}",
+                    "descriptions": [f"a durable class number {i}", "kept across restarts"],
+                },
+            )
             assert r.status_code == 201, r.text
-    version = _wait_for(lambda: all(_classes(u)["class_table_version"] >= r.json()["class_table_version"]
-                                    for u in (a.url, b.url)) and _classes(a.url)["class_table_version"],
-                        "both replicas on the new table")
+    version = _wait_for(
+        lambda: (
+            all(_classes(u)["class_table_version"] >= r.json()["class_table_version"] for u in (a.url, b.url))
+            and _classes(a.url)["class_table_version"]
+        ),
+        "both replicas on the new table",
+    )
     before = _added(a.url)
     assert len(before) >= 3 and before == _added(b.url)
 
     with Load(lb, images) as load:
-        _wait_for(lambda: _metric(a.url, "vlltr_cache_lookups_total", result="hit") > 5
-                  and _metric(b.url, "vlltr_cache_lookups_total", result="hit") > 5, "cache hits on both replicas")
+        _wait_for(
+            lambda: (
+                _metric(a.url, "vlltr_cache_lookups_total", result="hit") > 5
+                and _metric(b.url, "vlltr_cache_lookups_total", result="hit") > 5
+            ),
+            "cache hits on both replicas",
+        )
         redis_server.stop()  # SIGKILL: no chance to save anything beyond its append-only file
         for u in (a.url, b.url):
             _wait_for(lambda u=u: _metric(u, "vlltr_redis_up") == 0, "vlltr_redis_up to drop")
         served = load.served
         _wait_for(lambda: load.served > served + 40, "requests served while Redis is down")
         # A class change needs the store: refused with 503 + Retry-After, not lost and not half-applied.
-        r = httpx.post(f"{a.url}/v1/classes", json={"name": "during outage", "descriptions": ["x"]}, headers=AUTH,
-                       timeout=30)
+        r = httpx.post(
+            f"{a.url}/v1/classes", json={"name": "during outage", "descriptions": ["x"]}, headers=AUTH, timeout=30
+        )
         assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
         assert int(r.headers["retry-after"]) >= 1
         assert _added(a.url) == before and _added(b.url) == before  # still served from memory
@@ -175,8 +199,12 @@ def test_redis_killed_and_restarted_under_load(deployment, images, reliability_l
         for u in (a.url, b.url):
             _wait_for(lambda u=u: _metric(u, "vlltr_redis_up") == 1, "vlltr_redis_up to recover")
         hits = [_metric(u, "vlltr_cache_lookups_total", result="hit") for u in (a.url, b.url)]
-        _wait_for(lambda: all(_metric(u, "vlltr_cache_lookups_total", result="hit") > h + 3
-                              for u, h in zip((a.url, b.url), hits)), "cache hits after the restart")
+        _wait_for(
+            lambda: all(
+                _metric(u, "vlltr_cache_lookups_total", result="hit") > h + 3 for u, h in zip((a.url, b.url), hits)
+            ),
+            "cache hits after the restart",
+        )
     failures = load.failures()
     after_a, after_b = _added(a.url), _added(b.url)
     lost = len(set(before) - set(after_a)) + len(set(before) - set(after_b))
@@ -186,8 +214,12 @@ def test_redis_killed_and_restarted_under_load(deployment, images, reliability_l
     assert after_a == before and after_b == before, "added classes changed across the Redis restart"
     assert _classes(a.url)["class_table_version"] == version
     # And the store takes changes again.
-    r = httpx.post(f"{lb}/v1/classes", json={"name": f"after restart {uuid.uuid4().hex[:6]}",
-                                             "descriptions": ["added once Redis was back"]}, headers=AUTH, timeout=30)
+    r = httpx.post(
+        f"{lb}/v1/classes",
+        json={"name": f"after restart {uuid.uuid4().hex[:6]}", "descriptions": ["added once Redis was back"]},
+        headers=AUTH,
+        timeout=30,
+    )
     assert r.status_code == 201, r.text
 
 
@@ -219,17 +251,21 @@ def test_class_added_during_rolling_restart_is_on_every_replica(deployment, imag
 
 
 def test_one_replica_killed_behind_the_balancer(deployment, images, reliability_log):
-    lb, (a, b) = deployment.balancer.url, deployment.replicas
+    lb, (a, _) = deployment.balancer.url, deployment.replicas
     with Load(lb, images, threads=6) as load:
         _wait_for(lambda: load.served > 60, "traffic through the balancer")
-        served_by_a = _metric(a.url, "vlltr_request_duration_seconds_count", route="/v1/classify", method="POST",
-                              status="200")
+        served_by_a = _metric(
+            a.url, "vlltr_request_duration_seconds_count", route="/v1/classify", method="POST", status="200"
+        )
         assert served_by_a > 0, "the balancer never sent traffic to the replica about to be killed"
         killed_at = time.monotonic()
         os.kill(a.pid, signal.SIGKILL)
         a.proc.wait(10)
-        _wait_for(lambda: sum(1 for t, o in list(load.outcomes) if t >= killed_at + 1.0 and o == 200) > 100,
-                  "requests served by the surviving replica", timeout=120)
+        _wait_for(
+            lambda: sum(1 for t, o in list(load.outcomes) if t >= killed_at + 1.0 and o == 200) > 100,
+            "requests served by the surviving replica",
+            timeout=120,
+        )
     # Requests the killed replica held at the moment of the kill may fail (nginx never replays a POST); every
     # request sent after the balancer noticed (a second later) is served by the other replica.
     window = load.failures(killed_at - 1.0, killed_at + 1.0)
@@ -259,8 +295,14 @@ def _held_upload(image: bytes, sent_half: threading.Event, release: threading.Ev
     """A multipart body streamed in two halves with a pause between: the request is in flight (headers and
     half the body received) until `release` is set."""
     boundary = "sigtermboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     half = len(body) // 2
 
     def chunks():
@@ -326,9 +368,9 @@ def test_a_hanging_release_cannot_hold_shutdown_past_its_bound(tmp_path, caplog,
     # never returns stands in for it, and the app's lifespan must still finish within its bound.
     import asyncio
 
-    from service.app import STOP_TIMEOUT_S, create_app
-    from service.metrics import Metrics
-    from service.settings import Settings
+    from vlltr.service.app import STOP_TIMEOUT_S, create_app
+    from vlltr.service.metrics import Metrics
+    from vlltr.service.settings import Settings
 
     class HangingRuntime:
         metrics = Metrics()
@@ -339,7 +381,7 @@ def test_a_hanging_release_cannot_hold_shutdown_past_its_bound(tmp_path, caplog,
         async def stop(self) -> None:
             await asyncio.Event().wait()
 
-    app = create_app(Settings(cache_dir=tmp_path), runtime=HangingRuntime())  # type: ignore[arg-type]
+    app = create_app(Settings(cache_dir=tmp_path), core=HangingRuntime())  # type: ignore[arg-type]
 
     async def run() -> float:
         async with app.router.lifespan_context(app):
@@ -347,25 +389,26 @@ def test_a_hanging_release_cannot_hold_shutdown_past_its_bound(tmp_path, caplog,
             started = time.monotonic()
         return time.monotonic() - started
 
-    with caplog.at_level("ERROR", logger="service.app"):
+    with caplog.at_level("ERROR", logger="vlltr.service.app"):
         took = asyncio.run(run())
     reliability_log.add("faults", faults=1)
     assert took < STOP_TIMEOUT_S + 2.0
-    assert any("releasing resources took over" in r.getMessage() and "HangingRuntime.stop" in r.getMessage()
-               for r in caplog.records), [r.getMessage()[:300] for r in caplog.records]
+    assert any(
+        "releasing resources took over" in r.getMessage() and "HangingRuntime.stop" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage()[:300] for r in caplog.records]
 
 
-def test_class_sync_stops_even_when_a_store_call_absorbs_the_cancellation(service_bundle, tmp_path,
-                                                                        reliability_log):
+def test_class_sync_stops_even_when_a_store_call_absorbs_the_cancellation(service_bundle, tmp_path, reliability_log):
     # Seen under load: shutdown waited forever on the class-table poll, cancelled once while inside a Redis
     # call that absorbed the cancellation and went on polling. A store whose version() absorbs a cancellation
     # the same way (around the real file store) must not keep close() from ending.
     import asyncio
 
-    from service.bundle import load_bundle
-    from service.registry import ClassRegistry
-    from service.runtime import trained_classes
-    from service.store import FileClassStore
+    from vlltr.model.runtime.bundle import load_bundle
+    from vlltr.service.core import trained_classes
+    from vlltr.service.registry import ClassRegistry
+    from vlltr.service.store import FileClassStore
 
     class AbsorbingStore(FileClassStore):
         absorbed = 0

@@ -48,8 +48,9 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def _png_raw(width: int, height: int, *, colour_type: int = 0, depth: int = 8, rows: int | None = None,
-             extra: bytes = b"") -> bytes:
+def _png_raw(
+    width: int, height: int, *, colour_type: int = 0, depth: int = 8, rows: int | None = None, extra: bytes = b""
+) -> bytes:
     """A PNG with the given header whose pixel data is `rows` all-zero rows, compressed as it streams.
 
     `rows=None` writes every row (a real, decodable image: at 8-bit grey a 2000x2000 one is ~4 MB of
@@ -63,8 +64,7 @@ def _png_raw(width: int, height: int, *, colour_type: int = 0, depth: int = 8, r
     for _ in range(height if rows is None else rows):
         body += comp.compress(row)
     body += comp.flush()
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", bytes(body))
-            + _chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", bytes(body)) + _chunk(b"IEND", b"")
 
 
 def _gif_huge_screen() -> bytes:
@@ -78,7 +78,7 @@ def _jpeg_huge_header() -> bytes:
     """A small JPEG whose SOF0 marker is patched to claim 65500 x 65500 pixels."""
     data = bytearray(_save(_noise(16, 16), "JPEG"))
     sof = data.index(b"\xff\xc0")
-    data[sof + 5: sof + 9] = struct.pack(">HH", 65500, 65500)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 65500, 65500)
     return bytes(data)
 
 
@@ -142,8 +142,10 @@ PNG = _save(_noise(64, 64, seed=2), "PNG")
 ANIMATED_GIF, ANIMATED_GIF_FIRST = _animated_gif()
 EXIF_TAGGED, EXIF_UPRIGHT = _exif_pair()
 
-SVG = (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
-       b'<rect width="10" height="10"/></svg>')
+SVG = (
+    b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
+    b'<rect width="10" height="10"/></svg>'
+)
 
 # (label, bytes, expected status, expected error code or None for a prediction)
 HOSTILE: list[tuple[str, bytes, int, str | None]] = [
@@ -163,8 +165,12 @@ HOSTILE: list[tuple[str, bytes, int, str | None]] = [
     ("BMP header claiming 60000 x 60000", _bmp_huge_header(), 413, "too_large"),
     ("PNG with a 64 MB zTXt bomb", _ztxt_bomb(), 400, "bad_image"),
     ("SVG", SVG, 415, "unsupported_type"),
-    ("PDF", b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n", 415,
-     "unsupported_type"),
+    (
+        "PDF",
+        b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n",
+        415,
+        "unsupported_type",
+    ),
     ("HEIC", struct.pack(">I", 24) + b"ftypheic" + b"\x00\x00\x00\x00mif1heic" + bytes(64), 415, "unsupported_type"),
     ("PPM", _save(_noise(8, 8), "PPM"), 415, "unsupported_type"),
     ("ICO", _save(_noise(16, 16), "ICO"), 415, "unsupported_type"),
@@ -184,20 +190,33 @@ HOSTILE: list[tuple[str, bytes, int, str | None]] = [
     ("EXIF-rotated JPEG", _exif_jpeg(), 200, None),
     ("EXIF-rotated PNG", EXIF_TAGGED, 200, None),
     ("JPEG with a corrupt EXIF block", _broken_exif_jpeg(), 200, None),
-    ("animated WebP", _save(_noise(20, 20, seed=1), "WEBP", save_all=True,
-                            append_images=[_noise(20, 20, seed=2)]), 200, None),
-    ("multi-page TIFF", _save(_noise(20, 20, seed=1), "TIFF", save_all=True,
-                              append_images=[_noise(20, 20, seed=2)]), 200, None),
-    ("float TIFF", _save(Image.fromarray(np.linspace(0, 1, 400, dtype=np.float32).reshape(20, 20), "F"), "TIFF"),
-     200, None),
+    (
+        "animated WebP",
+        _save(_noise(20, 20, seed=1), "WEBP", save_all=True, append_images=[_noise(20, 20, seed=2)]),
+        200,
+        None,
+    ),
+    (
+        "multi-page TIFF",
+        _save(_noise(20, 20, seed=1), "TIFF", save_all=True, append_images=[_noise(20, 20, seed=2)]),
+        200,
+        None,
+    ),
+    (
+        "float TIFF",
+        _save(Image.fromarray(np.linspace(0, 1, 400, dtype=np.float32).reshape(20, 20), "F"), "TIFF"),
+        200,
+        None,
+    ),
 ]
 
 
 @pytest.fixture(scope="module")
 def server(service_bundle, server_factory, tmp_path_factory):
     env = {"VLLTR_MAX_PIXELS": str(MAX_PIXELS), "VLLTR_PREPROCESS_THREADS": "2"}
-    srv = server_factory(env=env, args=["--bundle", str(service_bundle)],
-                         workdir=tmp_path_factory.mktemp("hostile-images"))
+    srv = server_factory(
+        env=env, args=["--bundle", str(service_bundle)], workdir=tmp_path_factory.mktemp("hostile-images")
+    )
     yield srv
     srv.stop()
 
@@ -258,8 +277,9 @@ def test_animated_gif_is_classified_by_its_first_frame(client):
 def test_exif_orientation_is_applied(client):
     tagged = client.post("/v1/classify", params={"top_k": 6}, files={"file": ("t.png", EXIF_TAGGED)}).json()
     upright = client.post("/v1/classify", params={"top_k": 6}, files={"file": ("u.png", EXIF_UPRIGHT)}).json()
-    assert [(p["class_id"], round(p["score"], 5)) for p in tagged["predictions"]] == \
-        [(p["class_id"], round(p["score"], 5)) for p in upright["predictions"]]
+    assert [(p["class_id"], round(p["score"], 5)) for p in tagged["predictions"]] == [
+        (p["class_id"], round(p["score"], 5)) for p in upright["predictions"]
+    ]
 
 
 def test_memory_stays_bounded_under_a_hostile_barrage(server, client, baseline_rss, reliability_log):
@@ -275,8 +295,9 @@ def test_memory_stays_bounded_under_a_hostile_barrage(server, client, baseline_r
     with RssSampler(server.pid, interval=0.05) as sampler, ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(send, jobs))
     final = rss_bytes(server.pid)
-    reliability_log.add("hostile images", requests=len(jobs), inputs=len(jobs),
-                        errors=sum(got >= 500 for _, got, _ in answers))
+    reliability_log.add(
+        "hostile images", requests=len(jobs), inputs=len(jobs), errors=sum(got >= 500 for _, got, _ in answers)
+    )
     wrong = [(label, got, want) for label, got, want in answers if got != want]
     assert not wrong, wrong
     peak_growth = (max(sampler.peak, final) - baseline_rss) / MIB
@@ -292,8 +313,11 @@ def test_no_hostile_image_was_ever_answered_5xx(client):
     statuses = set()
     for family in text_string_to_metric_families(client.get("/metrics").text):
         if family.name == "vlltr_request_duration_seconds":
-            statuses |= {(s.labels["route"], s.labels["status"]) for s in family.samples
-                         if s.name.endswith("_count") and s.value > 0}
+            statuses |= {
+                (s.labels["route"], s.labels["status"])
+                for s in family.samples
+                if s.name.endswith("_count") and s.value > 0
+            }
     fives = {pair for pair in statuses if pair[1].startswith("5")}
     assert fives <= {("/readyz", "503")}, fives
 
@@ -307,8 +331,12 @@ BUDGET_BYTES = 40 * 1024 * 1024  # two 64-file batches of 256 KB images fit at o
 @pytest.fixture(scope="module")
 def budget_server(service_bundle, server_factory, tmp_path_factory):
     # The image queue is made large so that only the body budget can hold this flood back.
-    env = {"VLLTR_MAX_IMAGE_BYTES": str(BUDGET_FILE_BYTES), "VLLTR_MAX_BUFFERED_BYTES": str(BUDGET_BYTES),
-           "VLLTR_RETRY_AFTER_S": "3", "VLLTR_QUEUE_SIZE": "4096"}
+    env = {
+        "VLLTR_MAX_IMAGE_BYTES": str(BUDGET_FILE_BYTES),
+        "VLLTR_MAX_BUFFERED_BYTES": str(BUDGET_BYTES),
+        "VLLTR_RETRY_AFTER_S": "3",
+        "VLLTR_QUEUE_SIZE": "4096",
+    }
     srv = server_factory(env=env, args=["--bundle", str(service_bundle)], workdir=tmp_path_factory.mktemp("budget"))
     yield srv
     srv.stop()
@@ -333,10 +361,12 @@ def test_concurrent_large_uploads_are_bounded_by_the_body_budget(budget_server, 
     with RssSampler(srv.pid, interval=0.05) as sampler, ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(send, range(16)))
     growth = (max(sampler.peak, rss_bytes(srv.pid)) - baseline) / MIB
-    reliability_log.add("hostile images", requests=16 + 3, inputs=16, errors=sum(s >= 500 and s != 503
-                                                                                 for s, _, _ in answers))
-    reliability_log.note("large concurrent uploads: RSS growth MiB, answers", [round(growth, 1), sorted(
-        s for s, _, _ in answers)])
+    reliability_log.add(
+        "hostile images", requests=16 + 3, inputs=16, errors=sum(s >= 500 and s != 503 for s, _, _ in answers)
+    )
+    reliability_log.note(
+        "large concurrent uploads: RSS growth MiB, answers", [round(growth, 1), sorted(s for s, _, _ in answers)]
+    )
     assert {s for s, _, _ in answers} <= {200, 503}, answers
     assert any(s == 200 for s, _, _ in answers) and any(s == 503 for s, _, _ in answers), answers
     assert all(ra == "3" and code == "queue_full" for s, ra, code in answers if s == 503), answers

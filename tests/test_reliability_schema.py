@@ -11,6 +11,9 @@ from __future__ import annotations
 import httpx
 import pytest
 import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -19,21 +22,27 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from hypothesis import HealthCheck, given, settings
-from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
 
 TOKEN = "schema-fuzz-token"
 EXAMPLES_PER_OPERATION = 40
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-          response_headers_conformance, negative_data_rejection]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+    negative_data_rejection,
+]
 
 
 @pytest.fixture(scope="module")
 def server(service_bundle, server_factory, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("schema-fuzz")
-    env = {"VLLTR_ADMIN_TOKEN": TOKEN, "VLLTR_CLASS_STORE": str(workdir / "classes.json"),
-           "VLLTR_MAX_IMAGE_BYTES": "65536"}
+    env = {
+        "VLLTR_ADMIN_TOKEN": TOKEN,
+        "VLLTR_CLASS_STORE": str(workdir / "classes.json"),
+        "VLLTR_MAX_IMAGE_BYTES": "65536",
+    }
     srv = server_factory(env=env, args=["--bundle", str(service_bundle)], workdir=workdir)
     yield srv
     srv.stop()
@@ -41,25 +50,36 @@ def server(service_bundle, server_factory, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api_schema(server):
-    config = SchemathesisConfig.from_dict({
-        "headers": {"Authorization": f"Bearer {TOKEN}"},
-        "request-timeout": 60,
-    })
+    config = SchemathesisConfig.from_dict(
+        {
+            "headers": {"Authorization": f"Bearer {TOKEN}"},
+            "request-timeout": 60,
+        }
+    )
     return schemathesis.openapi.from_url(f"{server.url}/openapi.json", config=config)
 
 
 # The operations of the document, listed here so each is its own test (and a route that vanishes from the
 # document fails `test_the_document_covers_every_route` instead of silently going unfuzzed).
-OPERATIONS = [("POST", "/v1/classify"), ("POST", "/v1/classify/batch"), ("GET", "/v1/classes"),
-              ("POST", "/v1/classes"), ("DELETE", "/v1/classes/{name}"), ("GET", "/v1/model"), ("GET", "/healthz"),
-              ("GET", "/readyz"), ("GET", "/metrics")]
+OPERATIONS = [
+    ("POST", "/v1/classify"),
+    ("POST", "/v1/classify/batch"),
+    ("GET", "/v1/classes"),
+    ("POST", "/v1/classes"),
+    ("DELETE", "/v1/classes/{name}"),
+    ("GET", "/v1/model"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+]
 
 
 # Invalid data is generated where the document constrains something (query parameters, bodies); an operation
 # without parameters or with a free-form string path parameter has no invalid form.
 CONSTRAINED = {("POST", "/v1/classify"), ("POST", "/v1/classify/batch"), ("POST", "/v1/classes")}
-RUNS = ([(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS]
-        + [(m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if (m, p) in CONSTRAINED])
+RUNS = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
+    (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if (m, p) in CONSTRAINED
+]
 
 
 @pytest.mark.parametrize("method,path,mode", RUNS, ids=[f"{m} {p} {mode}" for m, p, mode in RUNS])
@@ -69,8 +89,13 @@ def test_every_operation_survives_fuzzing_and_matches_its_schema(api_schema, rel
 
     # Hypothesis drives schemathesis's strategy directly: a fixed seed keeps CI reproducible, no example
     # database is written into the tree, and shrinking turns any failure into a minimal request.
-    @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES_PER_OPERATION,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=operation.as_strategy(generation_mode=mode))
     def fuzz(case) -> None:
         response = case.call(timeout=60)
@@ -80,15 +105,24 @@ def test_every_operation_survives_fuzzing_and_matches_its_schema(api_schema, rel
     try:
         fuzz()
     finally:
-        reliability_log.add("schema fuzzing", requests=len(answered), inputs=len(answered),
-                            errors=sum(s >= 500 for s in answered))
+        reliability_log.add(
+            "schema fuzzing", requests=len(answered), inputs=len(answered), errors=sum(s >= 500 for s in answered)
+        )
     assert answered
 
 
 def test_the_document_covers_every_route(server, api_schema):
     paths = set(httpx.get(f"{server.url}/openapi.json", timeout=30).json()["paths"])
-    assert {"/v1/classify", "/v1/classify/batch", "/v1/classes", "/v1/classes/{name}", "/v1/model", "/healthz",
-            "/readyz", "/metrics"} <= paths
+    assert {
+        "/v1/classify",
+        "/v1/classify/batch",
+        "/v1/classes",
+        "/v1/classes/{name}",
+        "/v1/model",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= paths
     operations = [op for op in api_schema.get_all_operations()]
     assert len(operations) >= 9
 
@@ -101,7 +135,10 @@ def test_fuzzing_left_the_server_healthy_and_never_5xx(server):
         seen = set()
         for family in text_string_to_metric_families(c.get("/metrics").text):
             if family.name == "vlltr_request_duration_seconds":
-                seen |= {(s.labels["route"], s.labels["status"]) for s in family.samples
-                         if s.name.endswith("_count") and s.value > 0}
+                seen |= {
+                    (s.labels["route"], s.labels["status"])
+                    for s in family.samples
+                    if s.name.endswith("_count") and s.value > 0
+                }
     assert {pair for pair in seen if pair[1].startswith("5")} <= {("/readyz", "503")}, seen
     assert server.alive()

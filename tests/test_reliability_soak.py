@@ -17,14 +17,23 @@ REDUCED = {"requests": 2_000, "warmup": 400}
 FULL = {"requests": 50_000, "warmup": 5_000}
 
 
-def test_soak_has_no_errors_and_bounded_memory(request, service_bundle, server_factory, tmp_path_factory,
-                                               reliability_log):
+def test_soak_has_no_errors_and_bounded_memory(
+    request, service_bundle, server_factory, tmp_path_factory, reliability_log
+):
     plan = FULL if request.config.getoption("--soak") else REDUCED
-    srv = server_factory(args=["--bundle", str(service_bundle), "--cache-size", "256"],
-                         workdir=tmp_path_factory.mktemp("soak"))
+    srv = server_factory(
+        args=["--bundle", str(service_bundle), "--cache-size", "256"], workdir=tmp_path_factory.mktemp("soak")
+    )
     try:
-        result = soak(srv.url, srv.pid, requests=plan["requests"], warmup=plan["warmup"], concurrency=CONCURRENCY,
-                      images=make_images(512, seed=3), rss_bound_mb=RSS_BOUND_MB)
+        result = soak(
+            srv.url,
+            srv.pid,
+            requests=plan["requests"],
+            warmup=plan["warmup"],
+            concurrency=CONCURRENCY,
+            images=make_images(512, seed=3),
+            rss_bound_mb=RSS_BOUND_MB,
+        )
         alive = srv.alive()
     finally:
         srv.stop()

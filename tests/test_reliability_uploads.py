@@ -43,9 +43,14 @@ def _chunks(total: int, size: int = 256 * 1024):
 
 
 def _multipart(name: bytes, file: bytes, boundary: str = "hostileboundary") -> tuple[bytes, dict]:
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\n".encode() + name
-            + f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.txt\"\r\n"
-              f"Content-Type: text/plain\r\n\r\n".encode() + file + f"\r\n--{boundary}--\r\n".encode())
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n'.encode()
+        + name
+        + f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="d.txt"\r\n'
+        f"Content-Type: text/plain\r\n\r\n".encode()
+        + file
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, {"content-type": f"multipart/form-data; boundary={boundary}"}
 
 
@@ -55,55 +60,121 @@ TEXT = b"a thing with stripes\na striped thing on a plain background\n"
 HOSTILE: list[tuple[str, dict, int, str]] = [
     ("empty JSON body", dict(content=b"", headers={"content-type": "application/json"}), 422, "invalid"),
     ("JSON null", dict(content=b"null", headers={"content-type": "application/json"}), 422, "invalid"),
-    ("empty multipart body", dict(content=b"", headers={"content-type": "multipart/form-data; boundary=b"}), 422,
-     "invalid"),
+    (
+        "empty multipart body",
+        dict(content=b"", headers={"content-type": "multipart/form-data; boundary=b"}),
+        422,
+        "invalid",
+    ),
     ("empty text file", dict(data={"name": "empty file"}, files={"file": ("d.txt", b"")}), 422, "invalid"),
     ("empty name", dict(data={"name": ""}, files={"file": ("d.txt", TEXT)}), 422, "invalid"),
-    ("10 MB text file", dict(data={"name": "huge"}, files={"file": ("d.txt", b"line of text\n" * (TEN_MB // 13))}),
-     413, "too_large"),
+    (
+        "10 MB text file",
+        dict(data={"name": "huge"}, files={"file": ("d.txt", b"line of text\n" * (TEN_MB // 13))}),
+        413,
+        "too_large",
+    ),
     ("10 MB JSON", dict(json={"name": "huge", "descriptions": ["x" * 1000] * (TEN_MB // 1000)}), 413, "too_large"),
-    ("10 MB chunked JSON", dict(content=_chunks(TEN_MB), headers={"content-type": "application/json"}), 413,
-     "too_large"),
-    ("10 MB name field", dict(content=_multipart(b"n" * TEN_MB, TEXT)[0], headers=_multipart(b"", b"")[1]), 413,
-     "too_large"),
-    ("invalid UTF-8 file", dict(data={"name": "bad bytes"}, files={"file": ("d.txt", b"ok line\n\xc3\x28 broken\n")}),
-     422, "invalid"),
-    ("invalid UTF-8 JSON", dict(content=b'{"name": "x\xff", "descriptions": ["y"]}',
-                                headers={"content-type": "application/json"}), 422, "invalid"),
-    ("invalid UTF-8 name field", dict(content=_multipart(b"bad \xff\xfe name", TEXT)[0],
-                                      headers=_multipart(b"", b"")[1]), 422, "invalid"),
-    ("lone surrogate in JSON", dict(content=b'{"name": "x\\ud800", "descriptions": ["y"]}',
-                                    headers={"content-type": "application/json"}), 422, "invalid"),
+    (
+        "10 MB chunked JSON",
+        dict(content=_chunks(TEN_MB), headers={"content-type": "application/json"}),
+        413,
+        "too_large",
+    ),
+    (
+        "10 MB name field",
+        dict(content=_multipart(b"n" * TEN_MB, TEXT)[0], headers=_multipart(b"", b"")[1]),
+        413,
+        "too_large",
+    ),
+    (
+        "invalid UTF-8 file",
+        dict(data={"name": "bad bytes"}, files={"file": ("d.txt", b"ok line\n\xc3\x28 broken\n")}),
+        422,
+        "invalid",
+    ),
+    (
+        "invalid UTF-8 JSON",
+        dict(content=b'{"name": "x\xff", "descriptions": ["y"]}', headers={"content-type": "application/json"}),
+        422,
+        "invalid",
+    ),
+    (
+        "invalid UTF-8 name field",
+        dict(content=_multipart(b"bad \xff\xfe name", TEXT)[0], headers=_multipart(b"", b"")[1]),
+        422,
+        "invalid",
+    ),
+    (
+        "lone surrogate in JSON",
+        dict(content=b'{"name": "x\\ud800", "descriptions": ["y"]}', headers={"content-type": "application/json"}),
+        422,
+        "invalid",
+    ),
     ("NUL in name", dict(json={"name": "a\x00b", "descriptions": ["x"]}), 422, "invalid"),
     ("escape sequence in name", dict(json={"name": "\x1b[31mred", "descriptions": ["x"]}), 422, "invalid"),
     ("bidi override in name", dict(json={"name": "abc\u202etxt.exe", "descriptions": ["x"]}), 422, "invalid"),
     ("line separator in name", dict(json={"name": "a\u2028b", "descriptions": ["x"]}), 422, "invalid"),
     ("newline in name", dict(json={"name": "two\nlines", "descriptions": ["x"]}), 422, "invalid"),
-    ("NUL in description file", dict(data={"name": "nul file"}, files={"file": ("d.txt", b"fine\nbad\x00line\n")}),
-     422, "invalid"),
+    (
+        "NUL in description file",
+        dict(data={"name": "nul file"}, files={"file": ("d.txt", b"fine\nbad\x00line\n")}),
+        422,
+        "invalid",
+    ),
     ("bell in description", dict(json={"name": "bell", "descriptions": ["ring \x07 ring"]}), 422, "invalid"),
     ("slash in name", dict(json={"name": "a/b", "descriptions": ["x"]}), 422, "invalid"),
     ("path traversal name", dict(json={"name": "../../etc/passwd", "descriptions": ["x"]}), 422, "invalid"),
     ("backslash traversal name", dict(json={"name": "..\\..\\boot.ini", "descriptions": ["x"]}), 422, "invalid"),
     ("dot-dot name", dict(json={"name": "..", "descriptions": ["x"]}), 422, "invalid"),
     ("10,000-character name", dict(json={"name": "n" * 10_000, "descriptions": ["x"]}), 422, "invalid"),
-    ("10,000-character name in a form", dict(data={"name": "n" * 10_000}, files={"file": ("d.txt", TEXT)}), 422,
-     "invalid"),
-    ("100,000-line file", dict(data={"name": "many lines"}, files={"file": ("d.txt", b"l\n" * 100_000)}), 422,
-     "invalid"),
-    ("description of 100,000 characters", dict(json={"name": "long", "descriptions": ["y" * 100_000]}), 422,
-     "invalid"),
-    ("JSON nested 100,000 deep", dict(content=b"[" * 100_000 + b"]" * 100_000,
-                                      headers={"content-type": "application/json"}), 422, "invalid"),
-    ("JSON integer of 5,000 digits", dict(content=b'{"name": ' + b"9" * 5000 + b', "descriptions": ["x"]}',
-                                          headers={"content-type": "application/json"}), 422, "invalid"),
-    ("JSON infinity", dict(content=b'{"name": Infinity, "descriptions": ["x"]}',
-                           headers={"content-type": "application/json"}), 422, "invalid"),
+    (
+        "10,000-character name in a form",
+        dict(data={"name": "n" * 10_000}, files={"file": ("d.txt", TEXT)}),
+        422,
+        "invalid",
+    ),
+    (
+        "100,000-line file",
+        dict(data={"name": "many lines"}, files={"file": ("d.txt", b"l\n" * 100_000)}),
+        422,
+        "invalid",
+    ),
+    ("description of 100,000 characters", dict(json={"name": "long", "descriptions": ["y" * 100_000]}), 422, "invalid"),
+    (
+        "JSON nested 100,000 deep",
+        dict(content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"}),
+        422,
+        "invalid",
+    ),
+    (
+        "JSON integer of 5,000 digits",
+        dict(
+            content=b'{"name": ' + b"9" * 5000 + b', "descriptions": ["x"]}',
+            headers={"content-type": "application/json"},
+        ),
+        422,
+        "invalid",
+    ),
+    (
+        "JSON infinity",
+        dict(content=b'{"name": Infinity, "descriptions": ["x"]}', headers={"content-type": "application/json"}),
+        422,
+        "invalid",
+    ),
     ("descriptions as an object", dict(json={"name": "obj", "descriptions": {"a": 1}}), 422, "invalid"),
-    ("two description files", dict(data={"name": "two"}, files=[("file", ("a.txt", TEXT)), ("file", ("b.txt", TEXT))]),
-     413, "too_large"),
-    ("XML body", dict(content=b"<class name='x'/>", headers={"content-type": "application/xml"}), 415,
-     "unsupported_type"),
+    (
+        "two description files",
+        dict(data={"name": "two"}, files=[("file", ("a.txt", TEXT)), ("file", ("b.txt", TEXT))]),
+        413,
+        "too_large",
+    ),
+    (
+        "XML body",
+        dict(content=b"<class name='x'/>", headers={"content-type": "application/xml"}),
+        415,
+        "unsupported_type",
+    ),
     ("trained class name", None, 409, "conflict"),
 ]
 
@@ -130,8 +201,11 @@ def test_hostile_names_on_delete_are_refused_with_4xx(client, reliability_log):
 
 def test_utf8_bom_and_crlf_files_are_accepted(client, reliability_log):
     name = f"bom {uuid.uuid4().hex[:6]}"
-    r = client.post("/v1/classes", data={"name": name},
-                    files={"file": ("d.txt", b"\xef\xbb\xbfa tabby\tcat\r\na cat with stripes\r\n\r\n")})
+    r = client.post(
+        "/v1/classes",
+        data={"name": name},
+        files={"file": ("d.txt", b"\xef\xbb\xbfa tabby\tcat\r\na cat with stripes\r\n\r\n")},
+    )
     reliability_log.add("hostile uploads", requests=2, inputs=1)
     assert r.status_code == 201, r.text
     assert r.json()["anchors"] and all("\ufeff" not in a and "\r" not in a for a in r.json()["anchors"])
@@ -152,8 +226,12 @@ def test_server_survived_every_hostile_upload(server, client):
 def redis_replicas(service_bundle, server_factory, persistent_redis_factory, tmp_path_factory):
     redis_server = persistent_redis_factory()
     env = {"VLLTR_REDIS_URL": redis_server.url, "VLLTR_ADMIN_TOKEN": TOKEN, "VLLTR_SYNC_INTERVAL_S": "0.2"}
-    pair = [server_factory(env=env, args=["--bundle", str(service_bundle)],
-                           workdir=tmp_path_factory.mktemp(f"upload-redis-{i}")) for i in range(2)]
+    pair = [
+        server_factory(
+            env=env, args=["--bundle", str(service_bundle)], workdir=tmp_path_factory.mktemp(f"upload-redis-{i}")
+        )
+        for i in range(2)
+    ]
     yield pair, redis_server
     for srv in pair:
         srv.stop()
@@ -163,8 +241,12 @@ def redis_replicas(service_bundle, server_factory, persistent_redis_factory, tmp
 def file_replicas(service_bundle, server_factory, tmp_path_factory):
     store = tmp_path_factory.mktemp("shared-store") / "classes.json"
     env = {"VLLTR_CLASS_STORE": str(store), "VLLTR_ADMIN_TOKEN": TOKEN, "VLLTR_SYNC_INTERVAL_S": "0.2"}
-    pair = [server_factory(env=env, args=["--bundle", str(service_bundle)],
-                           workdir=tmp_path_factory.mktemp(f"upload-file-{i}")) for i in range(2)]
+    pair = [
+        server_factory(
+            env=env, args=["--bundle", str(service_bundle)], workdir=tmp_path_factory.mktemp(f"upload-file-{i}")
+        )
+        for i in range(2)
+    ]
     yield pair
     for srv in pair:
         srv.stop()
@@ -209,21 +291,23 @@ def _wait_agree(urls: list[str], version: int) -> list[dict]:
 
 @pytest.mark.parametrize("store", ["redis", "file"])
 def test_duplicate_name_racing_on_two_replicas_has_one_winner_both_agree(store, request, reliability_log):
-    pair = request.getfixturevalue("redis_replicas")[0] if store == "redis" else request.getfixturevalue(
-        "file_replicas")
+    pair = (
+        request.getfixturevalue("redis_replicas")[0] if store == "redis" else request.getfixturevalue("file_replicas")
+    )
     urls = [s.url for s in pair]
     for round_ in range(3):
         base = f"Racer {store} {round_} {uuid.uuid4().hex[:6]}"
         spellings = [base, base.upper(), base.lower()]  # one class, case-insensitively
         results = _race(urls, spellings)
         statuses = sorted(status for _, status in results)
-        reliability_log.add("hostile uploads", requests=len(results), inputs=1,
-                            errors=sum(s >= 500 for s in statuses))
+        reliability_log.add("hostile uploads", requests=len(results), inputs=1, errors=sum(s >= 500 for s in statuses))
         assert statuses == [201] + [409] * (len(results) - 1), results
         version = max(t["class_table_version"] for t in _tables(urls))
         tables = _wait_agree(urls, version)
-        rows = [[(c["class_id"], c["name"]) for c in t["classes"] if c["name"].casefold() == base.casefold()]
-                for t in tables]
+        rows = [
+            [(c["class_id"], c["name"]) for c in t["classes"] if c["name"].casefold() == base.casefold()]
+            for t in tables
+        ]
         assert len(rows[0]) == 1 and rows[0] == rows[1], rows
         assert tables[0]["class_table_version"] == tables[1]["class_table_version"]
         assert [c["name"] for c in tables[0]["classes"]] == [c["name"] for c in tables[1]["classes"]]

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.bundle import load_bundle
-from service.head import ClassEntry, build_added_class_anchors
-from service.prompts import name_prompts
-from service.predictor import BundlePredictor
+from vlltr.model.runtime.bundle import load_bundle
+from vlltr.model.runtime.head import ClassEntry, build_added_class_anchors
+from vlltr.model.runtime.predictor import BundlePredictor
+from vlltr.model.runtime.prompts import name_prompts
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -32,7 +32,11 @@ def _images(bundle: Path, n: int) -> list[tuple[str, bytes]]:
 @pytest.fixture(scope="module")
 def server(service_bundle, server_factory, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("api")
-    env = {"VLLTR_ADMIN_TOKEN": TOKEN, "VLLTR_MAX_DESCRIPTIONS": "8", "VLLTR_CLASS_STORE": str(workdir / "classes.json")}
+    env = {
+        "VLLTR_ADMIN_TOKEN": TOKEN,
+        "VLLTR_MAX_DESCRIPTIONS": "8",
+        "VLLTR_CLASS_STORE": str(workdir / "classes.json"),
+    }
     args = ["--bundle", str(service_bundle), "--max-batch-size", "8", "--max-wait-ms", "2"]
     srv = server_factory(env=env, args=args, workdir=workdir)
     yield srv
@@ -96,8 +100,12 @@ def test_top_k_limits_the_answer(client, service_bundle):
 
 def test_batch_returns_one_result_or_error_per_image_in_order(client, predictor, service_bundle):
     images = _images(service_bundle, 3)
-    files = [("files", images[0]), ("files", ("junk.bin", b"certainly not an image")), ("files", images[1]),
-             ("files", images[2])]
+    files = [
+        ("files", images[0]),
+        ("files", ("junk.bin", b"certainly not an image")),
+        ("files", images[1]),
+        ("files", images[2]),
+    ]
     r = client.post("/v1/classify/batch", params={"top_k": 3}, files=files)
     assert r.status_code == 200, r.text
     results = r.json()["results"]
@@ -114,8 +122,12 @@ def test_batch_returns_one_result_or_error_per_image_in_order(client, predictor,
 
 
 def test_add_class_from_json_is_served_and_scored_like_offline(client, predictor, service_bundle):
-    descriptions = ["a red square on a noisy background", "a bright red block", "red paint in a square shape",
-                    "a red square on a noisy background"]  # the duplicate line is dropped
+    descriptions = [
+        "a red square on a noisy background",
+        "a bright red block",
+        "red paint in a square shape",
+        "a red square on a noisy background",
+    ]  # the duplicate line is dropped
     r = client.post("/v1/classes", json={"name": "Red Block", "descriptions": descriptions}, headers=AUTH)
     assert r.status_code == 201, r.text
     created = r.json()
@@ -152,9 +164,10 @@ def test_add_class_from_json_is_served_and_scored_like_offline(client, predictor
 
 
 def test_add_class_from_uploaded_text_file(client):
-    text = "a blue circle\n\n  a round blue disc  \r\na circle painted blue\n".encode()
-    r = client.post("/v1/classes", data={"name": "blue disc"}, files={"file": ("disc.txt", text, "text/plain")},
-                    headers=AUTH)
+    text = b"a blue circle\n\n  a round blue disc  \r\na circle painted blue\n"
+    r = client.post(
+        "/v1/classes", data={"name": "blue disc"}, files={"file": ("disc.txt", text, "text/plain")}, headers=AUTH
+    )
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["num_descriptions"] == 3
@@ -175,8 +188,9 @@ def test_duplicate_names_conflict_case_insensitively(client):
 
 def test_near_duplicates_are_reported_not_refused(client):
     # Same text as an existing added class: cosine 1 with it.
-    r = client.post("/v1/classes", json={"name": "Green Thing Again", "descriptions": ["something green"]},
-                    headers=AUTH)
+    r = client.post(
+        "/v1/classes", json={"name": "Green Thing Again", "descriptions": ["something green"]}, headers=AUTH
+    )
     assert r.status_code == 201
     dups = r.json()["near_duplicates"]
     assert dups and dups[0]["name"] == "Green Thing" and dups[0]["cosine"] == pytest.approx(1.0, abs=1e-4)
@@ -203,8 +217,12 @@ def test_delete_added_class_and_refuse_trained_or_unknown(client):
     version = r.json()["class_table_version"]
     r = client.delete("/v1/classes/SHORT%20LIVED", headers=AUTH)
     assert r.status_code == 200, r.text
-    assert r.json() == {"name": "short lived", "deleted": True, "bundle_id": r.json()["bundle_id"],
-                        "class_table_version": version + 1}
+    assert r.json() == {
+        "name": "short lived",
+        "deleted": True,
+        "bundle_id": r.json()["bundle_id"],
+        "class_table_version": version + 1,
+    }
     assert "short lived" not in [c["name"] for c in client.get("/v1/classes").json()["classes"]]
     r = client.delete("/v1/classes/short%20lived", headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
@@ -266,8 +284,12 @@ def test_openapi_documents_every_route_field_and_error(client):
             assert responses[status]["description"]
         assert "requestBody" in spec["paths"][path][method] or method in ("get", "delete")
     assert "Retry-After" in spec["paths"]["/v1/classify"]["post"]["responses"]["503"]["headers"]
-    undocumented = [f"{name}.{prop}" for name, schema in schemas.items()
-                    for prop, field in schema.get("properties", {}).items() if not field.get("description")]
+    undocumented = [
+        f"{name}.{prop}"
+        for name, schema in schemas.items()
+        for prop, field in schema.get("properties", {}).items()
+        if not field.get("description")
+    ]
     assert undocumented == []
 
 
@@ -283,9 +305,9 @@ def test_service_imports_without_torch():
     from test_export_support import run_without_torch
 
     script = """
-        import service.app, service.cli, service.runtime, service.demo
-        from service.app import create_app
-        from service.settings import Settings
+        import vlltr.service.app, vlltr.service.cli, vlltr.service.core, vlltr.service.demo
+        from vlltr.service.app import create_app
+        from vlltr.service.settings import Settings
         create_app(Settings(bundle="/nonexistent")).openapi()
     """
     result = run_without_torch(script)

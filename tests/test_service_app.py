@@ -7,8 +7,8 @@ import time
 
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from vlltr.service.app import create_app
+from vlltr.service.settings import Settings
 
 
 def test_lifespan_loads_serves_and_hides_internals_of_unexpected_errors(service_bundle, tmp_path):

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
-from service import demo
-from service.cli import build_parser, flag_name, settings_from_args
-from service.settings import Settings, env_name
+from vlltr.service import demo
+from vlltr.service.cli import build_parser, flag_name, settings_from_args
+from vlltr.service.settings import Settings, env_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,8 +33,11 @@ def _sample(name: str) -> tuple[str, object]:
     if typing.get_origin(ann) is typing.Literal:
         choice = next(c for c in typing.get_args(ann) if c != field.default)
         return str(choice), choice
-    special = {"redis_url": ("redis://h:1/0", "redis://h:1/0"), "duplicate_threshold": ("0.5", 0.5),
-               "sync_interval_s": ("0.25", 0.25)}
+    special = {
+        "redis_url": ("redis://h:1/0", "redis://h:1/0"),
+        "duplicate_threshold": ("0.5", 0.5),
+        "sync_interval_s": ("0.25", 0.25),
+    }
     if name in special:
         return special[name]
     if base is bool:
@@ -72,8 +75,11 @@ def test_every_setting_has_an_env_var_a_flag_and_a_help_line(monkeypatch):
         monkeypatch.setenv(env_name(name), text)
         assert _value(Settings(), name) == parsed, f"{env_name(name)} is not read"
         monkeypatch.delenv(env_name(name))
-        flag = [flag_name(name)] if isinstance(parsed, bool) and parsed else (
-            [f"--no-{flag_name(name)[2:]}"] if isinstance(parsed, bool) else [flag_name(name), text])
+        flag = (
+            [flag_name(name)]
+            if isinstance(parsed, bool) and parsed
+            else ([f"--no-{flag_name(name)[2:]}"] if isinstance(parsed, bool) else [flag_name(name), text])
+        )
         assert _value(settings_from_args(flag), name) == parsed, f"{flag} is not read"
 
 
@@ -104,8 +110,9 @@ def test_buckets_are_powers_of_two_up_to_the_max():
 
 
 def test_console_script_help_lists_every_flag():
-    out = subprocess.run([sys.executable, "-m", "vlltr.cli", "serve", "--help"], cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "vlltr.cli", "serve", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     for name in Settings.model_fields:
         assert flag_name(name) in out.stdout and env_name(name) in out.stdout
@@ -120,8 +127,14 @@ def test_admin_token_never_appears_in_help_or_logs(monkeypatch, capsys):
 def _serve_and_fail(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLTR_")}
     env["VLLTR_CACHE_DIR"] = str(tmp_path / "cache")
-    return subprocess.run([sys.executable, "-m", "vlltr.cli", "serve", "--port", "0", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "vlltr.cli", "serve", "--port", "0", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_provider_cuda_without_cuda_fails_loudly_at_start(service_bundle, tmp_path):
@@ -165,7 +178,7 @@ def test_missing_training_stack_gives_a_clear_message(tmp_path, monkeypatch, cap
     for key in [k for k in os.environ if k.startswith("VLLTR_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("VLLTR_CACHE_DIR", str(tmp_path))
-    from service.cli import main
+    from vlltr.service.cli import main
 
     assert main([]) == 1
     err = capsys.readouterr().err
@@ -206,7 +219,9 @@ def test_first_start_builds_the_demo_bundle_and_later_starts_reuse_it(server_fac
             assert r.status_code == 200 and r.json()["bundle_id"] == info["bundle_id"]
         assert (tmp_path / "cache" / demo.DEMO_DIRNAME / "manifest.json").is_file()
         server.restart()
-        assert server.log_path.read_text(errors="replace").count("building the demo bundle") == 2  # the log line and the stderr line, once
+        assert (
+            server.log_path.read_text(errors="replace").count("building the demo bundle") == 2
+        )  # the log line and the stderr line, once
         with httpx.Client(base_url=server.url, timeout=30) as c:
             assert c.get("/v1/model").json()["bundle_id"] == info["bundle_id"]
     finally:

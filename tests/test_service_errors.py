@@ -35,11 +35,16 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(service_bundle, server_factory, tmp_path_factory):
-    env = {"VLLTR_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES), "VLLTR_MAX_PIXELS": "1000000",
-           "VLLTR_MAX_BATCH_FILES": "4", "VLLTR_MAX_DESCRIPTIONS": "8", "VLLTR_MAX_DESCRIPTION_CHARS": "200",
-           "VLLTR_MAX_CLASS_UPLOAD_BYTES": "16384", "VLLTR_MAX_TOP_K": "20"}
-    srv = server_factory(env=env, args=["--bundle", str(service_bundle)],
-                         workdir=tmp_path_factory.mktemp("errors"))
+    env = {
+        "VLLTR_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
+        "VLLTR_MAX_PIXELS": "1000000",
+        "VLLTR_MAX_BATCH_FILES": "4",
+        "VLLTR_MAX_DESCRIPTIONS": "8",
+        "VLLTR_MAX_DESCRIPTION_CHARS": "200",
+        "VLLTR_MAX_CLASS_UPLOAD_BYTES": "16384",
+        "VLLTR_MAX_TOP_K": "20",
+    }
+    srv = server_factory(env=env, args=["--bundle", str(service_bundle)], workdir=tmp_path_factory.mktemp("errors"))
     yield srv
     srv.stop()
 
@@ -86,18 +91,29 @@ def test_bad_images_fail_alone_inside_a_batch(client):
     files = [("files", ("ok.png", _png())), ("files", ("big", BAD_IMAGES[4][1])), ("files", ("ppm", BAD_IMAGES[6][1]))]
     results = client.post("/v1/classify/batch", files=files).json()["results"]
     assert [(i["status"], (i["error"] or {}).get("code")) for i in results] == [
-        (200, None), (413, "too_large"), (415, "unsupported_type")]
+        (200, None),
+        (413, "too_large"),
+        (415, "unsupported_type"),
+    ]
 
 
 REQUEST_ERRORS = [
-    ("not multipart", dict(content=b"raw", headers={"content-type": "application/octet-stream"}), 415,
-     "unsupported_type"),
+    (
+        "not multipart",
+        dict(content=b"raw", headers={"content-type": "application/octet-stream"}),
+        415,
+        "unsupported_type",
+    ),
     ("no content type", dict(content=b"raw"), 415, "unsupported_type"),
     ("wrong field name", dict(files={"image": ("a.png", _png())}), 422, "invalid"),
     ("field is not a file", dict(files={"file": (None, "hello")}), 422, "invalid"),
     ("no boundary", dict(content=b"x", headers={"content-type": "multipart/form-data"}), 422, "invalid"),
-    ("malformed multipart", dict(content=b"--b\r\nnonsense", headers={"content-type": "multipart/form-data; boundary=b"}),
-     422, "invalid"),
+    (
+        "malformed multipart",
+        dict(content=b"--b\r\nnonsense", headers={"content-type": "multipart/form-data; boundary=b"}),
+        422,
+        "invalid",
+    ),
     ("top_k zero", dict(files={"file": ("a.png", _png())}, params={"top_k": 0}), 422, "invalid"),
     ("top_k text", dict(files={"file": ("a.png", _png())}, params={"top_k": "many"}), 422, "invalid"),
     ("top_k over the limit", dict(files={"file": ("a.png", _png())}, params={"top_k": 21}), 422, "invalid"),
@@ -113,8 +129,11 @@ def test_bad_classify_requests(client, label, kwargs, status, code):
 def test_bad_batch_requests(client):
     _expect(client.post("/v1/classify/batch", files=[("files", ("a.png", _png()))] * 5), 413, "too_large")
     _expect(client.post("/v1/classify/batch", data={"other": "x"}, files={"nope": ("a", b"1")}), 422, "invalid")
-    _expect(client.post("/v1/classify/batch", content=b"", headers={"content-type": "multipart/form-data; boundary=zz"}),
-            422, "invalid")
+    _expect(
+        client.post("/v1/classify/batch", content=b"", headers={"content-type": "multipart/form-data; boundary=zz"}),
+        422,
+        "invalid",
+    )
 
 
 CLASS_ERRORS = [
@@ -140,8 +159,11 @@ CLASS_ERRORS = [
     ("file without lines", dict(data={"name": "n"}, files={"file": ("d.txt", b"\n  \n")}), 422),
     ("form without file", dict(data={"name": "n"}, files={"other": ("d.txt", b"x")}), 422),
     ("form without name", dict(files={"file": ("d.txt", b"x")}), 422),
-    ("too many lines", dict(data={"name": "n"}, files={"file": ("d.txt", b"\n".join(b"l%d" % i for i in range(9)))}),
-     422),
+    (
+        "too many lines",
+        dict(data={"name": "n"}, files={"file": ("d.txt", b"\n".join(b"l%d" % i for i in range(9)))}),
+        422,
+    ),
     ("body too large", dict(json={"name": "n", "descriptions": ["x" * 150] * 120}), 413),
     ("plain text body", dict(content=b"name", headers={"content-type": "text/plain"}), 415),
 ]
@@ -160,12 +182,16 @@ def test_unknown_routes_and_methods(client):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 2**32 - 1), fmt=st.sampled_from(["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"]),
-       cuts=st.integers(0, 20))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    fmt=st.sampled_from(["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"]),
+    cuts=st.integers(0, 20),
+)
 def test_mutated_images_never_cause_a_server_error(client, seed, fmt, cuts):
     rng = random.Random(seed)
-    img = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (rng.randint(1, 64), rng.randint(1, 64), 3),
-                                                                dtype=np.uint8))
+    img = Image.fromarray(
+        np.random.default_rng(seed).integers(0, 255, (rng.randint(1, 64), rng.randint(1, 64), 3), dtype=np.uint8)
+    )
     data = bytearray(_encode(img, fmt))
     for _ in range(cuts):  # flip bytes, sometimes truncate
         data[rng.randrange(len(data))] = rng.randrange(256)
@@ -205,8 +231,20 @@ def test_process_stayed_healthy_and_never_answered_500(client, server):
 
 @pytest.fixture(scope="module")
 def tiny_queue_server(service_bundle, server_factory, tmp_path_factory):
-    args = ["--bundle", str(service_bundle), "--queue-size", "2", "--max-batch-size", "1", "--max-wait-ms", "0",
-            "--cache-size", "0", "--retry-after-s", "2"]
+    args = [
+        "--bundle",
+        str(service_bundle),
+        "--queue-size",
+        "2",
+        "--max-batch-size",
+        "1",
+        "--max-wait-ms",
+        "0",
+        "--cache-size",
+        "0",
+        "--retry-after-s",
+        "2",
+    ]
     srv = server_factory(args=args, workdir=tmp_path_factory.mktemp("overload"))
     yield srv
     srv.stop()
@@ -238,10 +276,13 @@ def test_flood_past_the_queue_bound_gets_503_with_retry_after(tiny_queue_server)
     assert statuses.count(503) >= 12 and statuses.count(200) > 0
     with httpx.Client(base_url=tiny_queue_server.url, timeout=30) as c:
         assert c.get("/readyz").status_code == 200
-        rejected = next(s.value for f in text_string_to_metric_families(c.get("/metrics").text)
-                        if f.name == "vlltr_requests_rejected" for s in f.samples
-                        if s.labels.get("reason") == "queue_full" and s.name.endswith("_total"))
+        rejected = next(
+            s.value
+            for f in text_string_to_metric_families(c.get("/metrics").text)
+            if f.name == "vlltr_requests_rejected"
+            for s in f.samples
+            if s.labels.get("reason") == "queue_full" and s.name.endswith("_total")
+        )
         assert rejected == statuses.count(503)
         assert c.post("/v1/classify", files={"file": ("ok.png", images[0])}).status_code == 200
     assert tiny_queue_server.alive()
-

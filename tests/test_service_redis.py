@@ -137,11 +137,13 @@ def test_cached_results_are_never_stale_after_a_class_change(replicas, service_b
 
 
 def test_redis_down_during_a_stream_fails_nothing_and_the_cache_recovers(
-        service_bundle, server_factory, redis_server_factory, tmp_path_factory):
+    service_bundle, server_factory, redis_server_factory, tmp_path_factory
+):
     redis_server = redis_server_factory()
     env = {"VLLTR_REDIS_URL": redis_server.url, "VLLTR_REDIS_RETRY_S": "0.2"}
-    server = server_factory(env=env, args=["--bundle", str(service_bundle)],
-                            workdir=tmp_path_factory.mktemp("redis-outage"))
+    server = server_factory(
+        env=env, args=["--bundle", str(service_bundle)], workdir=tmp_path_factory.mktemp("redis-outage")
+    )
     images = _images(service_bundle, 4)
     failures: list[str] = []
     done = 0

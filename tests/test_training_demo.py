@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from training.demo import build_demo_bundle, main
+from vlltr.training.demo import build_demo_bundle, main
 
 SHORT = ["stage1.epochs=1", "stage1.warmup_epochs=0", "stage2.epochs=1"]
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.factory import create_clip, get_tokenizer
-from training.features import encode_images, encode_text, encode_token_table
+from vlltr.model.networks.factory import create_clip, get_tokenizer
+from vlltr.training.features import encode_images, encode_text, encode_token_table
 
-SENTENCES = ["a red star", "the striped blue square is drawn on a white background with thin lines",
-             "x", "a photo of a digit three, which has two open curves"]
+SENTENCES = [
+    "a red star",
+    "the striped blue square is drawn on a white background with thin lines",
+    "x",
+    "a photo of a digit three, which has two open curves",
+]
 
 
 @pytest.mark.parametrize("arch", ["vlltr-tiny-vit", "vlltr-tiny-rn"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.mixing import Mixer, cutmix_box, mix_targets, smoothed_one_hot
+from vlltr.training.mixing import Mixer, cutmix_box, mix_targets, smoothed_one_hot
 
 
 def test_smoothed_one_hot_values():

@@ -10,19 +10,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.factory import UnknownArchitectureError
-from training.config import ConfigError, load_config
-from training.data.errors import DataError
-from training.evaluate import evaluate_checkpoint
-from training.pipeline import run_training
+from vlltr.model.networks.factory import UnknownArchitectureError
+from vlltr.training.config import ConfigError, load_config
+from vlltr.training.data.errors import DataError
+from vlltr.training.evaluate import evaluate_checkpoint
+from vlltr.training.pipeline import run_training
 
-FAST = ["stage1.epochs=2", "stage1.warmup_epochs=1", "stage1.batch_size=32", "stage1.monitor_every=1",
-        "stage2.epochs=2", "stage2.batch_size=32", "anss.num_anchors=4", "data.num_workers=0"]
+FAST = [
+    "stage1.epochs=2",
+    "stage1.warmup_epochs=1",
+    "stage1.batch_size=32",
+    "stage1.monitor_every=1",
+    "stage2.epochs=2",
+    "stage2.batch_size=32",
+    "anss.num_anchors=4",
+    "data.num_workers=0",
+]
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
-    from training.benchmarks import write_benchmark
+    from vlltr.training.benchmarks import write_benchmark
 
     out = tmp_path_factory.mktemp("bench") / "digits"
     write_benchmark("digits-lt", out, seed=0)
@@ -48,13 +56,26 @@ def interrupt_at(stage: str, epoch: int):
     def hook(s: str, e: int) -> None:
         if (s, e) == (stage, epoch):
             raise Interrupt(f"{s} {e}")
+
     return hook
 
 
 def test_run_writes_the_documented_layout(finished):
-    for name in ("config.yaml", "model.pt", "classes.json", "calibration.json", "metrics.json",
-                 "per_class-test.csv", "per_class-test.png", "stage1/done.json", "stage1/text_features.pt",
-                 "anss/anchors.pt", "anss/anchors.json", "anss/done.json", "stage2/done.json"):
+    for name in (
+        "config.yaml",
+        "model.pt",
+        "classes.json",
+        "calibration.json",
+        "metrics.json",
+        "per_class-test.csv",
+        "per_class-test.png",
+        "stage1/done.json",
+        "stage1/text_features.pt",
+        "anss/anchors.pt",
+        "anss/anchors.json",
+        "anss/done.json",
+        "stage2/done.json",
+    ):
         assert (finished / name).is_file(), name
     classes = json.loads((finished / "classes.json").read_text())
     assert len(classes) == 10 and sum(c["train_count"] for c in classes) == 318

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.schedule import CosineSchedule, cosine_lr
+from vlltr.training.schedule import CosineSchedule, cosine_lr
 
 
 def test_warmup_then_unshifted_cosine():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.factory import clip_dims, create_clip
-from training.config import load_config
-from training.stage1 import build_stage1_model, stage1_optimizer
+from vlltr.model.networks.factory import clip_dims, create_clip
+from vlltr.training.config import load_config
+from vlltr.training.stage1 import build_stage1_model, stage1_optimizer
 
 
 def _model_and_optimizer(*overrides: str):
@@ -51,8 +51,9 @@ def test_text_tower_gets_its_own_scaled_lr():
 
 def test_zero_freezes_the_text_tower_only():
     _, model, opt = _model_and_optimizer("stage1.text_lr_scale=0")
-    text_before = {k: v.clone() for k, v in model.clip.named_parameters() if not k.startswith("visual.")
-                   and k != "logit_scale"}
+    text_before = {
+        k: v.clone() for k, v in model.clip.named_parameters() if not k.startswith("visual.") and k != "logit_scale"
+    }
     visual_before = [p.clone() for p in model.clip.visual.parameters()]
     _step(model, opt)
     for k, p in model.clip.named_parameters():

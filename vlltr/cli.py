@@ -18,20 +18,35 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed for everything drawn")
     s.add_argument("--imbalance", type=float, default=100.0, help="n_max / n_min of the training profile")
     # The styles of training.benchmarks.shapes_text.class_names, spelled out here so `vlltr serve` imports nothing.
-    s.add_argument("--names", choices=("attributes", "epithet"), default="attributes",
-                   help="class names: attributes ('striped red triangle') or epithet ('velmor triangle': the "
-                        "colour and pattern only in the descriptions)")
-    s.add_argument("--monochrome-sessions", type=float, default=0.0, metavar="P",
-                   help="chance that a training session (25 images) is black and white (default 0: all in colour). "
-                        "A few-shot class is one session, so its colour may be known only from its text")
+    s.add_argument(
+        "--names",
+        choices=("attributes", "epithet"),
+        default="attributes",
+        help="class names: attributes ('striped red triangle') or epithet ('velmor triangle': the "
+        "colour and pattern only in the descriptions)",
+    )
+    s.add_argument(
+        "--monochrome-sessions",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="chance that a training session (25 images) is black and white (default 0: all in colour). "
+        "A few-shot class is one session, so its colour may be known only from its text",
+    )
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="stage 1, AnSS, stage 2, evaluation and calibration")
     p.add_argument("--config", required=True, help="YAML file, or the name of a bundled config")
     p.add_argument("--out", required=True, help="run directory (resumed if it holds an unfinished run)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set run.seed=1 --set data.root=DIR (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set run.seed=1 --set data.root=DIR (repeatable)",
+    )
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
         # The service owns its flags (derived from its settings model); hand over the rest of the line.
-        from service.cli import main as serve_main
+        from vlltr.service.cli import main as serve_main
 
         return serve_main(argv[1:])
 
@@ -67,33 +82,40 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="the HTTP service (see `vlltr serve --help`)")
     sub.add_parser("models", help="list the architectures usable in `model.arch`")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return _dispatch(args)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
-        from training.benchmarks import write_benchmark
+        from vlltr.training.benchmarks import write_benchmark
 
         extra = {"monochrome_prob": args.monochrome_sessions} if args.dataset == "shapes-lt" else {}
-        write_benchmark(args.dataset, args.out, seed=args.seed, imbalance=getattr(args, "imbalance", None),
-                        names=getattr(args, "names", None), **extra)
+        write_benchmark(
+            args.dataset,
+            args.out,
+            seed=args.seed,
+            imbalance=getattr(args, "imbalance", None),
+            names=getattr(args, "names", None),
+            **extra,
+        )
     elif args.command == "train":
-        from training.config import load_config
-        from training.pipeline import run_training
+        from vlltr.training.config import load_config
+        from vlltr.training.pipeline import run_training
 
         run_training(load_config(args.config, args.overrides), args.out)
     elif args.command == "eval":
-        from training.evaluate import evaluate_checkpoint
+        from vlltr.training.evaluate import evaluate_checkpoint
 
         evaluate_checkpoint(args.checkpoint, split=args.split, out_dir=args.out)
     elif args.command == "export":
-        from training.export import export_bundle
+        from vlltr.training.export import export_bundle
 
         export_bundle(args.checkpoint, args.out, fp16=args.fp16)
     elif args.command == "models":
-        from model.factory import list_architectures, project_architectures
+        from vlltr.model.networks.factory import list_architectures, project_architectures
 
         print("\n".join(list_architectures()))
         print(f"# project tiny configs: {', '.join(project_architectures())}", file=sys.stderr)

@@ -37,13 +37,13 @@ import torch
 from bench.findings import read_findings
 from bench.longtail.backbone import Budget
 from bench.longtail.data import load_benchmark
-from bench.longtail.report import aggregate, compute_targets, write_json, write_markdown, write_plot
 from bench.longtail.metrics import ShotGroups
+from bench.longtail.report import aggregate, compute_targets, write_json, write_markdown, write_plot
 from bench.longtail.runner import FAITHFUL, TRAINED_ANCHORS, SeedConfig, black_and_white_only, run_seed
-from model.factory import clip_dims, create_clip
-from training.benchmarks import FORMAT_VERSIONS, write_benchmark
-from training.benchmarks.shapes_text import NAME_STYLES
-from training.pretrain import PretrainCfg, load_pretrained, pretrained_checkpoint
+from vlltr.model.networks.factory import clip_dims, create_clip
+from vlltr.training.benchmarks import FORMAT_VERSIONS, write_benchmark
+from vlltr.training.benchmarks.shapes_text import NAME_STYLES
+from vlltr.training.pretrain import PretrainCfg, load_pretrained, pretrained_checkpoint
 
 log = logging.getLogger("bench.longtail")
 DATASETS = ("shapes-lt", "digits-lt")
@@ -63,24 +63,37 @@ def settings(dataset: str, quick: bool) -> tuple[dict, PretrainCfg, SeedConfig]:
     """Data-generation sizes, pretraining recipe and per-seed config for a dataset at full or quick scale."""
     if dataset == "shapes-lt":
         if quick:
-            return ({"n_max": 12, "val_per_class": 2, "test_per_class": 2, "imbalance": 4.0,
-                     "monochrome_prob": SHAPES_MONOCHROME_SESSIONS},
-                    PretrainCfg(source="shapes", arch=SHAPES_ARCH, num_images=128, epochs=1, batch_size=64),
-                    SeedConfig(arch=SHAPES_ARCH, budget=Budget(epochs=1, batch_size=128), head_epochs=1,
-                               pseudo_new=4))
+            return (
+                {
+                    "n_max": 12,
+                    "val_per_class": 2,
+                    "test_per_class": 2,
+                    "imbalance": 4.0,
+                    "monochrome_prob": SHAPES_MONOCHROME_SESSIONS,
+                },
+                PretrainCfg(source="shapes", arch=SHAPES_ARCH, num_images=128, epochs=1, batch_size=64),
+                SeedConfig(arch=SHAPES_ARCH, budget=Budget(epochs=1, batch_size=128), head_epochs=1, pseudo_new=4),
+            )
         # The schedule is what moved every arm most: 4/3 -> 8/6 -> 16/12 pretraining/backbone epochs took the
         # recommended recipe from 32 to 61 to 87 % overall on colour-only data; with black-and-white shoots 16
         # pretraining epochs leave the text unable to say a colour and 32 are needed (docs/benchmarks/shapes-lt.md,
         # findings).
-        return ({"monochrome_prob": SHAPES_MONOCHROME_SESSIONS},
-                PretrainCfg(source="shapes", arch=SHAPES_ARCH, epochs=32),
-                SeedConfig(arch=SHAPES_ARCH, budget=Budget(epochs=12, batch_size=256, lr=3e-4), head_epochs=10))
+        return (
+            {"monochrome_prob": SHAPES_MONOCHROME_SESSIONS},
+            PretrainCfg(source="shapes", arch=SHAPES_ARCH, epochs=32),
+            SeedConfig(arch=SHAPES_ARCH, budget=Budget(epochs=12, batch_size=256, lr=3e-4), head_epochs=10),
+        )
     if quick:
-        return ({}, PretrainCfg(source="digits", arch=DIGITS_ARCH, epochs=1, batch_size=64),
-                SeedConfig(arch=DIGITS_ARCH, budget=Budget(epochs=1, batch_size=64), head_epochs=1))
-    return ({}, PretrainCfg(source="digits", arch=DIGITS_ARCH, epochs=40, batch_size=64, lr=1e-3),
-            SeedConfig(arch=DIGITS_ARCH, budget=Budget(epochs=20, batch_size=64, lr=3e-4), head_epochs=60,
-                       num_anchors=6))
+        return (
+            {},
+            PretrainCfg(source="digits", arch=DIGITS_ARCH, epochs=1, batch_size=64),
+            SeedConfig(arch=DIGITS_ARCH, budget=Budget(epochs=1, batch_size=64), head_epochs=1),
+        )
+    return (
+        {},
+        PretrainCfg(source="digits", arch=DIGITS_ARCH, epochs=40, batch_size=64, lr=1e-3),
+        SeedConfig(arch=DIGITS_ARCH, budget=Budget(epochs=20, batch_size=64, lr=3e-4), head_epochs=60, num_anchors=6),
+    )
 
 
 def write_data(dataset: str, out: Path, seed: int, imbalance: float | None, sizes: dict, names: str) -> Path:
@@ -91,8 +104,14 @@ def write_data(dataset: str, out: Path, seed: int, imbalance: float | None, size
         return out
     kw = dict(sizes)
     quick_imbalance = kw.pop("imbalance", None)
-    write_benchmark(dataset, out, seed=seed, imbalance=quick_imbalance if imbalance is None else imbalance,
-                    names=names if dataset == "shapes-lt" else None, **kw)
+    write_benchmark(
+        dataset,
+        out,
+        seed=seed,
+        imbalance=quick_imbalance if imbalance is None else imbalance,
+        names=names if dataset == "shapes-lt" else None,
+        **kw,
+    )
     return out
 
 
@@ -103,58 +122,106 @@ def other_summary(path: Path, name: str) -> dict | None:
     data = json.loads(path.read_text())
     t = data.get("targets", {}).get("few_shot_gain_over_best_image_only", {})
     arms = data.get("results", {}).get("arms", {})
-    complete = all(a in arms for a in ("zero_shot", "image_ce", "image_bs", "vlltr_faithful", "text_recommended",
-                                       "control_shuffled", "control_distractors")) and not data.get("quick")
+    complete = all(
+        a in arms
+        for a in (
+            "zero_shot",
+            "image_ce",
+            "image_bs",
+            "vlltr_faithful",
+            "text_recommended",
+            "control_shuffled",
+            "control_distractors",
+        )
+    ) and not data.get("quick")
     return {"name": name, "path": str(path), "few_gain": t.get("value", float("nan")), "complete": complete}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write `<out>/<dataset>.{json,md,png}`."""
-    p = argparse.ArgumentParser(prog="python -m bench.longtail", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.longtail", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", choices=DATASETS, default="shapes-lt")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     p.add_argument("--seed", type=int, default=0, help="data seed: which draw of the benchmark (default 0)")
     p.add_argument("--imbalance", type=float, default=None, help="n_max/n_min (default: 100 shapes, 25 digits)")
-    p.add_argument("--names", choices=NAME_STYLES, default="attributes",
-                   help="shapes-lt class names: attributes ('striped red triangle', default: the name says "
-                        "everything the descriptions say) or epithet ('velmor triangle': colour and pattern "
-                        "only in the descriptions)")
-    p.add_argument("--text-lr-scale", type=float, default=None,
-                   help="the recommended recipe's stage-1 text-tower lr multiplier (default 1, the paper's shared "
-                        "lr; 0 freezes the text tower)")
-    p.add_argument("--trained-anchors", action="store_true",
-                   help="train the recommended head's anchors from their text initialisation (default: fixed to "
-                        "the chosen sentences' embeddings, as published)")
-    p.add_argument("--monochrome-sessions", type=float, default=None, metavar="P",
-                   help="shapes-lt: chance that a training shoot (25 images) is black and white (default 1/3; 0 "
-                        "draws it all in colour). A few-shot class is one shoot, so some tail classes' colour is "
-                        "only in their text; the pretraining set then has black-and-white pictures too")
-    p.add_argument("--pretrain-epochs", type=int, default=None,
-                   help="epochs of the pretraining build (default: the recipe's; another value is another build)")
-    p.add_argument("--pretrain-seed", type=int, default=None,
-                   help="seed of the pretraining build (default: the recipe's); another value builds and caches "
-                        "another pretrained CLIP, to see how much the results depend on the build")
-    p.add_argument("--pretrain-per-seed", action="store_true",
-                   help="start each training seed s from its own pretraining build (pretraining seed = the "
-                        "recipe's + s; seed 0 keeps the recipe's build), so the ± covers pretraining builds as well "
-                        "as training seeds")
+    p.add_argument(
+        "--names",
+        choices=NAME_STYLES,
+        default="attributes",
+        help="shapes-lt class names: attributes ('striped red triangle', default: the name says "
+        "everything the descriptions say) or epithet ('velmor triangle': colour and pattern "
+        "only in the descriptions)",
+    )
+    p.add_argument(
+        "--text-lr-scale",
+        type=float,
+        default=None,
+        help="the recommended recipe's stage-1 text-tower lr multiplier (default 1, the paper's shared "
+        "lr; 0 freezes the text tower)",
+    )
+    p.add_argument(
+        "--trained-anchors",
+        action="store_true",
+        help="train the recommended head's anchors from their text initialisation (default: fixed to "
+        "the chosen sentences' embeddings, as published)",
+    )
+    p.add_argument(
+        "--monochrome-sessions",
+        type=float,
+        default=None,
+        metavar="P",
+        help="shapes-lt: chance that a training shoot (25 images) is black and white (default 1/3; 0 "
+        "draws it all in colour). A few-shot class is one shoot, so some tail classes' colour is "
+        "only in their text; the pretraining set then has black-and-white pictures too",
+    )
+    p.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=None,
+        help="epochs of the pretraining build (default: the recipe's; another value is another build)",
+    )
+    p.add_argument(
+        "--pretrain-seed",
+        type=int,
+        default=None,
+        help="seed of the pretraining build (default: the recipe's); another value builds and caches "
+        "another pretrained CLIP, to see how much the results depend on the build",
+    )
+    p.add_argument(
+        "--pretrain-per-seed",
+        action="store_true",
+        help="start each training seed s from its own pretraining build (pretraining seed = the "
+        "recipe's + s; seed 0 keeps the recipe's build), so the ± covers pretraining builds as well "
+        "as training seeds",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke-test scale (not a result)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="where the .md/.json/.png go")
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("VLLTR_BENCH_CACHE",
-                                                                          Path.home() / ".cache/vlltr/bench")))
+    p.add_argument(
+        "--cache-dir", type=Path, default=Path(os.environ.get("VLLTR_BENCH_CACHE", Path.home() / ".cache/vlltr/bench"))
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--render-only", action="store_true",
-                   help="rewrite the .md and .png from the existing .json (no training; targets recomputed)")
-    p.add_argument("--findings", type=Path, default=None,
-                   help="with --render-only: a text file of findings (one per paragraph) to store and show")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite the .md and .png from the existing .json (no training; targets recomputed)",
+    )
+    p.add_argument(
+        "--findings",
+        type=Path,
+        default=None,
+        help="with --render-only: a text file of findings (one per paragraph) to store and show",
+    )
     args = p.parse_args(argv)
     if args.render_only:
         return render_only(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    command = "python -m bench.longtail " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m bench.longtail " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
 
     sizes, pre_cfg, seed_cfg = settings(args.dataset, args.quick)
     if args.text_lr_scale is not None:
@@ -180,13 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     mono = f"-bw{monochrome:g}" if monochrome else ""
     tag = f"{args.dataset}-s{args.seed}-ir{args.imbalance or 'default'}{names}{mono}{'-quick' if args.quick else ''}"
     data_dir = write_data(args.dataset, args.cache_dir / "data" / tag, args.seed, args.imbalance, sizes, args.names)
-    bm = load_benchmark(data_dir, image_size=clip_dims(create_clip(pre_cfg.arch)).image_size,
-                        cache_dir=args.cache_dir / "images")
+    bm = load_benchmark(
+        data_dir, image_size=clip_dims(create_clip(pre_cfg.arch)).image_size, cache_dir=args.cache_dir / "images"
+    )
 
     def build(seed: int) -> tuple[PretrainCfg, Path]:
         cfg = replace(pre_cfg, seed=pre_cfg.seed + seed) if args.pretrain_per_seed else pre_cfg
-        return cfg, pretrained_checkpoint(cfg, args.cache_dir / "pretrained", benchmark_dir=data_dir,
-                                          render_size=int(bm.meta.get("image_size", 64)))
+        return cfg, pretrained_checkpoint(
+            cfg, args.cache_dir / "pretrained", benchmark_dir=data_dir, render_size=int(bm.meta.get("image_size", 64))
+        )
 
     per_seed: dict[int, dict] = {}
     builds: dict[int, tuple[PretrainCfg, Path]] = {}
@@ -201,28 +270,49 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write_outputs(args: argparse.Namespace, command: str, started: float, bm, pre_cfg: PretrainCfg,
-                   builds: dict[int, tuple[PretrainCfg, Path]], seed_cfg: SeedConfig, per_seed: dict[int, dict]) -> None:
+def _write_outputs(
+    args: argparse.Namespace,
+    command: str,
+    started: float,
+    bm,
+    pre_cfg: PretrainCfg,
+    builds: dict[int, tuple[PretrainCfg, Path]],
+    seed_cfg: SeedConfig,
+    per_seed: dict[int, dict],
+) -> None:
     agg = aggregate(per_seed)
-    other = other_summary(args.out / f"{OTHER[args.dataset]}.json", OTHER[args.dataset]) \
-        if args.dataset == "shapes-lt" else None
+    other = (
+        other_summary(args.out / f"{OTHER[args.dataset]}.json", OTHER[args.dataset])
+        if args.dataset == "shapes-lt"
+        else None
+    )
     targets = compute_targets(agg, other)
     plot = args.out / f"{args.dataset}.png"
     done = sorted(per_seed)
     payload = {
-        "dataset": args.dataset, "command": command, "seeds": done, "seeds_requested": args.seeds,
-        "data_seed": args.seed, "imbalance": bm.meta.get("imbalance"), "quick": args.quick,
+        "dataset": args.dataset,
+        "command": command,
+        "seeds": done,
+        "seeds_requested": args.seeds,
+        "data_seed": args.seed,
+        "imbalance": bm.meta.get("imbalance"),
+        "quick": args.quick,
         "name_style": bm.meta.get("name_style"),
         "wall_time_min": round((time.perf_counter() - started) / 60, 2),
         # The torch build and its CPU kernel level are recorded because pretraining builds differ across them.
         "machine": f"{platform.machine()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} "
-                   f"kernels), {args.threads} torch threads, {os.cpu_count()} CPUs visible",
-        "num_trained": int(len(bm.trained)), "num_heldout": int(len(bm.heldout)),
+        f"kernels), {args.threads} torch threads, {os.cpu_count()} CPUs visible",
+        "num_trained": int(len(bm.trained)),
+        "num_heldout": int(len(bm.heldout)),
         "shot_rule": f"many > {bm.many_threshold}, few < {bm.few_threshold} train images",
         "plot": plot.name,
         "training_sessions": _sessions_summary(bm),
         "pretrain": _pretrain_summary(pre_cfg, builds, args.pretrain_per_seed),
-        "config": {"seed": asdict(seed_cfg), "faithful_head": asdict(FAITHFUL), "recommended_head": asdict(seed_cfg.recommended)},
+        "config": {
+            "seed": asdict(seed_cfg),
+            "faithful_head": asdict(FAITHFUL),
+            "recommended_head": asdict(seed_cfg.recommended),
+        },
         "targets": targets,
         "results": agg,
     }
@@ -248,11 +338,15 @@ def _pretrain_summary(pre_cfg: PretrainCfg, builds: dict[int, tuple[PretrainCfg,
     first = builds[min(builds)][1].with_suffix(".json")
     meta = json.loads(first.read_text()) if first.is_file() else {}
     files = sorted({path.name for _, path in builds.values()})
-    return {"file": ", ".join(files), "recipe": asdict(pre_cfg), "provenance": meta.get("provenance"),
-            "per_seed_builds": per_seed,
-            "builds": {str(s): {"pretrain_seed": cfg.seed, "file": path.name} for s, (cfg, path) in builds.items()},
-            "summary": f"{pre_cfg.arch}, {meta.get('provenance', {}).get('num_images')} captioned images, "
-                       f"{pre_cfg.epochs} epochs"}
+    return {
+        "file": ", ".join(files),
+        "recipe": asdict(pre_cfg),
+        "provenance": meta.get("provenance"),
+        "per_seed_builds": per_seed,
+        "builds": {str(s): {"pretrain_seed": cfg.seed, "file": path.name} for s, (cfg, path) in builds.items()},
+        "summary": f"{pre_cfg.arch}, {meta.get('provenance', {}).get('num_images')} captioned images, "
+        f"{pre_cfg.epochs} epochs",
+    }
 
 
 def render_only(args: argparse.Namespace) -> int:
@@ -261,15 +355,21 @@ def render_only(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise SystemExit(f"{path} does not exist: run the benchmark first")
     payload = json.loads(path.read_text())
-    other = other_summary(args.out / f"{OTHER[args.dataset]}.json", OTHER[args.dataset]) \
-        if args.dataset == "shapes-lt" else None
+    other = (
+        other_summary(args.out / f"{OTHER[args.dataset]}.json", OTHER[args.dataset])
+        if args.dataset == "shapes-lt"
+        else None
+    )
     payload["targets"] = compute_targets(payload["results"], other)
     if args.findings is not None:
         payload["findings"] = read_findings(args.findings)
     write_json(path, payload)
     n = len(payload["seeds"])
-    write_plot(args.out / payload["plot"], payload["results"],
-               f"{args.dataset}: accuracy per split ({n} seed{'s' if n > 1 else ''})")
+    write_plot(
+        args.out / payload["plot"],
+        payload["results"],
+        f"{args.dataset}: accuracy per split ({n} seed{'s' if n > 1 else ''})",
+    )
     write_markdown(args.out / f"{args.dataset}.md", payload, notes(args.dataset, payload))
     return 0
 
@@ -279,25 +379,37 @@ def notes(dataset: str, payload: dict) -> list[str]:
     # Runs written before the text tower had its own lr trained it at the shared lr.
     text_lr_scale = payload["config"]["seed"].get("text_lr_scale", 1.0)
     mono = payload["pretrain"]["recipe"].get("monochrome_prob", 0.0)
-    source = ("a separate, class-balanced set of 12,000 shapes drawn by the benchmark's renderer from its own "
-              "random stream, with free-form partial captions" +
-              (f" ({mono:.0%} of the pictures in black and white, their captions never naming a colour)"
-               if mono else "") if dataset == "shapes-lt" else
-              "the scikit-learn digits that are in none of the benchmark's train/val/test files (compared by "
-              "pixels), with free-form captions that name the digit")
-    text_lr = ("Every stage 1 trains both towers at that lr, as published." if text_lr_scale == 1.0 else
-               "VL-LTR as published trains both towers at that lr; the recommended recipe and its controls train the "
-               f"text tower at {text_lr_scale:g}× that lr (`stage1.text_lr_scale` in `vlltr train`), so the "
-               "published arm has its own stage 1.")
+    source = (
+        "a separate, class-balanced set of 12,000 shapes drawn by the benchmark's renderer from its own "
+        "random stream, with free-form partial captions"
+        + (f" ({mono:.0%} of the pictures in black and white, their captions never naming a colour)" if mono else "")
+        if dataset == "shapes-lt"
+        else "the scikit-learn digits that are in none of the benchmark's train/val/test files (compared by "
+        "pixels), with free-form captions that name the digit"
+    )
+    text_lr = (
+        "Every stage 1 trains both towers at that lr, as published."
+        if text_lr_scale == 1.0
+        else "VL-LTR as published trains both towers at that lr; the recommended recipe and its controls train the "
+        f"text tower at {text_lr_scale:g}× that lr (`stage1.text_lr_scale` in `vlltr train`), so the "
+        "published arm has its own stage 1."
+    )
     if payload["config"].get("recommended_head", {}).get("anchor_lr", 0.0) > 0:
-        text_lr += (" The recommended head here trains its anchors from their text initialisation "
-                    "(`--trained-anchors`); the row's label does not apply to it.")
-    tower = ("a small ResNet image tower on 64-pixel inputs, `" + SHAPES_ARCH + "`" if dataset == "shapes-lt" else
-             "a tiny ViT, `" + DIGITS_ARCH + "`")
-    builds = ("Each training seed has its own pretraining build (pretraining seed = the recipe's + the training "
-              "seed, `--pretrain-per-seed`), so the ± covers pretraining builds as well as training seeds."
-              if payload["pretrain"].get("per_seed_builds") else
-              "All seeds share one pretraining build, so the ± covers training seeds, not builds.")
+        text_lr += (
+            " The recommended head here trains its anchors from their text initialisation "
+            "(`--trained-anchors`); the row's label does not apply to it."
+        )
+    tower = (
+        "a small ResNet image tower on 64-pixel inputs, `" + SHAPES_ARCH + "`"
+        if dataset == "shapes-lt"
+        else "a tiny ViT, `" + DIGITS_ARCH + "`"
+    )
+    builds = (
+        "Each training seed has its own pretraining build (pretraining seed = the recipe's + the training "
+        "seed, `--pretrain-per-seed`), so the ± covers pretraining builds as well as training seeds."
+        if payload["pretrain"].get("per_seed_builds")
+        else "All seeds share one pretraining build, so the ± covers training seeds, not builds."
+    )
     return [
         f"Within a seed every arm starts from the same pretrained CLIP ({tower}, trained on {source}; none of the "
         "benchmark's images, class names or description files). It is also the stage-1 distillation teacher "

@@ -1,7 +1,7 @@
 """Anchor choice and its precision: AnSS (images rank sentences), the text-only rule and the image-free rule.
 
-- AnSS: `training.anss.score_sentences` over a labelled reference image set, the M lowest scores kept.
-- Text-only / image-free rule: `service.head.build_added_class_anchors`, the rule the service applies to a
+- AnSS: `vlltr.training.anss.score_sentences` over a labelled reference image set, the M lowest scores kept.
+- Text-only / image-free rule: `vlltr.model.runtime.head.build_added_class_anchors`, the rule the service applies to a
   class added by text (centroid of the class's own sentence embeddings). For trained classes it is the
   text-only baseline AnSS must beat: it cannot tell a hard distractor (another class's visual words) from a
   description, because both look like descriptions to a text encoder.
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.head import build_added_class_anchors
-from training.anss import score_sentences
+from vlltr.model.runtime.head import build_added_class_anchors
+from vlltr.training.anss import score_sentences
 
 
 @dataclass
@@ -34,13 +34,18 @@ def _pack(per_class: list[torch.Tensor], chosen: list[np.ndarray], num_anchors: 
     tensor = torch.zeros(len(per_class), num_anchors, dim)
     mask = torch.zeros(len(per_class), num_anchors, dtype=torch.bool)
     for c, (feats, idx) in enumerate(zip(per_class, chosen)):
-        tensor[c, :len(idx)] = feats[torch.as_tensor(idx, dtype=torch.long)]
-        mask[c, :len(idx)] = True
+        tensor[c, : len(idx)] = feats[torch.as_tensor(idx, dtype=torch.long)]
+        mask[c, : len(idx)] = True
     return Anchors(tensor, mask, chosen)
 
 
-def anss_anchors(sent_feats: list[torch.Tensor], ref_feats: torch.Tensor, ref_labels: np.ndarray,
-                 logit_scale: float, num_anchors: int) -> tuple[Anchors, list[np.ndarray]]:
+def anss_anchors(
+    sent_feats: list[torch.Tensor],
+    ref_feats: torch.Tensor,
+    ref_labels: np.ndarray,
+    logit_scale: float,
+    num_anchors: int,
+) -> tuple[Anchors, list[np.ndarray]]:
     """AnSS over a labelled reference set; `sent_feats[c]` are class c's raw sentence features (c = 0..C-1).
 
     Returns the anchors and every class's sentence scores (lower is better)."""
@@ -49,7 +54,7 @@ def anss_anchors(sent_feats: list[torch.Tensor], ref_feats: torch.Tensor, ref_la
     scores = score_sentences(flat, owner, ref_feats, torch.as_tensor(ref_labels, dtype=torch.long), logit_scale)
     per_class, start = [], 0
     for f in sent_feats:
-        per_class.append(scores[start:start + len(f)].numpy())
+        per_class.append(scores[start : start + len(f)].numpy())
         start += len(f)
     chosen = [np.argsort(s, kind="stable")[:num_anchors] for s in per_class]
     return _pack(sent_feats, chosen, num_anchors), per_class

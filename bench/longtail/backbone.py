@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.features import encode_text, encode_token_table
-from training.losses import contrastive_logits, stage1_loss
-from training.stage1 import split_towers
+from vlltr.training.features import encode_text, encode_token_table
+from vlltr.training.losses import contrastive_logits, stage1_loss
+from vlltr.training.stage1 import split_towers
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,14 @@ def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Tens
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
     padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
     dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=gen).tolist()
-    return padded[:, :, dy:dy + s, dx:dx + s]
+    return padded[:, :, dy : dy + s, dx : dx + s]
 
 
 @torch.no_grad()
 def encode_images(clip: open_clip.CLIP, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Raw (un-normalised) image features `[N, D]` of preprocessed images, eval mode."""
     clip.eval()
-    out = [clip.encode_image(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    out = [clip.encode_image(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, int(clip.text_projection.shape[1]))
 
 
@@ -71,8 +71,9 @@ def sampler_weights(labels: np.ndarray, counts: np.ndarray, kind: str) -> np.nda
     return w / w.sum()
 
 
-def epoch_batches(labels: np.ndarray, counts: np.ndarray, kind: str, batch_size: int,
-                  rng: np.random.Generator) -> list[np.ndarray]:
+def epoch_batches(
+    labels: np.ndarray, counts: np.ndarray, kind: str, batch_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """One epoch (len(labels) draws) of index batches; instance sampling is a permutation, others draw with
     replacement as the original's weighted sampler does."""
     n = len(labels)
@@ -80,17 +81,22 @@ def epoch_batches(labels: np.ndarray, counts: np.ndarray, kind: str, batch_size:
         order = rng.permutation(n)
     else:
         order = rng.choice(n, size=n, replace=True, p=sampler_weights(labels, counts, kind))
-    return [order[i:i + batch_size] for i in range(0, n, batch_size) if len(order[i:i + batch_size]) > 1]
+    return [order[i : i + batch_size] for i in range(0, n, batch_size) if len(order[i : i + batch_size]) > 1]
 
 
-def _optimizer(params: list[nn.Parameter], budget: Budget, scaled: tuple[list[nn.Parameter], float] | None = None,
-               ) -> torch.optim.Optimizer:
+def _optimizer(
+    params: list[nn.Parameter],
+    budget: Budget,
+    scaled: tuple[list[nn.Parameter], float] | None = None,
+) -> torch.optim.Optimizer:
     """AdamW; `scaled` is (parameters, lr multiplier) for a group that trains at a fraction of the lr."""
     # No weight decay on 1-D parameters (norms, biases, scales), as in the original.
     groups = []
     for ps, scale in ((params, 1.0),) + ((scaled,) if scaled else ()):
-        groups += [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": budget.weight_decay, "lr_scale": scale},
-                   {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
+        groups += [
+            {"params": [p for p in ps if p.ndim >= 2], "weight_decay": budget.weight_decay, "lr_scale": scale},
+            {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale},
+        ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=budget.lr)
 
 
@@ -106,14 +112,23 @@ def _lr_at(step: int, total: int, budget: Budget) -> float:
     return 0.5 * budget.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def balanced_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor,
-                          tau: float = 1.0) -> torch.Tensor:
+def balanced_softmax_loss(
+    logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor, tau: float = 1.0
+) -> torch.Tensor:
     """Logit-adjusted CE (Balanced Softmax at tau = 1): CE on `logits + tau * log prior`."""
     return F.cross_entropy(logits + tau * log_prior.to(logits.dtype), labels)
 
 
-def finetune_image_only(clip: open_clip.CLIP, images: torch.Tensor, labels: np.ndarray, counts: np.ndarray,
-                        *, loss: str, budget: Budget, seed: int) -> tuple[open_clip.CLIP, nn.Linear]:
+def finetune_image_only(
+    clip: open_clip.CLIP,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    counts: np.ndarray,
+    *,
+    loss: str,
+    budget: Budget,
+    seed: int,
+) -> tuple[open_clip.CLIP, nn.Linear]:
     """Fine-tune the image tower with a linear classifier on its raw features.
 
     Args:
@@ -150,9 +165,20 @@ def finetune_image_only(clip: open_clip.CLIP, images: torch.Tensor, labels: np.n
     return clip, fc
 
 
-def train_stage1(clip: open_clip.CLIP, images: torch.Tensor, labels: np.ndarray, counts: np.ndarray,
-                 class_tokens: list[torch.Tensor], *, budget: Budget, seed: int, beta: float = 0.5,
-                 smoothing: float = 0.1, sampler: str = "sqrt", text_lr_scale: float = 1.0) -> open_clip.CLIP:
+def train_stage1(
+    clip: open_clip.CLIP,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    counts: np.ndarray,
+    class_tokens: list[torch.Tensor],
+    *,
+    budget: Budget,
+    seed: int,
+    beta: float = 0.5,
+    smoothing: float = 0.1,
+    sampler: str = "sqrt",
+    text_lr_scale: float = 1.0,
+) -> open_clip.CLIP:
     """VL-LTR stage 1 (CVLP): fine-tune both towers; each image is paired with one sentence drawn uniformly from
     its class pool; the frozen starting model is the distillation teacher. Returns the tuned copy.
 
@@ -187,11 +213,18 @@ def train_stage1(clip: open_clip.CLIP, images: torch.Tensor, labels: np.ndarray,
             teacher_logits = None
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = contrastive_logits(F.normalize(teacher.encode_image(x), dim=-1),
-                                                        F.normalize(encode_text(teacher, tok), dim=-1),
-                                                        teacher.logit_scale.exp())
-            loss = stage1_loss(logits, y, smoothing=smoothing, distill_beta=beta if teacher is not None else 0.0,
-                               teacher_logits=teacher_logits)["total_loss"]
+                    teacher_logits = contrastive_logits(
+                        F.normalize(teacher.encode_image(x), dim=-1),
+                        F.normalize(encode_text(teacher, tok), dim=-1),
+                        teacher.logit_scale.exp(),
+                    )
+            loss = stage1_loss(
+                logits,
+                y,
+                smoothing=smoothing,
+                distill_beta=beta if teacher is not None else 0.0,
+                teacher_logits=teacher_logits,
+            )["total_loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,6 +1,6 @@
 """A written benchmark (training/benchmarks layout) loaded into memory for the harness.
 
-Images go through the service's evaluation preprocessing once (`training.data.transforms.eval_transform`,
+Images go through the service's evaluation preprocessing once (`vlltr.training.data.transforms.eval_transform`,
 the same pixels `vlltr train` evaluates on and the service classifies) and are kept as float tensors; the
 per-class sentences and their descriptive/distractor flags come from `meta.json`, which records exactly the
 sentences the project's text loader extracts from `text/desc_<id>.txt`.
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.config import DataCfg
-from training.data.transforms import eval_transform
+from vlltr.training.config import DataCfg
+from vlltr.training.data.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -98,8 +98,9 @@ def load_benchmark(root: str | Path, *, image_size: int = 32, cache_dir: str | P
     meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
     names = [ln.strip() for ln in (root / "classes.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
     heldout_path = root / "heldout.txt"
-    heldout = np.array(sorted(int(x) for x in heldout_path.read_text().split()) if heldout_path.is_file() else [],
-                       dtype=np.int64)
+    heldout = np.array(
+        sorted(int(x) for x in heldout_path.read_text().split()) if heldout_path.is_file() else [], dtype=np.int64
+    )
     sentences, flags, kinds = _meta_sentences(meta, len(names))
     lists = {s: _read_list(root / f"{s}.txt") for s in SPLITS}
     labels = {s: np.array([y for _, y in lists[s]], dtype=np.int64) for s in SPLITS}
@@ -122,8 +123,17 @@ def load_benchmark(root: str | Path, *, image_size: int = 32, cache_dir: str | P
         raise ValueError(f"held-out classes {sorted(overlap)[:10]} have training images")
     shots = meta.get("shot_thresholds", {})
     return Benchmark(
-        root=root, name=str(meta.get("name", root.name)), names=names, trained=trained, heldout=heldout,
-        images=images, labels=labels, sentences=sentences, descriptive=flags, distractor_kind=kinds,
-        many_threshold=int(shots.get("many_threshold", 100)), few_threshold=int(shots.get("few_threshold", 20)),
+        root=root,
+        name=str(meta.get("name", root.name)),
+        names=names,
+        trained=trained,
+        heldout=heldout,
+        images=images,
+        labels=labels,
+        sentences=sentences,
+        descriptive=flags,
+        distractor_kind=kinds,
+        many_threshold=int(shots.get("many_threshold", 100)),
+        few_threshold=int(shots.get("few_threshold", 20)),
         meta=meta,
     )

@@ -1,7 +1,7 @@
 """Classifier heads trained on cached image features (the backbone is frozen, so each head trains in seconds).
 
 - `LinearHead`: the image-only probe.
-- `model.head.LGRHead`: VL-LTR's language-guided head, as published (frozen anchors).
+- `vlltr.model.networks.head.LGRHead`: VL-LTR's language-guided head, as published (frozen anchors).
 - `TunableAnchorHead`: the same head whose anchors are a parameter initialised from the class text, i.e. a
   text-initialised cosine classifier with attention over anchors (the LIFT idea inside the LGR form). Its state
   dict has the same keys as `LGRHead`, so the exporter and the service read it unchanged.
@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.longtail.backbone import epoch_batches
-from model.head import LGRHead
-from training.losses import stage2_loss
-from training.mixing import smoothed_one_hot
+from vlltr.model.networks.head import LGRHead
+from vlltr.training.losses import stage2_loss
+from vlltr.training.mixing import smoothed_one_hot
 
 
 class TunableAnchorHead(LGRHead):
@@ -88,8 +88,16 @@ def _cosine_lr(base: float, step: int, total: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * step / max(1, total)))
 
 
-def train_lgr_head(feats: torch.Tensor, labels: np.ndarray, counts: np.ndarray, anchors: torch.Tensor,
-                   mask: torch.Tensor, logit_scale: float, recipe: HeadRecipe, seed: int) -> LGRHead:
+def train_lgr_head(
+    feats: torch.Tensor,
+    labels: np.ndarray,
+    counts: np.ndarray,
+    anchors: torch.Tensor,
+    mask: torch.Tensor,
+    logit_scale: float,
+    recipe: HeadRecipe,
+    seed: int,
+) -> LGRHead:
     """Train an LGR head (frozen anchors) or a `TunableAnchorHead` (`recipe.anchor_lr > 0`) on cached features."""
     torch.manual_seed(seed)
     num_classes = len(counts)
@@ -99,8 +107,11 @@ def train_lgr_head(feats: torch.Tensor, labels: np.ndarray, counts: np.ndarray, 
         {"params": [head.mlp[0].weight, head.mlp[2].weight], "lr": recipe.lr, "weight_decay": recipe.weight_decay},
         {"params": [head.mlp[0].bias, head.mlp[2].bias], "lr": recipe.lr, "weight_decay": 0.0},
         {"params": [head.w_q.weight, head.w_k.weight], "lr": recipe.attn_lr, "weight_decay": recipe.weight_decay},
-        {"params": list(head.ln_q.parameters()) + list(head.ln_k.parameters()), "lr": recipe.attn_lr,
-         "weight_decay": 0.0},
+        {
+            "params": list(head.ln_q.parameters()) + list(head.ln_k.parameters()),
+            "lr": recipe.attn_lr,
+            "weight_decay": 0.0,
+        },
     ]
     if recipe.anchor_lr > 0:
         groups.append({"params": [head.anchors], "lr": recipe.anchor_lr, "weight_decay": 0.0})
@@ -134,8 +145,17 @@ def train_lgr_head(feats: torch.Tensor, labels: np.ndarray, counts: np.ndarray, 
     return head.eval()
 
 
-def train_linear_head(feats: torch.Tensor, labels: np.ndarray, counts: np.ndarray, *, loss: str, epochs: int,
-                      seed: int, lr: float = 1e-2, batch_size: int = 256) -> LinearHead:
+def train_linear_head(
+    feats: torch.Tensor,
+    labels: np.ndarray,
+    counts: np.ndarray,
+    *,
+    loss: str,
+    epochs: int,
+    seed: int,
+    lr: float = 1e-2,
+    batch_size: int = 256,
+) -> LinearHead:
     """A linear probe on cached features with CE or the logit-adjusted (Balanced Softmax) loss."""
     torch.manual_seed(seed)
     head = LinearHead(feats.shape[1], len(counts))
@@ -165,7 +185,7 @@ def head_logits(head: LGRHead, feats: torch.Tensor, batch_size: int = 2048) -> t
     """`(z_vis, z_lin)` of a trained head over cached features, in batches."""
     vis, lin = [], []
     for i in range(0, len(feats), batch_size):
-        a, b = head(feats[i:i + batch_size])
+        a, b = head(feats[i : i + batch_size])
         vis.append(a)
         lin.append(b)
     return torch.cat(vis), torch.cat(lin)

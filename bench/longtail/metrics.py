@@ -19,7 +19,7 @@ class ShotGroups:
     subsets: dict[str, np.ndarray] = field(default_factory=dict)
 
     @staticmethod
-    def from_counts(train_counts: np.ndarray, many_threshold: int, few_threshold: int) -> "ShotGroups":
+    def from_counts(train_counts: np.ndarray, many_threshold: int, few_threshold: int) -> ShotGroups:
         """many: count > many_threshold; few: count < few_threshold; medium: the rest."""
         counts = np.asarray(train_counts)
         ids = np.arange(len(counts))

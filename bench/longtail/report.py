@@ -86,45 +86,65 @@ def compute_targets(agg: dict[str, Any], other_dataset: dict[str, Any] | None = 
     noise = 2.0 * max(rec["std"]["few"], arms[best_img]["std"]["few"])
     targets: dict[str, Any] = {
         "few_shot_gain_over_best_image_only": _target(
-            gain, noise, gain > noise,
+            gain,
+            noise,
+            gain > noise,
             f"recommended few-shot minus best image-only few-shot ({best_img}) must exceed twice the larger seed "
-            "std of the two"),
+            "std of the two",
+        ),
         "overall_cost_vs_best_image_only": _target(
-            best_img_overall - rec["mean"]["overall"], 2.0, best_img_overall - rec["mean"]["overall"] <= 2.0,
-            "best image-only overall minus recommended overall must be at most 2 points"),
+            best_img_overall - rec["mean"]["overall"],
+            2.0,
+            best_img_overall - rec["mean"]["overall"] <= 2.0,
+            "best image-only overall minus recommended overall must be at most 2 points",
+        ),
         "shuffled_text_few_shot_drop": _target(
-            rec["mean"]["few"] - arms["control_shuffled"]["mean"]["few"], 5.0,
+            rec["mean"]["few"] - arms["control_shuffled"]["mean"]["few"],
+            5.0,
             rec["mean"]["few"] - arms["control_shuffled"]["mean"]["few"] >= 5.0,
-            "recommended few-shot minus the shuffled-text control's few-shot must be at least 5 points"),
+            "recommended few-shot minus the shuffled-text control's few-shot must be at least 5 points",
+        ),
     }
     if "anss" in agg:
         s = agg["anss"]["summary"]
         p, b, t = s["anss_precision"]["mean"], s["base_rate"]["mean"], s["text_only_precision"]["mean"]
         targets["anss_precision_over_base_rate"] = _target(
-            p - b, ANSS_GOAL, p - b >= ANSS_GOAL, f"AnSS precision minus the distractor base rate, >= {ANSS_GOAL}")
+            p - b, ANSS_GOAL, p - b >= ANSS_GOAL, f"AnSS precision minus the distractor base rate, >= {ANSS_GOAL}"
+        )
         targets["anss_precision_over_text_only_rule"] = _target(
-            p - t, ANSS_GOAL, p - t >= ANSS_GOAL,
-            f"AnSS precision minus the text-only (centroid) rule's precision, >= {ANSS_GOAL}")
+            p - t,
+            ANSS_GOAL,
+            p - t >= ANSS_GOAL,
+            f"AnSS precision minus the text-only (centroid) rule's precision, >= {ANSS_GOAL}",
+        )
     if "added" in agg:
         s = agg["added"]["summary"]
         alone = s["added_alone"]["mean"]
         among = s["calibrated.added_among_all"]["mean"]
         cost = s["calibrated.trained_cost"]["mean"]
-        targets["added_classes_alone_accuracy"] = _target(alone, 80.0, alone >= 80.0,
-                                                          "held-out classes scored among themselves, >= 80%")
+        targets["added_classes_alone_accuracy"] = _target(
+            alone, 80.0, alone >= 80.0, "held-out classes scored among themselves, >= 80%"
+        )
         targets["added_classes_among_all_accuracy"] = _target(
-            among, 40.0, among >= 40.0, "held-out classes scored among all classes with the pseudo-new γ, >= 40%")
+            among, 40.0, among >= 40.0, "held-out classes scored among all classes with the pseudo-new γ, >= 40%"
+        )
         targets["trained_cost_of_adding_classes"] = _target(
-            cost, 2.0, cost <= 2.0 and among >= 40.0,
+            cost,
+            2.0,
+            cost <= 2.0 and among >= 40.0,
             "trained-class accuracy lost by adding the held-out classes, <= 2 points, counted as met only together "
-            "with >= 40% added-class accuracy among all classes (a cost is meaningless when nothing is added)")
+            "with >= 40% added-class accuracy among all classes (a cost is meaningless when nothing is added)",
+        )
     if other_dataset is not None:
         o = other_dataset
         gain_o = o.get("few_gain", float("nan"))
         targets["second_dataset_table"] = _target(
-            gain_o, 0.0, bool(o.get("complete")),
+            gain_o,
+            0.0,
+            bool(o.get("complete")),
             f"the same table exists for {o.get('name')} ({o.get('path')}); value = its recommended-minus-best-"
-            "image-only few-shot gain")
+            "image-only few-shot gain",
+        )
     return targets
 
 
@@ -162,8 +182,9 @@ def write_plot(path: Path, agg: dict[str, Any], title: str) -> None:
     for i, arm in enumerate(arms):
         m = [agg["arms"][arm]["mean"][k] for k in SPLIT_KEYS]
         sd = [agg["arms"][arm]["std"][k] for k in SPLIT_KEYS]
-        ax.bar(x + (i - (len(arms) - 1) / 2) * width, m, width, yerr=sd, capsize=2,
-               label=ARM_LABELS[arm].replace("*", ""))
+        ax.bar(
+            x + (i - (len(arms) - 1) / 2) * width, m, width, yerr=sd, capsize=2, label=ARM_LABELS[arm].replace("*", "")
+        )
     ax.set_xticks(x, SPLIT_KEYS)
     ax.set_ylabel("top-1 accuracy (%), mean ± std over seeds")
     ax.set_ylim(0, 100)
@@ -181,18 +202,21 @@ def _fmt(entry: dict[str, Any], k: str) -> str:
 
 def _name_style(style: str | None) -> str:
     if style == "epithet":
-        return ("; class names are epithets (\"velmor triangle\"): the shape is in the name, the colour and "
-                "pattern only in the descriptions")
+        return (
+            '; class names are epithets ("velmor triangle"): the shape is in the name, the colour and '
+            "pattern only in the descriptions"
+        )
     if style == "attributes":
-        return "; class names say every attribute (\"striped red triangle\")"
+        return '; class names say every attribute ("striped red triangle")'
     return ""
 
 
 def _pretrain_line(pretrain: dict[str, Any]) -> str:
     if not pretrain.get("per_seed_builds"):
         return f"Pretrained starting point: `{pretrain['file']}` ({pretrain['summary']})."
-    each = "; ".join(f"seed {s}: `{b['file']}` (pretraining seed {b['pretrain_seed']})"
-                     for s, b in pretrain["builds"].items())
+    each = "; ".join(
+        f"seed {s}: `{b['file']}` (pretraining seed {b['pretrain_seed']})" for s, b in pretrain["builds"].items()
+    )
     return f"Pretrained starting points, one build per training seed ({pretrain['summary']}): {each}."
 
 
@@ -200,19 +224,26 @@ def _sessions_line(sessions: dict[str, Any] | None) -> list[str]:
     if not sessions:
         return []
     g = sessions["classes_only_in_black_and_white"]
-    return [f"Training images come in sessions of {sessions['size']}, each in black and white with probability "
-            f"{sessions['monochrome_prob']:.2f}; val and test are in colour. Trained classes seen in training only "
-            f"in black and white, whose colour only their descriptions give: {g['many']} many / {g['medium']} "
-            f"medium / {g['few']} few.", ""]
+    return [
+        f"Training images come in sessions of {sessions['size']}, each in black and white with probability "
+        f"{sessions['monochrome_prob']:.2f}; val and test are in colour. Trained classes seen in training only "
+        f"in black and white, whose colour only their descriptions give: {g['many']} many / {g['medium']} "
+        f"medium / {g['few']} few.",
+        "",
+    ]
 
 
 def _subset_table(agg: dict[str, Any]) -> list[str]:
     arms = [a for a in ARM_LABELS if a in agg["arms"] and all(k in agg["arms"][a]["mean"] for k in SUBSET_KEYS)]
     if not arms:
         return []
-    lines = ["", "Few-shot classes by what their training images show (test images are in colour):", "",
-             "| arm | few-shot, trained on colour images | few-shot, trained only in black and white |",
-             "|---|---|---|"]
+    lines = [
+        "",
+        "Few-shot classes by what their training images show (test images are in colour):",
+        "",
+        "| arm | few-shot, trained on colour images | few-shot, trained only in black and white |",
+        "|---|---|---|",
+    ]
     for arm in arms:
         lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(_fmt(agg["arms"][arm], k) for k in SUBSET_KEYS) + " |")
     return lines
@@ -221,72 +252,120 @@ def _subset_table(agg: dict[str, Any]) -> list[str]:
 def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> None:
     """The human-readable benchmark page: table, targets with their margins, plot, command, seeds."""
     agg, targets = payload["results"], payload["targets"]
-    lines = [f"# {payload['dataset']}: does class text help the tail?", "",
-             f"Generated by `{payload['command']}` (seeds {payload['seeds']}, data seed {payload['data_seed']}, "
-             f"imbalance {payload['imbalance']}{', QUICK smoke scale: not a result' if payload['quick'] else ''}). "
-             f"Wall time {payload['wall_time_min']:.1f} min on {payload['machine']}.", "",
-             *([f"**Only seeds {payload['seeds']} of the requested {payload['seeds_requested']} completed.**", ""]
-               if payload.get("seeds_requested") and payload["seeds"] != payload["seeds_requested"] else []),
-             f"Classes: {payload['num_trained']} trained ({agg['groups']['many']} many / {agg['groups']['medium']} "
-             f"medium / {agg['groups']['few']} few, thresholds {payload['shot_rule']}), {payload['num_heldout']} "
-             f"held out (text only){_name_style(payload.get('name_style'))}. Test sets are balanced; every number "
-             "is mean per-class top-1 (%) on test, mean ± sample std over the seeds.", "",
-             *_sessions_line(payload.get("training_sessions")),
-             "| arm | overall | many | medium | few |", "|---|---|---|---|---|"]
+    lines = [
+        f"# {payload['dataset']}: does class text help the tail?",
+        "",
+        f"Generated by `{payload['command']}` (seeds {payload['seeds']}, data seed {payload['data_seed']}, "
+        f"imbalance {payload['imbalance']}{', QUICK smoke scale: not a result' if payload['quick'] else ''}). "
+        f"Wall time {payload['wall_time_min']:.1f} min on {payload['machine']}.",
+        "",
+        *(
+            [f"**Only seeds {payload['seeds']} of the requested {payload['seeds_requested']} completed.**", ""]
+            if payload.get("seeds_requested") and payload["seeds"] != payload["seeds_requested"]
+            else []
+        ),
+        f"Classes: {payload['num_trained']} trained ({agg['groups']['many']} many / {agg['groups']['medium']} "
+        f"medium / {agg['groups']['few']} few, thresholds {payload['shot_rule']}), {payload['num_heldout']} "
+        f"held out (text only){_name_style(payload.get('name_style'))}. Test sets are balanced; every number "
+        "is mean per-class top-1 (%) on test, mean ± sample std over the seeds.",
+        "",
+        *_sessions_line(payload.get("training_sessions")),
+        "| arm | overall | many | medium | few |",
+        "|---|---|---|---|---|",
+    ]
     for arm, label in ARM_LABELS.items():
         if arm in agg["arms"]:
             e = agg["arms"][arm]
             lines.append(f"| {label} | " + " | ".join(_fmt(e, k) for k in SPLIT_KEYS) + " |")
     lines += _subset_table(agg)
-    lines += ["", f"![per-split accuracy]({payload['plot']})", "", "## Acceptance targets (computed from the runs above)", "",
-              "| target | value | goal | met | rule |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"![per-split accuracy]({payload['plot']})",
+        "",
+        "## Acceptance targets (computed from the runs above)",
+        "",
+        "| target | value | goal | met | rule |",
+        "|---|---|---|---|---|",
+    ]
     for name, t in targets.items():
-        lines.append(f"| {name} | {t['value']:.2f} | {t['goal']:.2f} | {'yes' if t['met'] else '**no**'} | {t['rule']} |")
+        lines.append(
+            f"| {name} | {t['value']:.2f} | {t['goal']:.2f} | {'yes' if t['met'] else '**no**'} | {t['rule']} |"
+        )
     if "anss" in agg:
         s = agg["anss"]["summary"]
-        lines += ["", "## Anchor choice (trained classes, real text)", "",
-                  f"- AnSS precision (chosen anchors that truly describe their class): "
-                  f"{s['anss_precision']['mean']:.1f} ± {s['anss_precision']['std']:.1f} %",
-                  f"- Distractor base rate (share of descriptive sentences; random choice): {s['base_rate']['mean']:.1f} %",
-                  f"- Text-only rule (centroid of the class's sentence embeddings): "
-                  f"{s['text_only_precision']['mean']:.1f} ± {s['text_only_precision']['std']:.1f} %"]
+        lines += [
+            "",
+            "## Anchor choice (trained classes, real text)",
+            "",
+            f"- AnSS precision (chosen anchors that truly describe their class): "
+            f"{s['anss_precision']['mean']:.1f} ± {s['anss_precision']['std']:.1f} %",
+            f"- Distractor base rate (share of descriptive sentences; random choice): {s['base_rate']['mean']:.1f} %",
+            f"- Text-only rule (centroid of the class's sentence embeddings): "
+            f"{s['text_only_precision']['mean']:.1f} ± {s['text_only_precision']['std']:.1f} %",
+        ]
         if "name_rule_precision" in s:
-            lines.append(f"- Image-free name rule (close to the class-name prompts, far from every other class's "
-                         f"anchors; the rule the service uses to add classes by text): "
-                         f"{s['name_rule_precision']['mean']:.1f} ± {s['name_rule_precision']['std']:.1f} %")
+            lines.append(
+                f"- Image-free name rule (close to the class-name prompts, far from every other class's "
+                f"anchors; the rule the service uses to add classes by text): "
+                f"{s['name_rule_precision']['mean']:.1f} ± {s['name_rule_precision']['std']:.1f} %"
+            )
         if "prompt_anchors_per_class" in s:
-            lines.append(f"- Anchors AnSS takes from the name prompts (of M per class, the pool holding both): "
-                         f"{s['prompt_anchors_per_class']['mean']:.1f} ± {s['prompt_anchors_per_class']['std']:.1f}")
+            lines.append(
+                f"- Anchors AnSS takes from the name prompts (of M per class, the pool holding both): "
+                f"{s['prompt_anchors_per_class']['mean']:.1f} ± {s['prompt_anchors_per_class']['std']:.1f}"
+            )
     if "added" in agg:
         s = agg["added"]["summary"]
 
         def ms(key: str) -> str:
             return f"{s[key]['mean']:.1f} ± {s[key]['std']:.1f}"
 
-        lines += ["", "## Classes added by text alone (held-out classes, scored through `service.head`)", "",
-                  f"- Image-free anchor rule precision on the added classes: {ms('image_free_precision')} % "
-                  f"(base rate {s['base_rate']['mean']:.1f} %"
-                  + (f"; centroid rule {ms('centroid_rule_precision')} %)" if "centroid_rule_precision" in s else ")"),
-                  f"- Accuracy among the added classes alone: {ms('added_alone')} %",
-                  f"- Trained classes before adding: {ms('trained_before')} %",
-                  "", "| calibration | trained after | added among all | harmonic mean | trained cost |",
-                  "|---|---|---|---|---|"]
-        rows = {"published": "published fusion (added classes: language branch only, γ = 0)",
-                "uncalibrated": "standardised vision stand-in, γ = 0",
-                "calibrated": "standardised vision stand-in, γ from pseudo-new trained classes",
-                "oracle_within_2_points": "diagnostic, not a method: best γ for the held-out test labels within "
-                                          "a 2-point cost"}
+        lines += [
+            "",
+            "## Classes added by text alone (held-out classes, scored through `vlltr.model.runtime.head`)",
+            "",
+            f"- Image-free anchor rule precision on the added classes: {ms('image_free_precision')} % "
+            f"(base rate {s['base_rate']['mean']:.1f} %"
+            + (f"; centroid rule {ms('centroid_rule_precision')} %)" if "centroid_rule_precision" in s else ")"),
+            f"- Accuracy among the added classes alone: {ms('added_alone')} %",
+            f"- Trained classes before adding: {ms('trained_before')} %",
+            "",
+            "| calibration | trained after | added among all | harmonic mean | trained cost |",
+            "|---|---|---|---|---|",
+        ]
+        rows = {
+            "published": "published fusion (added classes: language branch only, γ = 0)",
+            "uncalibrated": "standardised vision stand-in, γ = 0",
+            "calibrated": "standardised vision stand-in, γ from pseudo-new trained classes",
+            "oracle_within_2_points": "diagnostic, not a method: best γ for the held-out test labels within "
+            "a 2-point cost",
+        }
         for label, text in rows.items():
             if label + ".trained_after" not in s:
                 continue
-            lines.append(f"| {text} | "
-                         f"{ms(label + '.trained_after')} | {ms(label + '.added_among_all')} | "
-                         f"{ms(label + '.harmonic_mean')} | {ms(label + '.trained_cost')} |")
+            lines.append(
+                f"| {text} | "
+                f"{ms(label + '.trained_after')} | {ms(label + '.added_among_all')} | "
+                f"{ms(label + '.harmonic_mean')} | {ms(label + '.trained_cost')} |"
+            )
         gammas = [agg["added"]["per_seed"][k]["gamma"] for k in agg["added"]["per_seed"]]
-        lines.append(f"\nChosen γ per seed: {gammas}; rule: {next(iter(agg['added']['per_seed'].values()))['gamma_rule']}.")
-    lines += ["", "## How it was run", "", "```", payload["command"], "```", "",
-              _pretrain_line(payload["pretrain"]), ""]
+        lines.append(
+            f"\nChosen γ per seed: {gammas}; rule: {next(iter(agg['added']['per_seed'].values()))['gamma_rule']}."
+        )
+    lines += [
+        "",
+        "## How it was run",
+        "",
+        "```",
+        payload["command"],
+        "```",
+        "",
+        _pretrain_line(payload["pretrain"]),
+        "",
+    ]
     if payload.get("findings"):
-        lines += ["## Findings (why the targets are met or missed)", ""] + [f"- {f}" for f in payload["findings"]] + [""]
+        lines += (
+            ["## Findings (why the targets are met or missed)", ""] + [f"- {f}" for f in payload["findings"]] + [""]
+        )
     lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     path.write_text("\n".join(lines))

@@ -40,10 +40,10 @@ from bench.longtail.backbone import Budget, encode_images, encode_tokens, finetu
 from bench.longtail.data import Benchmark
 from bench.longtail.heads import HeadRecipe, head_logits, train_lgr_head
 from bench.longtail.metrics import ShotGroups, harmonic_mean, split_accuracies
-from model.factory import get_tokenizer
-from model.head import fuse_probabilities
-from service.head import build_added_class_anchors, class_directions, log_prior_from_counts
-from service.prompts import SIMPLE_TEMPLATES, name_prompts
+from vlltr.model.networks.factory import get_tokenizer
+from vlltr.model.networks.head import fuse_probabilities
+from vlltr.model.runtime.head import build_added_class_anchors, class_directions, log_prior_from_counts
+from vlltr.model.runtime.prompts import SIMPLE_TEMPLATES, name_prompts
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,10 @@ class Split:
 def _split(bm: Benchmark, name: str, keep: np.ndarray, remap: dict[int, int]) -> Split:
     labels = bm.labels[name]
     sel = np.flatnonzero(np.isin(labels, keep))
-    return Split(bm.images[name][torch.as_tensor(sel, dtype=torch.long)],
-                 np.array([remap[int(v)] for v in labels[sel]], dtype=np.int64))
+    return Split(
+        bm.images[name][torch.as_tensor(sel, dtype=torch.long)],
+        np.array([remap[int(v)] for v in labels[sel]], dtype=np.int64),
+    )
 
 
 def _pred_metrics(pred: np.ndarray, labels: np.ndarray, groups: ShotGroups) -> dict[str, float]:
@@ -111,8 +113,9 @@ def black_and_white_only(bm: Benchmark) -> np.ndarray | None:
     """Per dataset class id: seen in training only in black and white (None for data drawn all in colour)."""
     if not bm.meta.get("sessions", {}).get("monochrome_prob"):
         return None
-    return np.array([bool(c["train_count"]) and c.get("train_monochrome") == c["train_count"]
-                     for c in bm.meta["classes"]])
+    return np.array(
+        [bool(c["train_count"]) and c.get("train_monochrome") == c["train_count"] for c in bm.meta["classes"]]
+    )
 
 
 def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -158,8 +161,13 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
     colourless = black_and_white_only(bm)
     if colourless is not None:
         greyed = np.flatnonzero(colourless[trained])
-        groups = replace(groups, subsets={"few_colour": np.setdiff1d(groups.few, greyed),
-                                          "few_black_and_white": np.intersect1d(groups.few, greyed)})
+        groups = replace(
+            groups,
+            subsets={
+                "few_colour": np.setdiff1d(groups.few, greyed),
+                "few_black_and_white": np.intersect1d(groups.few, greyed),
+            },
+        )
     names = [bm.names[c] for c in trained]
     tokenizer = get_tokenizer(cfg.arch)
     arms: dict[str, dict] = {}
@@ -199,12 +207,16 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
     class_tokens = [tokenizer(s) for s in pools(texts, prompts)]  # stage 1 sees the trained classes' text only
 
     def stage1_on(tokens: list[torch.Tensor], text_lr_scale: float):
-        return train_stage1(pretrained, train.x, train.y, counts, tokens, budget=cfg.budget, seed=seed,
-                            text_lr_scale=text_lr_scale)
+        return train_stage1(
+            pretrained, train.x, train.y, counts, tokens, budget=cfg.budget, seed=seed, text_lr_scale=text_lr_scale
+        )
 
     def features(model) -> dict[str, torch.Tensor]:
-        return {"train": encode_images(model, train.x), "val": encode_images(model, val.x),
-                "test": encode_images(model, test.x)}
+        return {
+            "train": encode_images(model, train.x),
+            "val": encode_images(model, val.x),
+            "test": encode_images(model, test.x),
+        }
 
     stage1 = stage1_on(class_tokens, cfg.text_lr_scale)
     scale = float(stage1.logit_scale.detach().exp())
@@ -220,9 +232,12 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
     perm = _derangement(len(texts), np.random.default_rng(seed))
     shuffled = ([texts[p] for p in perm], [flags[p] for p in perm])
     # (name prompts, descriptions, their flags) of each variant's pools
-    variants = {"real": (prompts, texts, flags), "shuffled": (prompts, *shuffled),
-                "distractors": (prompts, *_distractors_only(texts, flags)),
-                "text_shuffled": ([prompts[p] for p in perm], *shuffled)}
+    variants = {
+        "real": (prompts, texts, flags),
+        "shuffled": (prompts, *shuffled),
+        "distractors": (prompts, *_distractors_only(texts, flags)),
+        "text_shuffled": ([prompts[p] for p in perm], *shuffled),
+    }
     heads: dict[str, torch.nn.Module] = {}
     for variant, (v_prompts, v_texts, v_flags) in variants.items():
         t = time.perf_counter()
@@ -245,17 +260,25 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
             desc_anchors, _ = anss_anchors(desc_feats, v_feats["val"], val.y, v_scale, cfg.num_anchors)
             trained_names = name_feats[torch.as_tensor(trained, dtype=torch.long)]
             directions = class_directions(anchors.tensor.numpy(), anchors.mask.numpy())
-            named = [build_added_class_anchors(f.numpy(), cfg.num_anchors, reference=trained_names[c:c + 1].numpy(),
-                                               others=np.delete(directions, c, axis=0))[2]
-                     for c, f in enumerate(desc_feats)]
+            named = [
+                build_added_class_anchors(
+                    f.numpy(),
+                    cfg.num_anchors,
+                    reference=trained_names[c : c + 1].numpy(),
+                    others=np.delete(directions, c, axis=0),
+                )[2]
+                for c, f in enumerate(desc_feats)
+            ]
             extra["anss"] = {
                 "anss_precision": round(precision(desc_anchors.chosen, v_flags), 3),
                 "base_rate": round(base_rate(v_flags, cfg.num_anchors), 3),
-                "text_only_precision": round(precision(image_free_anchors(desc_feats, cfg.num_anchors).chosen,
-                                                       v_flags), 3),
+                "text_only_precision": round(
+                    precision(image_free_anchors(desc_feats, cfg.num_anchors).chosen, v_flags), 3
+                ),
                 # How many of the M anchors AnSS takes from the name prompts when they are in the pool.
-                "prompt_anchors_per_class": round(float(np.mean(
-                    [np.sum(ch < len(SIMPLE_TEMPLATES)) for ch in anchors.chosen])), 2),
+                "prompt_anchors_per_class": round(
+                    float(np.mean([np.sum(ch < len(SIMPLE_TEMPLATES)) for ch in anchors.chosen])), 2
+                ),
                 # The image-free rule the added classes use (own name vs other classes' names), on trained classes.
                 "name_rule_precision": round(precision(named, v_flags), 3),
             }
@@ -265,23 +288,48 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
             if cfg.text_lr_scale != 1.0:
                 p_stage1 = stage1_on(class_tokens, 1.0)
                 p_feats, p_scale = features(p_stage1), float(p_stage1.logit_scale.detach().exp())
-                p_anchors, _ = anss_anchors(_class_sentence_features(p_stage1, tokenizer, pools(texts, prompts)),
-                                            p_feats["val"], val.y, p_scale, cfg.num_anchors)
-            faithful = train_lgr_head(p_feats["train"], train.y, counts, p_anchors.tensor, p_anchors.mask, p_scale,
-                                      _with_epochs(FAITHFUL, cfg.head_epochs), seed)
+                p_anchors, _ = anss_anchors(
+                    _class_sentence_features(p_stage1, tokenizer, pools(texts, prompts)),
+                    p_feats["val"],
+                    val.y,
+                    p_scale,
+                    cfg.num_anchors,
+                )
+            faithful = train_lgr_head(
+                p_feats["train"],
+                train.y,
+                counts,
+                p_anchors.tensor,
+                p_anchors.mask,
+                p_scale,
+                _with_epochs(FAITHFUL, cfg.head_epochs),
+                seed,
+            )
             zv, zl = head_logits(faithful, p_feats["test"])
             del p_stage1
             timings["vlltr_faithful"] = time.perf_counter() - t_faithful
             arms["vlltr_faithful"] = _pred_metrics(_fused_pred(zv, zl, cfg.faithful_alpha), test.y, groups)
             arms["vlltr_faithful_language_branch"] = _pred_metrics(zl.argmax(1).numpy(), test.y, groups)
             arms["vlltr_faithful_vision_branch"] = _pred_metrics(zv.argmax(1).numpy(), test.y, groups)
-        head = train_lgr_head(v_feats["train"], train.y, counts, anchors.tensor, anchors.mask, v_scale,
-                              _with_epochs(cfg.recommended, cfg.head_epochs), seed)
+        head = train_lgr_head(
+            v_feats["train"],
+            train.y,
+            counts,
+            anchors.tensor,
+            anchors.mask,
+            v_scale,
+            _with_epochs(cfg.recommended, cfg.head_epochs),
+            seed,
+        )
         zv, zl = head_logits(head, v_feats["val"])
         alpha = _choose_alpha(zv, zl, val.y, groups)
         zv, zl = head_logits(head, v_feats["test"])
-        name = {"real": "text_recommended", "shuffled": "control_shuffled", "distractors": "control_distractors",
-                "text_shuffled": "control_text_shuffled"}
+        name = {
+            "real": "text_recommended",
+            "shuffled": "control_shuffled",
+            "distractors": "control_distractors",
+            "text_shuffled": "control_text_shuffled",
+        }
         arms[name[variant]] = _pred_metrics(_fused_pred(zv, zl, alpha), test.y, groups)
         arms[name[variant]]["alpha"] = alpha
         heads[variant] = head
@@ -290,30 +338,69 @@ def run_seed(bm: Benchmark, pretrained: torch.nn.Module, seed: int, cfg: SeedCon
 
     if held is not None:
         t = time.perf_counter()
-        extra["added"] = _added_classes(bm, heads["real"], arms["text_recommended"]["alpha"], stage1, all_feats,
-                                        pool_feats, name_feats, feats, train, val, test, held, counts, names, groups, cfg, seed)
+        extra["added"] = _added_classes(
+            bm,
+            heads["real"],
+            arms["text_recommended"]["alpha"],
+            stage1,
+            all_feats,
+            pool_feats,
+            name_feats,
+            feats,
+            train,
+            val,
+            test,
+            held,
+            counts,
+            names,
+            groups,
+            cfg,
+            seed,
+        )
         timings["added"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
-    return {"arms": arms, **extra, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-            "groups": {k: int(len(getattr(groups, k))) for k in ("many", "medium", "few")}}
+    return {
+        "arms": arms,
+        **extra,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "groups": {k: int(len(getattr(groups, k))) for k in ("many", "medium", "few")},
+    }
 
 
 def _with_epochs(recipe: HeadRecipe, epochs: int) -> HeadRecipe:
     return HeadRecipe(**{**asdict(recipe), "epochs": epochs})
 
 
-def _added_classes(bm: Benchmark, head, alpha: float, stage1, all_feats: list[torch.Tensor],
-                   pool_feats: list[torch.Tensor], name_feats: torch.Tensor, feats: dict, train: Split, val: Split, test: Split, held: Split, counts: np.ndarray, names: list[str], groups: ShotGroups,
-                   cfg: SeedConfig, seed: int) -> dict:
+def _added_classes(
+    bm: Benchmark,
+    head,
+    alpha: float,
+    stage1,
+    all_feats: list[torch.Tensor],
+    pool_feats: list[torch.Tensor],
+    name_feats: torch.Tensor,
+    feats: dict,
+    train: Split,
+    val: Split,
+    test: Split,
+    held: Split,
+    counts: np.ndarray,
+    names: list[str],
+    groups: ShotGroups,
+    cfg: SeedConfig,
+    seed: int,
+) -> dict:
     """Add the held-out classes by text; pick γ on pseudo-new trained classes; score with the service's code."""
     num_trained = len(names)
     held_names = [bm.names[c] for c in bm.heldout]
     held_feats = [all_feats[c] for c in bm.heldout]
+
     def by_ids(ids) -> torch.Tensor:
         return name_feats[torch.as_tensor(np.asarray(ids), dtype=torch.long)]
 
-    entries, chosen = added_mod.added_entries(held_feats, held_names, cfg.num_anchors, name_feats=by_ids(bm.heldout),
-                                              served=added_mod.served_directions(head))
+    entries, chosen = added_mod.added_entries(
+        held_feats, held_names, cfg.num_anchors, name_feats=by_ids(bm.heldout), served=added_mod.served_directions(head)
+    )
     _, centroid_chosen = added_mod.added_entries(held_feats, held_names, cfg.num_anchors)
     image_free_precision = precision(chosen, [bm.descriptive[c] for c in bm.heldout])
     centroid_precision = precision(centroid_chosen, [bm.descriptive[c] for c in bm.heldout])
@@ -329,50 +416,91 @@ def _added_classes(bm: Benchmark, head, alpha: float, stage1, all_feats: list[to
     tr_sel = np.isin(train.y, keep)
     sub_counts = counts[keep]
     sent_feats = [pool_feats[bm.trained[c]] for c in keep]
-    anchors, _ = anss_anchors(sent_feats, feats["val"][torch.as_tensor(np.isin(val.y, keep))],
-                              np.array([sub[int(v)] for v in val.y[np.isin(val.y, keep)]]),
-                              float(stage1.logit_scale.detach().exp()), cfg.num_anchors)
-    sub_head = train_lgr_head(feats["train"][torch.as_tensor(tr_sel)], np.array([sub[int(v)] for v in train.y[tr_sel]]),
-                              sub_counts, anchors.tensor, anchors.mask, float(stage1.logit_scale.detach().exp()),
-                              _with_epochs(cfg.recommended, cfg.head_epochs), seed)
-    pseudo_entries, _ = added_mod.added_entries([all_feats[bm.trained[c]] for c in pseudo],
-                                                [names[c] for c in pseudo], cfg.num_anchors,
-                                                name_feats=by_ids(bm.trained[pseudo]),
-                                                served=added_mod.served_directions(sub_head))
+    anchors, _ = anss_anchors(
+        sent_feats,
+        feats["val"][torch.as_tensor(np.isin(val.y, keep))],
+        np.array([sub[int(v)] for v in val.y[np.isin(val.y, keep)]]),
+        float(stage1.logit_scale.detach().exp()),
+        cfg.num_anchors,
+    )
+    sub_head = train_lgr_head(
+        feats["train"][torch.as_tensor(tr_sel)],
+        np.array([sub[int(v)] for v in train.y[tr_sel]]),
+        sub_counts,
+        anchors.tensor,
+        anchors.mask,
+        float(stage1.logit_scale.detach().exp()),
+        _with_epochs(cfg.recommended, cfg.head_epochs),
+        seed,
+    )
+    pseudo_entries, _ = added_mod.added_entries(
+        [all_feats[bm.trained[c]] for c in pseudo],
+        [names[c] for c in pseudo],
+        cfg.num_anchors,
+        name_feats=by_ids(bm.trained[pseudo]),
+        served=added_mod.served_directions(sub_head),
+    )
     keep_names = [names[c] for c in keep]
     v_seen = np.isin(val.y, keep)
     seen_scores = added_mod.score_table(sub_head, keep_names, pseudo_entries, feats["val"][torch.as_tensor(v_seen)])
     new_scores = added_mod.score_table(sub_head, keep_names, pseudo_entries, feats["val"][torch.as_tensor(~v_seen)])
     pos = {int(c): len(keep) + i for i, c in enumerate(pseudo)}
-    fit = added_mod.choose_gamma(seen_scores, np.array([sub[int(v)] for v in val.y[v_seen]]), new_scores,
-                                 np.array([pos[int(v)] for v in val.y[~v_seen]]), log_prior_from_counts(sub_counts),
-                                 alpha=alpha, tau=0.0, max_seen_drop=cfg.max_seen_drop)
+    fit = added_mod.choose_gamma(
+        seen_scores,
+        np.array([sub[int(v)] for v in val.y[v_seen]]),
+        new_scores,
+        np.array([pos[int(v)] for v in val.y[~v_seen]]),
+        log_prior_from_counts(sub_counts),
+        alpha=alpha,
+        tau=0.0,
+        max_seen_drop=cfg.max_seen_drop,
+    )
 
     # The real held-out classes on test, scored by the service's code path.
     seen_t = added_mod.score_table(head, names, entries, feats["test"])
     new_t = added_mod.score_table(head, names, entries, feats["held"])
     before = added_mod.class_mean_accuracy(
-        added_mod.predict(added_mod.score_table(head, names, [], feats["test"]), log_prior, alpha=alpha, tau=0.0,
-                          gamma=0.0), test.y)
+        added_mod.predict(
+            added_mod.score_table(head, names, [], feats["test"]), log_prior, alpha=alpha, tau=0.0, gamma=0.0
+        ),
+        test.y,
+    )
     alone = added_mod.class_mean_accuracy(new_t.z_lin[:, num_trained:].argmax(1) + num_trained, held.y)
-    out = {"num_added": len(entries), "alpha": alpha, "image_free_precision": round(image_free_precision, 3),
-           "centroid_rule_precision": round(centroid_precision, 3),
-           "base_rate": round(base_rate([bm.descriptive[c] for c in bm.heldout], cfg.num_anchors), 3),
-           "added_alone": round(alone, 3), "trained_before": round(before, 3),
-           "gamma": fit.gamma, "gamma_rule": fit.rule, "pseudo_new_classes": [names[c] for c in pseudo],
-           "pseudo_new_curve": [{k: round(v, 3) for k, v in c.items()} for c in fit.curve]}
+    out = {
+        "num_added": len(entries),
+        "alpha": alpha,
+        "image_free_precision": round(image_free_precision, 3),
+        "centroid_rule_precision": round(centroid_precision, 3),
+        "base_rate": round(base_rate([bm.descriptive[c] for c in bm.heldout], cfg.num_anchors), 3),
+        "added_alone": round(alone, 3),
+        "trained_before": round(before, 3),
+        "gamma": fit.gamma,
+        "gamma_rule": fit.rule,
+        "pseudo_new_classes": [names[c] for c in pseudo],
+        "pseudo_new_curve": [{k: round(v, 3) for k, v in c.items()} for c in fit.curve],
+    }
+
     def on_test(gamma: float, vision: str) -> dict[str, float]:
         a_seen = added_mod.class_mean_accuracy(
-            added_mod.predict(seen_t, log_prior, alpha=alpha, tau=0.0, gamma=gamma, vision=vision), test.y)
+            added_mod.predict(seen_t, log_prior, alpha=alpha, tau=0.0, gamma=gamma, vision=vision), test.y
+        )
         a_new = added_mod.class_mean_accuracy(
-            added_mod.predict(new_t, log_prior, alpha=alpha, tau=0.0, gamma=gamma, vision=vision), held.y)
-        return {"trained_after": round(a_seen, 3), "added_among_all": round(a_new, 3),
-                "harmonic_mean": round(harmonic_mean(a_seen, a_new), 3), "trained_cost": round(before - a_seen, 3)}
+            added_mod.predict(new_t, log_prior, alpha=alpha, tau=0.0, gamma=gamma, vision=vision), held.y
+        )
+        return {
+            "trained_after": round(a_seen, 3),
+            "added_among_all": round(a_new, 3),
+            "harmonic_mean": round(harmonic_mean(a_seen, a_new), 3),
+            "trained_cost": round(before - a_seen, 3),
+        }
 
     # "published": added classes get no vision-branch mass (the paper's fusion), γ = 0; "uncalibrated": the
     # served standardised vision stand-in, γ = 0; "calibrated": the same with the pseudo-new γ.
-    for label, gamma, vision in (("published", 0.0, "none"), ("uncalibrated", 0.0, "standardised"),
-                                 ("calibrated", fit.gamma, "standardised")):
+    for label, gamma, vision in (
+        ("published", 0.0, "none"),
+        ("uncalibrated", 0.0, "standardised"),
+        ("calibrated", fit.gamma, "standardised"),
+    ):
         out[label] = on_test(gamma, vision)
     # Not a method (it reads the held-out test labels): the best any single γ could do within the 2-point
     # budget, which separates a wrong choice of γ from a model that cannot get there at all.

@@ -32,7 +32,7 @@ from bench.serving.report import write_json, write_markdown, write_plot
 from bench.serving.servers import MissingPeerError, require
 from bench.serving.suite import run_model
 from bench.serving.targets import compute_targets
-from service.settings import default_cache_dir
+from vlltr.service.settings import default_cache_dir
 
 log = logging.getLogger("bench.serving")
 REPO = Path(__file__).resolve().parents[2]
@@ -41,42 +41,88 @@ REPO = Path(__file__).resolve().parents[2]
 def plan(args: argparse.Namespace) -> dict[str, Any]:
     """Durations and sweeps for the chosen mode."""
     if args.smoke:
-        return {"small": cells.Timing(0.5, 2.0), "realistic": cells.Timing(1.0, 3.0), "concurrencies": [1, 4],
-                "target_c": 4, "images": 16, "class_sizes": [100, 1000], "growth_c": [1], "ceiling_s": 0.3,
-                "cache_c": [1], "add_c": 4}
+        return {
+            "small": cells.Timing(0.5, 2.0),
+            "realistic": cells.Timing(1.0, 3.0),
+            "concurrencies": [1, 4],
+            "target_c": 4,
+            "images": 16,
+            "class_sizes": [100, 1000],
+            "growth_c": [1],
+            "ceiling_s": 0.3,
+            "cache_c": [1],
+            "add_c": 4,
+        }
     if args.quick:
-        return {"small": cells.Timing(2.0, 6.0), "realistic": cells.Timing(8.0, 15.0),
-                "concurrencies": [1, 8, 32, 64], "target_c": 32, "images": 128,
-                "class_sizes": [100, 1000, 10000, 50000], "growth_c": [1], "ceiling_s": 1.0, "cache_c": [1, 32],
-                "add_c": 8}
-    return {"small": cells.Timing(3.0, 12.0), "realistic": cells.Timing(10.0, 40.0),
-            "concurrencies": [1, 8, 32, 64], "target_c": 32, "images": 256,
-            "class_sizes": [100, 1000, 10000, 50000], "growth_c": [1, 32], "ceiling_s": 1.5, "cache_c": [1, 32],
-            "add_c": 8}
+        return {
+            "small": cells.Timing(2.0, 6.0),
+            "realistic": cells.Timing(8.0, 15.0),
+            "concurrencies": [1, 8, 32, 64],
+            "target_c": 32,
+            "images": 128,
+            "class_sizes": [100, 1000, 10000, 50000],
+            "growth_c": [1],
+            "ceiling_s": 1.0,
+            "cache_c": [1, 32],
+            "add_c": 8,
+        }
+    return {
+        "small": cells.Timing(3.0, 12.0),
+        "realistic": cells.Timing(10.0, 40.0),
+        "concurrencies": [1, 8, 32, 64],
+        "target_c": 32,
+        "images": 256,
+        "class_sizes": [100, 1000, 10000, 50000],
+        "growth_c": [1, 32],
+        "ceiling_s": 1.5,
+        "cache_c": [1, 32],
+        "add_c": 8,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or `--report-only`); 0 on success, 2 when the bench extra is missing."""
-    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="short cells, demo model only (development)")
     mode.add_argument("--smoke", action="store_true", help="seconds-long cells (tests; not a result)")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks",
-                        help="where serving.md/.json/.png go (default docs/benchmarks)")
-    parser.add_argument("--work", type=Path, default=default_cache_dir() / "bench-serving",
-                        help="bundles, images, logs and raw load records (reused between runs)")
-    parser.add_argument("--models", default=None,
-                        help="comma list of demo,vit (default: both; --quick and --smoke: demo)")
-    parser.add_argument("--demo-bundle", type=Path, default=None,
-                        help="use this bundle as the small model instead of building the demo bundle")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "docs" / "benchmarks",
+        help="where serving.md/.json/.png go (default docs/benchmarks)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=default_cache_dir() / "bench-serving",
+        help="bundles, images, logs and raw load records (reused between runs)",
+    )
+    parser.add_argument(
+        "--models", default=None, help="comma list of demo,vit (default: both; --quick and --smoke: demo)"
+    )
+    parser.add_argument(
+        "--demo-bundle",
+        type=Path,
+        default=None,
+        help="use this bundle as the small model instead of building the demo bundle",
+    )
     parser.add_argument("--demo-run", type=Path, default=None, help="the run --demo-bundle was exported from")
     parser.add_argument("--realistic-arch", default="ViT-B-16", help="open_clip architecture of the realistic model")
-    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
-                        help="ONNX Runtime provider for the ceiling and the service")
+    parser.add_argument(
+        "--provider",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="ONNX Runtime provider for the ceiling and the service",
+    )
     parser.add_argument("--name", default="serving", help="basename of the output files")
-    parser.add_argument("--report-only", action="store_true",
-                        help="measure nothing: rewrite the .md and .png from the existing .json in --out")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: rewrite the .md and .png from the existing .json in --out",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.report_only:
@@ -95,10 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.expanduser()
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "command": " ".join(["python -m bench.serving",
-                             *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))]),
+        "command": " ".join(
+            ["python -m bench.serving", *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))]
+        ),
         "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
-        "machine": describe(), "load_average_start": load_average(), "provider": args.provider,
+        "machine": describe(),
+        "load_average_start": load_average(),
+        "provider": args.provider,
         "plan": {k: (v.__dict__ if isinstance(v, cells.Timing) else v) for k, v in p.items()},
         "load_generator": "locust (FastHttpUser, closed loop, one process)",
         "models": {},
@@ -113,16 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     realistic: BenchBundle | None = None
     if "vit" in models:
         realistic = random_init_bundle(work, args.realistic_arch)
-    for label, bb, is_small, timing in (("demo", small, True, p["small"]),
-                                        ("vit", realistic, False, p["realistic"])):
+    for label, bb, is_small, timing in (("demo", small, True, p["small"]), ("vit", realistic, False, p["realistic"])):
         if label not in models or bb is None:
             continue
         ctx = cells.Context(work=work, images=images, timing=timing, service_flags=flags)
-        results["models"][bb.label] = run_model(bb, ctx, p, small=is_small,
-                                                ceiling_s=p["ceiling_s"] * (1 if is_small else 2),
-                                                provider=args.provider)
-    results["targets"] = compute_targets(results, small.label, realistic.label if realistic else None,
-                                         str(p["target_c"]))
+        results["models"][bb.label] = run_model(
+            bb, ctx, p, small=is_small, ceiling_s=p["ceiling_s"] * (1 if is_small else 2), provider=args.provider
+        )
+    results["targets"] = compute_targets(
+        results, small.label, realistic.label if realistic else None, str(p["target_c"])
+    )
     results["load_average_end"] = load_average()
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,8 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     write_markdown(results, args.out / f"{args.name}.md", plots)
     log.info("done in %.0f s: %s", results["elapsed_s"], args.out / f"{args.name}.md")
     for name, t in results["targets"].items():
-        log.info("target %s: %s (goal %s %s) %s", name, t["value"], t["comparison"], t["goal"],
-                 "met" if t["met"] else "MISSED")
+        log.info(
+            "target %s: %s (goal %s %s) %s",
+            name,
+            t["value"],
+            t["comparison"],
+            t["goal"],
+            "met" if t["met"] else "MISSED",
+        )
     return 0
 
 

@@ -37,13 +37,15 @@ def demo_bundle(work: Path) -> BenchBundle:
     out, run_work = work / "demo" / "bundle", work / "demo" / "work"
     if not (out / MANIFEST).is_file():
         log.info("building the demo bundle in %s", out)
-        subprocess.run([sys.executable, "-m", "training.demo", "--out", str(out), "--work", str(run_work)],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "vlltr.training.demo", "--out", str(out), "--work", str(run_work)], check=True
+        )
     return BenchBundle("demo", out, run_work / "run")
 
 
-def random_init_bundle(work: Path, arch: str, *, num_classes: int = 32, num_anchors: int = 4,
-                       fp16: bool = False, seed: int = 0) -> BenchBundle:
+def random_init_bundle(
+    work: Path, arch: str, *, num_classes: int = 32, num_anchors: int = 4, fp16: bool = False, seed: int = 0
+) -> BenchBundle:
     """A bundle of `arch` with random weights: a CLIP, an LGR head whose anchors are the CLIP's own text
     features of a few sentences per class, a calibration, and a few test images for the export's checks."""
     tag = f"{arch}{'-fp16' if fp16 else ''}"
@@ -52,7 +54,7 @@ def random_init_bundle(work: Path, arch: str, *, num_classes: int = 32, num_anch
     if not (out / MANIFEST).is_file():
         log.info("building a random-init %s bundle in %s", arch, out)
         _write_run(run, arch, num_classes=num_classes, num_anchors=num_anchors, seed=seed)
-        from training.export import export_bundle
+        from vlltr.training.export import export_bundle
 
         export_bundle(run, out, fp16=fp16, verify_images=4, fp16_images=16)
     return BenchBundle(tag, out, run)
@@ -75,11 +77,11 @@ def _write_run(run_dir: Path, arch: str, *, num_classes: int, num_anchors: int, 
     """What `vlltr train` leaves behind (config, model, classes, calibration, metrics), without training."""
     import torch
 
-    from model.classifier import VLLTRClassifier
-    from model.factory import create_clip, get_tokenizer
-    from model.head import LGRHead
-    from training.checkpoint import save_final_model
-    from training.config import Config, save_config
+    from vlltr.model.networks.classifier import VLLTRClassifier
+    from vlltr.model.networks.factory import create_clip, get_tokenizer
+    from vlltr.model.networks.head import LGRHead
+    from vlltr.training.checkpoint import save_final_model
+    from vlltr.training.config import Config, save_config
 
     run_dir.mkdir(parents=True, exist_ok=True)
     data_root = run_dir / "data"
@@ -87,8 +89,9 @@ def _write_run(run_dir: Path, arch: str, *, num_classes: int, num_anchors: int, 
     torch.manual_seed(seed)
     clip = create_clip(arch).eval()
     tokenizer = get_tokenizer(arch)
-    sentences = [[f"a photo of a thing of kind {c}, seen from view {j}." for j in range(num_anchors)]
-                 for c in range(num_classes)]
+    sentences = [
+        [f"a photo of a thing of kind {c}, seen from view {j}." for j in range(num_anchors)] for c in range(num_classes)
+    ]
     with torch.no_grad():
         feats = torch.cat([clip.encode_text(tokenizer(group)) for group in sentences])
     anchors = feats.reshape(num_classes, num_anchors, -1)
@@ -103,11 +106,18 @@ def _write_run(run_dir: Path, arch: str, *, num_classes: int, num_anchors: int, 
     cfg.data.val = None
     save_config(cfg, run_dir / "config.yaml")
     counts = [int(1000 / (1 + c)) + 1 for c in range(num_classes)]  # long-tailed prior
-    classes = [{"name": f"class {c}", "dataset_id": c, "train_count": counts[c], "source": "trained",
-                "anchors": sentences[c]} for c in range(num_classes)]
+    classes = [
+        {"name": f"class {c}", "dataset_id": c, "train_count": counts[c], "source": "trained", "anchors": sentences[c]}
+        for c in range(num_classes)
+    ]
     (run_dir / "classes.json").write_text(json.dumps(classes))
-    cal = {"tau": 0.5, "temperature": 1.0, "added_class_bias": 0.0, "fitted_on": "none (random weights)",
-           "log_prior": "train_counts", "train_counts": counts}
+    cal = {
+        "tau": 0.5,
+        "temperature": 1.0,
+        "added_class_bias": 0.0,
+        "fitted_on": "none (random weights)",
+        "log_prior": "train_counts",
+        "train_counts": counts,
+    }
     (run_dir / "calibration.json").write_text(json.dumps(cal))
     (run_dir / "metrics.json").write_text(json.dumps({"test": {"overall": None}}))
-

@@ -1,6 +1,6 @@
 """The ceiling: the bundle's image encoder in-process on preprocessed tensors, at each batch size.
 
-Two sessions are measured: the one the service creates (`service.encoders`, no intra-op spinning) and one
+Two sessions are measured: the one the service creates (`vlltr.model.runtime.sessions`, no intra-op spinning) and one
 with ONNX Runtime's default options (spinning on, which is faster when nothing else wants the cores). The
 ceiling is the best of both at any batch size.
 """
@@ -8,15 +8,15 @@ ceiling is the best of both at any batch size.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-from service.bundle import load_bundle
-from service.encoders import CPU, CUDA, CUDA_OPTIONS, ImageEncoder, ProviderName
+from vlltr.model.runtime.bundle import load_bundle
+from vlltr.model.runtime.sessions import CPU, CUDA, CUDA_OPTIONS, ImageEncoder, ProviderName
 
 
 @dataclass
@@ -40,8 +40,9 @@ def _default_session(path: Path, provider: ProviderName) -> Callable[[np.ndarray
     return lambda x: session.run(["features"], {"pixels": x})
 
 
-def measure_ceiling(bundle_dir: Path, *, batch_sizes: Sequence[int], seconds: float, provider: ProviderName = "cpu",
-                    min_runs: int = 3) -> list[CeilingPoint]:
+def measure_ceiling(
+    bundle_dir: Path, *, batch_sizes: Sequence[int], seconds: float, provider: ProviderName = "cpu", min_runs: int = 3
+) -> list[CeilingPoint]:
     """Throughput of the bundle's image encoder for each batch size and session configuration: one warm-up
     run, then runs until `seconds` passed and at least `min_runs` ran."""
     bundle = load_bundle(bundle_dir)

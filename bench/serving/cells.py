@@ -6,9 +6,10 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,13 +41,33 @@ class Context:
     service_flags: tuple[str, ...] = ()
 
 
-def _load(server: ServerProcess, ctx: Context, concurrency: int, tag: str, images: Path | None = None,
-          timing: Timing | None = None) -> dict[str, Any]:
+def _load(
+    server: ServerProcess,
+    ctx: Context,
+    concurrency: int,
+    tag: str,
+    images: Path | None = None,
+    timing: Timing | None = None,
+) -> dict[str, Any]:
     t = timing or ctx.timing
-    result, _ = run_load(server, images or ctx.images, concurrency=concurrency, duration_s=t.duration_s,
-                         warmup_s=t.warmup_s, work_dir=ctx.work / "load", tag=tag)
-    log.info("%s c=%d: %.1f img/s, p50 %.1f ms, p99 %.1f ms, %d errors", tag, concurrency, result.throughput,
-             result.p50_ms, result.p99_ms, result.errors)
+    result, _ = run_load(
+        server,
+        images or ctx.images,
+        concurrency=concurrency,
+        duration_s=t.duration_s,
+        warmup_s=t.warmup_s,
+        work_dir=ctx.work / "load",
+        tag=tag,
+    )
+    log.info(
+        "%s c=%d: %.1f img/s, p50 %.1f ms, p99 %.1f ms, %d errors",
+        tag,
+        concurrency,
+        result.throughput,
+        result.p50_ms,
+        result.p99_ms,
+        result.errors,
+    )
     return result.to_dict()
 
 
@@ -62,11 +83,9 @@ def service_sweep(bb: BenchBundle, ctx: Context, concurrencies: Sequence[int]) -
     return out
 
 
-def service_variant(bb: BenchBundle, ctx: Context, concurrency: int, tag: str,
-                    flags: Sequence[str]) -> dict[str, Any]:
+def service_variant(bb: BenchBundle, ctx: Context, concurrency: int, tag: str, flags: Sequence[str]) -> dict[str, Any]:
     """The same service started with extra `flags` (e.g. `--max-batch-size 1`: batching off)."""
-    with start_service(f"{bb.label}-service-{tag}", bb.bundle, ctx.work,
-                       flags=(*ctx.service_flags, *flags)) as server:
+    with start_service(f"{bb.label}-service-{tag}", bb.bundle, ctx.work, flags=(*ctx.service_flags, *flags)) as server:
         before = scrape(server.base_url)
         load = _load(server, ctx, concurrency, f"{bb.label}-service-{tag}-c{concurrency}")
         return {"flags": list(flags), "load": load, "profile": breakdown(before, scrape(server.base_url))}
@@ -78,11 +97,13 @@ def handwritten(bb: BenchBundle, ctx: Context, concurrency: int, device: str = "
         return _load(server, ctx, concurrency, f"{bb.label}-handwritten-c{concurrency}")
 
 
-def litserve(bb: BenchBundle, ctx: Context, concurrency: int, max_batch_size: int = 32,
-             provider: str = "cpu") -> dict[str, Any]:
+def litserve(
+    bb: BenchBundle, ctx: Context, concurrency: int, max_batch_size: int = 32, provider: str = "cpu"
+) -> dict[str, Any]:
     """LitServe with its dynamic batching."""
-    with start_litserve(f"{bb.label}-litserve", bb.bundle, ctx.work, max_batch_size=max_batch_size,
-                        provider=provider) as server:
+    with start_litserve(
+        f"{bb.label}-litserve", bb.bundle, ctx.work, max_batch_size=max_batch_size, provider=provider
+    ) as server:
         return _load(server, ctx, concurrency, f"{bb.label}-litserve-c{concurrency}")
 
 
@@ -95,25 +116,42 @@ def cache_hits(bb: BenchBundle, ctx: Context, distinct: int, concurrencies: Sequ
         for path in sorted(ctx.images.glob("*.jpg"))[:distinct]:
             shutil.copy(path, subset / path.name)
     out: dict[str, Any] = {"distinct_images": distinct, "load": {}, "server": {}}
-    with start_service(f"{bb.label}-service-cache", bb.bundle, ctx.work, flags=ctx.service_flags,
-                       cache_size=4096) as server:
+    with start_service(
+        f"{bb.label}-service-cache", bb.bundle, ctx.work, flags=ctx.service_flags, cache_size=4096
+    ) as server:
         for c in concurrencies:
             # The first pass over the images is in the warm-up, so the measured requests are all hits.
-            _load(server, ctx, 1, f"{bb.label}-cache-fill-c{c}", images=subset,
-                  timing=Timing(0.0, max(1.0, ctx.timing.warmup_s)))
+            _load(
+                server,
+                ctx,
+                1,
+                f"{bb.label}-cache-fill-c{c}",
+                images=subset,
+                timing=Timing(0.0, max(1.0, ctx.timing.warmup_s)),
+            )
             before = scrape(server.base_url)
             out["load"][str(c)] = _load(server, ctx, c, f"{bb.label}-cache-c{c}", images=subset)
             after = scrape(server.base_url)
             prof = breakdown(before, after)
-            hits = sum(v - before.get(k, 0.0) for k, v in after.items()
-                       if k[0] == "vlltr_cache_lookups_total" and 'result="hit"' in k[1])
-            misses = sum(v - before.get(k, 0.0) for k, v in after.items()
-                         if k[0] == "vlltr_cache_lookups_total" and 'result="miss"' in k[1])
+            hits = sum(
+                v - before.get(k, 0.0)
+                for k, v in after.items()
+                if k[0] == "vlltr_cache_lookups_total" and 'result="hit"' in k[1]
+            )
+            misses = sum(
+                v - before.get(k, 0.0)
+                for k, v in after.items()
+                if k[0] == "vlltr_cache_lookups_total" and 'result="miss"' in k[1]
+            )
             p50 = histogram_quantile(before, after, "vlltr_request_duration_seconds", 0.5, 'route="/v1/classify"')
             p99 = histogram_quantile(before, after, "vlltr_request_duration_seconds", 0.99, 'route="/v1/classify"')
-            out["server"][str(c)] = {"p50_ms": None if p50 is None else 1000 * p50,
-                                     "p99_ms": None if p99 is None else 1000 * p99,
-                                     "hits": hits, "misses": misses, "profile": prof}
+            out["server"][str(c)] = {
+                "p50_ms": None if p50 is None else 1000 * p50,
+                "p99_ms": None if p99 is None else 1000 * p99,
+                "hits": hits,
+                "misses": misses,
+                "profile": prof,
+            }
     return out
 
 
@@ -126,14 +164,19 @@ def class_growth(bb: BenchBundle, ctx: Context, sizes: Sequence[int], concurrenc
         added = write_class_store(store, bb.bundle, total)
         entry: dict[str, Any] = {"added": added, "load": {}, "server_p50_ms": {}}
         started = time.monotonic()
-        with start_service(f"{bb.label}-service-{total}cls", bb.bundle, ctx.work,
-                           flags=(*ctx.service_flags, "--class-store", str(store))) as server:
+        with start_service(
+            f"{bb.label}-service-{total}cls",
+            bb.bundle,
+            ctx.work,
+            flags=(*ctx.service_flags, "--class-store", str(store)),
+        ) as server:
             entry["start_s"] = time.monotonic() - started
             for c in concurrencies:
                 before = scrape(server.base_url)
                 entry["load"][str(c)] = _load(server, ctx, c, f"{bb.label}-{total}cls-c{c}")
-                p50 = histogram_quantile(before, scrape(server.base_url), "vlltr_request_duration_seconds", 0.5,
-                                         'route="/v1/classify"')
+                p50 = histogram_quantile(
+                    before, scrape(server.base_url), "vlltr_request_duration_seconds", 0.5, 'route="/v1/classify"'
+                )
                 entry["server_p50_ms"][str(c)] = None if p50 is None else 1000 * p50
         out[str(total)] = entry
     return out
@@ -144,8 +187,9 @@ def add_under_load(bb: BenchBundle, ctx: Context, total_classes: int, concurrenc
     store = ctx.work / f"{bb.label}-classes-addload.json"
     write_class_store(store, bb.bundle, total_classes)
     out: dict[str, Any] = {"classes": total_classes, "concurrency": concurrency}
-    with start_service(f"{bb.label}-service-addload", bb.bundle, ctx.work,
-                       flags=(*ctx.service_flags, "--class-store", str(store))) as server:
+    with start_service(
+        f"{bb.label}-service-addload", bb.bundle, ctx.work, flags=(*ctx.service_flags, "--class-store", str(store))
+    ) as server:
         out["without"] = _load(server, ctx, concurrency, f"{bb.label}-addload-base")
         adds: list[tuple[float, float]] = []
         stop = threading.Event()
@@ -162,9 +206,15 @@ def add_under_load(bb: BenchBundle, ctx: Context, total_classes: int, concurrenc
 
         thread = threading.Thread(target=adder, name="bench-adder", daemon=True)
         thread.start()
-        result, records = run_load(server, ctx.images, concurrency=concurrency, duration_s=ctx.timing.duration_s,
-                                   warmup_s=ctx.timing.warmup_s, work_dir=ctx.work / "load",
-                                   tag=f"{bb.label}-addload-adding")
+        result, records = run_load(
+            server,
+            ctx.images,
+            concurrency=concurrency,
+            duration_s=ctx.timing.duration_s,
+            warmup_s=ctx.timing.warmup_s,
+            work_dir=ctx.work / "load",
+            tag=f"{bb.label}-addload-adding",
+        )
         stop.set()
         thread.join(60)
         out["with_adds"] = result.to_dict()
@@ -175,6 +225,9 @@ def add_under_load(bb: BenchBundle, ctx: Context, total_classes: int, concurrenc
             span = sum(e - s for s, e in windows) or 1.0
             out["overlapping_adds"] = summarise(overlapping, span, concurrency).to_dict()
         took = np.array([t for _, t in adds]) * 1000
-        out["adds"] = {"count": len(adds), "p50_ms": float(np.median(took)) if took.size else None,
-                       "max_ms": float(took.max()) if took.size else None}
+        out["adds"] = {
+            "count": len(adds),
+            "p50_ms": float(np.median(took)) if took.size else None,
+            "max_ms": float(took.max()) if took.size else None,
+        }
     return out

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bundle import load_bundle
-from service.store import FILE_FORMAT_VERSION, AddedClass, name_key
+from vlltr.model.runtime.bundle import load_bundle
+from vlltr.service.store import FILE_FORMAT_VERSION, AddedClass, name_key
 
 
-def write_class_store(path: Path, bundle_dir: Path, total_classes: int, *, anchors_per_class: int = 4,
-                      seed: int = 0) -> int:
+def write_class_store(
+    path: Path, bundle_dir: Path, total_classes: int, *, anchors_per_class: int = 4, seed: int = 0
+) -> int:
     """Write a class store under which the bundle serves `total_classes` classes (trained + added); returns
     the number of added classes. Added anchors are trained anchors plus noise, so their scale and direction
     are those of real text features."""
@@ -32,13 +33,19 @@ def write_class_store(path: Path, bundle_dir: Path, total_classes: int, *, ancho
         feats = origin + rng.standard_normal((k, d)).astype(np.float32) * scale / np.sqrt(d)
         emb = feats.mean(axis=0)
         emb = emb / max(float(np.linalg.norm(emb)), 1e-6)
-        cls = AddedClass(name=f"bench class {i}", descriptions=tuple(f"bench class {i}, view {j}" for j in range(k)),
-                         anchors=tuple(f"bench class {i}, view {j}" for j in range(k)),
-                         anchor_features=feats.astype(np.float32), embedding=emb.astype(np.float32),
-                         created="2026-01-01T00:00:00+00:00")
+        cls = AddedClass(
+            name=f"bench class {i}",
+            descriptions=tuple(f"bench class {i}, view {j}" for j in range(k)),
+            anchors=tuple(f"bench class {i}, view {j}" for j in range(k)),
+            anchor_features=feats.astype(np.float32),
+            embedding=emb.astype(np.float32),
+            created="2026-01-01T00:00:00+00:00",
+        )
         records[name_key(cls.name)] = {"seq": i + 1, **cls.to_json()}
-    data = {"format_version": FILE_FORMAT_VERSION,
-            "bundles": {bundle.bundle_id: {"version": added, "classes": records}}}
+    data = {
+        "format_version": FILE_FORMAT_VERSION,
+        "bundles": {bundle.bundle_id: {"version": added, "classes": records}},
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, separators=(",", ":")))
     return added
@@ -48,10 +55,15 @@ def add_class(base_url: str, name: str, *, descriptions: int = 6, timeout: float
     """POST one class by text; returns the seconds the call took. Raises on a non-201 answer."""
     import time
 
-    body = json.dumps({"name": name, "descriptions": [f"{name}: a kind of object, description number {j}"
-                                                      for j in range(descriptions)]}).encode()
-    req = urllib.request.Request(base_url + "/v1/classes", data=body, method="POST",
-                                 headers={"content-type": "application/json"})
+    body = json.dumps(
+        {
+            "name": name,
+            "descriptions": [f"{name}: a kind of object, description number {j}" for j in range(descriptions)],
+        }
+    ).encode()
+    req = urllib.request.Request(
+        base_url + "/v1/classes", data=body, method="POST", headers={"content-type": "application/json"}
+    )
     started = time.perf_counter()
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         if resp.status != 201:

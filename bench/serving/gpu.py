@@ -21,8 +21,9 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.findings import read_findings
 from bench.serving import cells
@@ -33,7 +34,7 @@ from bench.serving.report import GPU_NAME, write_json, write_markdown, write_plo
 from bench.serving.servers import MissingPeerError, require
 from bench.serving.suite import run_model
 from bench.serving.targets import compute_targets
-from service.settings import default_cache_dir
+from vlltr.service.settings import default_cache_dir
 
 log = logging.getLogger("bench.serving.gpu")
 REPO = Path(__file__).resolve().parents[2]
@@ -41,9 +42,15 @@ REPO = Path(__file__).resolve().parents[2]
 # minutes, a short slot on a rented GPU machine: 18 server starts and 23 load cells, so the
 # cells are short (a GPU answers hundreds of requests per second, so 3 s still holds hundreds of them) and
 # the sweep keeps 1 and the target concurrency.
-PLAN: dict[str, Any] = {"small": cells.Timing(1.0, 3.0), "realistic": cells.Timing(1.0, 3.0),
-                        "concurrencies": [1, 32], "target_c": 32, "images": 256,
-                        "ceiling_batches": [1, 8, 32, 128], "ceiling_s": 0.5}
+PLAN: dict[str, Any] = {
+    "small": cells.Timing(1.0, 3.0),
+    "realistic": cells.Timing(1.0, 3.0),
+    "concurrencies": [1, 32],
+    "target_c": 32,
+    "images": 256,
+    "ceiling_batches": [1, 8, 32, 128],
+    "ceiling_s": 0.5,
+}
 
 
 def gpu_name() -> str | None:
@@ -69,7 +76,7 @@ def torch_ceiling(bb: BenchBundle, batches: list[int], seconds: float) -> dict[s
     """The image encoder through PyTorch on the GPU, fp32 and fp16 (autocast), per batch size."""
     import torch
 
-    from training.checkpoint import load_final_model
+    from vlltr.training.checkpoint import load_final_model
 
     model = load_final_model(bb.run, device="cuda").classifier.eval()
     size = int(bb.manifest()["preprocess"]["size"])
@@ -86,24 +93,38 @@ def torch_ceiling(bb: BenchBundle, batches: list[int], seconds: float) -> dict[s
                     runs += 1
                 torch.cuda.synchronize()
             took = time.perf_counter() - started
-            out["points"].append({"session": f"pytorch {precision}", "batch_size": bs,
-                                  "images_per_s": bs * runs / took, "ms_per_batch": 1000 * took / runs, "runs": runs})
+            out["points"].append(
+                {
+                    "session": f"pytorch {precision}",
+                    "batch_size": bs,
+                    "images_per_s": bs * runs / took,
+                    "ms_per_batch": 1000 * took / runs,
+                    "runs": runs,
+                }
+            )
     out["best"] = max(out["points"], key=lambda p: p["images_per_s"])
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the GPU tables; 2 without a CUDA device or without the bench extra."""
-    parser = argparse.ArgumentParser(prog="python -m bench.serving.gpu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serving.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
     parser.add_argument("--work", type=Path, default=default_cache_dir() / "bench-serving-gpu")
     parser.add_argument("--arch", default="ViT-B-16", help="open_clip architecture of the realistic model")
-    parser.add_argument("--render-only", action="store_true",
-                        help=f"rewrite the page and plot from <out>/{GPU_NAME}.json (e.g. a run stopped early); "
-                             "no GPU needed")
-    parser.add_argument("--findings", type=Path, default=None,
-                        help="with --render-only: a text file of findings (one per paragraph) to store and show")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help=f"rewrite the page and plot from <out>/{GPU_NAME}.json (e.g. a run stopped early); no GPU needed",
+    )
+    parser.add_argument(
+        "--findings",
+        type=Path,
+        default=None,
+        help="with --render-only: a text file of findings (one per paragraph) to store and show",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.render_only:
@@ -116,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = gpu_name()
     if name is None:
-        print("python -m bench.serving.gpu: no CUDA device visible to PyTorch; run it on a GPU machine",
-              file=sys.stderr)
+        print(
+            "python -m bench.serving.gpu: no CUDA device visible to PyTorch; run it on a GPU machine", file=sys.stderr
+        )
         return 2
     try:
         require("locust", "the Locust load generator")
@@ -131,10 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     ort_cuda = ort_cuda_available()
     results: dict[str, Any] = {
         "command": " ".join(["python -m bench.serving.gpu", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]),
-        "mode": "gpu", "gpu": {"name": name, "onnxruntime_cuda": ort_cuda},
-        "machine": describe(), "load_average_start": load_average(), "provider": "cuda" if ort_cuda else "cpu",
+        "mode": "gpu",
+        "gpu": {"name": name, "onnxruntime_cuda": ort_cuda},
+        "machine": describe(),
+        "load_average_start": load_average(),
+        "provider": "cuda" if ort_cuda else "cpu",
         "plan": {k: (v.__dict__ if isinstance(v, cells.Timing) else v) for k, v in PLAN.items()},
-        "load_generator": "locust (FastHttpUser, closed loop, one process)", "models": {},
+        "load_generator": "locust (FastHttpUser, closed loop, one process)",
+        "models": {},
     }
     images = work / "images"
     write_jpegs(images, PLAN["images"])
@@ -155,31 +181,46 @@ def main(argv: list[str] | None = None) -> int:
         small = demo_bundle(work)
         # fp16 last and its bundle built only then: the fp32 and demo tables, which the targets need, come first.
         models: list[tuple[Callable[[], BenchBundle | None], bool, cells.Timing]] = [
-            (lambda: fp32, False, PLAN["realistic"]), (lambda: small, True, PLAN["small"]),
-            (fp16_bundle, False, PLAN["realistic"])]
+            (lambda: fp32, False, PLAN["realistic"]),
+            (lambda: small, True, PLAN["small"]),
+            (fp16_bundle, False, PLAN["realistic"]),
+        ]
         for make, is_small, timing in models:
             bb = make()
             if bb is None:
                 continue
             ctx = cells.Context(work=work, images=images, timing=timing, service_flags=("--provider", "cuda"))
             plan = dict(PLAN, class_sizes=[1000, 50000], growth_c=[1], cache_c=[1], add_c=8)
-            results["models"][bb.label] = run_model(bb, ctx, plan, small=is_small, ceiling_s=PLAN["ceiling_s"],
-                                                    provider="cuda")
+            results["models"][bb.label] = run_model(
+                bb, ctx, plan, small=is_small, ceiling_s=PLAN["ceiling_s"], provider="cuda"
+            )
             if small.label in results["models"]:
                 results["targets"] = compute_targets(results, small.label, fp32.label, str(PLAN["target_c"]))
             # Written after each model, so that a run stopped early keeps what it measured.
-            write_json(dict(results, elapsed_s=round(time.monotonic() - started, 1), partial=True, notes=notes,
-                            load_average_end=load_average()),
-                       args.out / f"{GPU_NAME}.json")
+            write_json(
+                dict(
+                    results,
+                    elapsed_s=round(time.monotonic() - started, 1),
+                    partial=True,
+                    notes=notes,
+                    load_average_end=load_average(),
+                ),
+                args.out / f"{GPU_NAME}.json",
+            )
     else:
-        notes += ["**onnxruntime-gpu is not installed here**: the ONNX Runtime rows could not run on the GPU. "
-                 "Below, the image encoder runs through PyTorch on the GPU (fp32 and fp16 autocast), and the "
-                 "hand-written PyTorch server runs on the GPU; no service or LitServe rows.", ""]
+        notes += [
+            "**onnxruntime-gpu is not installed here**: the ONNX Runtime rows could not run on the GPU. "
+            "Below, the image encoder runs through PyTorch on the GPU (fp32 and fp16 autocast), and the "
+            "hand-written PyTorch server runs on the GPU; no service or LitServe rows.",
+            "",
+        ]
         for bb in (fp32,):
             ctx = cells.Context(work=work, images=images, timing=PLAN["realistic"])
             ceiling = torch_ceiling(bb, PLAN["ceiling_batches"], PLAN["ceiling_s"])
-            results["models"][bb.label + "-pytorch"] = {"ceiling": ceiling,
-                                                        "handwritten": cells.handwritten(bb, ctx, 32, device="cuda")}
+            results["models"][bb.label + "-pytorch"] = {
+                "ceiling": ceiling,
+                "handwritten": cells.handwritten(bb, ctx, 32, device="cuda"),
+            }
         results["targets"] = {}
     results["load_average_end"] = load_average()
     results["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -196,18 +237,33 @@ def render(results: dict[str, Any], out: Path) -> None:
     notes = list(results.get("notes", []))
     if results.get("partial"):
         done = ", ".join(results["models"]) or "none"
-        notes = [f"**This run stopped at its time limit after {results.get('elapsed_s')} s**: the models measured "
-                 f"completely or in part are {done}; a model's missing rows were not measured.", "", *notes]
+        notes = [
+            f"**This run stopped at its time limit after {results.get('elapsed_s')} s**: the models measured "
+            f"completely or in part are {done}; a model's missing rows were not measured.",
+            "",
+            *notes,
+        ]
     if results.get("findings"):
         notes = [*notes, "## Findings", "", *(f"- {f}" for f in results["findings"]), ""]
     if results["gpu"].get("onnxruntime_cuda"):
         plots = write_plot(results, out, GPU_NAME)
-        write_markdown(results, out / f"{GPU_NAME}.md", plots,
-                       notes=[f"GPU: **{name}** (ONNX Runtime CUDA provider).", "", *notes])
+        write_markdown(
+            results, out / f"{GPU_NAME}.md", plots, notes=[f"GPU: **{name}** (ONNX Runtime CUDA provider).", "", *notes]
+        )
     else:
-        (out / f"{GPU_NAME}.md").write_text("\n".join(
-            [f"# Serving benchmark on {name}", "", *notes, "```json",
-             json.dumps(results["models"], indent=1), "```", ""]))
+        (out / f"{GPU_NAME}.md").write_text(
+            "\n".join(
+                [
+                    f"# Serving benchmark on {name}",
+                    "",
+                    *notes,
+                    "```json",
+                    json.dumps(results["models"], indent=1),
+                    "```",
+                    "",
+                ]
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -17,19 +17,24 @@ import uvicorn
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
-from model.head import calibrated_probabilities
-from service.head import log_prior_from_counts
-from training.checkpoint import load_final_model
-from training.data.transforms import EvalTransform, preprocess_spec
+from vlltr.model.networks.head import calibrated_probabilities
+from vlltr.model.runtime.head import log_prior_from_counts
+from vlltr.training.checkpoint import load_final_model
+from vlltr.training.data.transforms import EvalTransform, preprocess_spec
 
 
 def create_app(run_dir: str, device: str = "cpu") -> FastAPI:
     """The hand-written app: `POST /predict` (multipart `file`), `GET /health`."""
     run = load_final_model(run_dir, device=device)
     model = run.classifier.eval()
-    transform = EvalTransform(preprocess_spec(run.config.data, int(model.clip.visual.image_size[0])
-                                              if isinstance(model.clip.visual.image_size, (tuple, list))
-                                              else int(model.clip.visual.image_size)))
+    transform = EvalTransform(
+        preprocess_spec(
+            run.config.data,
+            int(model.clip.visual.image_size[0])
+            if isinstance(model.clip.visual.image_size, (tuple, list))
+            else int(model.clip.visual.image_size),
+        )
+    )
     counts = [int(c["train_count"]) for c in run.classes]
     log_prior = torch.from_numpy(log_prior_from_counts(counts)).to(device)
     names = [str(c["name"]) for c in run.classes]
@@ -42,19 +47,28 @@ def create_app(run_dir: str, device: str = "cpu") -> FastAPI:
         return {"ok": True}
 
     @app.post("/predict")
-    def predict(file: UploadFile = File(...), top_k: int = 5) -> dict:
+    def predict(file: UploadFile = File(...), top_k: int = 5) -> dict:  # noqa: B008 (FastAPI's idiom)
         """Decode, preprocess and classify one uploaded image."""
         img = Image.open(io.BytesIO(file.file.read()))
         x = transform(img).unsqueeze(0).to(device)
         with torch.inference_mode():
             z_vis, z_lin = model(x)
-            probs = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=run.alpha,
-                                             tau=float(cal.get("tau", 0.0)),
-                                             temperature=float(cal.get("temperature", 1.0)))[0]
+            probs = calibrated_probabilities(
+                z_vis,
+                z_lin,
+                log_prior,
+                alpha=run.alpha,
+                tau=float(cal.get("tau", 0.0)),
+                temperature=float(cal.get("temperature", 1.0)),
+            )[0]
             scores, idx = probs.topk(min(top_k, probs.numel()))
             scores, idx = scores.cpu(), idx.cpu()
-        return {"predictions": [{"label": names[i], "score": float(s), "class_id": int(i)}
-                                for s, i in zip(scores.tolist(), idx.tolist())]}
+        return {
+            "predictions": [
+                {"label": names[i], "score": float(s), "class_id": int(i)}
+                for s, i in zip(scores.tolist(), idx.tolist())
+            ]
+        }
 
     return app
 
@@ -66,7 +80,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     args = parser.parse_args()
-    uvicorn.run(create_app(args.run, args.device), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(args.run, args.device), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ def photo_like(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
-def write_jpegs(out_dir: Path, count: int, *, size: tuple[int, int] = DEFAULT_SIZE, seed: int = 0,
-                quality: int = 90) -> list[Path]:
+def write_jpegs(
+    out_dir: Path, count: int, *, size: tuple[int, int] = DEFAULT_SIZE, seed: int = 0, quality: int = 90
+) -> list[Path]:
     """`count` distinct JPEG files under `out_dir` (reused when already there); returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

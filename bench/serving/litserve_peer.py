@@ -4,24 +4,25 @@
 
 Requests are JSON `{"image": base64 JPEG}`, the request format of LitServe's image-classification recipe
 (LitServe 0.2.19 cannot pass a multipart upload from its API process to its worker: pickling the form fails
-with "Pickling an AuthenticationString object is disallowed"). `decode_request` decodes and preprocesses (the service's preprocessing, so both see the same pixels),
-`batch` stacks, `predict` runs the bundle's image encoder and head, `unbatch`/`encode_response` return the
-top-k. Everything runs in LitServe's inference worker, which is how LitServe's documented examples do it.
+with "Pickling an AuthenticationString object is disallowed"). `decode_request` decodes and preprocesses (the
+service's preprocessing, so both see the same pixels), `batch` stacks, `predict` runs the bundle's image encoder
+and head, `unbatch`/`encode_response` return the top-k. Everything runs in LitServe's inference worker, which is
+how LitServe's documented examples do it.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import base64
 
-from service.bundle import load_bundle
-from service.predictor import probabilities
-from service.preprocess import decode_image, preprocess_image
-from service.runtime import top_k
+from vlltr.model.runtime.bundle import load_bundle
+from vlltr.model.runtime.predictor import probabilities
+from vlltr.model.runtime.preprocess import decode_image, preprocess_image
+from vlltr.service.core import top_k
 
 try:
     import litserve as ls
@@ -42,8 +43,9 @@ class BundleAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         """Load the bundle and create the encoder session (in LitServe's worker)."""
         self.bundle = load_bundle(self.bundle_dir)
-        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda"
-                     else ["CPUExecutionProvider"])
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda" else ["CPUExecutionProvider"]
+        )
         self.session = ort.InferenceSession(str(self.bundle.image_encoder_path), providers=providers)
         self.table = self.bundle.class_table()
 
@@ -65,8 +67,10 @@ class BundleAPI(ls.LitAPI):
         probs = probabilities(feats, b.head, self.table, b.log_prior, b.calibration, b.alpha)
         idx, vals = top_k(probs, 5)
         names = self.table.names
-        return [[{"label": names[i], "score": float(s), "class_id": int(i)} for i, s in zip(r_i, r_v)]
-                for r_i, r_v in zip(idx.tolist(), vals.tolist())]
+        return [
+            [{"label": names[i], "score": float(s), "class_id": int(i)} for i, s in zip(r_i, r_v)]
+            for r_i, r_v in zip(idx.tolist(), vals.tolist())
+        ]
 
     def unbatch(self, output: list) -> list:
         """One result per request."""

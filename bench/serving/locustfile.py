@@ -38,20 +38,24 @@ _OFFSETS = itertools.count(0, 7)
 def _body(path: Path) -> bytes:
     if _FORMAT == "json-base64":
         return json.dumps({_FIELD: base64.b64encode(path.read_bytes()).decode("ascii")}).encode()
-    head = (f"--{_BOUNDARY}\r\nContent-Disposition: form-data; name=\"{_FIELD}\"; filename=\"{path.name}\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode()
+    head = (
+        f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="{_FIELD}"; filename="{path.name}"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
     return head + path.read_bytes() + f"\r\n--{_BOUNDARY}--\r\n".encode()
 
 
 # Built once: the load generator should spend its (shared) CPU on sending, not on building bodies.
 _BODIES = [_body(p) for p in _IMAGES]
-_HEADERS = {"Content-Type": "application/json" if _FORMAT == "json-base64"
-            else f"multipart/form-data; boundary={_BOUNDARY}"}
+_HEADERS = {
+    "Content-Type": "application/json" if _FORMAT == "json-base64" else f"multipart/form-data; boundary={_BOUNDARY}"
+}
 
 
 @events.request.add_listener
-def _record(request_type, name, response_time, response_length, response, context, exception, start_time,
-            **kwargs) -> None:
+def _record(
+    request_type, name, response_time, response_length, response, context, exception, start_time, **kwargs
+) -> None:
     _RECORDS.append((start_time, float(response_time), exception is None))
 
 
@@ -66,9 +70,11 @@ def _schedule_stop(environment, **kwargs) -> None:
 @events.quitting.add_listener
 def _dump(environment, **kwargs) -> None:
     if _OUT:
-        Path(_OUT).write_text(json.dumps({"t0": _T0, "warmup_s": _WARMUP_S, "duration_s": _DURATION_S,
-                                          "end": time.time(),
-                                          "records": _RECORDS}))
+        Path(_OUT).write_text(
+            json.dumps(
+                {"t0": _T0, "warmup_s": _WARMUP_S, "duration_s": _DURATION_S, "end": time.time(), "records": _RECORDS}
+            )
+        )
 
 
 class ClassifyUser(FastHttpUser):
@@ -87,7 +93,8 @@ class ClassifyUser(FastHttpUser):
     @task
     def classify(self) -> None:
         """Post the next image; any status but 200 counts as a failure."""
-        with self.client.post(_PATH, data=next(self._cycle), headers=_HEADERS, name="classify",
-                              catch_response=True) as resp:
+        with self.client.post(
+            _PATH, data=next(self._cycle), headers=_HEADERS, name="classify", catch_response=True
+        ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"status {resp.status_code}: {resp.text[:200] if resp.text else ''}")

@@ -7,8 +7,18 @@ import platform
 from importlib import metadata
 from typing import Any
 
-PACKAGES = ("onnxruntime", "onnxruntime-gpu", "torch", "open_clip_torch", "fastapi", "uvicorn", "pillow", "numpy",
-            "litserve", "locust")
+PACKAGES = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "torch",
+    "open_clip_torch",
+    "fastapi",
+    "uvicorn",
+    "pillow",
+    "numpy",
+    "litserve",
+    "locust",
+)
 
 
 def _cpu_model() -> str:

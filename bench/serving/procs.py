@@ -9,9 +9,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 
 class ServerStartError(RuntimeError):
@@ -91,16 +91,27 @@ class ServerProcess:
         except ProcessLookupError:
             pass
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def start_server(name: str, cmd: Sequence[str], *, port: int, ready_path: str, classify_path: str,
-                 field: str, log_path: Path, body_format: str = "multipart", env: Mapping[str, str] | None = None, cwd: Path | None = None,
-                 timeout: float = 600.0) -> ServerProcess:
+def start_server(
+    name: str,
+    cmd: Sequence[str],
+    *,
+    port: int,
+    ready_path: str,
+    classify_path: str,
+    field: str,
+    log_path: Path,
+    body_format: str = "multipart",
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 600.0,
+) -> ServerProcess:
     """Start `cmd` in its own process group and wait until GET `ready_path` answers 200.
 
     Raises:
@@ -110,14 +121,21 @@ def start_server(name: str, cmd: Sequence[str], *, port: int, ready_path: str, c
     full_env = dict(os.environ)
     full_env.update(env or {})
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                cwd=str(cwd) if cwd else None, start_new_session=True)
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=str(cwd) if cwd else None,
+            start_new_session=True,
+        )
     server = ServerProcess(name, f"http://127.0.0.1:{port}", classify_path, field, proc, log_path, body_format)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ServerStartError(f"{name} exited with status {proc.returncode} before it was ready:\n"
-                                   f"{log_tail(log_path)}")
+            raise ServerStartError(
+                f"{name} exited with status {proc.returncode} before it was ready:\n{log_tail(log_path)}"
+            )
         if http_status(server.base_url + ready_path) == 200:
             return server
         time.sleep(0.25)

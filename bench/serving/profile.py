@@ -6,7 +6,7 @@ import re
 import urllib.request
 from typing import Any
 
-_LINE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$')
+_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$")
 
 
 def scrape(base_url: str, timeout: float = 10.0) -> dict[tuple[str, str], float]:
@@ -69,13 +69,16 @@ def breakdown(before: dict, after: dict) -> dict[str, Any]:
     requests = _delta(before, after, "vlltr_request_duration_seconds_count", 'route="/v1/classify"')
     out: dict[str, Any] = {"requests": requests, "images_decoded": images, "batches": batches}
     if requests:
-        out["request_ms_mean"] = 1000 * _delta(before, after, "vlltr_request_duration_seconds_sum",
-                                               'route="/v1/classify"') / requests
-        out["request_ms_p50_server"] = _ms(histogram_quantile(before, after, "vlltr_request_duration_seconds",
-                                                              0.5, 'route="/v1/classify"'))
+        out["request_ms_mean"] = (
+            1000 * _delta(before, after, "vlltr_request_duration_seconds_sum", 'route="/v1/classify"') / requests
+        )
+        out["request_ms_p50_server"] = _ms(
+            histogram_quantile(before, after, "vlltr_request_duration_seconds", 0.5, 'route="/v1/classify"')
+        )
     if images:
-        out["decode_preprocess_ms_per_image"] = 1000 * _delta(
-            before, after, "vlltr_preprocess_duration_seconds_sum") / images
+        out["decode_preprocess_ms_per_image"] = (
+            1000 * _delta(before, after, "vlltr_preprocess_duration_seconds_sum") / images
+        )
     if batches:
         out["mean_batch_size"] = batched_images / batches
         out["inference_ms_per_batch"] = 1000 * _delta(before, after, "vlltr_inference_duration_seconds_sum") / batches

@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from bench.serving.procs import ServerProcess, free_port, start_server
 
@@ -34,40 +34,94 @@ def _vlltr() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "vlltr.cli"]
 
 
-def start_service(name: str, bundle: Path, work_dir: Path, *, flags: Sequence[str] = (),
-                  cache_size: int = 0) -> ServerProcess:
+def start_service(
+    name: str, bundle: Path, work_dir: Path, *, flags: Sequence[str] = (), cache_size: int = 0
+) -> ServerProcess:
     """`vlltr serve` on `bundle` with an in-process cache of `cache_size` entries (0 = none), a private
     class-store file and `flags` (e.g. `--max-batch-size 1`)."""
     port = free_port()
     store = work_dir / f"{name}.classes.json"
-    cmd = [*_vlltr(), "serve", "--bundle", str(bundle), "--port", str(port), "--cache-size", str(cache_size),
-           "--class-store", str(store), "--cache-dir", str(work_dir / "cache"), "--log-level", "warning",
-           *flags]
+    cmd = [
+        *_vlltr(),
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--port",
+        str(port),
+        "--cache-size",
+        str(cache_size),
+        "--class-store",
+        str(store),
+        "--cache-dir",
+        str(work_dir / "cache"),
+        "--log-level",
+        "warning",
+        *flags,
+    ]
     return _start(name, cmd, port, "/readyz", "/v1/classify?top_k=5", "file", work_dir)
 
 
 def start_handwritten(name: str, run_dir: Path, work_dir: Path, *, device: str = "cpu") -> ServerProcess:
     """The hand-written FastAPI + PyTorch server on a finished run."""
     port = free_port()
-    cmd = [sys.executable, "-m", "bench.serving.handwritten", "--run", str(run_dir), "--port", str(port),
-           "--device", device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.serving.handwritten",
+        "--run",
+        str(run_dir),
+        "--port",
+        str(port),
+        "--device",
+        device,
+    ]
     return _start(name, cmd, port, "/health", "/predict?top_k=5", "file", work_dir)
 
 
-def start_litserve(name: str, bundle: Path, work_dir: Path, *, max_batch_size: int = 32,
-                   provider: str = "cpu") -> ServerProcess:
+def start_litserve(
+    name: str, bundle: Path, work_dir: Path, *, max_batch_size: int = 32, provider: str = "cpu"
+) -> ServerProcess:
     """LitServe hosting the bundle's ONNX encoder with its own batching."""
     require("litserve", "LitServe")
     port = free_port()
-    cmd = [sys.executable, "-m", "bench.serving.litserve_peer", "--bundle", str(bundle), "--port", str(port),
-           "--max-batch-size", str(max_batch_size), "--provider", provider]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.serving.litserve_peer",
+        "--bundle",
+        str(bundle),
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(max_batch_size),
+        "--provider",
+        provider,
+    ]
     return _start(name, cmd, port, "/health", "/predict", "image", work_dir, body_format="json-base64")
 
 
-def _start(name: str, cmd: list[str], port: int, ready: str, classify: str, field: str,
-           work_dir: Path, body_format: str = "multipart") -> ServerProcess:
+def _start(
+    name: str,
+    cmd: list[str],
+    port: int,
+    ready: str,
+    classify: str,
+    field: str,
+    work_dir: Path,
+    body_format: str = "multipart",
+) -> ServerProcess:
     env = _clean_env()
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     # cwd is the work dir so that nothing a framework writes lands in the checkout.
-    return start_server(name, cmd, port=port, ready_path=ready, classify_path=classify, field=field,
-                        body_format=body_format, log_path=work_dir / "logs" / f"{name}.log", env=env, cwd=work_dir)
+    return start_server(
+        name,
+        cmd,
+        port=port,
+        ready_path=ready,
+        classify_path=classify,
+        field=field,
+        body_format=body_format,
+        log_path=work_dir / "logs" / f"{name}.log",
+        env=env,
+        cwd=work_dir,
+    )

@@ -13,24 +13,37 @@ from bench.serving.ceiling import best, measure_ceiling
 log = logging.getLogger("bench.serving")
 
 
-def run_model(bb: BenchBundle, ctx: cells.Context, p: dict[str, Any], *, small: bool, ceiling_s: float,
-              provider: str) -> dict[str, Any]:
+def run_model(
+    bb: BenchBundle, ctx: cells.Context, p: dict[str, Any], *, small: bool, ceiling_s: float, provider: str
+) -> dict[str, Any]:
     """Every table for one bundle."""
     manifest = bb.manifest()
-    out: dict[str, Any] = {"bundle": {"label": bb.label, "bundle_id": manifest["bundle_id"],
-                                      "arch": manifest["model"]["arch"], "image_size": manifest["preprocess"]["size"],
-                                      "precision": manifest.get("precision", "fp32"),
-                                      "classes": manifest["head"]["num_classes"],
-                                      "image_encoder_bytes": manifest["files"]["image_encoder.onnx"]["bytes"],
-                                      "jpeg_draft": bool(manifest["preprocess"].get("jpeg_draft", False))}}
+    out: dict[str, Any] = {
+        "bundle": {
+            "label": bb.label,
+            "bundle_id": manifest["bundle_id"],
+            "arch": manifest["model"]["arch"],
+            "image_size": manifest["preprocess"]["size"],
+            "precision": manifest.get("precision", "fp32"),
+            "classes": manifest["head"]["num_classes"],
+            "image_encoder_bytes": manifest["files"]["image_encoder.onnx"]["bytes"],
+            "jpeg_draft": bool(manifest["preprocess"].get("jpeg_draft", False)),
+        }
+    }
     c = p["target_c"]
     # A ViT-B/16-sized encoder runs at a few images per second on two cores and gains little past batch 8,
     # so its sweep stops at 16 (a batch of 32 would take most of a minute per run).
     sizes = p.get("ceiling_batches") or ([1, 2, 4, 8, 16, 32, 64, 128] if small else [1, 4, 8, 16])
     log.info("%s: ceiling", bb.label)
+
     def ceiling(when: str) -> list[dict[str, Any]]:
-        points = measure_ceiling(bb.bundle, batch_sizes=sizes, seconds=ceiling_s, provider=provider,  # type: ignore[arg-type]
-                                 min_runs=3 if small else 2)
+        points = measure_ceiling(
+            bb.bundle,
+            batch_sizes=sizes,
+            seconds=ceiling_s,
+            provider=provider,  # type: ignore[arg-type]
+            min_runs=3 if small else 2,
+        )
         top = best(points)
         log.info("%s: ceiling (%s) %.1f img/s at batch %d", bb.label, when, top.images_per_s, top.batch_size)
         return [dict(pt.to_dict(), when=when) for pt in points]

@@ -54,16 +54,21 @@ def _start_server(bundle: str | None, log_path: Path) -> tuple[subprocess.Popen,
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", help="base URL of a running service (then --pid is required)")
     parser.add_argument("--pid", type=int, help="process id of that service (its RSS is sampled)")
     parser.add_argument("--bundle", help="bundle to serve when starting a server (default: the demo bundle)")
     parser.add_argument("--requests", type=int, default=50_000, help="measured requests (default 50000)")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up requests (default: 10%%, >= 500)")
-    parser.add_argument("--rss-bound-mb", type=float, default=DEFAULT_RSS_BOUND_MB,
-                        help=f"allowed RSS growth after the warm-up, MiB (default {DEFAULT_RSS_BOUND_MB:g})")
+    parser.add_argument(
+        "--rss-bound-mb",
+        type=float,
+        default=DEFAULT_RSS_BOUND_MB,
+        help=f"allowed RSS growth after the warm-up, MiB (default {DEFAULT_RSS_BOUND_MB:g})",
+    )
     parser.add_argument("--summary", type=Path, help="write the JSON summary here")
     args = parser.parse_args(argv)
     if args.url and not args.pid:
@@ -76,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         proc, url = _start_server(args.bundle, log_path)
         pid = proc.pid
     try:
-        result = soak(url, pid, requests=args.requests, concurrency=args.concurrency, warmup=args.warmup,
-                      rss_bound_mb=args.rss_bound_mb)
+        result = soak(
+            url,
+            pid,
+            requests=args.requests,
+            concurrency=args.concurrency,
+            warmup=args.warmup,
+            rss_bound_mb=args.rss_bound_mb,
+        )
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

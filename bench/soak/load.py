@@ -12,8 +12,8 @@ import io
 import random
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import httpx
 import numpy as np
@@ -78,17 +78,30 @@ class LoadResult:
     def summary(self) -> dict:
         """A JSON-ready summary."""
         return {
-            "requests": self.requests, "ok": self.ok, "errors": self.errors,
-            "error_reasons": dict(self.reasons), "statuses": {str(k): v for k, v in self.statuses.items()},
+            "requests": self.requests,
+            "ok": self.ok,
+            "errors": self.errors,
+            "error_reasons": dict(self.reasons),
+            "statuses": {str(k): v for k, v in self.statuses.items()},
             "seconds": round(self.seconds, 2),
             "requests_per_s": round(self.requests / self.seconds, 1) if self.seconds else 0.0,
-            "latency_ms": {"p50": round(self.percentile(50), 2), "p99": round(self.percentile(99), 2),
-                           "max": round(self.latencies_ms[-1], 2) if self.latencies_ms else 0.0},
+            "latency_ms": {
+                "p50": round(self.percentile(50), 2),
+                "p99": round(self.percentile(99), 2),
+                "max": round(self.latencies_ms[-1], 2) if self.latencies_ms else 0.0,
+            },
         }
 
 
-async def _run(url: str, images: Sequence[bytes], requests: int, concurrency: int, timeout: float,
-               progress: Callable[[int], None] | None, top_k: int) -> LoadResult:
+async def _run(
+    url: str,
+    images: Sequence[bytes],
+    requests: int,
+    concurrency: int,
+    timeout: float,
+    progress: Callable[[int], None] | None,
+    top_k: int,
+) -> LoadResult:
     result = LoadResult()
     counter = iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -101,8 +114,7 @@ async def _run(url: str, images: Sequence[bytes], requests: int, concurrency: in
                 data = images[rng.randrange(len(images))]
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post("/v1/classify", params={"top_k": top_k},
-                                          files={"file": ("img", data)})
+                    r = await client.post("/v1/classify", params={"top_k": top_k}, files={"file": ("img", data)})
                     result.statuses[r.status_code] += 1
                     if r.status_code == 200 and r.json().get("predictions"):
                         result.ok += 1
@@ -123,8 +135,16 @@ async def _run(url: str, images: Sequence[bytes], requests: int, concurrency: in
     return result
 
 
-def run_load(url: str, images: Sequence[bytes], *, requests: int, concurrency: int, timeout: float = 60.0,
-             progress: Callable[[int], None] | None = None, top_k: int = 3) -> LoadResult:
+def run_load(
+    url: str,
+    images: Sequence[bytes],
+    *,
+    requests: int,
+    concurrency: int,
+    timeout: float = 60.0,
+    progress: Callable[[int], None] | None = None,
+    top_k: int = 3,
+) -> LoadResult:
     """Send `requests` classifications of randomly chosen `images` to `url`, `concurrency` at a time.
 
     Args:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from bench.soak.load import make_images, rss_bytes, run_load
 
@@ -34,7 +34,7 @@ class RssSampler:
                 return
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -47,8 +47,17 @@ class RssSampler:
         return max(self.samples) if self.samples else 0
 
 
-def soak(url: str, pid: int, *, requests: int, concurrency: int, images: Sequence[bytes] | None = None,
-         warmup: int | None = None, rss_bound_mb: float = DEFAULT_RSS_BOUND_MB, timeout: float = 60.0) -> dict:
+def soak(
+    url: str,
+    pid: int,
+    *,
+    requests: int,
+    concurrency: int,
+    images: Sequence[bytes] | None = None,
+    warmup: int | None = None,
+    rss_bound_mb: float = DEFAULT_RSS_BOUND_MB,
+    timeout: float = 60.0,
+) -> dict:
     """Run a soak against `url` (served by process `pid`) and return its JSON-ready summary.
 
     Args:
@@ -82,10 +91,15 @@ def soak(url: str, pid: int, *, requests: int, concurrency: int, images: Sequenc
         "distinct_images": len(images),
         "errors": errors,
         "load": main.summary(),
-        "rss_mb": {"baseline": round(baseline / MIB, 1), "peak": round(peak / MIB, 1),
-                   "final": round(final / MIB, 1), "growth_peak": round(growth_peak, 1),
-                   "growth_final": round(growth_final, 1), "bound": rss_bound_mb,
-                   "samples": len(sampler.samples)},
+        "rss_mb": {
+            "baseline": round(baseline / MIB, 1),
+            "peak": round(peak / MIB, 1),
+            "final": round(final / MIB, 1),
+            "growth_peak": round(growth_peak, 1),
+            "growth_final": round(growth_final, 1),
+            "bound": rss_bound_mb,
+            "samples": len(sampler.samples),
+        },
         "seconds": round(time.monotonic() - started, 1),
         "passed": errors == 0 and growth_peak <= rss_bound_mb and growth_final <= rss_bound_mb,
     }

@@ -145,89 +145,231 @@ def _quantile(q: float, metric: str, by: str = "", extra: str = "") -> str:
 def sections() -> list[tuple[str, list[Panel]]]:
     """The dashboard's rows and their panels, top to bottom."""
     overview = [
-        Panel("stat", "Replicas up", [Target(f'sum(up{{{SEL}}})')], width=4, height=4,
-              description="Replicas Prometheus can scrape.",
-              thresholds=[(None, "red"), (1, "orange"), (2, "green")]),
-        Panel("stat", "Requests / s", [Target(
-            f"sum(rate(vlltr_request_duration_seconds_count{{{SEL}, {API_ROUTES}}}[$__rate_interval]))")],
-            unit="reqps", width=4, height=4, decimals=1),
-        Panel("stat", "5xx share", [Target(
-            f'sum(rate(vlltr_request_duration_seconds_count{{{SEL}, {API_ROUTES}, status=~"5.."}}[$__rate_interval]))'
-            f" / sum(rate(vlltr_request_duration_seconds_count{{{SEL}, {API_ROUTES}}}[$__rate_interval]))")],
-            unit="percentunit", width=4, height=4,
-            thresholds=[(None, "green"), (0.01, "orange"), (0.05, "red")]),
-        Panel("stat", "p99 classify latency", [Target(
-            _quantile(0.99, "vlltr_request_duration_seconds", extra='route=~"/v1/classify.*"'))],
-            unit="s", width=4, height=4, thresholds=[(None, "green"), (0.5, "orange"), (1, "red")]),
-        Panel("stat", "Class table version", [Target(f"max(vlltr_class_table_version{{{SEL}}})")],
-              width=4, height=4, description="Bumped by every class change; all replicas should agree."),
-        Panel("stat", "Redis up (min over replicas)", [Target(f"min(vlltr_redis_up{{{SEL}}})")],
-              width=4, height=4, thresholds=[(None, "red"), (1, "green")]),
+        Panel(
+            "stat",
+            "Replicas up",
+            [Target(f"sum(up{{{SEL}}})")],
+            width=4,
+            height=4,
+            description="Replicas Prometheus can scrape.",
+            thresholds=[(None, "red"), (1, "orange"), (2, "green")],
+        ),
+        Panel(
+            "stat",
+            "Requests / s",
+            [Target(f"sum(rate(vlltr_request_duration_seconds_count{{{SEL}, {API_ROUTES}}}[$__rate_interval]))")],
+            unit="reqps",
+            width=4,
+            height=4,
+            decimals=1,
+        ),
+        Panel(
+            "stat",
+            "5xx share",
+            [
+                Target(
+                    f"sum(rate(vlltr_request_duration_seconds_count"
+                    f'{{{SEL}, {API_ROUTES}, status=~"5.."}}[$__rate_interval]))'
+                    f" / sum(rate(vlltr_request_duration_seconds_count{{{SEL}, {API_ROUTES}}}[$__rate_interval]))"
+                )
+            ],
+            unit="percentunit",
+            width=4,
+            height=4,
+            thresholds=[(None, "green"), (0.01, "orange"), (0.05, "red")],
+        ),
+        Panel(
+            "stat",
+            "p99 classify latency",
+            [Target(_quantile(0.99, "vlltr_request_duration_seconds", extra='route=~"/v1/classify.*"'))],
+            unit="s",
+            width=4,
+            height=4,
+            thresholds=[(None, "green"), (0.5, "orange"), (1, "red")],
+        ),
+        Panel(
+            "stat",
+            "Class table version",
+            [Target(f"max(vlltr_class_table_version{{{SEL}}})")],
+            width=4,
+            height=4,
+            description="Bumped by every class change; all replicas should agree.",
+        ),
+        Panel(
+            "stat",
+            "Redis up (min over replicas)",
+            [Target(f"min(vlltr_redis_up{{{SEL}}})")],
+            width=4,
+            height=4,
+            thresholds=[(None, "red"), (1, "green")],
+        ),
     ]
     traffic = [
-        Panel("timeseries", "Requests / s by route and status", [Target(
-            f"sum by (route, status) (rate(vlltr_request_duration_seconds_count{{{SEL}}}[$__rate_interval]))",
-            "{{route}} {{status}}")], unit="reqps", stack=True),
-        Panel("timeseries", "Requests / s by replica", [Target(
-            f"sum by (instance) (rate(vlltr_request_duration_seconds_count{{{SEL}, {API_ROUTES}}}[$__rate_interval]))",
-            "{{instance}}")], unit="reqps",
-            description="The balancer should spread load roughly evenly."),
-        Panel("timeseries", "Classify latency", [
-            Target(_quantile(0.5, "vlltr_request_duration_seconds", "route", 'route=~"/v1/classify.*"'), "p50 {{route}}"),
-            Target(_quantile(0.95, "vlltr_request_duration_seconds", "route", 'route=~"/v1/classify.*"'), "p95 {{route}}"),
-            Target(_quantile(0.99, "vlltr_request_duration_seconds", "route", 'route=~"/v1/classify.*"'), "p99 {{route}}"),
-        ], unit="s"),
-        Panel("timeseries", "5xx share by route", [Target(
-            f'sum by (route) (rate(vlltr_request_duration_seconds_count{{{SEL}, status=~"5.."}}[$__rate_interval]))'
-            f" / sum by (route) (rate(vlltr_request_duration_seconds_count{{{SEL}}}[$__rate_interval]))",
-            "{{route}}")], unit="percentunit"),
+        Panel(
+            "timeseries",
+            "Requests / s by route and status",
+            [
+                Target(
+                    f"sum by (route, status) (rate(vlltr_request_duration_seconds_count{{{SEL}}}[$__rate_interval]))",
+                    "{{route}} {{status}}",
+                )
+            ],
+            unit="reqps",
+            stack=True,
+        ),
+        Panel(
+            "timeseries",
+            "Requests / s by replica",
+            [
+                Target(
+                    f"sum by (instance) (rate(vlltr_request_duration_seconds_count"
+                    f"{{{SEL}, {API_ROUTES}}}[$__rate_interval]))",
+                    "{{instance}}",
+                )
+            ],
+            unit="reqps",
+            description="The balancer should spread load roughly evenly.",
+        ),
+        Panel(
+            "timeseries",
+            "Classify latency",
+            [
+                Target(
+                    _quantile(0.5, "vlltr_request_duration_seconds", "route", 'route=~"/v1/classify.*"'),
+                    "p50 {{route}}",
+                ),
+                Target(
+                    _quantile(0.95, "vlltr_request_duration_seconds", "route", 'route=~"/v1/classify.*"'),
+                    "p95 {{route}}",
+                ),
+                Target(
+                    _quantile(0.99, "vlltr_request_duration_seconds", "route", 'route=~"/v1/classify.*"'),
+                    "p99 {{route}}",
+                ),
+            ],
+            unit="s",
+        ),
+        Panel(
+            "timeseries",
+            "5xx share by route",
+            [
+                Target(
+                    f"sum by (route) (rate(vlltr_request_duration_seconds_count"
+                    f'{{{SEL}, status=~"5.."}}[$__rate_interval]))'
+                    f" / sum by (route) (rate(vlltr_request_duration_seconds_count{{{SEL}}}[$__rate_interval]))",
+                    "{{route}}",
+                )
+            ],
+            unit="percentunit",
+        ),
     ]
     batching = [
-        Panel("timeseries", "Queue depth vs capacity", [
-            Target(f"vlltr_queue_depth{{{SEL}}}", "depth {{instance}}"),
-            Target(f"vlltr_queue_capacity{{{SEL}}}", "capacity {{instance}}"),
-        ], description="Requests waiting for a micro-batch; at capacity new requests get 503."),
-        Panel("timeseries", "Queue wait", [
-            Target(_quantile(0.5, "vlltr_queue_wait_seconds"), "p50"),
-            Target(_quantile(0.95, "vlltr_queue_wait_seconds"), "p95"),
-            Target(_quantile(0.99, "vlltr_queue_wait_seconds"), "p99"),
-        ], unit="s", description="Time from enqueue to batch start; bounded by VLLTR_MAX_WAIT_MS when idle."),
-        Panel("timeseries", "Batch size", [
-            Target(f"sum(rate(vlltr_batch_size_sum{{{SEL}}}[$__rate_interval])) / "
-                   f"sum(rate(vlltr_batch_size_count{{{SEL}}}[$__rate_interval]))", "mean"),
-            Target(_quantile(0.95, "vlltr_batch_size"), "p95"),
-            Target(f"sum(rate(vlltr_batch_size_count{{{SEL}}}[$__rate_interval]))", "batches / s"),
-        ]),
-        Panel("timeseries", "Preprocess and inference time (p95)", [
-            Target(_quantile(0.95, "vlltr_preprocess_duration_seconds"), "preprocess"),
-            Target(_quantile(0.95, "vlltr_inference_duration_seconds"), "inference"),
-        ], unit="s"),
+        Panel(
+            "timeseries",
+            "Queue depth vs capacity",
+            [
+                Target(f"vlltr_queue_depth{{{SEL}}}", "depth {{instance}}"),
+                Target(f"vlltr_queue_capacity{{{SEL}}}", "capacity {{instance}}"),
+            ],
+            description="Requests waiting for a micro-batch; at capacity new requests get 503.",
+        ),
+        Panel(
+            "timeseries",
+            "Queue wait",
+            [
+                Target(_quantile(0.5, "vlltr_queue_wait_seconds"), "p50"),
+                Target(_quantile(0.95, "vlltr_queue_wait_seconds"), "p95"),
+                Target(_quantile(0.99, "vlltr_queue_wait_seconds"), "p99"),
+            ],
+            unit="s",
+            description="Time from enqueue to batch start; bounded by VLLTR_MAX_WAIT_MS when idle.",
+        ),
+        Panel(
+            "timeseries",
+            "Batch size",
+            [
+                Target(
+                    f"sum(rate(vlltr_batch_size_sum{{{SEL}}}[$__rate_interval])) / "
+                    f"sum(rate(vlltr_batch_size_count{{{SEL}}}[$__rate_interval]))",
+                    "mean",
+                ),
+                Target(_quantile(0.95, "vlltr_batch_size"), "p95"),
+                Target(f"sum(rate(vlltr_batch_size_count{{{SEL}}}[$__rate_interval]))", "batches / s"),
+            ],
+        ),
+        Panel(
+            "timeseries",
+            "Preprocess and inference time (p95)",
+            [
+                Target(_quantile(0.95, "vlltr_preprocess_duration_seconds"), "preprocess"),
+                Target(_quantile(0.95, "vlltr_inference_duration_seconds"), "inference"),
+            ],
+            unit="s",
+        ),
     ]
     cache_and_classes = [
-        Panel("timeseries", "Cache hit ratio", [Target(
-            f'sum(rate(vlltr_cache_lookups_total{{{SEL}, result="hit"}}[$__rate_interval]))'
-            f" / sum(rate(vlltr_cache_lookups_total{{{SEL}}}[$__rate_interval]))", "hit ratio")],
-            unit="percentunit", width=8),
-        Panel("timeseries", "Cache lookups by result", [Target(
-            f"sum by (result) (rate(vlltr_cache_lookups_total{{{SEL}}}[$__rate_interval]))", "{{result}}")],
-            unit="ops", width=8, stack=True,
-            description="'error' means the cache (Redis) failed and the request was served uncached."),
-        Panel("timeseries", "Rejected requests", [Target(
-            f"sum by (reason) (rate(vlltr_requests_rejected_total{{{SEL}}}[$__rate_interval]))", "{{reason}}")],
-            unit="reqps", width=8),
-        Panel("timeseries", "Predictions by class tier", [Target(
-            f"sum by (tier) (rate(vlltr_predictions_total{{{SEL}}}[$__rate_interval]))", "{{tier}}")],
-            unit="ops", width=8, stack=True,
-            description="Top-1 predictions split by the training frequency of the predicted class."),
-        Panel("timeseries", "Classes by source", [Target(
-            f"max by (source) (vlltr_classes{{{SEL}}})", "{{source}}")], width=8, stack=True),
-        Panel("timeseries", "Redis reachable", [Target(f"vlltr_redis_up{{{SEL}}}", "{{instance}}")],
-              width=8, description="1 when the replica reaches Redis; 0 means uncached serving."),
+        Panel(
+            "timeseries",
+            "Cache hit ratio",
+            [
+                Target(
+                    f'sum(rate(vlltr_cache_lookups_total{{{SEL}, result="hit"}}[$__rate_interval]))'
+                    f" / sum(rate(vlltr_cache_lookups_total{{{SEL}}}[$__rate_interval]))",
+                    "hit ratio",
+                )
+            ],
+            unit="percentunit",
+            width=8,
+        ),
+        Panel(
+            "timeseries",
+            "Cache lookups by result",
+            [Target(f"sum by (result) (rate(vlltr_cache_lookups_total{{{SEL}}}[$__rate_interval]))", "{{result}}")],
+            unit="ops",
+            width=8,
+            stack=True,
+            description="'error' means the cache (Redis) failed and the request was served uncached.",
+        ),
+        Panel(
+            "timeseries",
+            "Rejected requests",
+            [Target(f"sum by (reason) (rate(vlltr_requests_rejected_total{{{SEL}}}[$__rate_interval]))", "{{reason}}")],
+            unit="reqps",
+            width=8,
+        ),
+        Panel(
+            "timeseries",
+            "Predictions by class tier",
+            [Target(f"sum by (tier) (rate(vlltr_predictions_total{{{SEL}}}[$__rate_interval]))", "{{tier}}")],
+            unit="ops",
+            width=8,
+            stack=True,
+            description="Top-1 predictions split by the training frequency of the predicted class.",
+        ),
+        Panel(
+            "timeseries",
+            "Classes by source",
+            [Target(f"max by (source) (vlltr_classes{{{SEL}}})", "{{source}}")],
+            width=8,
+            stack=True,
+        ),
+        Panel(
+            "timeseries",
+            "Redis reachable",
+            [Target(f"vlltr_redis_up{{{SEL}}}", "{{instance}}")],
+            width=8,
+            description="1 when the replica reaches Redis; 0 means uncached serving.",
+        ),
     ]
     model = [
-        Panel("table", "Loaded model per replica", [Target(
-            f"vlltr_model_info{{{SEL}}}", instant=True, table=True)], width=24, height=6,
-            description="Bundle id, execution provider actually in use, and precision."),
+        Panel(
+            "table",
+            "Loaded model per replica",
+            [Target(f"vlltr_model_info{{{SEL}}}", instant=True, table=True)],
+            width=24,
+            height=6,
+            description="Bundle id, execution provider actually in use, and precision.",
+        ),
     ]
     return [
         ("Overview", overview),
@@ -293,7 +435,10 @@ def build() -> dict[str, Any]:
                     "label": "Replica",
                     "type": "query",
                     "datasource": DATASOURCE,
-                    "query": {"query": f'label_values({variable_source}{{job=~"$job"}}, instance)', "refId": "instance"},
+                    "query": {
+                        "query": f'label_values({variable_source}{{job=~"$job"}}, instance)',
+                        "refId": "instance",
+                    },
                     "definition": f'label_values({variable_source}{{job=~"$job"}}, instance)',
                     "includeAll": True,
                     "multi": True,

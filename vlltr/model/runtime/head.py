@@ -1,0 +1,544 @@
+"""The LGR head and the calibrated fusion in numpy: the service's scoring (docs/bundle.md, "Scoring").
+
+It mirrors `model/networks/head.py` (`LGRHead`, `calibrated_probabilities`); tests keep the two equal.
+
+The class table holds everything about the classes that does not depend on the image, precomputed once per
+table (trained classes from the bundle, plus classes added by text at run time):
+- `keys`: `W_q^T W_k LN_k(T) / sqrt(D)` as one contiguous `[C*M, D]` matrix, so the attention scores of a
+  batch are one GEMM against `LN_q(f)` (`q . K = LN_q(f) . W_q^T K`);
+- `anchors`: `T` as one contiguous `[C*M, D]` matrix, so `T_c f_hat` for all classes is the second GEMM;
+- `gram`: `G_c = T_c T_c^T`, `[C, M, M]`, so `|a_c T_c|^2 = a_c^T G_c a_c` without building `[B, C, D]`;
+- `mask_bias`: 0 where an anchor exists, -inf for padding (padding gets exactly zero attention);
+- `prototypes`: each class's unit mean anchor, sketched to at most 128 dimensions (`_sketch`), which ranks
+  added classes cheaply when a `Shortlist` limits exact scoring to the nearest ones (tables with many
+  thousands of added classes).
+Memory is about `2*C*M*D + C*M*M + C*min(D, 128)` floats; scoring runs in chunks of classes to bound the temporaries.
+Tables are immutable: `with_added` returns a new table, so the service can swap tables atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HEAD_ARRAYS = (
+    "ln_q_weight",
+    "ln_q_bias",
+    "w_q",
+    "ln_k_weight",
+    "ln_k_bias",
+    "w_k",
+    "mlp_w1",
+    "mlp_b1",
+    "mlp_w2",
+    "mlp_b2",
+)
+_EPS = 1e-12
+_CHUNK_ELEMENTS = 1 << 24  # B * classes * M elements per temporary while scoring (64 MiB of float32)
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """torch.nn.LayerNorm over the last axis (biased variance)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    var = np.mean(centred * centred, axis=-1, keepdims=True)
+    return centred / np.sqrt(var + np.float32(eps)) * weight + bias
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax; rows that are entirely -inf are not expected."""
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(shifted)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """The LGR head's weights (float32, torch `[out, in]` layout) and its constants."""
+
+    ln_q_weight: np.ndarray
+    ln_q_bias: np.ndarray
+    w_q: np.ndarray
+    ln_k_weight: np.ndarray
+    ln_k_bias: np.ndarray
+    w_k: np.ndarray
+    mlp_w1: np.ndarray
+    mlp_b1: np.ndarray
+    mlp_w2: np.ndarray
+    mlp_b2: np.ndarray
+    logit_scale: float
+    ln_eps: float = 1e-5
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.w_q.shape[0])
+
+    @property
+    def num_trained(self) -> int:
+        return int(self.mlp_w2.shape[0])
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first array whose shape does not fit the others."""
+        d = self.embed_dim
+        c = self.num_trained
+        expected = {
+            "ln_q_weight": (d,),
+            "ln_q_bias": (d,),
+            "w_q": (d, d),
+            "ln_k_weight": (d,),
+            "ln_k_bias": (d,),
+            "w_k": (d, d),
+            "mlp_w1": (4 * d, d),
+            "mlp_b1": (4 * d,),
+            "mlp_w2": (c, 4 * d),
+            "mlp_b2": (c,),
+        }
+        for name, shape in expected.items():
+            got = getattr(self, name).shape
+            if got != shape:
+                raise ValueError(f"head array {name} has shape {got}, expected {shape}")
+            if not np.all(np.isfinite(getattr(self, name))):
+                raise ValueError(f"head array {name} holds non-finite values")
+        if not math.isfinite(self.logit_scale) or self.logit_scale <= 0:
+            raise ValueError(f"head logit_scale must be positive and finite, got {self.logit_scale}")
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], *, logit_scale: float, ln_eps: float = 1e-5) -> HeadParams:
+        """Build from `head.npz`-style arrays; a missing array raises KeyError naming it."""
+        missing = [k for k in HEAD_ARRAYS if k not in arrays]
+        if missing:
+            raise KeyError(f"head arrays missing: {missing}")
+        params = cls(
+            **{k: np.ascontiguousarray(arrays[k], dtype=np.float32) for k in HEAD_ARRAYS},
+            logit_scale=float(logit_scale),
+            ln_eps=float(ln_eps),
+        )
+        params.validate()
+        return params
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays as written to `head.npz`."""
+        return {k: getattr(self, k) for k in HEAD_ARRAYS}
+
+    def vision_logits(self, f: np.ndarray) -> np.ndarray:
+        """`W2 relu(W1 f + b1) + b2`, `[B, S]` over the trained classes."""
+        h = np.maximum(f @ self.mlp_w1.T + self.mlp_b1, 0.0)
+        return h @ self.mlp_w2.T + self.mlp_b2
+
+    def queries(self, f: np.ndarray) -> np.ndarray:
+        """`LN_q(f)`: the image side of the attention (W_q is folded into the table's keys)."""
+        return layer_norm(f, self.ln_q_weight, self.ln_q_bias, self.ln_eps)
+
+
+@dataclass(frozen=True)
+class ClassEntry:
+    """One class of a table: its name, anchors `[M, D]` (raw text features, zero padded) and mask `[M]`."""
+
+    name: str
+    anchors: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class ClassTable:
+    """Precomputed scoring matrices for a set of classes; see the module docstring. Build with `build`."""
+
+    names: tuple[str, ...]
+    num_trained: int
+    num_anchors: int
+    embed_dim: int
+    keys: np.ndarray  # [C*M, D]
+    anchors: np.ndarray  # [C*M, D]
+    gram: np.ndarray  # [C, M, M]
+    mask: np.ndarray  # [C, M] bool
+    mask_bias: np.ndarray  # [C, M] float32, 0 or -inf
+    prototypes: np.ndarray  # [C, K] sketched unit mean of each class's anchors (the shortlist's cheap score)
+    logit_scale: float
+    _index: Mapping[str, int] = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        anchors: np.ndarray,
+        mask: np.ndarray,
+        params: HeadParams,
+        names: Sequence[str],
+        *,
+        num_trained: int | None = None,
+    ) -> ClassTable:
+        """Precompute a table from anchors `[C, M, D]`, mask `[C, M]` and the head parameters.
+
+        `num_trained` (default: all) says how many leading classes are trained ones (have vision logits).
+        """
+        anchors = np.ascontiguousarray(anchors, dtype=np.float32)
+        mask = np.asarray(mask, dtype=bool)
+        if anchors.ndim != 3:
+            raise ValueError(f"anchors must be [C, M, D], got shape {anchors.shape}")
+        c, m, d = anchors.shape
+        if mask.shape != (c, m):
+            raise ValueError(f"anchor mask shape {mask.shape} does not match anchors {anchors.shape}")
+        if d != params.embed_dim:
+            raise ValueError(f"anchors have dimension {d}, the head {params.embed_dim}")
+        if len(names) != c:
+            raise ValueError(f"{len(names)} class names for {c} anchor rows")
+        empty = np.flatnonzero(~mask.any(axis=1))
+        if empty.size:
+            raise ValueError(f"classes {[names[i] for i in empty[:10]]} have no anchors; every class needs one")
+        if not np.all(np.isfinite(anchors)):
+            raise ValueError("anchors hold non-finite values")
+        trained = c if num_trained is None else int(num_trained)
+        if not 0 <= trained <= c:
+            raise ValueError(f"num_trained={trained} outside [0, {c}]")
+        index = {}
+        for i, name in enumerate(names):
+            if name in index:
+                raise ValueError(f"class name {name!r} appears twice")
+            index[name] = i
+        keys = _keys(anchors, params)
+        gram = np.matmul(anchors, anchors.transpose(0, 2, 1))
+        return cls(
+            names=tuple(names),
+            num_trained=trained,
+            num_anchors=m,
+            embed_dim=d,
+            keys=keys,
+            anchors=anchors.reshape(c * m, d),
+            gram=gram,
+            mask=mask,
+            mask_bias=np.where(mask, np.float32(0.0), np.float32(-np.inf)).astype(np.float32),
+            prototypes=_sketch(class_directions(anchors, mask)),
+            logit_scale=float(params.logit_scale),
+            _index=index,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_added(self) -> int:
+        return self.num_classes - self.num_trained
+
+    def index_of(self, name: str) -> int | None:
+        """Class id of `name`, or None."""
+        return self._index.get(name)
+
+    def anchors_of(self, i: int) -> np.ndarray:
+        """Anchors `[M, D]` of class `i` (padding included)."""
+        m = self.num_anchors
+        return self.anchors[i * m : (i + 1) * m]
+
+    def with_added(self, entries: Iterable[ClassEntry], params: HeadParams) -> ClassTable:
+        """A new table: this one's classes followed by `entries` (added classes). This table is unchanged."""
+        entries = list(entries)
+        if not entries:
+            return self
+        m, d = self.num_anchors, self.embed_dim
+        for e in entries:
+            if e.anchors.shape != (m, d) or e.mask.shape != (m,):
+                raise ValueError(
+                    f"class {e.name!r}: anchors {e.anchors.shape} / mask {e.mask.shape}, expected ({m}, {d}) / ({m},)"
+                )
+        new = ClassTable.build(
+            np.stack([e.anchors for e in entries]),
+            np.stack([e.mask for e in entries]),
+            params,
+            [e.name for e in entries],
+            num_trained=0,
+        )
+        clash = [n for n in new.names if n in self._index]
+        if clash:
+            raise ValueError(f"class name(s) {clash} already in the table")
+        names = self.names + new.names
+        return ClassTable(
+            names=names,
+            num_trained=self.num_trained,
+            num_anchors=m,
+            embed_dim=d,
+            keys=np.concatenate([self.keys, new.keys]),
+            anchors=np.concatenate([self.anchors, new.anchors]),
+            gram=np.concatenate([self.gram, new.gram]),
+            mask=np.concatenate([self.mask, new.mask]),
+            mask_bias=np.concatenate([self.mask_bias, new.mask_bias]),
+            prototypes=np.concatenate([self.prototypes, new.prototypes]),
+            logit_scale=self.logit_scale,
+            _index={n: i for i, n in enumerate(names)},
+        )
+
+    def trained_only(self) -> ClassTable:
+        """The table restricted to the trained classes (the base to re-add a changed set of classes to)."""
+        if self.num_added == 0:
+            return self
+        s, m = self.num_trained, self.num_anchors
+        names = self.names[:s]
+        return ClassTable(
+            names=names,
+            num_trained=s,
+            num_anchors=m,
+            embed_dim=self.embed_dim,
+            keys=self.keys[: s * m].copy(),
+            anchors=self.anchors[: s * m].copy(),
+            gram=self.gram[:s].copy(),
+            mask=self.mask[:s].copy(),
+            mask_bias=self.mask_bias[:s].copy(),
+            prototypes=self.prototypes[:s].copy(),
+            logit_scale=self.logit_scale,
+            _index={n: i for i, n in enumerate(names)},
+        )
+
+    def language_logits(self, queries: np.ndarray, f: np.ndarray, shortlist: Shortlist | None = None) -> np.ndarray:
+        """`s * cos(f, sum_m a_cm T_cm)` for every class of the table, `[B, C]`.
+
+        Args:
+            queries: `LN_q(f)` from :meth:`HeadParams.queries`, `[B, D]`.
+            f: raw image features `[B, D]`.
+            shortlist: with many added classes, score exactly only the added classes each image is closest to
+                (see :class:`Shortlist`); None scores every class exactly.
+        """
+        f = np.asarray(f, dtype=np.float32)
+        f_hat = f / np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), np.float32(_EPS))
+        c, s = self.num_classes, self.num_trained
+        if shortlist is None or not shortlist.applies(self.num_added):
+            return self._exact(queries, f_hat, slice(0, c))
+        out = np.empty((f.shape[0], c), dtype=np.float32)
+        out[:, :s] = self._exact(queries, f_hat, slice(0, s))
+        # Every added class gets the cheap score (cosine in the sketch), then the union of the images'
+        # shortlists is scored exactly.
+        np.matmul(_sketch(f_hat), self.prototypes[s:].T, out=out[:, s:])
+        out[:, s:] *= np.float32(self.logit_scale)
+        k = shortlist.size
+        near = np.unique(np.argpartition(-out[:, s:], k - 1, axis=1)[:, :k]) + s
+        out[:, near] = self._exact(queries, f_hat, near)
+        return out
+
+    def _exact(self, queries: np.ndarray, f_hat: np.ndarray, classes: slice | np.ndarray) -> np.ndarray:
+        """Exact language logits `[B, n]` of a class range (views, no copy) or an index array (gathered)."""
+        m, d = self.num_anchors, self.embed_dim
+        if isinstance(classes, slice):
+            rows = slice(classes.start * m, classes.stop * m)
+            keys, anchors = self.keys[rows], self.anchors[rows]
+        else:
+            keys = self.keys.reshape(-1, m, d)[classes].reshape(-1, d)
+            anchors = self.anchors.reshape(-1, m, d)[classes].reshape(-1, d)
+        gram, mask_bias = self.gram[classes], self.mask_bias[classes]
+        b, n = f_hat.shape[0], gram.shape[0]
+        out = np.empty((b, n), dtype=np.float32)
+        step = max(1, _CHUNK_ELEMENTS // max(1, b * m))
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            rows = slice(lo * m, hi * m)
+            scores = (queries @ keys[rows].T).reshape(b, hi - lo, m) + mask_bias[lo:hi]
+            attn = softmax(scores, axis=-1)
+            proj = (f_hat @ anchors[rows].T).reshape(b, hi - lo, m)
+            numerator = np.sum(attn * proj, axis=-1)
+            a_t = attn.transpose(1, 0, 2)  # [c, B, M]
+            sq_norm = np.sum(np.matmul(a_t, gram[lo:hi]) * a_t, axis=-1).T
+            out[:, lo:hi] = self.logit_scale * numerator / np.sqrt(np.maximum(sq_norm, np.float32(_EPS)))
+        return out
+
+
+@dataclass(frozen=True)
+class Shortlist:
+    """Scoring only some added classes exactly, for tables with many thousands of them.
+
+    Exact scoring reads every class's anchors and keys for every batch, so its cost grows with the table
+    (1.6 GB per batch at 50,000 classes of 8 anchors in 512 dimensions); past `min_added` added classes,
+    each image ranks the added classes by the cosine to their anchors' unit mean, estimated in a
+    128-dimensional sketch (one matrix-vector product per image), the union of the images' `size` best is
+    scored exactly, and the rest keep that estimate.
+    Trained classes are always scored exactly. The top classes are then those of the exact scoring unless the
+    right class falls outside the shortlist; `tests/test_head_shortlist.py` measures how often it does.
+    """
+
+    size: int = 256
+    min_added: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.min_added < 0:
+            raise ValueError(f"shortlist size must be >= 1 and min_added >= 0, got {self.size}, {self.min_added}")
+
+    def applies(self, num_added: int) -> bool:
+        """Whether a table with `num_added` added classes is shortlisted."""
+        return num_added > max(self.min_added, self.size)
+
+
+_SKETCH_DIMS = 128
+
+
+@functools.lru_cache(maxsize=4)
+def _sketch_matrix(d: int) -> np.ndarray | None:
+    """`[D, 128]` random orthonormal columns scaled by sqrt(D / 128), fixed for a given D (None when D <= 128).
+
+    Inner products of sketched unit vectors estimate their cosines (Johnson-Lindenstrauss, spread about
+    1/sqrt(128)), which is enough to find an image's few hundred nearest classes among many thousands in a
+    quarter of the memory traffic; the shortlisted ones are then scored exactly."""
+    if d <= _SKETCH_DIMS:
+        return None
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((d, _SKETCH_DIMS)))
+    return (q * math.sqrt(d / _SKETCH_DIMS)).astype(np.float32)
+
+
+def _sketch(x: np.ndarray) -> np.ndarray:
+    m = _sketch_matrix(x.shape[-1])
+    return x if m is None else np.ascontiguousarray(x @ m, dtype=np.float32)
+
+
+def class_directions(anchors: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`[C, D]` unit mean of each class's unit-normalised anchors `[C, M, D]` (padding, `mask` `[C, M]` False,
+    left out): a class's text direction, `unit_mean` of its anchors."""
+    norms = np.maximum(np.linalg.norm(anchors, axis=-1, keepdims=True), np.float32(_EPS))
+    mean = np.sum((anchors / norms) * mask[..., None], axis=1)
+    return (mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), np.float32(_EPS))).astype(np.float32)
+
+
+def _keys(anchors: np.ndarray, params: HeadParams) -> np.ndarray:
+    """`W_q^T W_k LN_k(T) / sqrt(D)` as `[C*M, D]`, computed in row blocks to bound the temporaries."""
+    # K = W_k LN_k(T); the score q.K / sqrt(D) with q = W_q LN_q(f) equals LN_q(f) . (W_q^T K) / sqrt(D).
+    d = params.embed_dim
+    flat = anchors.reshape(-1, d)
+    combined = (params.w_q.T @ params.w_k / np.float32(math.sqrt(d))).T.astype(np.float32)  # x -> x W_k^T W_q
+    out = np.empty_like(flat)
+    step = max(1, _CHUNK_ELEMENTS // d)
+    for lo in range(0, flat.shape[0], step):
+        block = layer_norm(flat[lo : lo + step], params.ln_k_weight, params.ln_k_bias, params.ln_eps)
+        np.matmul(block, combined, out=out[lo : lo + step])
+    return out
+
+
+def log_prior_from_counts(counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """`log(n_c / sum n)` of the trained classes; every count must be positive."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError("train counts must be a non-empty list")
+    bad = np.flatnonzero(~(counts > 0))
+    if bad.size:
+        raise ValueError(f"trained classes {bad[:10].tolist()} have train_count <= 0; the prior needs positive counts")
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+ADDED_CLASS_VISION_MODES = ("none", "standardised")
+
+
+def _added_vision_logits(vis: np.ndarray, lin_trained: np.ndarray, lin_added: np.ndarray) -> np.ndarray:
+    """Vision-branch stand-in logits of added classes: their language logits mapped, per image, onto the
+    vision branch's scale by matching the mean and std of the trained classes' logits in the two branches."""
+    mu_v, sd_v = vis.mean(axis=1, keepdims=True), vis.std(axis=1, keepdims=True)
+    mu_l, sd_l = lin_trained.mean(axis=1, keepdims=True), lin_trained.std(axis=1, keepdims=True)
+    return mu_v + (lin_added - mu_l) * (sd_v / np.maximum(sd_l, np.float32(_EPS)))
+
+
+def calibrated_probabilities(
+    z_vis: np.ndarray,
+    z_lin: np.ndarray,
+    log_prior: np.ndarray,
+    *,
+    alpha: float,
+    tau: float = 0.0,
+    temperature: float = 1.0,
+    added_class_bias: float = 0.0,
+    added_class_vision: str = "none",
+) -> np.ndarray:
+    """numpy twin of `vlltr.model.networks.head.calibrated_probabilities` (same arguments, same result).
+
+    `z_vis` `[B, S]` covers the S trained classes, `z_lin` `[B, S + A]` the trained then the added classes.
+    Trained logits get `- tau * log_prior`, added language logits `+ added_class_bias`. With
+    `added_class_vision="none"` the vision softmax covers the trained classes only (an added class gets 0 of
+    its mass); with `"standardised"` each added class also gets a vision logit, its adjusted language logit
+    mapped onto the vision scale (`mean_v + (l - mean_l) * std_v / std_l`, moments over the image's trained
+    classes), so it competes in both branches. All logits are divided by `temperature`; the result is
+    `alpha * softmax(vision) + (1 - alpha) * softmax(language)`.
+    """
+    if added_class_vision not in ADDED_CLASS_VISION_MODES:
+        raise ValueError(f"unknown added_class_vision {added_class_vision!r}; use one of {ADDED_CLASS_VISION_MODES}")
+    z_vis = np.asarray(z_vis, dtype=np.float32)
+    z_lin = np.asarray(z_lin, dtype=np.float32)
+    s = z_vis.shape[1]
+    if z_lin.shape[1] < s or np.shape(log_prior) != (s,):
+        raise ValueError(
+            f"shapes do not fit: z_vis {z_vis.shape}, z_lin {z_lin.shape}, log_prior {np.shape(log_prior)}"
+        )
+    adjust = np.float32(tau) * np.asarray(log_prior, dtype=np.float32)
+    lin = z_lin.copy()
+    lin[:, :s] -= adjust
+    lin[:, s:] += np.float32(added_class_bias)
+    vis = z_vis - adjust
+    if added_class_vision == "standardised" and lin.shape[1] > s:
+        vis = np.concatenate([vis, _added_vision_logits(vis, lin[:, :s], lin[:, s:])], axis=1)
+    vis = softmax(vis / np.float32(temperature), axis=-1)
+    lin = softmax(lin / np.float32(temperature), axis=-1)
+    out = (1.0 - np.float32(alpha)) * lin
+    out[:, : vis.shape[1]] += np.float32(alpha) * vis
+    return out
+
+
+def _unit_rows(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"need at least one {what} feature [n, D], got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what} features hold non-finite values")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.any(norms <= _EPS):
+        raise ValueError(f"a {what} feature has zero norm")
+    return x / norms
+
+
+def build_added_class_anchors(
+    descriptions_features: np.ndarray,
+    num_anchors: int,
+    *,
+    reference: np.ndarray | None = None,
+    others: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Choose the anchors of a class added by text alone (no images to rank sentences by).
+
+    Rule: each sentence is scored by its cosine to a target direction, minus (when `others` is given) its
+    highest cosine to any other class; the `num_anchors` best are kept (ties: earlier sentence first). The
+    target is the mean direction of `reference` (e.g. the class-name prompts' text features) or, without
+    one, the centroid of the class's own sentences. The centroid alone is pulled by distractors that reuse
+    other classes' visual words; the class name and the other classes' directions are what tell such a
+    sentence from a description without images. All sentences are kept when there are at most M.
+
+    Args:
+        descriptions_features: `[n, D]` raw text features of the class's description sentences.
+        num_anchors: M, the table's anchor count.
+        reference: optional `[r, D]` text features that name the class (its prompt-templated name).
+        others: optional `[K, D]` text features of the other classes (e.g. their name prompts or anchors).
+
+    Returns:
+        `(anchors [M, D] raw features zero padded, mask [M] bool, chosen sentence indices in anchor order)`.
+    """
+    if num_anchors < 1:
+        raise ValueError(f"num_anchors must be positive, got {num_anchors}")
+    x = np.asarray(descriptions_features, dtype=np.float32)
+    unit = _unit_rows(x, "description")
+    target = (_unit_rows(reference, "reference") if reference is not None else unit).mean(axis=0)
+    target /= max(float(np.linalg.norm(target)), _EPS)
+    score = unit @ target
+    if others is not None:
+        score = score - (unit @ _unit_rows(others, "other-class").T).max(axis=1)
+    chosen = np.argsort(-score, kind="stable")[:num_anchors]
+    anchors = np.zeros((num_anchors, x.shape[1]), dtype=np.float32)
+    anchors[: chosen.size] = x[chosen]
+    mask = np.zeros(num_anchors, dtype=bool)
+    mask[: chosen.size] = True
+    return anchors, mask, chosen
+
+
+def unit_mean(features: np.ndarray) -> np.ndarray:
+    """Unit vector of the mean of unit vectors: one class's text direction (from its anchors)."""
+    x = np.asarray(features, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(_EPS))
+    m = x.mean(axis=0)
+    return (m / max(float(np.linalg.norm(m)), _EPS)).astype(np.float32)
+
+
+def load_head_npz(path: str | Path, *, logit_scale: float, ln_eps: float = 1e-5) -> HeadParams:
+    """Read `head.npz` (no pickles) into :class:`HeadParams`."""
+    with np.load(path, allow_pickle=False) as data:
+        return HeadParams.from_arrays({k: data[k] for k in data.files}, logit_scale=logit_scale, ln_eps=ln_eps)

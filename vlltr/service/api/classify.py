@@ -1,0 +1,141 @@
+"""`POST /v1/classify` and `POST /v1/classify/batch`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from vlltr.service.api.deps import BodyHoldDep, CoreDep
+from vlltr.service.api.docs import binary, error_responses, multipart_body
+from vlltr.service.api.uploads import Part, read_multipart
+from vlltr.service.core import Scored
+from vlltr.service.errors_http import REJECT_REASONS, ApiError
+from vlltr.service.schemas import BatchItem, BatchResponse, ClassifyResponse, ErrorBody
+from vlltr.service.settings import Settings
+
+router = APIRouter(prefix="/v1/classify", tags=["classify"])
+
+TopK = Annotated[
+    int,
+    Query(
+        ge=1,
+        description="how many classes to return, best first (at most the "
+        "`max_top_k` setting; capped at the number of classes)",
+    ),
+]
+
+
+def _check_top_k(top_k: int, settings: Settings) -> None:
+    if top_k > settings.max_top_k:
+        raise ApiError(422, "invalid", f"query.top_k: {top_k} is over the limit of {settings.max_top_k}")
+
+
+def _files(parts: list[Part], field: str) -> list[Part]:
+    unknown = sorted({p.name for p in parts if p.name != field})
+    if unknown:
+        raise ApiError(422, "invalid", f"unexpected form field(s) {unknown}; send the image(s) as {field!r}")
+    files = [p for p in parts if p.name == field]
+    if not files:
+        raise ApiError(422, "invalid", f"form field {field!r} is missing: send the image(s) as {field!r}")
+    not_files = [p.name for p in files if not p.is_file]
+    if not_files:
+        raise ApiError(422, "invalid", f"form field {field!r} must be a file upload (with a filename)")
+    return files
+
+
+@router.post(
+    "",
+    response_model=ClassifyResponse,
+    summary="Classify one image",
+    responses=error_responses(400, 413, 415, 422, 503),
+    openapi_extra=multipart_body({"file": binary("the image (JPEG, PNG, WebP, GIF, BMP or TIFF)")}, ["file"]),
+)
+async def classify_image(request: Request, core: CoreDep, hold: BodyHoldDep, top_k: TopK = 5) -> ClassifyResponse:
+    """Classify one image uploaded as multipart field `file`.
+
+    `curl -F file=@cat.jpg 'http://localhost:8000/v1/classify?top_k=3'`
+    """
+    settings = core.settings
+    _check_top_k(top_k, settings)
+    core.check_accepting(1)  # refuse before reading a body we could not serve
+    parts = await read_multipart(
+        request, file_limit=settings.max_image_bytes, max_files=1, expected="one image in field 'file'", hold=hold
+    )
+    files = _files(parts, "file")
+    scored = await core.classify(files[0].data, top_k)
+    return ClassifyResponse(
+        predictions=scored.predictions(), bundle_id=core.bundle.bundle_id, class_table_version=scored.version
+    )
+
+
+def _item(index: int, part: Part, result: Scored | ApiError, request: Request) -> BatchItem:
+    if isinstance(result, ApiError):
+        reason = REJECT_REASONS.get(result.code)
+        if reason is not None:
+            request.app.state.metrics.rejected.labels(reason=reason).inc()
+        return BatchItem(
+            index=index,
+            filename=part.filename,
+            status=result.status,
+            error=ErrorBody(code=result.code, message=result.message),
+        )
+    return BatchItem(
+        index=index,
+        filename=part.filename,
+        status=200,
+        predictions=result.predictions(),
+        class_table_version=result.version,
+    )
+
+
+@router.post(
+    "/batch",
+    response_model=BatchResponse,
+    summary="Classify several images",
+    responses=error_responses(413, 415, 422, 503),
+    openapi_extra=multipart_body(
+        {
+            "files": {
+                "type": "array",
+                "items": binary("an image"),
+                "description": "the images (repeat the field); at most `max_batch_files`",
+            }
+        },
+        ["files"],
+    ),
+)
+async def classify_batch(request: Request, core: CoreDep, hold: BodyHoldDep, top_k: TopK = 5) -> BatchResponse:
+    """Classify several images sent as repeated multipart field `files`.
+
+    Each image gets its own result or its own error (with the status it would have had alone), in
+    request order; one bad image never fails the others.
+
+    `curl -F files=@a.jpg -F files=@b.png http://localhost:8000/v1/classify/batch`
+    """
+    settings = core.settings
+    _check_top_k(top_k, settings)
+    core.check_accepting(1)
+    parts = await read_multipart(
+        request,
+        file_limit=settings.max_image_bytes,
+        max_files=settings.max_batch_files,
+        expected="images in repeated field 'files'",
+        per_file_errors=True,
+        hold=hold,
+    )
+    files = _files(parts, "files")
+    readable = [i for i, p in enumerate(files) if not p.oversize]
+    scored = iter(await core.classify_many([files[i].data for i in readable], top_k))
+    results: list[Scored | ApiError] = [
+        next(scored)
+        if not part.oversize
+        else ApiError(
+            413, "too_large", f"file {part.filename!r} is larger than the limit of {settings.max_image_bytes} bytes"
+        )
+        for part in files
+    ]
+    items = [_item(i, p, r, request) for i, (p, r) in enumerate(zip(files, results))]
+    versions = [it.class_table_version for it in items if it.class_table_version is not None]
+    version = max(versions) if versions else core.registry.current.version
+    return BatchResponse(results=items, bundle_id=core.bundle.bundle_id, class_table_version=version)

@@ -1,0 +1,68 @@
+"""Dependencies shared by the routers: the serving core, the settings and the admin-token check."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from vlltr.service.api.uploads import BodyHold
+from vlltr.service.core import ServingCore
+from vlltr.service.errors_http import ApiError
+from vlltr.service.settings import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="the admin token (`VLLTR_ADMIN_TOKEN`), when one is set")
+
+
+# The dependencies on the request path are `async def`: FastAPI runs a plain `def` dependency in its
+# thread pool, a thread hop per request that cost more than the whole lookup.
+async def get_settings(request: Request) -> Settings:
+    """The app's settings."""
+    return request.app.state.settings
+
+
+async def get_core(request: Request) -> ServingCore:
+    """The serving core; 503 while the service is still loading."""
+    core = getattr(request.app.state, "core", None)
+    if core is None:
+        retry = str(request.app.state.settings.retry_after_s)
+        raise ApiError(503, "not_ready", "the service is starting; try again shortly", {"Retry-After": retry})
+    return core
+
+
+def require_admin(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """401 without a Bearer token, 403 with a wrong one; a no-op when no admin token is configured."""
+    token = request.app.state.settings.admin_token
+    if token is None:
+        return
+    if credentials is None or not credentials.credentials:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "this endpoint needs the admin token: send 'Authorization: Bearer <token>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    given = credentials.credentials.encode("utf-8")
+    if not hmac.compare_digest(given, token.get_secret_value().encode("utf-8")):
+        raise ApiError(403, "forbidden", "the admin token is not valid")
+
+
+async def body_hold(request: Request) -> AsyncIterator[BodyHold]:
+    """This request's share of the app's request-body budget, given back once the request is answered."""
+    hold = BodyHold(getattr(request.app.state, "body_budget", None))
+    try:
+        yield hold
+    finally:
+        hold.release()
+
+
+CoreDep = Annotated[ServingCore, Depends(get_core)]
+BodyHoldDep = Annotated[BodyHold, Depends(body_hold)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+AdminDep = Depends(require_admin)

@@ -1,0 +1,36 @@
+"""`GET /v1/model`: what is being served."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from vlltr.service.api.deps import CoreDep
+from vlltr.service.api.docs import error_responses
+from vlltr.service.schemas import ClassCounts, ModelInfo
+
+router = APIRouter(prefix="/v1/model", tags=["model"])
+
+
+@router.get("", response_model=ModelInfo, summary="The served bundle and runtime", responses=error_responses(503))
+async def model_info(core: CoreDep) -> ModelInfo:
+    """Bundle id, architecture, class counts, the execution provider really in use, precision and the
+    class-table version."""
+    bundle = core.bundle
+    table = core.registry.current
+    training = bundle.manifest.get("training") or {}
+    dataset = training.get("dataset") if isinstance(training, dict) else None
+    return ModelInfo(
+        bundle_id=bundle.bundle_id,
+        arch=bundle.arch,
+        embed_dim=bundle.embed_dim,
+        image_size=bundle.preprocess.size,
+        num_anchors=bundle.num_anchors,
+        precision=bundle.precision,
+        provider=core.provider,
+        classes=ClassCounts(trained=table.table.num_trained, added=table.table.num_added, total=table.num_classes),
+        class_table_version=table.version,
+        created=bundle.manifest.get("created"),
+        dataset=dataset if isinstance(dataset, str) else None,
+        max_batch_size=core.settings.max_batch_size,
+        batch_buckets=list(core.buckets),
+    )

@@ -1,0 +1,303 @@
+"""Dynamic micro-batching across concurrent requests.
+
+Requests on the event loop `submit` payloads; each gets an asyncio future created on the loop. One
+inference thread (one per ONNX ServingCore session: concurrent `Run()` calls on a session serialise anyway)
+forms batches and runs them:
+
+- a batch leaves as soon as `max_batch_size` items wait, or when the OLDEST waiting item has waited
+  `max_wait_s` (the deadline is anchored on its arrival; nothing sleep-polls), or, when the caller says how
+  many items are still on their way (`upstream`, e.g. images being decoded), as soon as none is: waiting
+  longer could not make the batch any larger, only the answers later. With `upstream`, the deadline also
+  stretches to a tenth of the recent batch run time while items are on their way: for an encoder that
+  takes seconds per batch, waiting a few tens of milliseconds for images still being decoded fills the
+  batch at a cost of a few per cent, where leaving at `max_wait_s` would run a batch of one;
+- items whose future is already done (the client went away) are skipped;
+- if the batch function raises, the batch is retried item by item, so a bad item fails alone;
+- results go back to the loop with ONE `call_soon_threadsafe` per batch;
+- the waiting queue is bounded (`QueueFullError` past it, answered 503 + Retry-After);
+- the thread never dies from an exception in a batch; `ensure_running` restarts it if it ever does, and
+  `alive()` (its heartbeat) feeds readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from vlltr.service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+ADAPTIVE_WAIT_FRACTION = 0.1  # with `upstream`: wait up to this share of the recent batch run time
+ADAPTIVE_WAIT_CAP_S = 1.0  # ... but never longer than this
+HEARTBEAT_S = 0.5  # the thread wakes at least this often while idle, so its heartbeat stays fresh
+STALL_S = 120.0  # a batch running longer than this marks the batcher not alive (readiness fails)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at capacity; the caller should retry later."""
+
+
+class BatcherStoppedError(RuntimeError):
+    """The batcher is not running (not started yet, or shutting down)."""
+
+
+@dataclass(slots=True)
+class _Item(Generic[P]):
+    payload: P
+    future: asyncio.Future
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class MicroBatcher(Generic[P, R]):
+    """Collects payloads from the event loop into batches for `process`, run on a dedicated thread.
+
+    Args:
+        process: maps a list of payloads to one result per payload, in order. A result may be an exception
+            instance, which fails only that item. Runs on the inference thread.
+        max_batch_size: most payloads per call of `process`.
+        max_wait_s: deadline of a batch, counted from the arrival of its oldest payload.
+        queue_size: most payloads waiting (not yet in a batch).
+        metrics: optional; queue depth/capacity/wait, batch size and per-batch duration are recorded.
+        name: thread name.
+        upstream: optional; the number of payloads that will be submitted soon (admitted and being
+            prepared). When it is 0 a waiting batch leaves at once instead of waiting for its deadline.
+            Called from both threads, so it must be cheap and thread-safe (reading an int is).
+    """
+
+    def __init__(
+        self,
+        process: Callable[[list[P]], Sequence[R | BaseException]],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        queue_size: int,
+        metrics: Metrics | None = None,
+        name: str = "vlltr-inference",
+        upstream: Callable[[], int] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size and queue_size must be >= 1 and max_wait_s >= 0")
+        self._process = process
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
+        self._metrics = metrics
+        self._name = name
+        self._upstream = upstream
+        self._batch_s = 0.0  # moving average of batch run time (inference thread only)
+        self._items: deque[_Item[P]] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._busy_since: float | None = None
+        self.heartbeat = 0.0
+        self.restarts = 0
+        if metrics is not None:
+            metrics.queue_capacity.set(queue_size)
+            metrics.queue_depth.set(0)
+
+    # ---- lifecycle (event loop side) ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the inference thread; call from the event loop that will await the results."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self.heartbeat = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def ensure_running(self) -> bool:
+        """Restart the inference thread if it died; returns True when a restart happened."""
+        if self._stopping or self._loop is None:
+            return False
+        if self._thread is not None and self._thread.is_alive():
+            return False
+        log.error("the inference thread %s had stopped; restarting it", self._name)
+        self.restarts += 1
+        self._spawn()
+        return True
+
+    def alive(self) -> bool:
+        """True while the thread runs and is not stuck (heartbeat fresh, no batch running for ages)."""
+        if self._thread is None or not self._thread.is_alive() or self._stopping:
+            return False
+        now = time.monotonic()
+        busy = self._busy_since
+        if busy is not None:
+            return now - busy < STALL_S
+        return now - self.heartbeat < STALL_S
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread after its current batch; waiting payloads fail with `BatcherStoppedError`."""
+        with self._cond:
+            self._stopping = True
+            left = list(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+        for item in left:
+            if not item.future.done():
+                item.future.set_exception(BatcherStoppedError("the service is shutting down"))
+        thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join, timeout)
+        self._set_depth(0)
+
+    # ---- submitting (event loop side) -------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Payloads waiting for a batch."""
+        return len(self._items)
+
+    def submit_many(self, payloads: Sequence[P]) -> list[asyncio.Future]:
+        """Queue several payloads at once (all or none); returns their futures in order.
+
+        Raises:
+            QueueFullError: fewer than `len(payloads)` free places in the queue.
+            BatcherStoppedError: the batcher is not running.
+        """
+        loop = self._loop
+        if loop is None or self._stopping:
+            raise BatcherStoppedError("the inference loop is not running")
+        now = time.monotonic()
+        items = [_Item(p, loop.create_future(), now) for p in payloads]
+        with self._cond:
+            waiting = len(self._items)
+            if waiting + len(items) > self.queue_size:
+                raise QueueFullError(f"the inference queue is full ({waiting} of {self.queue_size} places taken)")
+            self._items.extend(items)
+            depth = len(self._items)
+            # The thread only needs waking when the deadline it sleeps towards changes (first item), when a
+            # batch is full, or when nothing more is on its way; other arrivals would only make it recompute
+            # the same deadline.
+            if waiting == 0 or depth >= self.max_batch_size or self._nothing_upstream():
+                self._cond.notify()
+        self._set_depth(depth)
+        return [item.future for item in items]
+
+    async def submit(self, payload: P) -> R:
+        """Queue one payload and wait for its result (its exception is raised here)."""
+        return await self.submit_many([payload])[0]
+
+    def _deadline_s(self) -> float:
+        if self._upstream is None:
+            return self.max_wait_s
+        return max(self.max_wait_s, min(ADAPTIVE_WAIT_CAP_S, ADAPTIVE_WAIT_FRACTION * self._batch_s))
+
+    def _nothing_upstream(self) -> bool:
+        if self._upstream is None:
+            return False
+        try:
+            return self._upstream() <= 0
+        except Exception:  # a broken callback must not stall batching: fall back to the deadline
+            return False
+
+    # ---- the inference thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self.heartbeat = time.monotonic()
+            try:
+                batch = self._next_batch()
+                if batch:
+                    self._execute(batch)
+            except Exception:  # never let the loop die; the batch's futures were resolved in _execute
+                log.exception("error in the batching loop; continuing")
+
+    def _next_batch(self) -> list[_Item[P]]:
+        with self._cond:
+            while not self._stopping:
+                self.heartbeat = time.monotonic()
+                if not self._items:
+                    self._cond.wait(HEARTBEAT_S)
+                    continue
+                if len(self._items) >= self.max_batch_size or self._nothing_upstream():
+                    break
+                wait = self._items[0].arrival + self._deadline_s() - time.monotonic()
+                if wait <= 0:
+                    break
+                self._cond.wait(min(wait, HEARTBEAT_S))
+            if self._stopping:
+                return []
+            batch: list[_Item[P]] = []
+            while self._items and len(batch) < self.max_batch_size:
+                item = self._items.popleft()
+                if not item.future.done():  # cancelled while waiting: skip it
+                    batch.append(item)
+            depth = len(self._items)
+        self._set_depth(depth)
+        return batch
+
+    def _execute(self, batch: list[_Item[P]]) -> None:
+        started = time.monotonic()
+        self._busy_since = started
+        results: list[R | BaseException] | None = None
+        try:
+            if self._metrics is not None:
+                for item in batch:
+                    self._metrics.queue_wait.observe(started - item.arrival)
+                self._metrics.batch_size.observe(len(batch))
+            results = self._run_batch([item.payload for item in batch])
+            took = time.monotonic() - started
+            self._batch_s = took if self._batch_s == 0.0 else 0.8 * self._batch_s + 0.2 * took
+            if self._metrics is not None:
+                self._metrics.inference_duration.observe(took)
+        finally:
+            self._busy_since = None
+            if results is None:  # only on a BaseException escaping _run_batch: fail the batch, not hang it
+                results = [RuntimeError("inference was interrupted")] * len(batch)
+            self._deliver(batch, results)
+
+    def _run_batch(self, payloads: list[P]) -> list[R | BaseException]:
+        try:
+            results = list(self._process(payloads))
+            if len(results) != len(payloads):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(payloads)} items")
+            return results
+        except Exception as exc:
+            if len(payloads) == 1:
+                log.warning("inference failed for one item: %s: %s", type(exc).__name__, exc)
+                return [exc]
+            log.warning("a batch of %d failed (%s: %s); retrying item by item", len(payloads), type(exc).__name__, exc)
+            out: list[R | BaseException] = []
+            for payload in payloads:
+                out.extend(self._run_batch([payload]))
+            return out
+
+    def _deliver(self, batch: list[_Item[P]], results: Sequence[R | BaseException]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(_resolve, batch, results)
+        except RuntimeError:  # the loop closed between the check and the call (shutdown)
+            pass
+
+    def _set_depth(self, depth: int) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(depth)
+
+
+def _resolve(batch: Sequence[_Item], results: Sequence[object]) -> None:
+    for item, result in zip(batch, results):
+        future = item.future
+        if future.done():
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)

@@ -1,0 +1,148 @@
+"""`vlltr serve`: flags derived from `vlltr.service.settings.Settings`, then uvicorn with one worker.
+
+Every settings field is a flag (`max_wait_ms` -> `--max-wait-ms`) whose help line is the field's
+description plus its environment variable and default. A flag wins over the environment, which wins over
+the default. Never imports torch: the demo bundle is built by a subprocess (`vlltr.service.demo`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from typing import Any, Literal
+
+from pydantic import SecretStr, ValidationError
+
+from vlltr.service.settings import Settings, env_name
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Serve a VL-LTR model bundle over HTTP (ONNX ServingCore, dynamic micro-batching, classes added by text).
+
+With no --bundle (and no VLLTR_BUNDLE) the demo bundle is served: it is built under the cache dir on
+first use (needs the training extra), then reused. Every flag can also be set by the environment
+variable shown with it; flags take precedence.
+"""
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a settings field."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _shown_default(name: str) -> str:
+    field = Settings.model_fields[name]
+    if field.default_factory is not None:
+        return "computed" if name != "cache_dir" else "$XDG_CACHE_HOME/vlltr or ~/.cache/vlltr"
+    default = field.default
+    if default is None:
+        return "unset"
+    if isinstance(default, SecretStr):
+        return "set"
+    return str(default)
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
+
+
+def _choices(annotation: Any) -> list[str] | None:
+    if typing.get_origin(annotation) is Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    return None
+
+
+def _metavar(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args else annotation
+    return {int: "N", float: "X", str: "TEXT", SecretStr: "TOKEN"}.get(base, "PATH")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `vlltr serve` parser: one flag per settings field."""
+    parser = argparse.ArgumentParser(
+        prog="vlltr serve", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for name, field in Settings.model_fields.items():
+        help_line = f"{field.description} [env {env_name(name)}; default: {_shown_default(name)}]"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_line}
+        if _is_bool(field.annotation):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif (choices := _choices(field.annotation)) is not None:
+            kwargs["choices"] = choices
+        else:
+            kwargs["metavar"] = _metavar(field.annotation)
+        parser.add_argument(flag_name(name), **kwargs)
+    return parser
+
+
+def settings_from_args(argv: list[str]) -> Settings:
+    """Parse flags and build the settings (flags over environment over defaults).
+
+    Raises:
+        SystemExit: `--help`, or an invalid flag or environment value (status 2, message names it).
+    """
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    try:
+        return Settings(**args)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err.get("loc") else "?"
+            source = flag_name(field) if field in args else env_name(field)
+            problems.append(f"{source}: {err['msg']}")
+        parser.error("; ".join(problems))
+        raise  # unreachable: parser.error exits
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `vlltr serve`."""
+    settings = settings_from_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.bundle is None:
+        from vlltr.service.demo import DemoBundleError, ensure_demo_bundle
+
+        try:
+            settings.bundle = ensure_demo_bundle(settings.cache_dir)
+        except DemoBundleError as exc:
+            print(f"vlltr serve: {exc}", file=sys.stderr)
+            return 1
+        log.info("serving the demo bundle from %s", settings.bundle)
+
+    import uvicorn
+
+    from vlltr.errors import BundleError
+    from vlltr.model.core.sessions import ProviderError
+    from vlltr.service.app import create_app
+    from vlltr.service.core import ServingCore
+    from vlltr.service.metrics import Metrics
+
+    # Loaded before the server starts so that a bad bundle or an unusable provider ends the command with
+    # one clear line (and a non-zero status) instead of a server that never becomes ready.
+    try:
+        core = ServingCore.load(settings, Metrics(redis_enabled=bool(settings.redis_url)))
+    except (BundleError, ProviderError) as exc:
+        print(f"vlltr serve: cannot serve {settings.bundle}: {exc}", file=sys.stderr)
+        return 1
+    uvicorn.run(
+        create_app(settings, core=core),
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

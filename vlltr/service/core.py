@@ -1,0 +1,508 @@
+"""The serving core: bundle + encoder sessions + class registry + cache + micro-batcher, wired together.
+
+Per image on the request path: (hash, cache look-up) -> decode + preprocess on the decode pool -> the
+micro-batcher -> on the inference thread: image encoder (batch padded to a warmed bucket), then the head
+against the current class table, then top-k -> only the top-k (and, on a cache miss, the image's features
+for the cache) go back to the event loop. A cache hit skips decoding and the encoder but is still scored
+against the current table in the same batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hashlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vlltr.model.runtime.bundle import Bundle, load_bundle
+from vlltr.model.runtime.head import Shortlist
+from vlltr.model.runtime.predictor import probabilities
+from vlltr.model.runtime.preprocess import decode_image, preprocess_image
+from vlltr.model.runtime.sessions import ImageEncoder, TextEncoder
+from vlltr.service.batcher import BatcherStoppedError, MicroBatcher, QueueFullError
+from vlltr.service.cache import EmbeddingCache, LocalLRUCache, RedisEmbeddingCache, cache_key
+from vlltr.service.errors_http import ApiError, image_error
+from vlltr.service.metrics import Metrics
+from vlltr.service.redis_link import RedisLink
+from vlltr.service.registry import TIER_NAMES, ClassRegistry, ServedTable, TrainedClasses
+from vlltr.service.settings import Settings
+from vlltr.service.store import ClassStore, FileClassStore, RedisClassStore, StoreUnavailableError
+
+log = logging.getLogger(__name__)
+
+HASH_ON_LOOP_BYTES = 256 * 1024  # smaller uploads are hashed on the event loop (cheaper than a thread hop)
+# A cache hit needs only the head. Against a table of at most this many anchor rows (classes x anchors) it is
+# scored on the event loop (well under a millisecond), saving the two thread hand-offs of the batcher, which
+# cost more than the scoring itself when the cores are busy; larger tables go through the batcher.
+INLINE_SCORE_MAX_ROWS = 16_384
+DEFAULT_SHOT_THRESHOLDS = (100, 20)  # many > 100, few < 20 training images (OLTR's groups)
+
+
+@dataclass(slots=True)
+class ImageJob:
+    """One image for the inference thread: preprocessed pixels, or cached features (then no encoder)."""
+
+    pixels: np.ndarray | None
+    features: np.ndarray | None
+    top_k: int
+
+
+@dataclass(slots=True)
+class Scored:
+    """The top-k of one image against one class table."""
+
+    class_ids: np.ndarray
+    scores: np.ndarray
+    served: ServedTable
+    features: np.ndarray | None  # set when the encoder ran (the value to cache)
+
+    def predictions(self) -> list[dict[str, Any]]:
+        names = self.served.table.names
+        return [
+            {"label": names[i], "score": float(s), "class_id": int(i)}
+            for i, s in zip(self.class_ids.tolist(), self.scores.tolist())
+        ]
+
+    @property
+    def version(self) -> int:
+        return self.served.version
+
+    @property
+    def top_tier(self) -> str:
+        return TIER_NAMES[int(self.served.tiers[int(self.class_ids[0])])]
+
+
+def shot_thresholds(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(many, few) train-count thresholds recorded by training, else OLTR's (100, 20)."""
+    training = manifest.get("training") or {}
+    for source in (training.get("shot_thresholds"), (training.get("config") or {}).get("data")):
+        if isinstance(source, dict):
+            many = source.get("many_threshold", source.get("many"))
+            few = source.get("few_threshold", source.get("few"))
+            if isinstance(many, int) and isinstance(few, int):
+                return many, few
+    return DEFAULT_SHOT_THRESHOLDS
+
+
+def tiers_from_counts(counts: Sequence[int], many: int, few: int) -> np.ndarray:
+    """0 head (> many), 1 medium, 2 tail (< few) per class."""
+    c = np.asarray(counts)
+    return np.where(c > many, 0, np.where(c < few, 2, 1)).astype(np.int8)
+
+
+def trained_classes(bundle: Bundle) -> TrainedClasses:
+    """The registry's view of a bundle's trained classes (table, counts, anchors, tiers)."""
+    many, few = shot_thresholds(bundle.manifest)
+    counts = tuple(int(c["train_count"]) for c in bundle.classes)
+    return TrainedClasses(
+        table=bundle.class_table(),
+        params=bundle.head,
+        train_counts=counts,
+        anchors=tuple(tuple(c.get("anchors") or ()) for c in bundle.classes),
+        tiers=tiers_from_counts(counts, many, few),
+    )
+
+
+def limit_blas_threads(threads: int) -> bool:
+    """Cap numpy's BLAS thread pool for the whole process (0 leaves it alone); True when a cap was set.
+
+    The head's products are small (a batch of image features against the class table), and a multi-threaded
+    BLAS spends more time waking and synchronising its threads than computing whenever the cores are busy
+    with the encoder, the decoders and the event loop: on two busy cores, scoring one image against 1,000
+    classes took 16 ms with BLAS on both and 0.5 ms with one thread."""
+    if threads <= 0:
+        return False
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        log.warning(
+            "threadpoolctl is not installed: numpy's BLAS keeps its default thread count, which makes "
+            "the head slow when the cores are busy (pip install threadpoolctl)"
+        )
+        return False
+    threadpool_limits(limits=threads, user_api="blas")
+    return True
+
+
+def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the `k` largest of each row, best first (ties: lower index first)."""
+    n, c = probs.shape
+    k = min(k, c)
+    if k < c:
+        part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(c), (n, c))
+    vals = np.take_along_axis(probs, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)
+    idx = np.take_along_axis(part, order, axis=1)
+    return idx, np.take_along_axis(vals, order, axis=1)
+
+
+class ServingCore:
+    """Everything a running service holds. Build with `ServingCore.load` (blocking), then `await start()`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        bundle: Bundle,
+        image_encoder: ImageEncoder,
+        text_encoder: TextEncoder,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        spec = bundle.preprocess
+        self.draft_min_side = {"bundle": spec.draft_min_side, "on": spec.resize_size, "off": None}[settings.jpeg_draft]
+        self.shortlist = (
+            Shortlist(settings.head_shortlist, settings.head_shortlist_from) if settings.head_shortlist > 0 else None
+        )
+        self.bundle = bundle
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.metrics = metrics
+        self.provider = image_encoder.provider
+        self.buckets = settings.buckets
+        self.warmed = False
+        self.started = False
+        self.inflight = 0  # images admitted and not answered yet (event loop only)
+        # Images admitted and not yet handed to the batcher (cache look-up, decoding). Written on the event
+        # loop only; the inference thread reads it to dispatch a batch early when nothing else is coming.
+        self.preparing = 0
+        self._size = bundle.preprocess.size
+        self._buffers: dict[int, np.ndarray] = {}
+        self._tasks: list[asyncio.Task] = []
+        self.redis: RedisLink | None = None
+        store: ClassStore
+        if settings.redis_url:
+            self.redis = RedisLink(
+                settings.redis_url, timeout_s=settings.redis_timeout_s, retry_s=settings.redis_retry_s, metrics=metrics
+            )
+            store = RedisClassStore(self.redis, prefix=settings.redis_prefix, bundle_id=bundle.bundle_id)
+            self.cache: EmbeddingCache | None = RedisEmbeddingCache(
+                self.redis,
+                prefix=settings.redis_prefix,
+                dim=bundle.embed_dim,
+                ttl_s=settings.cache_ttl_s,
+                metrics=metrics,
+            )
+        else:
+            store = FileClassStore(settings.class_store_path, bundle_id=bundle.bundle_id)
+            self.cache = (
+                LocalLRUCache(settings.cache_size, bundle.embed_dim, metrics) if settings.cache_size > 0 else None
+            )
+        self.registry = ClassRegistry(
+            trained_classes(bundle),
+            text_encoder.encode_texts,
+            store,
+            sync_interval_s=settings.sync_interval_s,
+            duplicate_threshold=settings.duplicate_threshold,
+            metrics=metrics,
+        )
+        self.batcher: MicroBatcher[ImageJob, Scored] = MicroBatcher(
+            self._run_batch,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            queue_size=settings.queue_size,
+            metrics=metrics,
+            upstream=lambda: self.preparing,
+        )
+        self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="vlltr-decode")
+        metrics.model_info.info(
+            {"bundle_id": bundle.bundle_id, "provider": self.provider, "precision": bundle.precision}
+        )
+
+    # ---- construction and lifecycle --------------------------------------------------------
+
+    @classmethod
+    def load(cls, settings: Settings, metrics: Metrics) -> ServingCore:
+        """Load the bundle and create the sessions (blocking). Raises on a bad bundle or an unusable
+        provider (`provider=cuda` without CUDA really active), so a misconfigured service fails at start."""
+        if settings.bundle is None:
+            raise ValueError("settings.bundle is not set (the command line resolves the demo bundle)")
+        started = time.monotonic()
+        limit_blas_threads(settings.head_threads)
+        bundle = load_bundle(settings.bundle)
+        threads = settings.intra_op_threads or None
+        fp16 = bundle.precision == "fp16"
+        spin = settings.ort_spinning
+        image_encoder = ImageEncoder(bundle.image_encoder_path, settings.provider, threads, fp16=fp16, spinning=spin)
+        # One intra-op thread for the text encoder: it runs only when a class is added, a few sentences at a
+        # time, and a second thread would take a core from the image encoder serving requests meanwhile.
+        text_encoder = TextEncoder(
+            bundle.text_encoder_path, bundle.tokenizer(), settings.provider, 1, fp16=fp16, spinning=spin
+        )
+        log.info(
+            "bundle %s (%s, %d classes, %s) loaded in %.1f s; image encoder on %s, text encoder on %s",
+            bundle.bundle_id,
+            bundle.arch,
+            bundle.num_classes,
+            bundle.precision,
+            time.monotonic() - started,
+            image_encoder.provider,
+            text_encoder.provider,
+        )
+        return cls(settings, bundle, image_encoder, text_encoder, metrics)
+
+    async def start(self) -> None:
+        """Warm every bucket, load the class table (retrying while the store is unreachable), then start
+        the inference thread and its supervisor. Readiness follows these steps."""
+        if self.redis is not None:
+            await self.redis.ping()
+            self.redis.start()
+        await asyncio.to_thread(self.warm_up)
+        await self._start_registry()
+        self.batcher.start()
+        self._tasks.append(asyncio.create_task(self._supervise(), name="vlltr-supervisor"))
+        self.started = True
+        # Everything loaded so far (bundle, tokenizer vocabulary, class table) lives as long as the process;
+        # moving it out of the collector's generations keeps full collections on the request path short.
+        gc.collect()
+        gc.freeze()
+        log.info(
+            "ready: bundle %s, class table version %d, buckets %s",
+            self.bundle.bundle_id,
+            self.registry.current.version,
+            list(self.buckets),
+        )
+
+    async def _start_registry(self) -> None:
+        last_error = ""
+        while True:
+            try:
+                await self.registry.start()
+                return
+            except StoreUnavailableError as exc:
+                if str(exc) != last_error:
+                    log.warning("cannot load the class table yet: %s (retrying every second)", exc)
+                    last_error = str(exc)
+                await asyncio.sleep(1.0)
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.batcher.ensure_running()
+
+    async def stop(self) -> None:
+        """Stop the inference thread, background tasks and connections."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.batcher.stop()
+        await self.registry.close()
+        if self.cache is not None:
+            await self.cache.close()
+        if self.redis is not None:
+            await self.redis.close()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def warm_up(self) -> None:
+        """Run every batch bucket through the encoder and the head once (first runs of a shape are slow)."""
+        table = self.registry.trained.table
+        b = self.bundle
+        for bucket in self.buckets:
+            started = time.monotonic()
+            feats = self.image_encoder.encode(self._buffer(bucket))
+            probabilities(feats, b.head, table, b.log_prior, b.calibration, b.alpha)
+            log.info("warmed batch bucket %d in %.3f s", bucket, time.monotonic() - started)
+        self.text_encoder.encode_texts(["a photo."])
+        self.warmed = True
+
+    def ready(self) -> dict[str, bool]:
+        """The readiness checks."""
+        return {
+            "bundle_loaded": True,
+            "sessions_warmed": self.warmed,
+            "class_table_loaded": self.registry.loaded,
+            "inference_loop_alive": self.started and self.batcher.alive(),
+        }
+
+    # ---- the inference thread ---------------------------------------------------------------
+
+    def _buffer(self, bucket: int) -> np.ndarray:
+        buf = self._buffers.get(bucket)
+        if buf is None:
+            buf = np.zeros((bucket, 3, self._size, self._size), dtype=np.float32)
+            self._buffers[bucket] = buf
+        return buf
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _run_batch(self, jobs: list[ImageJob]) -> list[Scored]:
+        served = self.registry.current  # one table for the whole batch
+        b = self.bundle
+        feats = np.empty((len(jobs), b.embed_dim), dtype=np.float32)
+        rows = [i for i, job in enumerate(jobs) if job.pixels is not None]
+        if rows:
+            buf = self._buffer(self._bucket(len(rows)))
+            for slot, i in enumerate(rows):
+                buf[slot] = jobs[i].pixels  # padding rows keep stale data; their outputs are dropped
+            feats[rows] = self.image_encoder.encode(buf)[: len(rows)]
+        for i, job in enumerate(jobs):
+            if job.pixels is None:
+                feats[i] = job.features
+        probs = probabilities(feats, b.head, served.table, b.log_prior, b.calibration, b.alpha, self.shortlist)
+        idx, vals = top_k(probs, max(job.top_k for job in jobs))
+        return [
+            Scored(idx[i, : job.top_k], vals[i, : job.top_k], served, feats[i] if job.pixels is not None else None)
+            for i, job in enumerate(jobs)
+        ]
+
+    # ---- the request path -----------------------------------------------------------------
+
+    def _prepare(self, data: bytes | bytearray) -> np.ndarray:
+        started = time.monotonic()
+        img = decode_image(data, max_pixels=self.settings.max_pixels, draft_min_side=self.draft_min_side)
+        pixels = preprocess_image(img, self.bundle.preprocess)
+        self.metrics.preprocess_duration.observe(time.monotonic() - started)
+        return pixels
+
+    def check_accepting(self, n: int) -> None:
+        """503 (with Retry-After) when not started, or when `n` more images would take the images in
+        flight (being decoded, waiting or in a batch) past `queue_size`: the bound covers the decode
+        backlog too, so a flood is refused at the door instead of piling up in memory."""
+        if not self.started:
+            raise ApiError(
+                503,
+                "not_ready",
+                "the service is starting; try again shortly",
+                {"Retry-After": str(self.settings.retry_after_s)},
+            )
+        if self.inflight + n > self.settings.queue_size:
+            raise self._queue_full()
+
+    @contextlib.contextmanager
+    def _admitted(self, n: int) -> Iterator[None]:
+        # Only the event loop touches the counter, so it needs no lock.
+        self.check_accepting(n)
+        self.inflight += n
+        try:
+            yield
+        finally:
+            self.inflight -= n
+
+    def _queue_full(self) -> ApiError:
+        return ApiError(
+            503,
+            "queue_full",
+            "the service is at capacity (inference queue full); retry later",
+            {"Retry-After": str(self.settings.retry_after_s)},
+        )
+
+    async def _digest(self, data: bytes | bytearray) -> str:
+        if len(data) <= HASH_ON_LOOP_BYTES:
+            return hashlib.sha256(data).hexdigest()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.decode_pool, lambda: hashlib.sha256(data).hexdigest())
+
+    async def _job(self, data: bytes | bytearray, top_k: int) -> tuple[ImageJob, str | None]:
+        """Cache look-up, else decode + preprocess. Raises `ApiError` (400/413/415) for a bad image.
+
+        Counted in `preparing` until it returns; callers submit the job in the same event-loop step, so the
+        batcher never sees the count drop before the job is queued."""
+        self.preparing += 1
+        try:
+            return await self._prepare_job(data, top_k)
+        finally:
+            self.preparing -= 1
+
+    async def _prepare_job(self, data: bytes | bytearray, top_k: int) -> tuple[ImageJob, str | None]:
+        if len(data) > self.settings.max_image_bytes:
+            raise ApiError(
+                413, "too_large", f"image is {len(data)} bytes, over the limit of {self.settings.max_image_bytes}"
+            )
+        key = None
+        if self.cache is not None:
+            key = cache_key(self.bundle.bundle_id, await self._digest(data))
+            features = await self.cache.get(key)
+            if features is not None:
+                return ImageJob(None, features, top_k), None
+        loop = asyncio.get_running_loop()
+        try:
+            pixels = await loop.run_in_executor(self.decode_pool, self._prepare, data)
+        except Exception as exc:  # every decoder failure is the client's image, never a 500
+            raise image_error(exc) from None
+        return ImageJob(pixels, None, top_k), key
+
+    def _finish(self, scored: Scored, key: str | None) -> Scored:
+        if key is not None and scored.features is not None and self.cache is not None:
+            self.cache.put(key, scored.features)
+        self.metrics.predictions.labels(tier=scored.top_tier).inc()
+        return scored
+
+    def _submit(self, jobs: list[ImageJob]) -> list[asyncio.Future]:
+        try:
+            return self.batcher.submit_many(jobs)
+        except QueueFullError:
+            raise self._queue_full() from None
+        except BatcherStoppedError:
+            raise ApiError(
+                503, "not_ready", "the service is shutting down", {"Retry-After": str(self.settings.retry_after_s)}
+            ) from None
+
+    async def classify(self, data: bytes | bytearray, top_k: int) -> Scored:
+        """Classify one image. Raises `ApiError` for bad input, a full queue or a service not ready."""
+        with self._admitted(1):
+            job, key = await self._job(data, top_k)
+            if job.pixels is None and self._score_inline():
+                try:
+                    scored = self._run_batch([job])[0]
+                except Exception as exc:
+                    log.warning("scoring a cached image failed: %s: %s", type(exc).__name__, exc)
+                    raise self._inference_failed() from None
+                return self._finish(scored, key)
+            future = self._submit([job])[0]
+            try:
+                scored = await future
+            except Exception as exc:
+                log.warning("inference failed for an image: %s: %s", type(exc).__name__, exc)
+                raise self._inference_failed() from None
+        return self._finish(scored, key)
+
+    def _score_inline(self) -> bool:
+        table = self.registry.current.table
+        return table.num_classes * table.num_anchors <= INLINE_SCORE_MAX_ROWS
+
+    def _inference_failed(self) -> ApiError:
+        return ApiError(
+            503,
+            "inference_failed",
+            "inference failed for this image; retry later",
+            {"Retry-After": str(self.settings.retry_after_s)},
+        )
+
+    async def classify_many(self, images: Sequence[bytes | bytearray], top_k: int) -> list[Scored | ApiError]:
+        """Classify several images; each entry is its result or its own error, in order."""
+        with self._admitted(len(images)):
+            prepared = await asyncio.gather(*(self._job(data, top_k) for data in images), return_exceptions=True)
+            out: list[Scored | ApiError] = []
+            ok: list[int] = []
+            for i, item in enumerate(prepared):
+                if isinstance(item, BaseException):
+                    out.append(
+                        image_error(item)
+                        if isinstance(item, Exception)
+                        else ApiError(400, "bad_image", "the image could not be read")
+                    )
+                else:
+                    out.append(self._inference_failed())  # replaced below once scored
+                    ok.append(i)
+            futures = self._submit([prepared[i][0] for i in ok]) if ok else []  # type: ignore[index]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        for i, result in zip(ok, results):
+            if isinstance(result, Scored):
+                out[i] = self._finish(result, prepared[i][1])  # type: ignore[index]
+            else:
+                log.warning("inference failed for image %d of a batch: %s", i, result)
+        return out

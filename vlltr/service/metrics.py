@@ -1,0 +1,84 @@
+"""Prometheus metrics of the service.
+
+The names are a contract with the deployment's dashboards and alert rules (`deploy/`): change them there too.
+Each app gets its own `CollectorRegistry`, so several apps in one process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
+QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TIERS = ("head", "medium", "tail", "added")
+REJECT_REASONS = ("queue_full", "too_large", "bad_image", "unsupported_type", "invalid", "unauthorized", "forbidden")
+CACHE_RESULTS = ("hit", "miss", "error")
+
+
+class Metrics:
+    """The service's metric objects, registered in a private registry."""
+
+    def __init__(self, *, redis_enabled: bool = False) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "vlltr_request_duration_seconds",
+            "HTTP request latency, by route template, method and status",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "vlltr_queue_wait_seconds",
+            "time an image waited for its encoder batch",
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.preprocess_duration = Histogram(
+            "vlltr_preprocess_duration_seconds",
+            "decode and preprocessing time per image",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "vlltr_inference_duration_seconds", "encoder plus head time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "vlltr_batch_size", "images per batch (before padding to a bucket)", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("vlltr_queue_depth", "images waiting for the encoder", registry=r)
+        self.queue_capacity = Gauge("vlltr_queue_capacity", "images allowed to wait for the encoder", registry=r)
+        self.cache_lookups = Counter(
+            "vlltr_cache_lookups", "embedding cache look-ups by result", ["result"], registry=r
+        )
+        self.rejected = Counter("vlltr_requests_rejected", "requests refused, by reason", ["reason"], registry=r)
+        self.classes = Gauge("vlltr_classes", "classes in the served table, by source", ["source"], registry=r)
+        self.predictions = Counter(
+            "vlltr_predictions", "top-1 predictions by the long-tail tier of the class", ["tier"], registry=r
+        )
+        self.model_info = Info("vlltr_model", "the served bundle and runtime", registry=r)
+        self.class_table_version = Gauge("vlltr_class_table_version", "version of the served class table", registry=r)
+        # Exported only when Redis is configured, so an alert on `== 0` never fires for the embedded default.
+        self.redis_up: Gauge | None = (
+            Gauge("vlltr_redis_up", "1 when Redis answers, 0 while it does not", registry=r) if redis_enabled else None
+        )
+        # Pre-create the labelled children so every series exists (at 0) from the first scrape.
+        for result in CACHE_RESULTS:
+            self.cache_lookups.labels(result=result)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)
+        for tier in TIERS:
+            self.predictions.labels(tier=tier)
+        for source in ("trained", "added"):
+            self.classes.labels(source=source)
+
+    def set_redis_up(self, up: bool) -> None:
+        """Record whether Redis answered (no-op without Redis)."""
+        if self.redis_up is not None:
+            self.redis_up.set(1 if up else 0)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text exposition of every metric and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

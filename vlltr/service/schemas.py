@@ -1,0 +1,163 @@
+"""Request and response models of the HTTP API (they are also its OpenAPI documentation)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(
+        description="machine-readable error code, e.g. `bad_image`, `too_large`, "
+        "`unsupported_type`, `invalid`, `unauthorized`, `forbidden`, `not_found`, "
+        "`conflict`, `queue_full`, `not_ready`, `store_unavailable`, `internal`",
+        examples=["bad_image"],
+    )
+    message: str = Field(
+        description="what went wrong, in words", examples=["cannot identify an image in the uploaded bytes"]
+    )
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer has this shape."""
+
+    error: ErrorBody = Field(description="the error")
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="class name")
+    score: float = Field(description="calibrated probability of the class (scores of all classes sum to 1)")
+    class_id: int = Field(description="index of the class in the current class table (`GET /v1/classes`)")
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction] = Field(description="the `top_k` most probable classes, best first")
+    bundle_id: str = Field(description="id of the model bundle that answered")
+    class_table_version: int = Field(description="version of the class table the image was scored against")
+
+
+class BatchItem(BaseModel):
+    index: int = Field(description="position of the image in the request")
+    filename: str | None = Field(None, description="the part's filename, when one was sent")
+    predictions: list[Prediction] | None = Field(None, description="as in `/v1/classify`; null on error")
+    error: ErrorBody | None = Field(None, description="why this image failed (others are unaffected); null on success")
+    status: int = Field(description="the HTTP status this image alone would have received")
+    class_table_version: int | None = Field(None, description="table version this image was scored against")
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem] = Field(description="one entry per uploaded image, in request order")
+    bundle_id: str = Field(description="id of the model bundle that answered")
+    class_table_version: int = Field(description="newest class-table version used for this request")
+
+
+class ClassInfo(BaseModel):
+    class_id: int = Field(description="index in the class table (scores and predictions use it)")
+    name: str = Field(description="class name")
+    source: Literal["trained", "added"] = Field(description="trained with the model, or added by text")
+    train_count: int = Field(description="training images of the class (0 for added classes)")
+    tier: Literal["head", "medium", "tail", "added"] = Field(
+        description="long-tail group from the train count and the bundle's shot thresholds"
+    )
+    anchors: list[str] = Field(description="the anchor sentences the language branch attends over")
+
+
+class ClassListResponse(BaseModel):
+    classes: list[ClassInfo] = Field(description="every class, trained first, then added in the order added")
+    num_trained: int = Field(description="classes the model was trained on")
+    num_added: int = Field(description="classes added by text at run time")
+    bundle_id: str = Field(description="id of the served model bundle")
+    class_table_version: int = Field(description="version of this class table (bumped by every change)")
+
+
+class ClassCreate(BaseModel):
+    """JSON body of `POST /v1/classes` (the multipart form takes `name` plus a text `file` instead)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "red striped circle",
+                    "descriptions": ["a red circle with stripes", "a round red shape covered in stripes"],
+                }
+            ]
+        }
+    )
+
+    name: str = Field(
+        min_length=1,
+        max_length=100,
+        description="class name: 1-100 characters, no control characters or path separators, not only "
+        "dots; "
+        "unique case-insensitively (NFC-normalised)",
+    )
+    descriptions: list[str] = Field(
+        min_length=1, description="sentences describing the class, each non-empty after stripping; limits in settings"
+    )
+
+
+class NearDuplicate(BaseModel):
+    name: str = Field(description="an existing class")
+    cosine: float = Field(description="cosine between its text embedding and the new class's")
+
+
+class ClassCreated(BaseModel):
+    name: str = Field(description="the stored (NFC-normalised) name")
+    class_id: int | None = Field(description="index in the new class table")
+    source: Literal["added"] = Field("added", description="always `added`")
+    anchors: list[str] = Field(description="the descriptions chosen as anchor sentences, in anchor order")
+    num_descriptions: int = Field(description="descriptions received (after de-duplication)")
+    near_duplicates: list[NearDuplicate] = Field(
+        description="existing classes whose text is very close to this one (reported, not refused)"
+    )
+    warnings: list[str] = Field(description="human-readable notes, one per near-duplicate")
+    bundle_id: str = Field(description="id of the served model bundle")
+    class_table_version: int = Field(description="the class-table version that includes the new class")
+
+
+class ClassDeleted(BaseModel):
+    name: str = Field(description="the deleted class")
+    deleted: bool = Field(True, description="always true")
+    bundle_id: str = Field(description="id of the served model bundle")
+    class_table_version: int = Field(description="the class-table version without the class")
+
+
+class ClassCounts(BaseModel):
+    trained: int = Field(description="classes the model was trained on")
+    added: int = Field(description="classes added by text at run time")
+    total: int = Field(description="trained + added")
+
+
+class ModelInfo(BaseModel):
+    bundle_id: str = Field(description="id of the served model bundle")
+    arch: str = Field(description="open_clip architecture of the encoders")
+    embed_dim: int = Field(description="dimension D of image and text features")
+    image_size: int = Field(description="side of the square network input, in pixels")
+    num_anchors: int = Field(description="anchor sentences per class (M)")
+    precision: str = Field(description="encoder precision: fp32 or fp16")
+    provider: str = Field(description="ONNX ServingCore execution provider actually in use")
+    classes: ClassCounts = Field(description="how many classes are served")
+    class_table_version: int = Field(description="version of the served class table")
+    created: str | None = Field(None, description="when the bundle was exported")
+    dataset: str | None = Field(None, description="training dataset recorded in the bundle")
+    max_batch_size: int = Field(description="most images per encoder run")
+    batch_buckets: list[int] = Field(description="batch shapes the encoder runs (all warmed at start)")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = Field("ok", description="always `ok` while the process serves HTTP")
+
+
+class ReadyChecks(BaseModel):
+    bundle_loaded: bool = Field(description="the bundle is verified and its ONNX sessions exist")
+    sessions_warmed: bool = Field(description="every batch bucket has run once")
+    class_table_loaded: bool = Field(description="the class table (with added classes) is loaded")
+    inference_loop_alive: bool = Field(description="the inference thread runs and its heartbeat is fresh")
+
+
+class Readiness(BaseModel):
+    ready: bool = Field(description="true when every check passes")
+    checks: ReadyChecks = Field(description="the individual checks")
+    bundle_id: str | None = Field(None, description="id of the bundle, once loaded")
+    class_table_version: int | None = Field(None, description="served class-table version, once loaded")

@@ -1,0 +1,87 @@
+"""Image transforms: training augmentation per `DataCfg.augment`, and the evaluation transform, which is the
+service's preprocessing (`vlltr.model.runtime.preprocess`), so that training-time evaluation and serving see the
+same pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from vlltr.model.runtime.preprocess import PreprocessSpec, preprocess_image
+from vlltr.training.config import DataCfg
+from vlltr.training.data.errors import DataError
+
+AUGMENTS = ("clip", "light", "none")
+
+
+def preprocess_spec(cfg: DataCfg, image_size: int) -> PreprocessSpec:
+    """The evaluation/serving preprocessing of a run: shorter side to `round(image_size * resize_ratio)`,
+    centre crop `image_size`, bicubic, the config's mean and std, JPEG draft decoding per `data.jpeg_draft`."""
+    return PreprocessSpec(
+        size=int(image_size),
+        resize_size=int(round(image_size * cfg.resize_ratio)),
+        mean=tuple(cfg.mean),
+        std=tuple(cfg.std),
+        interpolation="bicubic",
+        jpeg_draft=bool(cfg.jpeg_draft),
+    )
+
+
+class EvalTransform:
+    """PIL image -> float32 tensor `[3, S, S]` through `vlltr.model.runtime.preprocess.preprocess_image` (picklable, so
+    DataLoader workers can use it). `draft_min_side` tells the dataset how to decode (see `load_rgb`)."""
+
+    def __init__(self, spec: PreprocessSpec) -> None:
+        self.spec = spec
+        self.draft_min_side = spec.draft_min_side
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(preprocess_image(img, self.spec))
+
+    def __repr__(self) -> str:
+        return f"EvalTransform({self.spec})"
+
+
+def eval_transform(cfg: DataCfg, image_size: int) -> EvalTransform:
+    """The evaluation transform: exactly the service's preprocessing for :func:`preprocess_spec`."""
+    return EvalTransform(preprocess_spec(cfg, image_size))
+
+
+def train_transform(cfg: DataCfg, image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Training augmentation named by `cfg.augment`.
+
+    - `clip`: RandomResizedCrop(scale 0.08-1, bicubic), horizontal flip, RandAugment(2 ops, magnitude 9),
+      normalise, RandomErasing(p=0.25) (the published recipe's strength).
+    - `light`: RandomResizedCrop(scale 0.5-1, bicubic), horizontal flip, normalise; no colour operations,
+      for data whose classes are defined by colour (RandAugment's solarize/posterize change colours).
+    - `none`: the evaluation transform.
+    """
+    normalize = T.Normalize(mean=list(cfg.mean), std=list(cfg.std))
+    bicubic = T.InterpolationMode.BICUBIC
+    if cfg.augment == "clip":
+        return T.Compose(
+            [
+                T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=bicubic),
+                T.RandomHorizontalFlip(),
+                T.RandAugment(num_ops=2, magnitude=9, interpolation=bicubic),
+                T.ToTensor(),
+                normalize,
+                T.RandomErasing(p=0.25),
+            ]
+        )
+    if cfg.augment == "light":
+        return T.Compose(
+            [
+                T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bicubic),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                normalize,
+            ]
+        )
+    if cfg.augment == "none":
+        return eval_transform(cfg, image_size)
+    raise DataError(f"unknown augment {cfg.augment!r}; known: {list(AUGMENTS)}")
