@@ -166,7 +166,7 @@ cmd_smoke() {
   # Every module the benchmark and its servers import, and the `python -m vlltr.cli` path it starts them by.
   timeout 60 "$PY" -c 'import fastapi, uvicorn, httptools, uvloop, pydantic, pydantic_settings, python_multipart
 import redis, ftfy, open_clip, litserve, prometheus_client, onnx, torch, torchvision
-import service.app, service.cli, training.export, bench.serving.gpu
+import vlltr.service.app, vlltr.service.cli, vlltr.training.export, bench.serving.gpu
 print("imports ok; torch", torch.__version__, "cuda", torch.cuda.is_available(), "open_clip", open_clip.__version__)'
   timeout 60 "$PY" -c 'import locust, gevent; print("locust", locust.__version__, "gevent", gevent.__version__)'
   timeout 60 "$PY" -m vlltr.cli serve --help >/dev/null
@@ -223,14 +223,14 @@ ort.print_debug_info()
 if sess.get_providers()[0] != "CUDAExecutionProvider" or not rel(y) < 1e-2:
     raise SystemExit("smoke check FAILED: CUDAExecutionProvider is not active or gives wrong numbers")
 
-from service.encoders import ImageEncoder, ProviderError  # noqa: E402
+from vlltr.model.runtime.sessions import ImageEncoder, ProviderError  # noqa: E402
 
 path = Path(tempfile.mkdtemp()) / "smoke.onnx"
 onnx.save(model, path)
 try:
     enc = ImageEncoder(path, "cuda")
 except ProviderError as exc:
-    raise SystemExit(f"smoke check FAILED: the service's CUDA session (service.encoders, provider cuda) "
+    raise SystemExit(f"smoke check FAILED: the service's CUDA session (vlltr.model.runtime.sessions, provider cuda) "
                      f"does not start, so every service and ceiling cell would fail:\n{exc}")
 print(f"service ImageEncoder provider {enc.provider}; max relative difference {rel(enc.encode(x)):.2e}")
 print(f"smoke check ok: CUDAExecutionProvider active ({time.perf_counter() - started:.1f} s)")
