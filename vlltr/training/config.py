@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from vlltr.errors import ConfigError
+
 
 @dataclass
 class ModelCfg:
@@ -155,10 +157,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

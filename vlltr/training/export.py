@@ -30,6 +30,7 @@ import open_clip
 import torch
 from PIL import Image
 
+from vlltr.errors import DataError, ExportError
 from vlltr.model.networks.factory import clip_dims, get_tokenizer
 from vlltr.model.networks.head import calibrated_probabilities, served_head_arrays
 from vlltr.model.runtime import bundle as B
@@ -41,7 +42,6 @@ from vlltr.model.runtime.sessions import create_session
 from vlltr.model.runtime.tokenizer import ClipTokenizer, TextSpec, build_tokenizer_json
 from vlltr.training.checkpoint import METRICS_FILE, TrainedRun, load_final_model
 from vlltr.training.data.datasets import build_split
-from vlltr.training.data.errors import DataError
 from vlltr.training.data.transforms import preprocess_spec
 from vlltr.training.export_onnx import (
     FP16_OP_BLOCK_LIST,
@@ -60,10 +60,6 @@ EXPORT_TOLERANCE = 1e-4
 VERIFY_MAX_PROB_DIFF = 1e-4
 VERIFY_MIN_AGREEMENT = 0.999
 FP16_THRESHOLDS = {"min_cosine": 0.999, "top1_agreement": 0.99}
-
-
-class ExportError(RuntimeError):
-    """The run cannot be exported, or what was written does not match the PyTorch model."""
 
 
 def export_bundle(

@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from vlltr.errors import ProviderError
 from vlltr.model.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,6 @@ ProviderName = Literal["auto", "cuda", "cpu"]
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
-
-
-class ProviderError(RuntimeError):
-    """The requested execution provider is not available or not active."""
 
 
 def _options(threads: int | None, *, cpu_fp16: bool = False, spinning: bool = False) -> ort.SessionOptions:

@@ -22,8 +22,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from vlltr.errors import DataError
 from vlltr.training.config import DataCfg
-from vlltr.training.data.errors import DataError
 
 CLASS_NAME_FORMATS = ("lines", "imagenet_labels", "places_labels", "inat_categories")
 _PLACES_LETTER_DIR = re.compile(r"^/[a-z]/")
