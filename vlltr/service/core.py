@@ -33,6 +33,7 @@ from vlltr.errors import (
 )
 from vlltr.model.runtime.bundle import Bundle, load_bundle
 from vlltr.model.runtime.head import Shortlist
+from vlltr.model.runtime.manifest import Manifest
 from vlltr.model.runtime.predictor import probabilities
 from vlltr.model.runtime.preprocess import decode_image, preprocess_image
 from vlltr.model.runtime.sessions import ImageEncoder, TextEncoder
@@ -99,16 +100,10 @@ class Scored:
         return TIER_NAMES[int(self.served.tiers[int(self.class_ids[0])])]
 
 
-def shot_thresholds(manifest: dict[str, Any]) -> tuple[int, int]:
+def shot_thresholds(manifest: Manifest) -> tuple[int, int]:
     """(many, few) train-count thresholds recorded by training, else OLTR's (100, 20)."""
-    training = manifest.get("training") or {}
-    for source in (training.get("shot_thresholds"), (training.get("config") or {}).get("data")):
-        if isinstance(source, dict):
-            many = source.get("many_threshold", source.get("many"))
-            few = source.get("few_threshold", source.get("few"))
-            if isinstance(many, int) and isinstance(few, int):
-                return many, few
-    return DEFAULT_SHOT_THRESHOLDS
+    groups = manifest.training.shot_groups() if manifest.training is not None else None
+    return (groups.many, groups.few) if groups is not None else DEFAULT_SHOT_THRESHOLDS
 
 
 def tiers_from_counts(counts: Sequence[int], many: int, few: int) -> np.ndarray:

@@ -199,7 +199,7 @@ def _describe(annotation: Any) -> str:
 def _typed(value: Any, annotation: Any, key: str) -> Any:
     """`value` checked against a field's declared type (ints accepted, and converted, where a float is
     declared: YAML reads `1` as an int); a mismatch is a ConfigError naming the key."""
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key)
     if get_origin(annotation) is Literal:
         choices = list(get_args(annotation))
@@ -246,7 +246,8 @@ def _mismatch(key: str, annotation: Any, value: Any, *, text_allowed: bool) -> C
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Build a :class:`Config` from nested dicts, rejecting unknown keys."""
-    return _build(Config, values or {}, "")
+    config: Config = _build(Config, values or {}, "")
+    return config
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
