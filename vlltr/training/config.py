@@ -38,7 +38,8 @@ class DataCfg:
     val: str | None = "val.txt"
     test: str | None = "test.txt"
     # Class names: `lines` (one name per line, line = class id), `imagenet_labels` (`wnid idx name`),
-    # `places_labels` (`name idx`), `inat_categories` (official categories.json).
+    # `places_labels` (`name idx`), `inat_categories` (official categories.json). A folder dataset without
+    # `classes.txt` takes the sorted sub-folder names of its train split, as torchvision's ImageFolder does.
     class_names: str = "classes.txt"
     class_names_format: Literal["lines", "imagenet_labels", "places_labels", "inat_categories"] = "lines"
     text_dir: str = "text"  # one text file per class
