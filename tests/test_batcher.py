@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from vlltr.service.batcher import BatcherStoppedError, MicroBatcher, QueueFullError
+from vlltr.errors import NotReadyError, QueueFullError
+from vlltr.service.batcher import MicroBatcher
 from vlltr.service.metrics import Metrics
 
 
@@ -260,13 +261,13 @@ def test_stop_fails_waiting_items_and_refuses_new_ones():
         await asyncio.sleep(0.05)
         rec.gate.set()
         await stopping
-        with pytest.raises(BatcherStoppedError):
+        with pytest.raises(NotReadyError):
             b.submit_many([2])
         return await asyncio.gather(running, waiting, return_exceptions=True)
 
     running, waiting = run(main())
     assert running == 0
-    assert isinstance(waiting, BatcherStoppedError)
+    assert isinstance(waiting, NotReadyError)
 
 
 def test_metrics_record_batch_sizes_and_waits():

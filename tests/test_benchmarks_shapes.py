@@ -97,8 +97,9 @@ def test_cli_offers_every_name_style(tmp_path: Path, capsys: pytest.CaptureFixtu
         write_benchmark("digits-lt", tmp_path / "d", names="epithet")
     with pytest.raises(DataError, match="shapes-lt only"):
         write_benchmark("digits-lt", tmp_path / "d", n_max=12)
-    with pytest.raises(DataError, match="monochrome_prob must be in"):
-        vlltr_main(["data", "shapes-lt", "--out", str(tmp_path / "m"), "--monochrome-sessions", "1.5"])
+    # A user's mistake is one line and status 2, not a traceback.
+    assert vlltr_main(["data", "shapes-lt", "--out", str(tmp_path / "m"), "--monochrome-sessions", "1.5"]) == 2
+    assert capsys.readouterr().err == "vlltr data shapes-lt: monochrome_prob must be in [0, 1], got 1.5\n"
     assert not (tmp_path / "m").exists()
 
 

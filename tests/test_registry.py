@@ -11,6 +11,13 @@ import uuid
 import numpy as np
 import pytest
 
+from vlltr.errors import (
+    ClassConflictError,
+    ClassNotFoundError,
+    ClassValidationError,
+    StoreUnavailableError,
+    TrainedClassError,
+)
 from vlltr.model.runtime.bundle import load_bundle
 from vlltr.model.runtime.head import build_added_class_anchors
 from vlltr.model.runtime.prompts import name_prompts
@@ -18,16 +25,12 @@ from vlltr.model.runtime.sessions import TextEncoder
 from vlltr.service.core import trained_classes
 from vlltr.service.redis_link import RedisLink
 from vlltr.service.registry import (
-    ClassConflictError,
-    ClassNotFoundError,
     ClassRegistry,
-    ClassValidationError,
-    TrainedClassError,
     descriptions_from_text,
     normalize_descriptions,
     normalize_name,
 )
-from vlltr.service.store import AddedClass, ClassExistsError, FileClassStore, RedisClassStore, StoreUnavailableError
+from vlltr.service.store import AddedClass, FileClassStore, RedisClassStore
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +266,7 @@ def _race_add(path: str, bundle_id: str, barrier, results) -> None:
     barrier.wait()
     try:
         results.put(asyncio.run(store.add(record)))
-    except ClassExistsError:
+    except ClassConflictError:
         results.put("exists")
 
 

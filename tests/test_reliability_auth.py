@@ -21,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import SecretStr
 
 from vlltr.service.api.deps import require_admin
-from vlltr.service.errors_http import ApiError
+from vlltr.service.api.errors import ApiError
 
 # Random per run, so a leak cannot hide behind a fixed string some log line happens to contain.
 TOKEN = "tok-" + uuid.uuid4().hex + "-" + uuid.uuid4().hex

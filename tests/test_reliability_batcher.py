@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vlltr.service.batcher import BatcherStoppedError, MicroBatcher, QueueFullError
+from vlltr.errors import NotReadyError, QueueFullError
+from vlltr.service.batcher import MicroBatcher
 
 ANSWER_TIMEOUT_S = 30.0  # generous: two shared cores; a hang is what this catches, not slowness
 
@@ -132,9 +133,9 @@ async def _scenario(
                 assert future.result() == ident * 10
                 processed_ok.add(ident)
             else:  # an ok item may only fail because the batcher was stopped before it ran
-                assert stop_early and isinstance(exc, BatcherStoppedError), (ident, exc)
+                assert stop_early and isinstance(exc, NotReadyError), (ident, exc)
         elif job.kind == "bad":
-            assert isinstance(exc, (ItemRejected, BatcherStoppedError)), (ident, exc)
+            assert isinstance(exc, (ItemRejected, NotReadyError)), (ident, exc)
             if isinstance(exc, ItemRejected):
                 assert exc.args == (ident,)  # its own error, not a neighbour's
         else:  # fail / short: an exception, whatever it is, and only for this item

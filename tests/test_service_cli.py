@@ -143,7 +143,7 @@ def test_provider_cuda_without_cuda_fails_loudly_at_start(service_bundle, tmp_pa
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine's onnxruntime offers CUDA")
     out = _serve_and_fail(["--bundle", str(service_bundle), "--provider", "cuda"], tmp_path)
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "cuda requested" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -154,7 +154,7 @@ def test_a_corrupt_bundle_is_refused_naming_the_file(service_bundle, tmp_path):
     classes[0]["name"] = "tampered"
     (broken / "classes.json").write_text(json.dumps(classes))
     out = _serve_and_fail(["--bundle", str(broken)], tmp_path)
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "classes.json: size mismatch" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -180,7 +180,7 @@ def test_missing_training_stack_gives_a_clear_message(tmp_path, monkeypatch, cap
     monkeypatch.setenv("VLLTR_CACHE_DIR", str(tmp_path))
     from vlltr.service.cli import main
 
-    assert main([]) == 1
+    assert main([]) == 2
     err = capsys.readouterr().err
     assert "pip install .[train]" in err and "--bundle" in err
 

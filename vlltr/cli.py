@@ -1,10 +1,30 @@
-"""The `vlltr` command line. Each subcommand imports its room lazily, so `vlltr serve` never imports torch."""
+"""The `vlltr` command line. Each subcommand imports its room lazily, so `vlltr serve` never imports torch.
+
+A user's mistake (bad data, a bad config, a missing file or directory, an unknown architecture, a run that
+cannot be exported, a bad bundle: the domain errors of `vlltr.errors`) ends the command with one line,
+`vlltr <command>: <message>`, on stderr and exit status 2; `-v` shows the traceback as well. Anything else is
+a fault of the program and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import traceback
+
+from vlltr.errors import VlltrError
+
+# What a user can fix: the domain errors, and the operating system saying a path given is not usable.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    VlltrError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+USER_ERROR_STATUS = 2
+VERBOSE_HELP = "debug logging, and the traceback of an error"
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -73,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="vlltr", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
     _add_train(sub)
@@ -81,11 +101,38 @@ def main(argv: list[str] | None = None) -> int:
     _add_export(sub)
     sub.add_parser("serve", help="the HTTP service (see `vlltr serve --help`)")
     sub.add_parser("models", help="list the architectures usable in `model.arch`")
+    _verbose_everywhere(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return _dispatch(args)
+    try:
+        return _dispatch(args)
+    except USER_ERRORS as exc:
+        return report_user_error(_command_name(args), exc, verbose=args.verbose)
+
+
+def _verbose_everywhere(sub: argparse._SubParsersAction) -> None:
+    # `-v` after the subcommand too (`vlltr train ... -v`, `vlltr data shapes-lt ... -v`); SUPPRESS keeps a
+    # `-v` given before it.
+    for command in sub.choices.values():
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _verbose_everywhere(action)
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    return f"{args.command} {args.dataset}" if args.command == "data" else str(args.command)
+
+
+def report_user_error(command: str, exc: BaseException, *, verbose: bool) -> int:
+    """Print `vlltr <command>: <message>` (after the traceback when `verbose`) to stderr; the exit status."""
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"vlltr {command}: {message}", file=sys.stderr)
+    return USER_ERROR_STATUS
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -25,9 +25,9 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vlltr.service.api import api_router
+from vlltr.service.api.errors import envelope, install_error_handlers
 from vlltr.service.api.uploads import BodyBudget
 from vlltr.service.core import ServingCore
-from vlltr.service.errors_http import envelope, install_error_handlers
 from vlltr.service.metrics import Metrics
 from vlltr.service.settings import Settings
 

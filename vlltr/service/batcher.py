@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from vlltr.errors import InferenceFailedError, NotReadyError, QueueFullError
 from vlltr.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,6 @@ ADAPTIVE_WAIT_FRACTION = 0.1  # with `upstream`: wait up to this share of the re
 ADAPTIVE_WAIT_CAP_S = 1.0  # ... but never longer than this
 HEARTBEAT_S = 0.5  # the thread wakes at least this often while idle, so its heartbeat stays fresh
 STALL_S = 120.0  # a batch running longer than this marks the batcher not alive (readiness fails)
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at capacity; the caller should retry later."""
-
-
-class BatcherStoppedError(RuntimeError):
-    """The batcher is not running (not started yet, or shutting down)."""
 
 
 @dataclass(slots=True)
@@ -142,7 +135,7 @@ class MicroBatcher(Generic[P, R]):
         return now - self.heartbeat < STALL_S
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread after its current batch; waiting payloads fail with `BatcherStoppedError`."""
+        """Stop the thread after its current batch; waiting payloads fail with `NotReadyError`."""
         with self._cond:
             self._stopping = True
             left = list(self._items)
@@ -150,7 +143,7 @@ class MicroBatcher(Generic[P, R]):
             self._cond.notify_all()
         for item in left:
             if not item.future.done():
-                item.future.set_exception(BatcherStoppedError("the service is shutting down"))
+                item.future.set_exception(NotReadyError("the service is shutting down"))
         thread = self._thread
         if thread is not None:
             await asyncio.to_thread(thread.join, timeout)
@@ -168,11 +161,11 @@ class MicroBatcher(Generic[P, R]):
 
         Raises:
             QueueFullError: fewer than `len(payloads)` free places in the queue.
-            BatcherStoppedError: the batcher is not running.
+            NotReadyError: the batcher is not running.
         """
         loop = self._loop
         if loop is None or self._stopping:
-            raise BatcherStoppedError("the inference loop is not running")
+            raise NotReadyError("the inference loop is not running")
         now = time.monotonic()
         items = [_Item(p, loop.create_future(), now) for p in payloads]
         with self._cond:
@@ -259,7 +252,7 @@ class MicroBatcher(Generic[P, R]):
         finally:
             self._busy_since = None
             if results is None:  # only on a BaseException escaping _run_batch: fail the batch, not hang it
-                results = [RuntimeError("inference was interrupted")] * len(batch)
+                results = [InferenceFailedError("inference was interrupted")] * len(batch)
             self._deliver(batch, results)
 
     def _run_batch(self, payloads: list[P]) -> list[R | BaseException]:

@@ -3,6 +3,10 @@
 Every settings field is a flag (`max_wait_ms` -> `--max-wait-ms`) whose help line is the field's
 description plus its environment variable and default. A flag wins over the environment, which wins over
 the default. Never imports torch: the demo bundle is built by a subprocess (`vlltr.service.demo`).
+
+What stops the service before it serves (an invalid flag or variable, a bad bundle, `--provider cuda` without
+CUDA, no demo bundle and no way to build one) is one line on stderr and exit status 2, as for the other
+`vlltr` commands; `--log-level debug` adds the traceback.
 """
 
 from __future__ import annotations
@@ -10,15 +14,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 import types
 import typing
 from typing import Any, Literal
 
 from pydantic import SecretStr, ValidationError
 
+from vlltr.errors import BundleError, DemoBundleError, ProviderError
 from vlltr.service.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
+
+START_ERROR_STATUS = 2  # as `vlltr` gives for every user's mistake (vlltr.cli)
 
 DESCRIPTION = """\
 Serve a VL-LTR model bundle over HTTP (ONNX ServingCore, dynamic micro-batching, classes added by text).
@@ -105,19 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.bundle is None:
-        from vlltr.service.demo import DemoBundleError, ensure_demo_bundle
+        from vlltr.service.demo import ensure_demo_bundle
 
         try:
             settings.bundle = ensure_demo_bundle(settings.cache_dir)
         except DemoBundleError as exc:
-            print(f"vlltr serve: {exc}", file=sys.stderr)
-            return 1
+            return _refuse(str(exc), exc, settings)
         log.info("serving the demo bundle from %s", settings.bundle)
 
     import uvicorn
 
-    from vlltr.errors import BundleError
-    from vlltr.model.runtime.sessions import ProviderError
     from vlltr.service.app import create_app
     from vlltr.service.core import ServingCore
     from vlltr.service.metrics import Metrics
@@ -127,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         core = ServingCore.load(settings, Metrics(redis_enabled=bool(settings.redis_url)))
     except (BundleError, ProviderError) as exc:
-        print(f"vlltr serve: cannot serve {settings.bundle}: {exc}", file=sys.stderr)
-        return 1
+        return _refuse(f"cannot serve {settings.bundle}: {exc}", exc, settings)
     uvicorn.run(
         create_app(settings, core=core),
         host=settings.host,
@@ -142,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=10,
     )
     return 0
+
+
+def _refuse(message: str, exc: BaseException, settings: Settings) -> int:
+    """One line `vlltr serve: <message>` on stderr (after the traceback at log level debug); the exit status."""
+    if settings.log_level == "debug":
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"vlltr serve: {' '.join(message.split())}", file=sys.stderr)
+    return START_ERROR_STATUS
 
 
 if __name__ == "__main__":

@@ -22,19 +22,28 @@ from typing import Any
 
 import numpy as np
 
+from vlltr.errors import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    InferenceFailedError,
+    NotReadyError,
+    QueueFullError,
+    StoreUnavailableError,
+    VlltrError,
+)
 from vlltr.model.runtime.bundle import Bundle, load_bundle
 from vlltr.model.runtime.head import Shortlist
+from vlltr.model.runtime.manifest import Manifest
 from vlltr.model.runtime.predictor import probabilities
 from vlltr.model.runtime.preprocess import decode_image, preprocess_image
 from vlltr.model.runtime.sessions import ImageEncoder, TextEncoder
-from vlltr.service.batcher import BatcherStoppedError, MicroBatcher, QueueFullError
+from vlltr.service.batcher import MicroBatcher
 from vlltr.service.cache import EmbeddingCache, LocalLRUCache, RedisEmbeddingCache, cache_key
-from vlltr.service.errors_http import ApiError, image_error
 from vlltr.service.metrics import Metrics
 from vlltr.service.redis_link import RedisLink
 from vlltr.service.registry import TIER_NAMES, ClassRegistry, ServedTable, TrainedClasses
 from vlltr.service.settings import Settings
-from vlltr.service.store import ClassStore, FileClassStore, RedisClassStore, StoreUnavailableError
+from vlltr.service.store import ClassStore, FileClassStore, RedisClassStore
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,17 @@ HASH_ON_LOOP_BYTES = 256 * 1024  # smaller uploads are hashed on the event loop 
 # cost more than the scoring itself when the cores are busy; larger tables go through the batcher.
 INLINE_SCORE_MAX_ROWS = 16_384
 DEFAULT_SHOT_THRESHOLDS = (100, 20)  # many > 100, few < 20 training images (OLTR's groups)
+QUEUE_FULL = "the service is at capacity (inference queue full); retry later"
+INFERENCE_FAILED = "inference failed for this image; retry later"
+
+
+def as_image_error(exc: Exception) -> VlltrError:
+    """A decode/preprocess failure of one image as the domain error answered for it: the typed image errors
+    (and the service's own refusals) as they are; anything else a decoder raises on crafted bytes is still
+    "this is not an image we can read"."""
+    if isinstance(exc, VlltrError):
+        return exc
+    return ImageDecodeError(f"cannot decode the image ({type(exc).__name__})")
 
 
 @dataclass(slots=True)
@@ -80,16 +100,10 @@ class Scored:
         return TIER_NAMES[int(self.served.tiers[int(self.class_ids[0])])]
 
 
-def shot_thresholds(manifest: dict[str, Any]) -> tuple[int, int]:
+def shot_thresholds(manifest: Manifest) -> tuple[int, int]:
     """(many, few) train-count thresholds recorded by training, else OLTR's (100, 20)."""
-    training = manifest.get("training") or {}
-    for source in (training.get("shot_thresholds"), (training.get("config") or {}).get("data")):
-        if isinstance(source, dict):
-            many = source.get("many_threshold", source.get("many"))
-            few = source.get("few_threshold", source.get("few"))
-            if isinstance(many, int) and isinstance(few, int):
-                return many, few
-    return DEFAULT_SHOT_THRESHOLDS
+    groups = manifest.training.shot_groups() if manifest.training is not None else None
+    return (groups.many, groups.few) if groups is not None else DEFAULT_SHOT_THRESHOLDS
 
 
 def tiers_from_counts(counts: Sequence[int], many: int, few: int) -> np.ndarray:
@@ -369,18 +383,13 @@ class ServingCore:
         return pixels
 
     def check_accepting(self, n: int) -> None:
-        """503 (with Retry-After) when not started, or when `n` more images would take the images in
+        """`NotReadyError` when not started; `QueueFullError` when `n` more images would take the images in
         flight (being decoded, waiting or in a batch) past `queue_size`: the bound covers the decode
         backlog too, so a flood is refused at the door instead of piling up in memory."""
         if not self.started:
-            raise ApiError(
-                503,
-                "not_ready",
-                "the service is starting; try again shortly",
-                {"Retry-After": str(self.settings.retry_after_s)},
-            )
+            raise NotReadyError("the service is starting; try again shortly")
         if self.inflight + n > self.settings.queue_size:
-            raise self._queue_full()
+            raise QueueFullError(QUEUE_FULL)
 
     @contextlib.contextmanager
     def _admitted(self, n: int) -> Iterator[None]:
@@ -392,14 +401,6 @@ class ServingCore:
         finally:
             self.inflight -= n
 
-    def _queue_full(self) -> ApiError:
-        return ApiError(
-            503,
-            "queue_full",
-            "the service is at capacity (inference queue full); retry later",
-            {"Retry-After": str(self.settings.retry_after_s)},
-        )
-
     async def _digest(self, data: bytes | bytearray) -> str:
         if len(data) <= HASH_ON_LOOP_BYTES:
             return hashlib.sha256(data).hexdigest()
@@ -407,7 +408,7 @@ class ServingCore:
         return await loop.run_in_executor(self.decode_pool, lambda: hashlib.sha256(data).hexdigest())
 
     async def _job(self, data: bytes | bytearray, top_k: int) -> tuple[ImageJob, str | None]:
-        """Cache look-up, else decode + preprocess. Raises `ApiError` (400/413/415) for a bad image.
+        """Cache look-up, else decode + preprocess. Raises an image error of `vlltr.errors` for a bad image.
 
         Counted in `preparing` until it returns; callers submit the job in the same event-loop step, so the
         batcher never sees the count drop before the job is queued."""
@@ -419,8 +420,9 @@ class ServingCore:
 
     async def _prepare_job(self, data: bytes | bytearray, top_k: int) -> tuple[ImageJob, str | None]:
         if len(data) > self.settings.max_image_bytes:
-            raise ApiError(
-                413, "too_large", f"image is {len(data)} bytes, over the limit of {self.settings.max_image_bytes}"
+            raise ImageTooLargeError(
+                f"image is {len(data)} bytes, over the limit of {self.settings.max_image_bytes}",
+                limit=self.settings.max_image_bytes,
             )
         key = None
         if self.cache is not None:
@@ -432,7 +434,7 @@ class ServingCore:
         try:
             pixels = await loop.run_in_executor(self.decode_pool, self._prepare, data)
         except Exception as exc:  # every decoder failure is the client's image, never a 500
-            raise image_error(exc) from None
+            raise as_image_error(exc) from None
         return ImageJob(pixels, None, top_k), key
 
     def _finish(self, scored: Scored, key: str | None) -> Scored:
@@ -445,14 +447,13 @@ class ServingCore:
         try:
             return self.batcher.submit_many(jobs)
         except QueueFullError:
-            raise self._queue_full() from None
-        except BatcherStoppedError:
-            raise ApiError(
-                503, "not_ready", "the service is shutting down", {"Retry-After": str(self.settings.retry_after_s)}
-            ) from None
+            raise QueueFullError(QUEUE_FULL) from None  # the client's wording, not the batcher's counts
+        except NotReadyError:
+            raise NotReadyError("the service is shutting down") from None
 
     async def classify(self, data: bytes | bytearray, top_k: int) -> Scored:
-        """Classify one image. Raises `ApiError` for bad input, a full queue or a service not ready."""
+        """Classify one image. Raises the domain errors of `vlltr.errors` for a bad image, a full queue, a
+        service not ready or a failed inference."""
         with self._admitted(1):
             job, key = await self._job(data, top_k)
             if job.pixels is None and self._score_inline():
@@ -460,43 +461,35 @@ class ServingCore:
                     scored = self._run_batch([job])[0]
                 except Exception as exc:
                     log.warning("scoring a cached image failed: %s: %s", type(exc).__name__, exc)
-                    raise self._inference_failed() from None
+                    raise InferenceFailedError(INFERENCE_FAILED) from None
                 return self._finish(scored, key)
             future = self._submit([job])[0]
             try:
                 scored = await future
             except Exception as exc:
                 log.warning("inference failed for an image: %s: %s", type(exc).__name__, exc)
-                raise self._inference_failed() from None
+                raise InferenceFailedError(INFERENCE_FAILED) from None
         return self._finish(scored, key)
 
     def _score_inline(self) -> bool:
         table = self.registry.current.table
         return table.num_classes * table.num_anchors <= INLINE_SCORE_MAX_ROWS
 
-    def _inference_failed(self) -> ApiError:
-        return ApiError(
-            503,
-            "inference_failed",
-            "inference failed for this image; retry later",
-            {"Retry-After": str(self.settings.retry_after_s)},
-        )
-
-    async def classify_many(self, images: Sequence[bytes | bytearray], top_k: int) -> list[Scored | ApiError]:
-        """Classify several images; each entry is its result or its own error, in order."""
+    async def classify_many(self, images: Sequence[bytes | bytearray], top_k: int) -> list[Scored | VlltrError]:
+        """Classify several images; each entry is its result or its own domain error, in order."""
         with self._admitted(len(images)):
             prepared = await asyncio.gather(*(self._job(data, top_k) for data in images), return_exceptions=True)
-            out: list[Scored | ApiError] = []
+            out: list[Scored | VlltrError] = []
             ok: list[int] = []
             for i, item in enumerate(prepared):
                 if isinstance(item, BaseException):
                     out.append(
-                        image_error(item)
+                        as_image_error(item)
                         if isinstance(item, Exception)
-                        else ApiError(400, "bad_image", "the image could not be read")
+                        else ImageDecodeError("the image could not be read")
                     )
                 else:
-                    out.append(self._inference_failed())  # replaced below once scored
+                    out.append(InferenceFailedError(INFERENCE_FAILED))  # replaced below once scored
                     ok.append(i)
             futures = self._submit([prepared[i][0] for i in ok]) if ok else []  # type: ignore[index]
             results = await asyncio.gather(*futures, return_exceptions=True)

@@ -19,14 +19,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from vlltr.errors import DemoBundleError
+
 log = logging.getLogger(__name__)
 
 DEMO_DIRNAME = "demo-bundle"
 MANIFEST = "manifest.json"
-
-
-class DemoBundleError(RuntimeError):
-    """The demo bundle is missing and cannot be built here; the message says what to do."""
 
 
 def find_bundle_dir(root: Path) -> Path | None:

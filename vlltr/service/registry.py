@@ -23,6 +23,14 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from vlltr.errors import (
+    ClassConflictError,
+    ClassValidationError,
+    InferenceFailedError,
+    NotReadyError,
+    StoreUnavailableError,
+    TrainedClassError,
+)
 from vlltr.model.runtime.head import (
     ClassEntry,
     ClassTable,
@@ -33,15 +41,7 @@ from vlltr.model.runtime.head import (
 )
 from vlltr.model.runtime.prompts import name_prompts
 from vlltr.service.metrics import Metrics
-from vlltr.service.store import (
-    AddedClass,
-    ClassExistsError,
-    ClassMissingError,
-    ClassStore,
-    StoreSnapshot,
-    StoreUnavailableError,
-    name_key,
-)
+from vlltr.service.store import AddedClass, ClassStore, StoreSnapshot, name_key
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +51,6 @@ TIER_NAMES = ("head", "medium", "tail", "added")
 # surrogates, private use, unassigned, line and paragraph separators.
 _BAD_NAME_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 _BAD_TEXT_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}
-
-
-class ClassValidationError(ValueError):
-    """A class name or description list is invalid (answered 422)."""
-
-
-class ClassConflictError(ValueError):
-    """The name exists already (answered 409)."""
-
-
-class TrainedClassError(ValueError):
-    """A trained class cannot be removed (answered 409)."""
-
-
-class ClassNotFoundError(KeyError):
-    """No class has this name (answered 404)."""
-
-    def __str__(self) -> str:  # KeyError quotes its argument; the message is already a sentence
-        return str(self.args[0]) if self.args else "class not found"
 
 
 async def cancel_until_done(tasks: Sequence[asyncio.Task], retry_s: float = 0.2) -> None:
@@ -256,7 +237,7 @@ class ClassRegistry:
         """The table to score against (one atomic read)."""
         table = self._current
         if table is None:
-            raise RuntimeError("the class table is not loaded yet")
+            raise NotReadyError("the class table is not loaded yet; try again shortly")
         return table
 
     @property
@@ -418,7 +399,7 @@ class ClassRegistry:
         features = await loop.run_in_executor(self._text_pool, self._encode_texts, texts)
         features = np.asarray(features, dtype=np.float32)
         if features.shape[0] != len(texts) or not np.all(np.isfinite(features)):
-            raise RuntimeError("the text encoder returned unusable features")
+            raise InferenceFailedError("the text encoder returned unusable features; retry later")
         n = len(descriptions)
         anchors, mask, chosen = build_added_class_anchors(
             features[:n], self.trained.table.num_anchors, reference=features[n:], others=self.current.embeddings
@@ -433,10 +414,7 @@ class ClassRegistry:
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         warnings = self.near_duplicates(record.embedding)
-        try:
-            version = await self.store.add(record)
-        except ClassExistsError as exc:
-            raise ClassConflictError(f"class {name!r} already exists") from exc
+        version = await self.store.add(record)  # ClassConflictError when another writer took the name first
         served = await self.refresh(at_least=version)
         return AddOutcome(record, served.keys.get(record.key), served.version, warnings)
 
@@ -464,9 +442,6 @@ class ClassRegistry:
             )
         current = self.current
         stored = next((r.name for r in current.added if r.key == key), name)
-        try:
-            version = await self.store.remove(name)
-        except ClassMissingError as exc:
-            raise ClassNotFoundError(f"no added class named {name!r}") from exc
+        version = await self.store.remove(name)  # ClassNotFoundError when no added class has the name
         served = await self.refresh(at_least=version)
         return stored, served.version

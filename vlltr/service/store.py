@@ -3,7 +3,7 @@
 Both keep, per bundle id, the added classes (name, descriptions, chosen anchor sentences and their text
 features, the class's text embedding) and a version counter that every change bumps. Adds are atomic
 check-and-set: when two writers race to add the same name, exactly one wins and the other gets
-`ClassExistsError`.
+`ClassConflictError`.
 
 Redis layout (`P` = the key prefix, `B` = the bundle id):
     P:classes:B           hash   casefolded name -> JSON record
@@ -28,27 +28,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from vlltr.errors import ClassConflictError, ClassNotFoundError, StoreUnavailableError
 from vlltr.service.redis_link import RedisLink, make_client
 
 log = logging.getLogger(__name__)
 
 FILE_FORMAT_VERSION = 1
-
-
-class StoreError(RuntimeError):
-    """Base class of class-store errors."""
-
-
-class ClassExistsError(StoreError):
-    """A class with this name (case-insensitively) is already stored."""
-
-
-class ClassMissingError(StoreError):
-    """No added class has this name."""
-
-
-class StoreUnavailableError(StoreError):
-    """The store cannot be reached or read right now (Redis down, unreadable file)."""
 
 
 @dataclass(frozen=True)
@@ -137,10 +122,10 @@ class ClassStore(Protocol):
         """The current version (cheap; polled)."""
 
     async def add(self, record: AddedClass) -> int:
-        """Store a new class; returns the new version. Raises `ClassExistsError`."""
+        """Store a new class; returns the new version. Raises `ClassConflictError`."""
 
     async def remove(self, name: str) -> int:
-        """Delete an added class; returns the new version. Raises `ClassMissingError`."""
+        """Delete an added class; returns the new version. Raises `ClassNotFoundError`."""
 
     async def watch(self, on_change: Callable[[], None]) -> None:
         """Call `on_change` whenever another writer changes the store (returns when cancelled)."""
@@ -233,7 +218,7 @@ class RedisClassStore:
         except Exception as exc:
             raise self._unavailable(exc) from exc
         if int(result) < 0:
-            raise ClassExistsError(f"class {record.name!r} already exists")
+            raise ClassConflictError(f"class {record.name!r} already exists")
         return int(result)
 
     async def remove(self, name: str) -> int:
@@ -242,7 +227,7 @@ class RedisClassStore:
         except Exception as exc:
             raise self._unavailable(exc) from exc
         if int(result) < 0:
-            raise ClassMissingError(f"no added class named {name!r}")
+            raise ClassNotFoundError(f"no added class named {name!r}")
         return int(result)
 
     async def watch(self, on_change: Callable[[], None]) -> None:
@@ -380,7 +365,7 @@ class FileClassStore:
             data = self._read_all()
             section = self._section(data)
             if record.key in section["classes"]:
-                raise ClassExistsError(f"class {record.name!r} already exists")
+                raise ClassConflictError(f"class {record.name!r} already exists")
             version = int(section["version"]) + 1
             classes = {**section["classes"], record.key: {"seq": version, **record.to_json()}}
             self._write_all(self._with_section(data, version, classes))
@@ -391,7 +376,7 @@ class FileClassStore:
             data = self._read_all()
             section = self._section(data)
             if name_key(name) not in section["classes"]:
-                raise ClassMissingError(f"no added class named {name!r}")
+                raise ClassNotFoundError(f"no added class named {name!r}")
             version = int(section["version"]) + 1
             classes = {k: v for k, v in section["classes"].items() if k != name_key(name)}
             self._write_all(self._with_section(data, version, classes))

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from vlltr.errors import MissingFileError
 from vlltr.model.networks.classifier import VLLTRClassifier
 from vlltr.model.networks.factory import create_clip
 from vlltr.model.networks.head import LGRHead
@@ -87,11 +88,12 @@ class TrainedRun:
 
 
 def load_final_model(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
-    """Load a finished run. Raises FileNotFoundError naming the missing file when the run is incomplete."""
+    """Load a finished run. Raises `MissingFileError` (a FileNotFoundError) naming the missing file when the run
+    is incomplete or not there."""
     run_dir = Path(run_dir)
     for name in (MODEL_FILE, CLASSES_FILE, CONFIG_FILE):
         if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name} is missing: is {run_dir} a finished `vlltr train` run?")
+            raise MissingFileError(f"{run_dir / name} is missing: is {run_dir} a finished `vlltr train` run?")
     cfg = load_config(run_dir / CONFIG_FILE)
     state = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)
     clip = create_clip(state["arch"], None, quick_gelu=cfg.model.quick_gelu)

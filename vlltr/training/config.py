@@ -1,9 +1,9 @@
 """Run configuration: typed dataclasses loaded from YAML, with `--set key=value` overrides.
 
 A config file holds the sections below; anything not given takes the default written here. Unknown keys,
-and values outside a key's listed choices, are an error (a typo must not silently fall back to a default or
-fail hours into a run). The resolved config is saved next to every
-checkpoint, so a run can always be reproduced and resumed.
+values of another type than the key declares (`stage1.epochs: ten`) and values outside a key's listed choices
+are an error naming the key (a typo must not silently fall back to a default or fail hours into a run). The
+resolved config is saved next to every checkpoint, so a run can always be reproduced and resumed.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from vlltr.errors import ConfigError
 
 
 @dataclass
@@ -35,7 +38,8 @@ class DataCfg:
     val: str | None = "val.txt"
     test: str | None = "test.txt"
     # Class names: `lines` (one name per line, line = class id), `imagenet_labels` (`wnid idx name`),
-    # `places_labels` (`name idx`), `inat_categories` (official categories.json).
+    # `places_labels` (`name idx`), `inat_categories` (official categories.json). A folder dataset without
+    # `classes.txt` takes the sorted sub-folder names of its train split, as torchvision's ImageFolder does.
     class_names: str = "classes.txt"
     class_names_format: Literal["lines", "imagenet_labels", "places_labels", "inat_categories"] = "lines"
     text_dir: str = "text"  # one text file per class
@@ -157,35 +161,94 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
+def _key(where: str, name: str) -> str:
+    return f"{where}.{name}".lstrip(".")
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def _build(cls: type, values: Any, where: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key(s) {[f'{where}.{k}'.lstrip('.') for k in unknown]}; known: {sorted(fields)}")
-    kwargs = {}
+        raise ConfigError(f"unknown key(s) {[_key(where, k) for k in unknown]}; known: {sorted(fields)}")
     hints = get_type_hints(cls)
-    for name, value in values.items():
-        sub = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            kwargs[name] = _build(sub, value, f"{where}.{name}".lstrip("."))
-        else:
-            if get_origin(hints[name]) is Literal and value not in get_args(hints[name]):
-                raise ConfigError(
-                    f"{f'{where}.{name}'.lstrip('.')}: {value!r} is not one of {list(get_args(hints[name]))}"
-                )
-            kwargs[name] = value
+    kwargs = {name: _typed(value, hints[name], _key(where, name)) for name, value in values.items()}
     return cls(**kwargs)
+
+
+def _describe(annotation: Any) -> str:
+    """How a type reads in an error message: `an integer`, `a string or null`, `a list of numbers`."""
+    if annotation is bool:
+        return "true or false"
+    if annotation is int:
+        return "an integer"
+    if annotation is float:
+        return "a number"
+    if annotation is str:
+        return "a string"
+    if get_origin(annotation) is list:
+        (item,) = get_args(annotation)
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, _describe(item))
+    if get_origin(annotation) in (Union, UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in get_args(annotation))
+    if dataclasses.is_dataclass(annotation):
+        return "a mapping"
+    raise TypeError(f"config fields of type {annotation!r} are not supported")
+
+
+def _typed(value: Any, annotation: Any, key: str) -> Any:
+    """`value` checked against a field's declared type (ints accepted, and converted, where a float is
+    declared: YAML reads `1` as an int); a mismatch is a ConfigError naming the key."""
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if get_origin(annotation) is Literal:
+        choices = list(get_args(annotation))
+        # `True == 1`: compare types too, so `true` is not taken for a choice `1` (or the reverse).
+        if not any(value == c and type(value) is type(c) for c in choices):
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if get_origin(annotation) in (Union, UnionType):
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _typed(value, option, key)
+            except ConfigError:
+                continue
+        raise _mismatch(key, annotation, value, text_allowed=str in options)
+    if get_origin(annotation) is list:
+        (item,) = get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_describe(annotation)}, got {value!r}")
+        return [_typed(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    # bool is a subclass of int in Python; `epochs: true` is a mistake, not 1 epoch.
+    if annotation is bool and isinstance(value, bool):
+        return value
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is str and isinstance(value, str):
+        return value
+    raise _mismatch(key, annotation, value, text_allowed=annotation is str)
+
+
+def _mismatch(key: str, annotation: Any, value: Any, *, text_allowed: bool) -> ConfigError:
+    hint = ""
+    if text_allowed and isinstance(value, (bool, int, float)):
+        # YAML reads `2018`, `1e3` or `yes` as a number or a boolean; quoting keeps the text.
+        hint = f" (quote it to keep it as text: '{value}')"
+    return ConfigError(f"{key}: expected {_describe(annotation)}, got {value!r}{hint}")
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Build a :class:`Config` from nested dicts, rejecting unknown keys."""
-    return _build(Config, values or {}, "")
+    config: Config = _build(Config, values or {}, "")
+    return config
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -200,8 +263,15 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_one_line(exc)})") from exc
     return values
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -209,7 +279,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values: dict[str, Any] = {}
     if path is not None:
         resolved = resolve_config_path(path)
-        values = yaml.safe_load(resolved.read_text()) or {}
+        try:
+            values = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {str(resolved)!r} is not valid YAML: {_one_line(exc)}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config {str(resolved)!r} cannot be read: {exc}") from exc
     return config_from_dict(apply_overrides(values, overrides or []))
 
 

@@ -8,8 +8,9 @@ failed export never leaves a half-written bundle):
 4. with `fp16`, convert the encoders and compare them with fp32 on the run's evaluation images: the smallest
    feature cosine and the top-1 agreement of the served prediction must reach `FP16_THRESHOLDS`, otherwise
    the export fails saying by how much;
-5. write the manifest with every file's sha256, load the bundle back with `vlltr.model.runtime.bundle.load_bundle` and
-   compare its predictions (onnxruntime + numpy) with the PyTorch model's on a few images.
+5. write the manifest (a typed `vlltr.model.runtime.manifest.Manifest`) with every file's sha256, load the
+   bundle back with `vlltr.model.runtime.bundle.load_bundle` and compare its predictions (onnxruntime + numpy)
+   with the PyTorch model's on a few images.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +32,30 @@ import open_clip
 import torch
 from PIL import Image
 
+from vlltr.errors import DataError, ExportError
 from vlltr.model.networks.factory import clip_dims, get_tokenizer
 from vlltr.model.networks.head import calibrated_probabilities, served_head_arrays
 from vlltr.model.runtime import bundle as B
-from vlltr.model.runtime.bundle import Calibration
 from vlltr.model.runtime.head import HEAD_ARRAYS, ClassTable, HeadParams, log_prior_from_counts
+from vlltr.model.runtime.manifest import (
+    Calibration,
+    ExportCheck,
+    FileEntry,
+    Fp16Check,
+    HeadInfo,
+    Manifest,
+    ModelInfo,
+    ShotThresholds,
+    TrainingInfo,
+    Verification,
+    write_manifest,
+)
 from vlltr.model.runtime.predictor import BundlePredictor, probabilities
 from vlltr.model.runtime.preprocess import PreprocessSpec, preprocess_batch
 from vlltr.model.runtime.sessions import create_session
 from vlltr.model.runtime.tokenizer import ClipTokenizer, TextSpec, build_tokenizer_json
 from vlltr.training.checkpoint import METRICS_FILE, TrainedRun, load_final_model
 from vlltr.training.data.datasets import build_split
-from vlltr.training.data.errors import DataError
 from vlltr.training.data.transforms import preprocess_spec
 from vlltr.training.export_onnx import (
     FP16_OP_BLOCK_LIST,
@@ -60,10 +74,6 @@ EXPORT_TOLERANCE = 1e-4
 VERIFY_MAX_PROB_DIFF = 1e-4
 VERIFY_MIN_AGREEMENT = 0.999
 FP16_THRESHOLDS = {"min_cosine": 0.999, "top1_agreement": 0.99}
-
-
-class ExportError(RuntimeError):
-    """The run cannot be exported, or what was written does not match the PyTorch model."""
 
 
 def export_bundle(
@@ -162,80 +172,66 @@ def _write_bundle(run: TrainedRun, tmp: Path, *, fp16: bool, verify_images: int,
     np.save(tmp / B.ANCHOR_MASK, head.anchor_mask.detach().cpu().numpy().astype(bool))
     (tmp / B.CLASSES).write_text(json.dumps(classes, indent=1, ensure_ascii=False), encoding="utf-8")
 
-    fp16_check = None
+    fp16_check: Fp16Check | None = None
     if fp16:
         if not eval_images:
             raise ExportError(
                 f"--fp16 needs evaluation images to compare fp16 with fp32, and none were found ({eval_source})"
             )
-        fp16_check = _convert_and_check_fp16(run, tmp, spec, eval_images[:fp16_images], tokens, classes)
-        fp16_check["images"] = f"{min(len(eval_images), fp16_images)} images of {eval_source}"
+        fp16_check = _convert_and_check_fp16(
+            run, tmp, spec, eval_images[:fp16_images], tokens, classes, source=eval_source
+        )
 
-    calibration = dict(run.calibration)
-    manifest: dict[str, Any] = {
-        "format_version": B.FORMAT_VERSION,
-        "bundle_id": "",
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "model": {
-            "arch": run.arch,
-            "embed_dim": dims.embed_dim,
-            "image_size": dims.image_size,
-            "context_length": dims.context_length,
-            "quick_gelu": bool(cfg.model.quick_gelu),
-        },
-        "text": text_spec.to_dict(),
-        "preprocess": spec.to_dict(),
-        "head": {
-            "num_anchors": int(head.anchors.shape[1]),
-            "alpha": float(run.alpha),
-            "logit_scale": float(head.logit_scale),
-            "num_classes": head.num_classes,
-            "ln_eps": float(head.ln_q.eps),
-            "v_detach": bool(head.v_detach),
-        },
-        "calibration": {
-            "tau": float(calibration.get("tau", 0.0)),
-            "temperature": float(calibration.get("temperature", 1.0)),
-            "added_class_bias": float(calibration.get("added_class_bias", 0.0)),
-            "added_class_vision": str(calibration.get("added_class_vision", "none")),
-            "log_prior": "log(train_count / sum of train_count) from classes.json",
-            "fitted_on": calibration.get("fitted_on"),
-        },
-        "precision": "fp16" if fp16 else "fp32",
-        "fp16_check": fp16_check,
-        "export_check": export_check,
-        "training": {
-            "dataset": cfg.data.name,
-            "run_dir": str(run.run_dir),
-            "config": cfg.to_dict(),
-            "metrics": _read_json(run.run_dir / METRICS_FILE),
-            "calibration": calibration,
-        },
-        "files": {},
-    }
-    names = [B.IMAGE_ENCODER, B.TEXT_ENCODER, B.TOKENIZER, B.HEAD, B.ANCHORS, B.ANCHOR_MASK, B.CLASSES]
-    manifest["files"] = {name: B.file_entry(tmp / name) for name in names}
-    manifest["bundle_id"] = _bundle_id(run.arch, manifest["files"])
-    _write_manifest(tmp, manifest)
-
-    manifest["verification"] = _verify(run, tmp, eval_images[:verify_images], spec, fp16=fp16, source=eval_source)
-    _write_manifest(tmp, manifest)
+    files = {name: FileEntry.of(tmp / name) for name in B.REQUIRED_FILES}
+    manifest = Manifest(
+        bundle_id=_bundle_id(run.arch, files),
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        model=ModelInfo(
+            arch=run.arch,
+            embed_dim=dims.embed_dim,
+            image_size=dims.image_size,
+            context_length=dims.context_length,
+            quick_gelu=bool(cfg.model.quick_gelu),
+        ),
+        text=text_spec,
+        preprocess=spec,
+        head=HeadInfo(
+            num_anchors=int(head.anchors.shape[1]),
+            alpha=float(run.alpha),
+            logit_scale=float(head.logit_scale),
+            num_classes=head.num_classes,
+            ln_eps=float(head.ln_q.eps),
+            v_detach=bool(head.v_detach),
+        ),
+        calibration=_served_calibration(run.calibration),
+        precision="fp16" if fp16 else "fp32",
+        fp16_check=fp16_check,
+        export_check=ExportCheck(**{k: float(v) for k, v in export_check.items()}),
+        training=TrainingInfo(
+            dataset=cfg.data.name,
+            run_dir=str(run.run_dir),
+            config=cfg.to_dict(),
+            metrics=_read_json(run.run_dir / METRICS_FILE),
+            calibration=dict(run.calibration),
+            shot_thresholds=ShotThresholds(cfg.data.many_threshold, cfg.data.few_threshold),
+        ),
+        files=files,
+    )
+    write_manifest(tmp, manifest)  # _verify loads the bundle as the service will
+    verification = _verify(run, tmp, eval_images[:verify_images], spec, fp16=fp16, source=eval_source)
+    write_manifest(tmp, replace(manifest, verification=verification))
 
 
-def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    (root / B.MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8")
+def _served_calibration(calibration: dict[str, Any]) -> Calibration:
+    """The manifest's calibration from the run's `calibration.json`."""
+    try:
+        return Calibration.from_dict(calibration)
+    except (ValueError, TypeError) as exc:
+        raise ExportError(f"the run's calibration.json cannot be served: {exc}") from exc
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _bundle_id(arch: str, files: dict[str, dict[str, Any]]) -> str:
-    digest = hashlib.sha256("".join(f"{n}:{e['sha256']};" for n, e in sorted(files.items())).encode()).hexdigest()
+def _bundle_id(arch: str, files: dict[str, FileEntry]) -> str:
+    digest = hashlib.sha256("".join(f"{n}:{e.sha256};" for n, e in sorted(files.items())).encode()).hexdigest()
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', arch)}-{digest[:12]}-{stamp}"
 
@@ -336,7 +332,7 @@ def _torch_probabilities(run: TrainedRun, pixels: np.ndarray, log_prior: np.ndar
 
 def _verify(
     run: TrainedRun, root: Path, images: list[Image.Image], spec: PreprocessSpec, *, fp16: bool, source: str
-) -> dict[str, Any]:
+) -> Verification:
     """Load the written bundle and compare its predictions with PyTorch's; raise on disagreement (fp32)."""
     bundle = B.load_bundle(root)
     predictor = BundlePredictor(bundle, provider="cpu")
@@ -367,7 +363,7 @@ def _verify(
             f"{result['max_abs_prob_diff']:.3g} (limit {VERIFY_MAX_PROB_DIFF}), top-1 agreement "
             f"{result['top1_agreement']:.4f} (limit {VERIFY_MIN_AGREEMENT})"
         )
-    return result
+    return Verification(**result)
 
 
 def _features(path: Path, name: str, x: np.ndarray, *, fp16: bool, batch: int = 64) -> np.ndarray:
@@ -388,7 +384,9 @@ def _convert_and_check_fp16(
     images: list[Image.Image],
     tokens: np.ndarray,
     classes: list[dict[str, Any]],
-) -> dict[str, Any]:
+    *,
+    source: str,
+) -> Fp16Check:
     """Replace the encoders with fp16 versions if they agree with fp32; otherwise raise with the numbers."""
     fp16_paths = {}
     for name in (B.IMAGE_ENCODER, B.TEXT_ENCODER):
@@ -452,4 +450,13 @@ def _convert_and_check_fp16(
     log.info(
         "fp16 encoders kept: min cosine %.6f, top-1 agreement %.4f", result["min_cosine"], result["top1_agreement"]
     )
-    return result
+    return Fp16Check(
+        min_cosine=result["min_cosine"],
+        min_cosine_image=image_cos,
+        min_cosine_text=text_cos,
+        top1_agreement=result["top1_agreement"],
+        max_abs_prob_diff=result["max_abs_prob_diff"],
+        thresholds=dict(FP16_THRESHOLDS),
+        op_block_list=tuple(FP16_OP_BLOCK_LIST),
+        images=f"{len(images)} images of {source}",
+    )

@@ -16,11 +16,11 @@ import numpy as np
 import open_clip
 import torch
 
-from vlltr.model.networks.factory import UnknownArchitectureError, get_tokenizer, list_architectures
-from vlltr.training.config import Config, ConfigError
+from vlltr.errors import ConfigError, DataError, MissingFileError, UnknownArchitectureError
+from vlltr.model.networks.factory import get_tokenizer, list_architectures
+from vlltr.training.config import Config
 from vlltr.training.data.classes import load_class_names, load_heldout
 from vlltr.training.data.datasets import ImageListDataset, build_split
-from vlltr.training.data.errors import DataError
 from vlltr.training.data.text import load_class_texts, tokenize_class_texts
 from vlltr.training.data.transforms import eval_transform, train_transform
 
@@ -80,7 +80,7 @@ def check_model_config(cfg: Config) -> int:
         raise ConfigError("model.pretrained 'openai' needs model.quick_gelu: true")
     is_path = bool(pretrained) and (os.sep in pretrained or bool(Path(pretrained).suffix) or Path(pretrained).exists())
     if is_path and not Path(pretrained).is_file():
-        raise FileNotFoundError(f"model.pretrained file {pretrained!r} does not exist")
+        raise MissingFileError(f"model.pretrained file {pretrained!r} does not exist")
     if pretrained and not is_path and pretrained not in open_clip.list_pretrained_tags_by_model(arch):
         raise ConfigError(
             f"model.pretrained {pretrained!r} is neither a file nor an open_clip tag of {arch!r} "

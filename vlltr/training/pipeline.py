@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import yaml
 
+from vlltr.errors import ConfigError
 from vlltr.model.networks.factory import get_tokenizer
 from vlltr.model.runtime.prompts import name_prompts
 from vlltr.training.added_classes import fit_added_class_calibration, numpy_head, pick_pseudo_new
@@ -30,7 +31,7 @@ from vlltr.training.checkpoint import (
     atomic_write_json,
     load_final_model,
 )
-from vlltr.training.config import Config, ConfigError, load_config, save_config
+from vlltr.training.config import Config, load_config, save_config
 from vlltr.training.data.text import templates_for
 from vlltr.training.distributed import DistEnv, barrier, init_distributed
 from vlltr.training.evaluate import build_eval_split, collect_features, evaluate_run, head_logits

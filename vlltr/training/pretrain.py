@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlltr.errors import MissingFileError
 from vlltr.model.networks.factory import clip_dims, create_clip, get_tokenizer
 from vlltr.training.features import encode_text
 from vlltr.training.losses import classwise_contrastive_loss, contrastive_logits
@@ -356,7 +357,7 @@ def _benchmark_fingerprint(benchmark_dir: str | Path) -> str:
     for name in ("meta.json", "train.txt", "val.txt", "test.txt"):
         p = Path(benchmark_dir) / name
         if not p.is_file():
-            raise FileNotFoundError(f"{p} is missing: is {benchmark_dir} a benchmark written by `vlltr data`?")
+            raise MissingFileError(f"{p} is missing: is {benchmark_dir} a benchmark written by `vlltr data`?")
         h.update(p.read_bytes())
     return h.hexdigest()
 

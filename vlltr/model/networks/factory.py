@@ -15,14 +15,12 @@ from pathlib import Path
 import open_clip
 import torch
 
+from vlltr.errors import MissingFileError, UnknownArchitectureError
+
 log = logging.getLogger(__name__)
 
 PROJECT_CONFIG_DIR = Path(__file__).parent / "configs"
 _registered = False
-
-
-class UnknownArchitectureError(ValueError):
-    """Raised for an architecture name that neither open_clip nor the project registers."""
 
 
 def _register_project_configs() -> None:
@@ -61,7 +59,7 @@ def create_clip(
 
     Raises:
         UnknownArchitectureError: the name is not registered; the message lists close matches.
-        FileNotFoundError: `pretrained` looks like a path but does not exist.
+        MissingFileError: `pretrained` looks like a path but does not exist (a FileNotFoundError).
     """
     known = list_architectures()
     if arch not in known:
@@ -72,7 +70,7 @@ def create_clip(
             f"or model.list_architectures()."
         )
     if pretrained and _looks_like_path(pretrained) and not os.path.isfile(pretrained):
-        raise FileNotFoundError(f"pretrained checkpoint {pretrained!r} does not exist")
+        raise MissingFileError(f"pretrained checkpoint {pretrained!r} does not exist")
     if pretrained and not _looks_like_path(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(arch)
         if pretrained not in tags:

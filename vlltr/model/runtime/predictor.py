@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from vlltr.model.runtime.bundle import Bundle, Calibration
+from vlltr.model.runtime.bundle import Bundle
 from vlltr.model.runtime.head import ClassTable, HeadParams, Shortlist, calibrated_probabilities
+from vlltr.model.runtime.manifest import Calibration
 from vlltr.model.runtime.preprocess import preprocess_batch
 from vlltr.model.runtime.sessions import ImageEncoder, ProviderName, TextEncoder
 

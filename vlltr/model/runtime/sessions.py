@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from vlltr.errors import BundleError, ProviderError
 from vlltr.model.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,6 @@ ProviderName = Literal["auto", "cuda", "cpu"]
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
-
-
-class ProviderError(RuntimeError):
-    """The requested execution provider is not available or not active."""
 
 
 def _options(threads: int | None, *, cpu_fp16: bool = False, spinning: bool = False) -> ort.SessionOptions:
@@ -68,6 +65,7 @@ def create_session(
 
     Raises:
         ProviderError: `cuda` requested but unavailable or not active.
+        BundleError: onnxruntime cannot load the graph (on CPU).
         ValueError: unknown provider name.
     """
     if provider not in ("auto", "cuda", "cpu"):
@@ -105,7 +103,10 @@ def create_session(
         )
     elif provider == "auto":
         log.info("no CUDAExecutionProvider in this onnxruntime build (available: %s); running on CPU", available)
-    session = ort.InferenceSession(path, _options(threads, cpu_fp16=fp16, spinning=spinning), providers=[CPU])
+    try:
+        session = ort.InferenceSession(path, _options(threads, cpu_fp16=fp16, spinning=spinning), providers=[CPU])
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid graphs
+        raise BundleError(f"{Path(path).name}: onnxruntime cannot load it ({exc})") from exc
     return session, "cpu"
 
 
@@ -124,10 +125,10 @@ class _Encoder:
         self.session, self.provider = create_session(path, provider, threads, fp16=fp16, spinning=spinning)
         inputs = {i.name: i for i in self.session.get_inputs()}
         if input_name not in inputs:
-            raise ValueError(f"{Path(path).name}: expected input {input_name!r}, the graph has {sorted(inputs)}")
+            raise BundleError(f"{Path(path).name}: expected input {input_name!r}, the graph has {sorted(inputs)}")
         outputs = [o.name for o in self.session.get_outputs()]
         if "features" not in outputs:
-            raise ValueError(f"{Path(path).name}: expected output 'features', the graph has {outputs}")
+            raise BundleError(f"{Path(path).name}: expected output 'features', the graph has {outputs}")
         self.input_name = input_name
         self._input = inputs[input_name]
 
@@ -180,7 +181,9 @@ class TextEncoder(_Encoder):
         self.batch_size = int(batch_size)
         length = self._input.shape[1] if len(self._input.shape) == 2 else None
         if isinstance(length, int) and length != tokenizer.context_length:
-            raise ValueError(f"{Path(path).name} takes {length} tokens, the tokenizer makes {tokenizer.context_length}")
+            raise BundleError(
+                f"{Path(path).name} takes {length} tokens, the tokenizer makes {tokenizer.context_length}"
+            )
 
     def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """Features of token rows `[N, L]` int64."""

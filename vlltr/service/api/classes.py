@@ -10,18 +10,9 @@ from python_multipart.multipart import parse_options_header
 
 from vlltr.service.api.deps import AdminDep, BodyHoldDep, CoreDep, SettingsDep
 from vlltr.service.api.docs import binary, error_responses
+from vlltr.service.api.errors import ApiError, describe_validation_errors
 from vlltr.service.api.uploads import BodyHold, read_body, read_multipart
-from vlltr.service.errors_http import ApiError, describe_validation_errors
-from vlltr.service.registry import (
-    TIER_NAMES,
-    ClassConflictError,
-    ClassNotFoundError,
-    ClassValidationError,
-    TrainedClassError,
-    descriptions_from_text,
-    normalize_descriptions,
-    normalize_name,
-)
+from vlltr.service.registry import TIER_NAMES, descriptions_from_text, normalize_descriptions, normalize_name
 from vlltr.service.schemas import (
     ClassCreate,
     ClassCreated,
@@ -31,7 +22,6 @@ from vlltr.service.schemas import (
     NearDuplicate,
 )
 from vlltr.service.settings import Settings
-from vlltr.service.store import StoreUnavailableError
 
 router = APIRouter(prefix="/v1/classes", tags=["classes"])
 
@@ -158,17 +148,9 @@ async def add_class(request: Request, core: CoreDep, settings: SettingsDep, hold
             "unsupported_type",
             "send application/json {name, descriptions} or multipart/form-data with 'name' and a text 'file'",
         )
-    try:
-        parse = _parse_json if ctype == b"application/json" else _parse_form
-        raw_name, descriptions = await parse(request, settings, hold)
-        name = normalize_name(raw_name)
-        outcome = await core.registry.add_class(name, descriptions)
-    except ClassValidationError as exc:
-        raise ApiError(422, "invalid", str(exc)) from None
-    except ClassConflictError as exc:
-        raise ApiError(409, "conflict", str(exc)) from None
-    except StoreUnavailableError as exc:
-        raise ApiError(503, "store_unavailable", str(exc), {"Retry-After": str(settings.retry_after_s)}) from None
+    parse = _parse_json if ctype == b"application/json" else _parse_form
+    raw_name, descriptions = await parse(request, settings, hold)
+    outcome = await core.registry.add_class(normalize_name(raw_name), descriptions)
     dups = [NearDuplicate(name=d.name, cosine=d.cosine) for d in outcome.near_duplicates]
     return ClassCreated(
         name=outcome.record.name,
@@ -191,16 +173,7 @@ async def add_class(request: Request, core: CoreDep, settings: SettingsDep, hold
     dependencies=[AdminDep],
     responses=error_responses(401, 403, 404, 409, 422, 503),
 )
-async def delete_class(name: str, core: CoreDep, settings: SettingsDep) -> ClassDeleted:
+async def delete_class(name: str, core: CoreDep) -> ClassDeleted:
     """Delete a class that was added by text (trained classes cannot be deleted: 409)."""
-    try:
-        stored, version = await core.registry.remove_class(normalize_name(name))
-    except ClassValidationError as exc:
-        raise ApiError(422, "invalid", str(exc)) from None
-    except TrainedClassError as exc:
-        raise ApiError(409, "conflict", str(exc)) from None
-    except ClassNotFoundError as exc:
-        raise ApiError(404, "not_found", str(exc)) from None
-    except StoreUnavailableError as exc:
-        raise ApiError(503, "store_unavailable", str(exc), {"Retry-After": str(settings.retry_after_s)}) from None
+    stored, version = await core.registry.remove_class(normalize_name(name))
     return ClassDeleted(name=stored, bundle_id=core.bundle.bundle_id, class_table_version=version)

@@ -6,11 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
+from vlltr.errors import ImageTooLargeError
 from vlltr.service.api.deps import BodyHoldDep, CoreDep
 from vlltr.service.api.docs import binary, error_responses, multipart_body
+from vlltr.service.api.errors import ApiError, answer_for, count_rejection, retry_after_s
 from vlltr.service.api.uploads import Part, read_multipart
 from vlltr.service.core import Scored
-from vlltr.service.errors_http import REJECT_REASONS, ApiError
 from vlltr.service.schemas import BatchItem, BatchResponse, ClassifyResponse, ErrorBody
 from vlltr.service.settings import Settings
 
@@ -69,16 +70,18 @@ async def classify_image(request: Request, core: CoreDep, hold: BodyHoldDep, top
     )
 
 
-def _item(index: int, part: Part, result: Scored | ApiError, request: Request) -> BatchItem:
-    if isinstance(result, ApiError):
-        reason = REJECT_REASONS.get(result.code)
-        if reason is not None:
-            request.app.state.metrics.rejected.labels(reason=reason).inc()
+def _item(index: int, part: Part, result: Scored | Exception, request: Request) -> BatchItem:
+    if not isinstance(result, Scored):
+        # The status this image would have had alone, from the same table as every other error answer.
+        answer = answer_for(result, retry_after_s(request))
+        if answer is None:
+            raise result
+        count_rejection(request, answer.code)
         return BatchItem(
             index=index,
             filename=part.filename,
-            status=result.status,
-            error=ErrorBody(code=result.code, message=result.message),
+            status=answer.status,
+            error=ErrorBody(code=answer.code, message=answer.message),
         )
     return BatchItem(
         index=index,
@@ -127,11 +130,12 @@ async def classify_batch(request: Request, core: CoreDep, hold: BodyHoldDep, top
     files = _files(parts, "files")
     readable = [i for i, p in enumerate(files) if not p.oversize]
     scored = iter(await core.classify_many([files[i].data for i in readable], top_k))
-    results: list[Scored | ApiError] = [
+    results: list[Scored | Exception] = [
         next(scored)
         if not part.oversize
-        else ApiError(
-            413, "too_large", f"file {part.filename!r} is larger than the limit of {settings.max_image_bytes} bytes"
+        else ImageTooLargeError(
+            f"file {part.filename!r} is larger than the limit of {settings.max_image_bytes} bytes",
+            limit=settings.max_image_bytes,
         )
         for part in files
     ]

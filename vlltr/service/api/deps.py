@@ -9,9 +9,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from vlltr.errors import NotReadyError
+from vlltr.service.api.errors import ApiError
 from vlltr.service.api.uploads import BodyHold
 from vlltr.service.core import ServingCore
-from vlltr.service.errors_http import ApiError
 from vlltr.service.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="the admin token (`VLLTR_ADMIN_TOKEN`), when one is set")
@@ -25,11 +26,10 @@ async def get_settings(request: Request) -> Settings:
 
 
 async def get_core(request: Request) -> ServingCore:
-    """The serving core; 503 while the service is still loading."""
+    """The serving core; `NotReadyError` (503) while the service is still loading."""
     core = getattr(request.app.state, "core", None)
     if core is None:
-        retry = str(request.app.state.settings.retry_after_s)
-        raise ApiError(503, "not_ready", "the service is starting; try again shortly", {"Retry-After": retry})
+        raise NotReadyError("the service is starting; try again shortly")
     return core
 
 

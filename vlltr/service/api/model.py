@@ -17,8 +17,7 @@ async def model_info(core: CoreDep) -> ModelInfo:
     class-table version."""
     bundle = core.bundle
     table = core.registry.current
-    training = bundle.manifest.get("training") or {}
-    dataset = training.get("dataset") if isinstance(training, dict) else None
+    training = bundle.manifest.training
     return ModelInfo(
         bundle_id=bundle.bundle_id,
         arch=bundle.arch,
@@ -29,8 +28,8 @@ async def model_info(core: CoreDep) -> ModelInfo:
         provider=core.provider,
         classes=ClassCounts(trained=table.table.num_trained, added=table.table.num_added, total=table.num_classes),
         class_table_version=table.version,
-        created=bundle.manifest.get("created"),
-        dataset=dataset if isinstance(dataset, str) else None,
+        created=bundle.manifest.created,
+        dataset=training.dataset if training is not None else None,
         max_batch_size=core.settings.max_batch_size,
         batch_buckets=list(core.buckets),
     )

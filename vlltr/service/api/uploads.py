@@ -16,7 +16,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
-from vlltr.service.errors_http import ApiError
+from vlltr.service.api.errors import ApiError
 
 MAX_FIELD_BYTES = 64 * 1024  # a non-file form field (e.g. `name`)
 MAX_PARTS = 1024  # fields + files, whatever the limits on files say

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vlltr.training.data.errors import DataError
+from vlltr.errors import DataError
 
 BENCHMARKS = ("digits-lt", "shapes-lt")
 # meta.json's format_version per benchmark; bumped when what a generator writes changes (shapes-lt 2: the

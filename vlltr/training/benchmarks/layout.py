@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vlltr.training.data.errors import DataError
+from vlltr.errors import DataError
 
 DESCRIPTIVE = "descriptive"
 DISTRACTOR = "distractor"

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from vlltr.errors import DataError
 from vlltr.training.benchmarks import FORMAT_VERSIONS
 from vlltr.training.benchmarks.layout import (
     cifar_lt_counts,
@@ -47,7 +48,6 @@ from vlltr.training.benchmarks.layout import (
 )
 from vlltr.training.benchmarks.render_shapes import COLOURS, PATTERNS, SHAPES, render
 from vlltr.training.benchmarks.shapes_text import class_names, shapes_document
-from vlltr.training.data.errors import DataError
 
 log = logging.getLogger(__name__)
 

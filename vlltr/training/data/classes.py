@@ -13,19 +13,29 @@ Formats of `cfg.class_names_format`:
   position in the list.
 
 Ids must be exactly 0..C-1, each once: a gap or a duplicate is a :class:`DataError`.
+
+A folder dataset (`data.format: folder`) without a class names file takes its classes from the sub-folders of
+its train split, sorted, as torchvision's `ImageFolder` does: class id = position in sorted order. That applies
+when `class_names` is left at its default (`classes.txt`) and no such file exists; a file named explicitly must
+exist.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
 
+from vlltr.errors import DataError
 from vlltr.training.config import DataCfg
-from vlltr.training.data.errors import DataError
+
+log = logging.getLogger(__name__)
 
 CLASS_NAME_FORMATS = ("lines", "imagenet_labels", "places_labels", "inat_categories")
+DEFAULT_CLASS_NAMES = DataCfg.class_names  # `classes.txt`
 _PLACES_LETTER_DIR = re.compile(r"^/[a-z]/")
 
 
@@ -49,6 +59,9 @@ def read_text_file(path: Path, what: str) -> str:
 def load_class_names(cfg: DataCfg) -> list[str]:
     """Class names in class-id order, parsed per `cfg.class_names_format` (see the module docstring).
 
+    A folder dataset without the default names file takes the sorted folder names of its train split
+    (:func:`folder_class_names`).
+
     Raises:
         DataError: unknown format, missing file, malformed line, empty name, or ids that are not 0..C-1.
     """
@@ -56,6 +69,8 @@ def load_class_names(cfg: DataCfg) -> list[str]:
     if fmt not in CLASS_NAME_FORMATS:
         raise DataError(f"unknown class_names_format {fmt!r}; known: {list(CLASS_NAME_FORMATS)}")
     path = data_path(cfg, cfg.class_names)
+    if cfg.format == "folder" and cfg.class_names == DEFAULT_CLASS_NAMES and not path.exists():
+        return folder_class_names(cfg)
     text = read_text_file(path, "class names")
     if fmt == "inat_categories":
         names = _inat_categories(text, path)
@@ -65,6 +80,29 @@ def load_class_names(cfg: DataCfg) -> list[str]:
         names = _indexed(text, path, fmt)
     if not names:
         raise DataError(f"class names file {str(path)!r} lists no classes")
+    return names
+
+
+def folder_class_names(cfg: DataCfg) -> list[str]:
+    """The sub-folder names of a folder dataset's train split, sorted (class id = position), as
+    torchvision's `ImageFolder.find_classes`.
+
+    Raises:
+        DataError: the train folder does not exist or has no sub-folders.
+    """
+    folder = Path(cfg.root) / cfg.image_root / cfg.train
+    if not folder.is_dir():
+        raise DataError(
+            f"image folder {str(folder)!r} does not exist (a folder dataset without {DEFAULT_CLASS_NAMES} takes "
+            f"its class names from the sub-folders of data.train)"
+        )
+    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not names:
+        raise DataError(
+            f"image folder {str(folder)!r} has no class sub-folders: put each class's images in "
+            f"{str(folder / '<class name>')!r}, or list the classes in {str(data_path(cfg, cfg.class_names))!r}"
+        )
+    log.info("%s: %d classes named by the folders of %s", cfg.name, len(names), folder)
     return names
 
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from vlltr.errors import DataError
 from vlltr.model.runtime.preprocess import apply_exif_orientation, draft_jpeg, to_rgb
 from vlltr.training.config import DataCfg
 from vlltr.training.data.classes import data_path, load_class_names
-from vlltr.training.data.errors import DataError
 
 log = logging.getLogger(__name__)
 

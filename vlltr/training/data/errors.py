@@ -1,7 +1,7 @@
-"""The one error type of the data layer."""
+"""The data layer's error type, `DataError`, defined with every other domain error in `vlltr.errors`."""
 
 from __future__ import annotations
 
+from vlltr.errors import DataError
 
-class DataError(ValueError):
-    """A dataset, class list or class text is unusable; the message names the file or class and the problem."""
+__all__ = ["DataError"]

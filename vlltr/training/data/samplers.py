@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from vlltr.training.data.errors import DataError
+from vlltr.errors import DataError
 
 SamplerKind = Literal["sqrt", "balanced", "instance"]
 SAMPLER_KINDS: tuple[str, ...] = ("sqrt", "balanced", "instance")

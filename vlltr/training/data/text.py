@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlltr.errors import DataError
 from vlltr.model.runtime.prompts import SIMPLE_TEMPLATES
 from vlltr.training.config import DataCfg
-from vlltr.training.data.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from vlltr.errors import DataError
 from vlltr.model.runtime.preprocess import PreprocessSpec, preprocess_image
 from vlltr.training.config import DataCfg
-from vlltr.training.data.errors import DataError
 
 AUGMENTS = ("clip", "light", "none")
 
