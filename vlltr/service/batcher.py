@@ -45,9 +45,9 @@ STALL_S = 120.0  # a batch running longer than this marks the batcher not alive 
 
 
 @dataclass(slots=True)
-class _Item(Generic[P]):
+class _Item(Generic[P, R]):
     payload: P
-    future: asyncio.Future
+    future: asyncio.Future[R]
     arrival: float = field(default_factory=time.monotonic)
 
 
@@ -88,7 +88,7 @@ class MicroBatcher(Generic[P, R]):
         self._name = name
         self._upstream = upstream
         self._batch_s = 0.0  # moving average of batch run time (inference thread only)
-        self._items: deque[_Item[P]] = deque()
+        self._items: deque[_Item[P, R]] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -156,7 +156,7 @@ class MicroBatcher(Generic[P, R]):
         """Payloads waiting for a batch."""
         return len(self._items)
 
-    def submit_many(self, payloads: Sequence[P]) -> list[asyncio.Future]:
+    def submit_many(self, payloads: Sequence[P]) -> list[asyncio.Future[R]]:
         """Queue several payloads at once (all or none); returns their futures in order.
 
         Raises:
@@ -167,7 +167,7 @@ class MicroBatcher(Generic[P, R]):
         if loop is None or self._stopping:
             raise NotReadyError("the inference loop is not running")
         now = time.monotonic()
-        items = [_Item(p, loop.create_future(), now) for p in payloads]
+        items: list[_Item[P, R]] = [_Item(p, loop.create_future(), now) for p in payloads]
         with self._cond:
             waiting = len(self._items)
             if waiting + len(items) > self.queue_size:
@@ -211,7 +211,7 @@ class MicroBatcher(Generic[P, R]):
             except Exception:  # never let the loop die; the batch's futures were resolved in _execute
                 log.exception("error in the batching loop; continuing")
 
-    def _next_batch(self) -> list[_Item[P]]:
+    def _next_batch(self) -> list[_Item[P, R]]:
         with self._cond:
             while not self._stopping:
                 self.heartbeat = time.monotonic()
@@ -226,7 +226,7 @@ class MicroBatcher(Generic[P, R]):
                 self._cond.wait(min(wait, HEARTBEAT_S))
             if self._stopping:
                 return []
-            batch: list[_Item[P]] = []
+            batch: list[_Item[P, R]] = []
             while self._items and len(batch) < self.max_batch_size:
                 item = self._items.popleft()
                 if not item.future.done():  # cancelled while waiting: skip it
@@ -235,7 +235,7 @@ class MicroBatcher(Generic[P, R]):
         self._set_depth(depth)
         return batch
 
-    def _execute(self, batch: list[_Item[P]]) -> None:
+    def _execute(self, batch: list[_Item[P, R]]) -> None:
         started = time.monotonic()
         self._busy_since = started
         results: list[R | BaseException] | None = None
@@ -271,7 +271,7 @@ class MicroBatcher(Generic[P, R]):
                 out.extend(self._run_batch([payload]))
             return out
 
-    def _deliver(self, batch: list[_Item[P]], results: Sequence[R | BaseException]) -> None:
+    def _deliver(self, batch: list[_Item[P, R]], results: Sequence[R | BaseException]) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -285,7 +285,7 @@ class MicroBatcher(Generic[P, R]):
             self._metrics.queue_depth.set(depth)
 
 
-def _resolve(batch: Sequence[_Item], results: Sequence[object]) -> None:
+def _resolve(batch: Sequence[_Item[P, R]], results: Sequence[R | BaseException]) -> None:
     for item, result in zip(batch, results):
         future = item.future
         if future.done():

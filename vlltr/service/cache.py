@@ -91,7 +91,7 @@ class RedisEmbeddingCache:
         self.dim = dim
         self.ttl_s = ttl_s
         self._metrics = metrics
-        self._pending: set[asyncio.Task] = set()
+        self._pending: set[asyncio.Task[None]] = set()
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}:emb:{key}"
@@ -109,6 +109,7 @@ class RedisEmbeddingCache:
         if raw is None:
             self._count("miss")
             return None
+        assert isinstance(raw, bytes)  # the client is made with decode_responses=False: never str
         if len(raw) != 4 * self.dim:  # written by another bundle layout or corrupted: ignore it
             self._count("miss")
             return None

@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -42,6 +41,7 @@ from vlltr.service.cache import EmbeddingCache, LocalLRUCache, RedisEmbeddingCac
 from vlltr.service.metrics import Metrics
 from vlltr.service.redis_link import RedisLink
 from vlltr.service.registry import TIER_NAMES, ClassRegistry, ServedTable, TrainedClasses
+from vlltr.service.schemas import Prediction
 from vlltr.service.settings import Settings
 from vlltr.service.store import ClassStore, FileClassStore, RedisClassStore
 
@@ -84,10 +84,10 @@ class Scored:
     served: ServedTable
     features: np.ndarray | None  # set when the encoder ran (the value to cache)
 
-    def predictions(self) -> list[dict[str, Any]]:
+    def predictions(self) -> list[Prediction]:
         names = self.served.table.names
         return [
-            {"label": names[i], "score": float(s), "class_id": int(i)}
+            Prediction(label=names[i], score=float(s), class_id=int(i))
             for i, s in zip(self.class_ids.tolist(), self.scores.tolist())
         ]
 
@@ -191,7 +191,7 @@ class ServingCore:
         self.preparing = 0
         self._size = bundle.preprocess.size
         self._buffers: dict[int, np.ndarray] = {}
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self.redis: RedisLink | None = None
         store: ClassStore
         if settings.redis_url:
@@ -443,7 +443,7 @@ class ServingCore:
         self.metrics.predictions.labels(tier=scored.top_tier).inc()
         return scored
 
-    def _submit(self, jobs: list[ImageJob]) -> list[asyncio.Future]:
+    def _submit(self, jobs: list[ImageJob]) -> list[asyncio.Future[Scored]]:
         try:
             return self.batcher.submit_many(jobs)
         except QueueFullError:

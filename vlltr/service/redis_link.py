@@ -43,7 +43,7 @@ class RedisLink:
         self._metrics = metrics
         self._up = True
         self._down_since = 0.0
-        self._monitor: asyncio.Task | None = None
+        self._monitor: asyncio.Task[None] | None = None
         self._closing = False
 
     def available(self) -> bool:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 import numpy as np
 
@@ -46,14 +47,15 @@ from vlltr.service.store import AddedClass, ClassStore, StoreSnapshot, name_key
 log = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 100
-TIER_NAMES = ("head", "medium", "tail", "added")
+Tier = Literal["head", "medium", "tail", "added"]
+TIER_NAMES: tuple[Tier, ...] = ("head", "medium", "tail", "added")
 # Unicode categories refused in names: controls, format characters (zero-width, bidi overrides),
 # surrogates, private use, unassigned, line and paragraph separators.
 _BAD_NAME_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 _BAD_TEXT_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}
 
 
-async def cancel_until_done(tasks: Sequence[asyncio.Task], retry_s: float = 0.2) -> None:
+async def cancel_until_done(tasks: Sequence[asyncio.Task[None]], retry_s: float = 0.2) -> None:
     """Cancel tasks and wait until each has ended, cancelling again if one swallowed the cancellation.
 
     A task cancelled while it is inside a library call can have the cancellation absorbed there and go on
@@ -220,11 +222,11 @@ class ClassRegistry:
         self._metrics = metrics
         self._text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlltr-text")
         self._refresh_lock = asyncio.Lock()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._trained_embeddings = trained.embeddings()
         self._trained_keys = {name_key(n): i for i, n in enumerate(trained.table.names)}
         self._current: ServedTable | None = None
-        self._notify_task: asyncio.Task | None = None
+        self._notify_task: asyncio.Task[None] | None = None
         self._again = False
         self._closing = False
         self._last_problem = ""

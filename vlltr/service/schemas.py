@@ -39,11 +39,13 @@ class ClassifyResponse(BaseModel):
 
 class BatchItem(BaseModel):
     index: int = Field(description="position of the image in the request")
-    filename: str | None = Field(None, description="the part's filename, when one was sent")
-    predictions: list[Prediction] | None = Field(None, description="as in `/v1/classify`; null on error")
-    error: ErrorBody | None = Field(None, description="why this image failed (others are unaffected); null on success")
+    filename: str | None = Field(default=None, description="the part's filename, when one was sent")
+    predictions: list[Prediction] | None = Field(default=None, description="as in `/v1/classify`; null on error")
+    error: ErrorBody | None = Field(
+        default=None, description="why this image failed (others are unaffected); null on success"
+    )
     status: int = Field(description="the HTTP status this image alone would have received")
-    class_table_version: int | None = Field(None, description="table version this image was scored against")
+    class_table_version: int | None = Field(default=None, description="table version this image was scored against")
 
 
 class BatchResponse(BaseModel):
@@ -105,7 +107,7 @@ class NearDuplicate(BaseModel):
 class ClassCreated(BaseModel):
     name: str = Field(description="the stored (NFC-normalised) name")
     class_id: int | None = Field(description="index in the new class table")
-    source: Literal["added"] = Field("added", description="always `added`")
+    source: Literal["added"] = Field(default="added", description="always `added`")
     anchors: list[str] = Field(description="the descriptions chosen as anchor sentences, in anchor order")
     num_descriptions: int = Field(description="descriptions received (after de-duplication)")
     near_duplicates: list[NearDuplicate] = Field(
@@ -118,7 +120,7 @@ class ClassCreated(BaseModel):
 
 class ClassDeleted(BaseModel):
     name: str = Field(description="the deleted class")
-    deleted: bool = Field(True, description="always true")
+    deleted: bool = Field(default=True, description="always true")
     bundle_id: str = Field(description="id of the served model bundle")
     class_table_version: int = Field(description="the class-table version without the class")
 
@@ -139,14 +141,14 @@ class ModelInfo(BaseModel):
     provider: str = Field(description="ONNX ServingCore execution provider actually in use")
     classes: ClassCounts = Field(description="how many classes are served")
     class_table_version: int = Field(description="version of the served class table")
-    created: str | None = Field(None, description="when the bundle was exported")
-    dataset: str | None = Field(None, description="training dataset recorded in the bundle")
+    created: str | None = Field(default=None, description="when the bundle was exported")
+    dataset: str | None = Field(default=None, description="training dataset recorded in the bundle")
     max_batch_size: int = Field(description="most images per encoder run")
     batch_buckets: list[int] = Field(description="batch shapes the encoder runs (all warmed at start)")
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = Field("ok", description="always `ok` while the process serves HTTP")
+    status: Literal["ok"] = Field(default="ok", description="always `ok` while the process serves HTTP")
 
 
 class ReadyChecks(BaseModel):
@@ -159,5 +161,5 @@ class ReadyChecks(BaseModel):
 class Readiness(BaseModel):
     ready: bool = Field(description="true when every check passes")
     checks: ReadyChecks = Field(description="the individual checks")
-    bundle_id: str | None = Field(None, description="id of the bundle, once loaded")
-    class_table_version: int | None = Field(None, description="served class-table version, once loaded")
+    bundle_id: str | None = Field(default=None, description="id of the bundle, once loaded")
+    class_table_version: int | None = Field(default=None, description="served class-table version, once loaded")

@@ -250,7 +250,7 @@ class RedisClassStore:
                     await asyncio.sleep(self.link.retry_s)
                 finally:
                     with contextlib.suppress(Exception):
-                        await pubsub.aclose()
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis leaves PubSub.aclose unannotated
         finally:
             with contextlib.suppress(Exception):
                 await client.aclose()

@@ -158,7 +158,9 @@ def verify_files(root: Path, manifest: Manifest) -> None:
 
 def _load_npy(root: Path, name: str) -> np.ndarray:
     try:
-        return np.load(root / name, allow_pickle=False)
+        # np.load is typed Any (it may return an NpzFile); a .npy file without pickles is one array.
+        array: np.ndarray = np.load(root / name, allow_pickle=False)
+        return array
     except Exception as exc:  # a corrupt header raises ValueError, a truncated file OSError/EOFError
         raise BundleError(f"{name}: cannot read ({exc})") from exc
 

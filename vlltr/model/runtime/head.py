@@ -47,14 +47,16 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     mean = x.mean(axis=-1, keepdims=True)
     centred = x - mean
     var = np.mean(centred * centred, axis=-1, keepdims=True)
-    return centred / np.sqrt(var + np.float32(eps)) * weight + bias
+    out: np.ndarray = centred / np.sqrt(var + np.float32(eps)) * weight + bias
+    return out
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax; rows that are entirely -inf are not expected."""
     shifted = x - np.max(x, axis=axis, keepdims=True)
     e = np.exp(shifted)
-    return e / np.sum(e, axis=axis, keepdims=True)
+    out: np.ndarray = e / np.sum(e, axis=axis, keepdims=True)
+    return out
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,8 @@ class HeadParams:
     def vision_logits(self, f: np.ndarray) -> np.ndarray:
         """`W2 relu(W1 f + b1) + b2`, `[B, S]` over the trained classes."""
         h = np.maximum(f @ self.mlp_w1.T + self.mlp_b1, 0.0)
-        return h @ self.mlp_w2.T + self.mlp_b2
+        logits: np.ndarray = h @ self.mlp_w2.T + self.mlp_b2
+        return logits
 
     def queries(self, f: np.ndarray) -> np.ndarray:
         """`LN_q(f)`: the image side of the attention (W_q is folded into the table's keys)."""
@@ -393,7 +396,9 @@ def class_directions(anchors: np.ndarray, mask: np.ndarray) -> np.ndarray:
     left out): a class's text direction, `unit_mean` of its anchors."""
     norms = np.maximum(np.linalg.norm(anchors, axis=-1, keepdims=True), np.float32(_EPS))
     mean = np.sum((anchors / norms) * mask[..., None], axis=1)
-    return (mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), np.float32(_EPS))).astype(np.float32)
+    length = np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), np.float32(_EPS))
+    directions: np.ndarray = (mean / length).astype(np.float32)
+    return directions
 
 
 def _keys(anchors: np.ndarray, params: HeadParams) -> np.ndarray:
@@ -418,7 +423,8 @@ def log_prior_from_counts(counts: Sequence[int] | np.ndarray) -> np.ndarray:
     bad = np.flatnonzero(~(counts > 0))
     if bad.size:
         raise ValueError(f"trained classes {bad[:10].tolist()} have train_count <= 0; the prior needs positive counts")
-    return np.log(counts / counts.sum()).astype(np.float32)
+    prior: np.ndarray = np.log(counts / counts.sum()).astype(np.float32)
+    return prior
 
 
 ADDED_CLASS_VISION_MODES = ("none", "standardised")
@@ -429,7 +435,8 @@ def _added_vision_logits(vis: np.ndarray, lin_trained: np.ndarray, lin_added: np
     vision branch's scale by matching the mean and std of the trained classes' logits in the two branches."""
     mu_v, sd_v = vis.mean(axis=1, keepdims=True), vis.std(axis=1, keepdims=True)
     mu_l, sd_l = lin_trained.mean(axis=1, keepdims=True), lin_trained.std(axis=1, keepdims=True)
-    return mu_v + (lin_added - mu_l) * (sd_v / np.maximum(sd_l, np.float32(_EPS)))
+    logits: np.ndarray = mu_v + (lin_added - mu_l) * (sd_v / np.maximum(sd_l, np.float32(_EPS)))
+    return logits
 
 
 def calibrated_probabilities(
@@ -485,7 +492,8 @@ def _unit_rows(x: np.ndarray, what: str) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if np.any(norms <= _EPS):
         raise ValueError(f"a {what} feature has zero norm")
-    return x / norms
+    unit: np.ndarray = x / norms
+    return unit
 
 
 def build_added_class_anchors(
@@ -535,7 +543,8 @@ def unit_mean(features: np.ndarray) -> np.ndarray:
     x = np.asarray(features, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(_EPS))
     m = x.mean(axis=0)
-    return (m / max(float(np.linalg.norm(m)), _EPS)).astype(np.float32)
+    unit: np.ndarray = (m / max(float(np.linalg.norm(m)), _EPS)).astype(np.float32)
+    return unit
 
 
 def load_head_npz(path: str | Path, *, logit_scale: float, ln_eps: float = 1e-5) -> HeadParams:

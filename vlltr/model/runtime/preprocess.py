@@ -246,7 +246,7 @@ def preprocess_batch(images: list[Image.Image], spec: PreprocessSpec) -> np.ndar
 
 
 def decode_image(
-    data: bytes,
+    data: bytes | bytearray,
     *,
     max_pixels: int,
     draft_min_side: int | None = None,
@@ -337,7 +337,7 @@ def draft_jpeg(img: Image.Image, min_side: int | None) -> None:
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
 
 
-def _sniff_unsupported(data: bytes) -> str | None:
+def _sniff_unsupported(data: bytes | bytearray) -> str | None:
     head = bytes(data[:512])
     if head.startswith(b"%PDF-"):
         return "PDF"
@@ -351,7 +351,7 @@ def _sniff_unsupported(data: bytes) -> str | None:
     return None
 
 
-def _identify_any_format(data: bytes) -> str | None:
+def _identify_any_format(data: bytes | bytearray) -> str | None:
     # Only the header is parsed (Image.open is lazy); nothing of an unsupported format is ever decoded.
     try:
         with Image.open(io.BytesIO(data)) as other:

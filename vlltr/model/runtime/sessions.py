@@ -133,7 +133,9 @@ class _Encoder:
         self._input = inputs[input_name]
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(["features"], {self.input_name: x})[0].astype(np.float32, copy=False)
+        # onnxruntime is untyped: its outputs come back as Any.
+        features: np.ndarray = self.session.run(["features"], {self.input_name: x})[0].astype(np.float32, copy=False)
+        return features
 
 
 class ImageEncoder(_Encoder):

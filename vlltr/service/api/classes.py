@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
@@ -36,6 +37,7 @@ async def list_classes(core: CoreDep) -> ClassListResponse:
     served = core.registry.current
     trained = core.registry.trained
     classes = []
+    source: Literal["trained", "added"]
     for i, name in enumerate(served.table.names):
         if i < served.table.num_trained:
             source, count, anchors = "trained", trained.train_counts[i], list(trained.anchors[i])

@@ -22,12 +22,13 @@ _bearer = HTTPBearer(auto_error=False, description="the admin token (`VLLTR_ADMI
 # thread pool, a thread hop per request that cost more than the whole lookup.
 async def get_settings(request: Request) -> Settings:
     """The app's settings."""
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings  # set by create_app; Starlette's state is untyped
+    return settings
 
 
 async def get_core(request: Request) -> ServingCore:
     """The serving core; `NotReadyError` (503) while the service is still loading."""
-    core = getattr(request.app.state, "core", None)
+    core: ServingCore | None = getattr(request.app.state, "core", None)
     if core is None:
         raise NotReadyError("the service is starting; try again shortly")
     return core

@@ -9,6 +9,7 @@ answer, receive the 413 instead of a reset connection.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from python_multipart import MultipartParser
@@ -17,6 +18,9 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
 from vlltr.service.api.errors import ApiError
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks  # defined for type checkers only
 
 MAX_FIELD_BYTES = 64 * 1024  # a non-file form field (e.g. `name`)
 MAX_PARTS = 1024  # fields + files, whatever the limits on files say
@@ -130,7 +134,7 @@ class _Collector:
         self._field = bytearray()
         self._value = bytearray()
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
