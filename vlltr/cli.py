@@ -27,7 +27,7 @@ USER_ERROR_STATUS = 2
 VERBOSE_HELP = "debug logging, and the traceback of an error"
 
 
-def _add_data(sub: argparse._SubParsersAction) -> None:
+def _add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("data", help="write a bundled long-tailed benchmark to disk")
     which = p.add_subparsers(dest="dataset", required=True)
     d = which.add_parser("digits-lt", help="scikit-learn's handwritten digits, made long-tailed, with class text")
@@ -55,7 +55,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
+def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="stage 1, AnSS, stage 2, evaluation and calibration")
     p.add_argument("--config", required=True, help="YAML file, or the name of a bundled config")
     p.add_argument("--out", required=True, help="run directory (resumed if it holds an unfinished run)")
@@ -69,14 +69,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
+def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("eval", help="metrics JSON and per-class plot for a trained run")
     p.add_argument("--checkpoint", required=True, help="run directory written by `vlltr train`")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", default=None, help="where to write metrics and plot (default: RUN/eval-<split>)")
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
+def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("export", help="write and verify a model bundle for the service")
     p.add_argument("--checkpoint", required=True, help="run directory written by `vlltr train`")
     p.add_argument("--out", required=True, help="bundle directory to write")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_user_error(_command_name(args), exc, verbose=args.verbose)
 
 
-def _verbose_everywhere(sub: argparse._SubParsersAction) -> None:
+def _verbose_everywhere(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     # `-v` after the subcommand too (`vlltr train ... -v`, `vlltr data shapes-lt ... -v`); SUPPRESS keeps a
     # `-v` given before it.
     for command in sub.choices.values():

@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypedDict
 
 import numpy as np
 
-from vlltr.model.networks.head import served_head_arrays
+from vlltr.model.networks.head import LGRHead, served_head_arrays
 from vlltr.model.runtime.head import (
     ClassEntry,
     ClassTable,
@@ -40,7 +41,7 @@ GAMMA_GRID = np.round(np.arange(-8.0, 16.01, 0.25), 2)
 ADDED_CLASS_VISION = "standardised"
 
 
-def numpy_head(head) -> tuple[HeadParams, np.ndarray, np.ndarray]:
+def numpy_head(head: LGRHead) -> tuple[HeadParams, np.ndarray, np.ndarray]:
     """The service's view of a trained `vlltr.model.networks.head.LGRHead`: `HeadParams`, anchors `[C, M, D]` (padding
     zeroed) and mask `[C, M]`."""
     arrays = served_head_arrays(head)
@@ -127,7 +128,8 @@ def predict(
         added_class_bias=gamma,
         added_class_vision=vision,
     )
-    return probs.argmax(axis=1)
+    pred: np.ndarray = probs.argmax(axis=1)
+    return pred
 
 
 def class_mean_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
@@ -144,8 +146,18 @@ class GammaFit:
 
     gamma: float
     seen_at_zero_added: float
-    curve: list[dict]
+    curve: list[dict[str, float]]  # per γ of the grid: gamma, seen, new, h
     rule: str
+
+
+class _PredictOptions(TypedDict):
+    """`predict`'s keyword arguments for one γ."""
+
+    alpha: float
+    tau: float
+    gamma: float
+    vision: str
+    temperature: float
 
 
 def choose_gamma(
@@ -169,9 +181,15 @@ def choose_gamma(
     seen_base = class_mean_accuracy(
         predict(alone, log_prior, alpha=alpha, tau=tau, gamma=0.0, vision=vision, temperature=temperature), seen_labels
     )
-    curve = []
+    curve: list[dict[str, float]] = []
     for g in GAMMA_GRID:
-        kw = {"alpha": alpha, "tau": tau, "gamma": float(g), "vision": vision, "temperature": temperature}
+        kw: _PredictOptions = {
+            "alpha": alpha,
+            "tau": tau,
+            "gamma": float(g),
+            "vision": vision,
+            "temperature": temperature,
+        }
         a_seen = class_mean_accuracy(predict(seen, log_prior, **kw), seen_labels)
         a_new = class_mean_accuracy(predict(new, log_prior, **kw), new_labels)
         curve.append(
@@ -220,7 +238,7 @@ def fit_added_class_calibration(
     temperature: float,
     pseudo: np.ndarray,
     max_seen_drop: float,
-) -> dict:
+) -> dict[str, Any]:
     """γ for classes added by text, from the trained classes `pseudo` treated as new (see the module doc).
 
     Args:

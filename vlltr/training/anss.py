@@ -19,6 +19,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -31,6 +32,15 @@ from vlltr.training.distributed import barrier
 from vlltr.training.features import encode_images
 from vlltr.training.runtime import derive_seed, eval_loader
 
+if TYPE_CHECKING:
+    import open_clip
+
+    from vlltr.training.config import Config
+    from vlltr.training.data.datasets import ImageListDataset
+    from vlltr.training.distributed import DistEnv
+    from vlltr.training.inputs import PreparedInputs
+    from vlltr.training.stage1 import Stage1Result
+
 log = logging.getLogger(__name__)
 
 ANSS_MODES = ("anss", "rand", "first")
@@ -39,7 +49,7 @@ _MAX_BLOCK_ELEMENTS = 1 << 27  # 128 M floats (512 MB) per [chunk, N] logit bloc
 
 def sentence_labels(offsets: np.ndarray) -> torch.Tensor:
     """Class index of every sentence from the `[C + 1]` offsets of the flattened sentence table."""
-    counts = np.diff(np.asarray(offsets, dtype=np.int64))
+    counts: np.ndarray = np.diff(np.asarray(offsets, dtype=np.int64))  # numpy's stub says timedelta64 here
     return torch.from_numpy(np.repeat(np.arange(len(counts)), counts)).long()
 
 
@@ -90,6 +100,17 @@ class AnchorSelection:
     fallback_classes: list[int]
 
 
+class SavedSelection(TypedDict):
+    """What `save_selection` writes to `anchors.pt` and `load_selection` reads back."""
+
+    anchors: torch.Tensor
+    mask: torch.Tensor
+    indices: torch.Tensor
+    mode: str
+    scores: torch.Tensor | None
+    fallback_classes: list[int]
+
+
 def select_anchors(
     offsets: np.ndarray,
     num_anchors: int,
@@ -119,6 +140,7 @@ def select_anchors(
         if mode == "rand":
             order = rng.permutation(order)
         elif mode == "anss":
+            assert scores is not None  # checked above
             class_scores = scores[lo:hi].numpy()
             if np.isnan(class_scores).all():
                 fallback.append(c)
@@ -184,12 +206,13 @@ def _finite(value: torch.Tensor) -> float | None:
     return v if np.isfinite(v) else None
 
 
-def load_selection(out_dir: str | Path) -> dict:
+def load_selection(out_dir: str | Path) -> SavedSelection:
     """Read back what :func:`save_selection` wrote (`anchors`, `mask`, `indices`, `mode`, `scores`)."""
     path = Path(out_dir) / "anchors.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: AnSS has not finished")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    selection: SavedSelection = torch.load(path, map_location="cpu", weights_only=True)
+    return selection
 
 
 def benchmark_sentence_kinds(
@@ -212,7 +235,7 @@ def benchmark_sentence_kinds(
     return kinds if any(k is not None for k in kinds) else None
 
 
-def anss_precision(selection: AnchorSelection, kinds: list[str | None]) -> dict:
+def anss_precision(selection: AnchorSelection, kinds: list[str | None]) -> dict[str, float]:
     """Fraction of chosen anchors that are descriptive, among anchors whose kind is known, against the
     fraction in the whole corpus (what a random pick would get)."""
     chosen = [kinds[i] for i in selection.indices[selection.mask].tolist() if kinds[i] is not None]
@@ -235,7 +258,7 @@ def describe(selection: AnchorSelection, offsets: np.ndarray) -> str:
     )
 
 
-def reference_subset(dataset, max_per_class: int) -> Subset:
+def reference_subset(dataset: ImageListDataset, max_per_class: int) -> Subset[tuple[Any, int]]:
     """The first `max_per_class` images of every class, in dataset order (deterministic)."""
     taken: dict[int, int] = {}
     keep = []
@@ -246,7 +269,9 @@ def reference_subset(dataset, max_per_class: int) -> Subset:
     return Subset(dataset, keep)
 
 
-def reference_features(clip, dataset, cfg, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_features(
+    clip: open_clip.CLIP, dataset: ImageListDataset, cfg: Config, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw image features and labels of the AnSS reference set (eval preprocessing).
 
     The original's iNat variant fed train images through the sampler with train-time augmentation; a fixed,
@@ -258,7 +283,7 @@ def reference_features(clip, dataset, cfg, device: torch.device) -> tuple[torch.
     return encode_images(clip.encode_image, loader, device=device, desc="AnSS reference images", total=len(loader))
 
 
-def run_anss(cfg, inputs, stage1, out_dir: Path, env) -> dict:
+def run_anss(cfg: Config, inputs: PreparedInputs, stage1: Stage1Result, out_dir: Path, env: DistEnv) -> SavedSelection:
     """Select the anchors (or reload them when AnSS already finished); returns :func:`load_selection`'s dict."""
     out_dir = Path(out_dir)
     if (out_dir / "done.json").is_file():
@@ -288,7 +313,7 @@ def run_anss(cfg, inputs, stage1, out_dir: Path, env) -> dict:
         log.info(describe(selection, inputs.offsets))
         anchors = gather_anchors(stage1.text_features, selection)
         save_selection(out_dir, selection, anchors, inputs.flat_sentences, inputs.class_names, scores)
-        done = {"mode": cfg.anss.mode, "reference_split": cfg.anss.reference_split}
+        done: dict[str, Any] = {"mode": cfg.anss.mode, "reference_split": cfg.anss.reference_split}  # done.json
         kinds = benchmark_sentence_kinds(cfg.data.root, inputs.class_ids, inputs.sentences)
         if kinds is not None:
             done["precision"] = anss_precision(selection, kinds)

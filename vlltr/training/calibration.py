@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,9 @@ def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(-p.log().mean())
 
 
-def _probs(z_vis, z_lin, log_prior, alpha, tau, temperature) -> torch.Tensor:
+def _probs(
+    z_vis: torch.Tensor, z_lin: torch.Tensor, log_prior: torch.Tensor, alpha: float, tau: float, temperature: float
+) -> torch.Tensor:
     return calibrated_probabilities(z_vis, z_lin, log_prior, alpha=alpha, tau=tau, temperature=temperature)
 
 
@@ -117,7 +120,7 @@ def fit_calibration(
     stage2_loss: str = "ce",
     tau_max: float = 2.0,
     tau_step: float = 0.05,
-) -> dict:
+) -> dict[str, Any]:
     """Fit tau and T on one split's logits; returns the `calibration.json` content."""
     log_prior = log_prior_from_counts(train_counts)
     tau, curve = fit_tau(z_vis, z_lin, labels, log_prior, alpha, tau_max=tau_max, step=tau_step)
@@ -160,7 +163,7 @@ def fit_calibration(
     return result
 
 
-def identity_calibration(train_counts: np.ndarray | list[int], alpha: float, reason: str) -> dict:
+def identity_calibration(train_counts: np.ndarray | list[int], alpha: float, reason: str) -> dict[str, Any]:
     """`calibration.json` content when no calibration split is available or calibration is switched off."""
     return {
         "tau": 0.0,

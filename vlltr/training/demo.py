@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -63,7 +64,7 @@ def build_demo_bundle(
         log.info("demo bundle already built in %s", bundle_dir)
         return bundle_dir
     data_dir, run_dir = cache_dir / "data", cache_dir / "run"
-    steps = [
+    steps: list[tuple[str, Callable[[], object]]] = [
         ("writing the Digits-LT benchmark", lambda: _benchmark(data_dir)),
         (
             "training (stage 1, AnSS, stage 2, calibration, evaluation)",

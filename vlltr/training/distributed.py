@@ -119,7 +119,8 @@ def all_gather_with_grad(tensor: torch.Tensor, *, check_sizes: bool = False) -> 
         return tensor
     if check_sizes:
         _check_equal_sizes(tensor)
-    return _GatherWithGrad.apply(tensor)
+    gathered: torch.Tensor = _GatherWithGrad.apply(tensor)  # autograd.Function.apply is typed Any
+    return gathered
 
 
 def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:

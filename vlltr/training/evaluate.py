@@ -11,15 +11,17 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from vlltr.model.networks.classifier import VLLTRClassifier
 from vlltr.model.networks.factory import clip_dims
 from vlltr.training.calibration import log_prior_from_counts
 from vlltr.training.checkpoint import TrainedRun, atomic_write_json, load_final_model
 from vlltr.training.config import DataCfg
-from vlltr.training.data.datasets import build_split
+from vlltr.training.data.datasets import ImageListDataset, build_split
 from vlltr.training.data.transforms import eval_transform
 from vlltr.training.distributed import resolve_device
 from vlltr.training.features import encode_images
@@ -46,7 +48,7 @@ def shot_thresholds(cfg: DataCfg) -> tuple[int, int, str]:
     return int(cfg.many_threshold), int(cfg.few_threshold), "config"
 
 
-def _meta_thresholds(meta: dict) -> tuple[int, int] | None:
+def _meta_thresholds(meta: dict[str, Any]) -> tuple[int, int] | None:
     block = meta.get("shot_thresholds") or meta.get("thresholds") or {}
     many = block.get("many", block.get("many_threshold"))
     few = block.get("few", block.get("few_threshold"))
@@ -57,7 +59,13 @@ def _meta_thresholds(meta: dict) -> tuple[int, int] | None:
 
 @torch.no_grad()
 def collect_features(
-    classifier, dataset, *, batch_size: int, num_workers: int, device: torch.device, desc: str = "evaluate"
+    classifier: VLLTRClassifier,
+    dataset: ImageListDataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    desc: str = "evaluate",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(raw image features [N, D], labels [N])` of a dataset, in fp32 on CPU."""
     classifier.eval()
@@ -66,7 +74,9 @@ def collect_features(
 
 
 @torch.no_grad()
-def head_logits(classifier, feats: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def head_logits(
+    classifier: VLLTRClassifier, feats: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`(z_vis [N, C], z_lin [N, C])` of raw image features, in fp32 on CPU."""
     z_vis, z_lin = [], []
     for start in range(0, feats.shape[0], 4096):
@@ -77,7 +87,13 @@ def head_logits(classifier, feats: torch.Tensor, device: torch.device) -> tuple[
 
 
 def collect_logits(
-    classifier, dataset, *, batch_size: int, num_workers: int, device: torch.device, desc: str = "evaluate"
+    classifier: VLLTRClassifier,
+    dataset: ImageListDataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    desc: str = "evaluate",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(z_vis [N, C], z_lin [N, C], labels [N])` of a dataset, in fp32 on CPU."""
     feats, labels = collect_features(
@@ -86,7 +102,7 @@ def collect_logits(
     return (*head_logits(classifier, feats, device), labels)
 
 
-def build_eval_split(run: TrainedRun, split: str):
+def build_eval_split(run: TrainedRun, split: str) -> ImageListDataset:
     """The split's dataset over the run's trained classes, with the serving (eval) preprocessing."""
     cfg = run.config.data
     class_ids = [int(c["dataset_id"]) for c in run.classes]
@@ -96,7 +112,7 @@ def build_eval_split(run: TrainedRun, split: str):
 
 def evaluate_run(
     run: TrainedRun, split: str = "test", out_dir: str | Path | None = None, *, device: torch.device | None = None
-) -> dict:
+) -> dict[str, Any]:
     """Evaluate a loaded run on `split`; with `out_dir`, also write metrics JSON, per-class CSV and plot."""
     cfg = run.config
     device = device or resolve_device(cfg.run.device)
@@ -141,9 +157,9 @@ def evaluate_run(
 def write_reports(
     out_dir: Path,
     split: str,
-    metrics: dict,
+    metrics: dict[str, Any],
     per_class: dict[str, np.ndarray],
-    classes: list[dict],
+    classes: list[dict[str, Any]],
     labels: torch.Tensor,
     many: int,
     few: int,
@@ -162,7 +178,7 @@ def _group_name(masks: dict[str, np.ndarray], index: int) -> str:
 
 def write_per_class_csv(
     path: Path,
-    classes: list[dict],
+    classes: list[dict[str, Any]],
     eval_counts: np.ndarray,
     per_class: dict[str, np.ndarray],
     many: int,
@@ -196,7 +212,7 @@ def write_per_class_csv(
             )
 
 
-def plot_per_class(path: Path, classes: list[dict], per_class: dict[str, np.ndarray], title: str) -> None:
+def plot_per_class(path: Path, classes: list[dict[str, Any]], per_class: dict[str, np.ndarray], title: str) -> None:
     """Per-class accuracy against training count (log x), one marker series per predictor."""
     import matplotlib
 
@@ -221,7 +237,7 @@ def plot_per_class(path: Path, classes: list[dict], per_class: dict[str, np.ndar
     plt.close(fig)
 
 
-def evaluate_checkpoint(run_dir: str | Path, split: str = "test", out_dir: str | Path | None = None) -> dict:
+def evaluate_checkpoint(run_dir: str | Path, split: str = "test", out_dir: str | Path | None = None) -> dict[str, Any]:
     """Reload a finished run and evaluate it on `split` (default output: RUN/eval-<split>/).
 
     Returns the metrics dict that `metrics-<split>.json` holds.

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import open_clip
@@ -74,6 +74,26 @@ EXPORT_TOLERANCE = 1e-4
 VERIFY_MAX_PROB_DIFF = 1e-4
 VERIFY_MIN_AGREEMENT = 0.999
 FP16_THRESHOLDS = {"min_cosine": 0.999, "top1_agreement": 0.99}
+
+
+class _Agreement(TypedDict):
+    """The bundle against PyTorch (`Verification`'s fields)."""
+
+    inputs: str
+    max_abs_prob_diff: float
+    top1_agreement: float
+
+
+class _Fp16Drift(TypedDict):
+    """fp16 encoders against fp32."""
+
+    min_cosine: float
+    min_cosine_image: float
+    min_cosine_text: float
+    top1_agreement: float
+    max_abs_prob_diff: float
+    thresholds: dict[str, float]
+    op_block_list: list[str]
 
 
 def export_bundle(
@@ -167,7 +187,7 @@ def _write_bundle(run: TrainedRun, tmp: Path, *, fp16: bool, verify_images: int,
     missing = [k for k in HEAD_ARRAYS if k not in arrays]
     if missing:
         raise ExportError(f"the run's head lacks {missing}")
-    np.savez(tmp / B.HEAD, **arrays)
+    np.savez(tmp / B.HEAD, **arrays)  # type: ignore[arg-type]  # numpy's stub: a **dict might bind allow_pickle
     np.save(tmp / B.ANCHORS, head.anchors.detach().float().cpu().numpy())
     np.save(tmp / B.ANCHOR_MASK, head.anchor_mask.detach().cpu().numpy().astype(bool))
     (tmp / B.CLASSES).write_text(json.dumps(classes, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -303,7 +323,7 @@ def _evaluation_images(run: TrainedRun, limit: int) -> tuple[list[Image.Image], 
         log.warning("no evaluation images for the export checks (%s split: %s)", split, exc)
         return [], f"{split} split unavailable: {exc}"
     n = len(dataset.samples)
-    idx = np.unique(np.linspace(0, n - 1, num=min(limit, n)).round().astype(int)) if n else []
+    idx: np.ndarray | list[int] = np.unique(np.linspace(0, n - 1, num=min(limit, n)).round().astype(int)) if n else []
     images = []
     for i in idx:
         with Image.open(dataset.samples[int(i)][0]) as img:
@@ -344,7 +364,7 @@ def _verify(
         what = "8 random-pixel inputs (no evaluation images found)"
     got = predictor.probabilities_from_features(predictor.image_encoder.encode(pixels))
     expected = _torch_probabilities(run, pixels, bundle.log_prior)
-    result = {
+    result: _Agreement = {
         "inputs": what,
         "max_abs_prob_diff": float(np.max(np.abs(got - expected))),
         "top1_agreement": float(np.mean(got.argmax(1) == expected.argmax(1))),
@@ -368,13 +388,18 @@ def _verify(
 
 def _features(path: Path, name: str, x: np.ndarray, *, fp16: bool, batch: int = 64) -> np.ndarray:
     session, _ = create_session(path, "cpu", fp16=fp16)
-    return np.concatenate([session.run(["features"], {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+    # onnxruntime is untyped: its outputs come back as Any.
+    features: np.ndarray = np.concatenate(
+        [session.run(["features"], {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
+    return features
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     na = np.linalg.norm(a, axis=1)
     nb = np.linalg.norm(b, axis=1)
-    return np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-12)
+    cosines: np.ndarray = np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-12)
+    return cosines
 
 
 def _convert_and_check_fp16(
@@ -418,7 +443,7 @@ def _convert_and_check_fp16(
     p16 = probabilities(img16, params, table, log_prior, cal, run.alpha)
     image_cos = float(_cosines(img32, img16).min())
     text_cos = float(_cosines(txt32, txt16).min())
-    result = {
+    result: _Fp16Drift = {
         "min_cosine": min(image_cos, text_cos),
         "min_cosine_image": image_cos,
         "min_cosine_text": text_cos,

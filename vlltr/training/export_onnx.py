@@ -36,7 +36,8 @@ class ImageTower(nn.Module):
         self.clip = clip
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_image(pixels)
+        features: torch.Tensor = self.clip.encode_image(pixels)  # open_clip is untyped
+        return features
 
 
 class TextTower(nn.Module):
@@ -47,7 +48,8 @@ class TextTower(nn.Module):
         self.clip = clip
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_text(tokens)
+        features: torch.Tensor = self.clip.encode_text(tokens)  # open_clip is untyped
+        return features
 
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, dynamic: dict[int, str]) -> None:

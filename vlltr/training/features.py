@@ -24,10 +24,13 @@ def _trimmable(clip: torch.nn.Module) -> bool:
     )
 
 
-def encode_text(clip: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def encode_text(clip: open_clip.CLIP, tokens: torch.Tensor) -> torch.Tensor:
     """Raw (un-normalised) projected text features, `[N, D]`; equal to `clip.encode_text(tokens)`."""
+    # open_clip is untyped: what its model computes is bound to Tensor-typed names.
+    features: torch.Tensor
     if not _trimmable(clip):
-        return clip.encode_text(tokens)
+        features = clip.encode_text(tokens)
+        return features
     length = int((tokens != 0).sum(dim=1).max().item()) if tokens.numel() else 1
     length = max(1, min(length, tokens.shape[1]))
     tokens = tokens[:, :length]
@@ -38,13 +41,15 @@ def encode_text(clip: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     x = clip.ln_final(x)
     x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
     if isinstance(clip.text_projection, torch.nn.Linear):
-        return clip.text_projection(x)
-    return x @ clip.text_projection
+        features = clip.text_projection(x)
+    else:
+        features = x @ clip.text_projection
+    return features
 
 
 @torch.no_grad()
 def encode_token_table(
-    clip: torch.nn.Module,
+    clip: open_clip.CLIP,
     tokens: torch.Tensor,
     *,
     batch_size: int = 512,

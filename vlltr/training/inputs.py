@@ -73,7 +73,7 @@ def check_model_config(cfg: Config) -> int:
     if arch not in list_architectures():
         close = [a for a in list_architectures() if arch.lower() in a.lower()][:8]
         raise UnknownArchitectureError(f"unknown architecture {arch!r} (model.arch); close matches: {close}")
-    pretrained = cfg.model.pretrained
+    pretrained = cfg.model.pretrained or ""  # None and "" both mean random init
     if pretrained == "openai" and not cfg.model.quick_gelu:
         # open_clip switches QuickGELU on by itself for this tag, but a finished run is rebuilt from the config
         # without the tag, so the flag must be explicit or the reloaded model would use the wrong activation.

@@ -11,6 +11,7 @@ correct / total on a balanced evaluation set).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ def _group_means(acc: np.ndarray, groups: dict[str, np.ndarray]) -> dict[str, fl
 
 def branch_metrics(
     pred: torch.Tensor, labels: torch.Tensor, train_counts: np.ndarray, many_threshold: int, few_threshold: int
-) -> tuple[dict, np.ndarray]:
+) -> tuple[dict[str, Any], np.ndarray]:
     """Top-1, balanced accuracy and both group conventions for one prediction vector, plus per-class acc."""
     num_classes = len(train_counts)
     acc, _ = per_class_accuracy(pred, labels, num_classes)
@@ -80,7 +81,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 
 def branch_predictions(
-    z_vis: torch.Tensor, z_lin: torch.Tensor, alpha: float, log_prior: torch.Tensor, calibration: dict
+    z_vis: torch.Tensor, z_lin: torch.Tensor, alpha: float, log_prior: torch.Tensor, calibration: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
     """Probabilities (or scores) of every reported predictor, `[N, C]` each.
 
@@ -107,11 +108,11 @@ def evaluate_logits(
     train_counts: np.ndarray,
     alpha: float,
     log_prior: torch.Tensor,
-    calibration: dict,
+    calibration: dict[str, Any],
     many_threshold: int,
     few_threshold: int,
     ece_bins: int = 15,
-) -> tuple[dict, dict[str, np.ndarray]]:
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """All metrics of one split, and the per-class accuracy of each predictor."""
     preds = branch_predictions(z_vis, z_lin, alpha, log_prior, calibration)
     branches, per_class = {}, {}
@@ -146,7 +147,7 @@ def evaluate_logits(
     return metrics, per_class
 
 
-def summary_line(metrics: dict) -> str:
+def summary_line(metrics: dict[str, Any]) -> str:
     """One log line: overall and OLTR groups of the fused and calibrated predictors."""
     parts = []
     for name in ("vision", "language", "fused", "calibrated"):

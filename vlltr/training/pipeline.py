@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from vlltr.errors import ConfigError
 from vlltr.model.networks.factory import get_tokenizer
 from vlltr.model.runtime.prompts import name_prompts
 from vlltr.training.added_classes import fit_added_class_calibration, numpy_head, pick_pseudo_new
-from vlltr.training.anss import run_anss
+from vlltr.training.anss import SavedSelection, run_anss
 from vlltr.training.calibration import fit_calibration, identity_calibration
 from vlltr.training.checkpoint import (
     CALIBRATION_FILE,
@@ -47,8 +48,8 @@ log = logging.getLogger(__name__)
 RESUME_FREE_KEYS = {"data.root", "data.num_workers", "run.device", "run.log_every"}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
@@ -75,7 +76,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, env: DistEnv) -> None:
     barrier()
 
 
-def write_classes(run_dir: Path, inputs: PreparedInputs, selection: dict) -> None:
+def write_classes(run_dir: Path, inputs: PreparedInputs, selection: SavedSelection) -> None:
     """classes.json: trained classes in model index order, with train counts and chosen anchor sentences."""
     sentences = inputs.flat_sentences
     counts = inputs.train_counts
@@ -94,11 +95,12 @@ def write_classes(run_dir: Path, inputs: PreparedInputs, selection: dict) -> Non
     atomic_write_json(classes, run_dir / CLASSES_FILE)
 
 
-def calibrate(cfg: Config, run_dir: Path, env: DistEnv, inputs: PreparedInputs) -> dict:
+def calibrate(cfg: Config, run_dir: Path, env: DistEnv, inputs: PreparedInputs) -> dict[str, Any]:
     """Fit tau and temperature on the calibration split, then the added-class bias; write calibration.json."""
     path = run_dir / CALIBRATION_FILE
     if path.is_file():
-        return json.loads(path.read_text())
+        written: dict[str, Any] = json.loads(path.read_text())
+        return written
     run = load_final_model(run_dir, env.device)
     counts = np.asarray([c["train_count"] for c in run.classes])
     if not cfg.eval.calibrate:
@@ -137,9 +139,9 @@ def fit_added_classes(
     inputs: PreparedInputs,
     feats: torch.Tensor,
     labels: torch.Tensor,
-    calibration: dict,
+    calibration: dict[str, Any],
     device: torch.device,
-) -> dict:
+) -> dict[str, Any]:
     """`added_class_bias` (γ) and `added_class_vision` for classes added by text to this model, fitted on
     rare trained classes treated as new (`vlltr.training.added_classes`); their descriptions are their text pool
     without the prompt-template sentences, as a user would upload."""
@@ -186,7 +188,7 @@ def fit_added_classes(
     )
 
 
-def evaluate(cfg: Config, run_dir: Path, env: DistEnv) -> dict:
+def evaluate(cfg: Config, run_dir: Path, env: DistEnv) -> dict[str, Any]:
     """Evaluate the finished run on eval.split (and the calibration split); write metrics.json and reports."""
     run = load_final_model(run_dir, env.device)
     splits = [cfg.eval.split]
@@ -198,7 +200,7 @@ def evaluate(cfg: Config, run_dir: Path, env: DistEnv) -> dict:
     return metrics
 
 
-def run_training(cfg: Config, out_dir: str | Path, *, epoch_hook: EpochHook | None = None) -> dict:
+def run_training(cfg: Config, out_dir: str | Path, *, epoch_hook: EpochHook | None = None) -> dict[str, Any]:
     """Train, calibrate and evaluate into `out_dir`; resume it when it holds an unfinished run.
 
     Args:
@@ -218,7 +220,8 @@ def run_training(cfg: Config, out_dir: str | Path, *, epoch_hook: EpochHook | No
     prepare_run_dir(cfg, run_dir, env)
     if (run_dir / METRICS_FILE).is_file():
         log.info("%s is a finished run; returning its metrics", run_dir)
-        return json.loads((run_dir / METRICS_FILE).read_text())
+        finished: dict[str, Any] = json.loads((run_dir / METRICS_FILE).read_text())
+        return finished
     seed_everything(derive_seed(cfg.run.seed, "pipeline"))
     inputs = prepare_inputs(cfg, run_dir / "cache")
     stage1 = train_stage1(cfg, inputs, run_dir / "stage1", env, epoch_hook)
@@ -228,7 +231,7 @@ def run_training(cfg: Config, out_dir: str | Path, *, epoch_hook: EpochHook | No
     if not (run_dir / "stage2" / "done.json").is_file():
         classifier = build_classifier(cfg, stage1, selection["anchors"], selection["mask"])
         train_stage2(cfg, inputs, classifier, run_dir, env, epoch_hook)
-    metrics: dict = {}
+    metrics: dict[str, Any] = {}
     if env.is_main:
         calibrate(cfg, run_dir, env, inputs)
         metrics = evaluate(cfg, run_dir, env)

@@ -26,6 +26,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,9 +69,9 @@ class PretrainCfg:
 class CaptionSet:
     """Preprocessed images (float `[N, 3, S, S]`) with several free-form captions each."""
 
-    images: np.ndarray
+    images: torch.Tensor
     captions: list[list[str]]
-    provenance: dict
+    provenance: dict[str, Any]  # recorded in the checkpoint's .json
 
 
 # ---------------------------------------------------------------- captions
@@ -338,7 +339,7 @@ def train_clip(data: CaptionSet, cfg: PretrainCfg, progress: bool = True) -> tor
             logits = contrastive_logits(img, txt, clip.logit_scale.exp())
             loss = classwise_contrastive_loss(logits, torch.from_numpy(cap), cfg.smoothing)["contrastive_loss"]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch: unannotated
             opt.step()
             with torch.no_grad():
                 clip.logit_scale.clamp_(0, math.log(100))  # CLIP's own clamp during pretraining
@@ -346,7 +347,8 @@ def train_clip(data: CaptionSet, cfg: PretrainCfg, progress: bool = True) -> tor
             step += 1
         if progress:
             log.info("pretrain epoch %d/%d: loss %.3f", epoch + 1, cfg.epochs, running / steps_per_epoch)
-    return clip.eval()
+    trained: torch.nn.Module = clip.eval()  # open_clip is untyped
+    return trained
 
 
 # ---------------------------------------------------------------- cache
@@ -448,4 +450,5 @@ def pretrained_checkpoint(
 
 def load_pretrained(path: str | Path, arch: str) -> torch.nn.Module:
     """The pretrained CLIP, through the project's factory (the same path `model.pretrained` takes)."""
-    return create_clip(arch, str(path)).eval()
+    clip: torch.nn.Module = create_clip(arch, str(path)).eval()  # open_clip is untyped
+    return clip

@@ -14,17 +14,21 @@ import logging
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlltr.training.checkpoint import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
 EpochHook = Callable[[str, int], None]  # (stage name, finished epoch index)
+EpochStats = dict[str, float]  # one epoch's numbers (losses, lr, steps, seconds, ...), a row of history.json
+# An optimiser parameter group: torch's own format ({"params": [...], "lr": ..., ...}).
+ParamGroup = dict[str, Any]
+T = TypeVar("T")
 
 
 def derive_seed(*parts: Any) -> int:
@@ -62,7 +66,9 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % (2**32))
 
 
-def train_loader(dataset, sampler: Sampler, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+def train_loader(
+    dataset: Dataset[T], sampler: Sampler[int], batch_size: int, num_workers: int, seed: int
+) -> DataLoader[T]:
     """A training loader over `sampler` that drops the last incomplete batch (equal sizes across ranks)."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -78,7 +84,7 @@ def train_loader(dataset, sampler: Sampler, batch_size: int, num_workers: int, s
     )
 
 
-def eval_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:
+def eval_loader(dataset: Dataset[T], batch_size: int, num_workers: int) -> DataLoader[T]:
     """A deterministic, unshuffled loader for feature extraction."""
     return DataLoader(
         dataset,
@@ -106,9 +112,10 @@ def effective_batch_size(requested: int, per_rank_samples: int, *, even: bool = 
 
 def decay_groups(
     named: Iterator[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float, tag: str
-) -> list[dict]:
+) -> list[ParamGroup]:
     """Two AdamW groups: weight decay on matrices, none on 1-D params and biases (as the original)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in named:
         if not p.requires_grad:
             continue
@@ -121,12 +128,12 @@ def decay_groups(
     return groups
 
 
-def adamw(groups: list[dict], lr: float, eps: float) -> torch.optim.AdamW:
+def adamw(groups: list[ParamGroup], lr: float, eps: float) -> torch.optim.AdamW:
     """AdamW with the fused kernel (several times faster than the per-tensor loop on CPU as well)."""
     return torch.optim.AdamW(groups, lr=lr, eps=eps, fused=True)
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[None]:
     """fp16 autocast on CUDA when enabled; a no-op on CPU (bf16 autocast is slower than fp32 there)."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
@@ -139,7 +146,14 @@ def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
 
 
 def save_epoch_checkpoint(
-    path: Path, *, epoch: int, model_state: dict, optimizer, scaler, history: list[dict], extra: dict | None = None
+    path: Path,
+    *,
+    epoch: int,
+    model_state: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    history: list[EpochStats],
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Everything needed to continue after `epoch` finished (atomic write)."""
     atomic_torch_save(
@@ -157,14 +171,19 @@ def save_epoch_checkpoint(
     )
 
 
-def load_epoch_checkpoint(path: Path) -> dict | None:
+def load_epoch_checkpoint(path: Path) -> dict[str, Any] | None:
     """The checkpoint at `path`, or None when there is none yet."""
     if not path.is_file():
         return None
     # RNG states hold numpy/python objects, so this file is not loadable with weights_only.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    return checkpoint
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return model.module if hasattr(model, "module") else model
+    if hasattr(model, "module"):
+        inner = model.module
+        assert isinstance(inner, torch.nn.Module)
+        return inner
+    return model

@@ -17,25 +17,28 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vlltr.model.networks.factory import create_clip
 from vlltr.model.networks.stage1 import CVLP
 from vlltr.training.checkpoint import atomic_torch_save, atomic_write_json
 from vlltr.training.config import Config
-from vlltr.training.data.samplers import make_sampler
+from vlltr.training.data.samplers import ShardedSampler, make_sampler
 from vlltr.training.distributed import DistEnv, all_gather_tensor, all_gather_with_grad, all_reduce_mean, barrier
 from vlltr.training.features import encode_images, encode_text, encode_token_table
 from vlltr.training.inputs import PreparedInputs
 from vlltr.training.losses import contrastive_logits, stage1_loss
 from vlltr.training.runtime import (
     EpochHook,
+    EpochStats,
     adamw,
     autocast,
     decay_groups,
@@ -104,7 +107,8 @@ def split_towers(
     clip: torch.nn.Module,
 ) -> tuple[list[tuple[str, torch.nn.Parameter]], list[tuple[str, torch.nn.Parameter]]]:
     """(image side, text side) named parameters of a CLIP; the logit scale counts as image side."""
-    image, text = [], []
+    image: list[tuple[str, torch.nn.Parameter]] = []
+    text: list[tuple[str, torch.nn.Parameter]] = []
     for name, p in clip.named_parameters():
         (image if name.startswith("visual.") or name == "logit_scale" else text).append((name, p))
     return image, text
@@ -166,8 +170,21 @@ def stage1_losses(
     return stage1_loss(logits, y, smoothing=smoothing, distill_beta=distill_beta, teacher_logits=teacher)
 
 
-def _train_epoch(model, loader, tokens, offsets, optimizer, scaler, schedule, epoch, cfg, env) -> dict:
+def _train_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader[tuple[Any, int]],
+    tokens: torch.Tensor,
+    offsets: np.ndarray,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    schedule: CosineSchedule,
+    epoch: int,
+    cfg: Config,
+    env: DistEnv,
+) -> EpochStats:
     gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "stage1-sentences", epoch, env.rank))
+    student = unwrap(model)
+    assert isinstance(student, Stage1Model)
     sums: dict[str, float] = {}
     steps = 0
     bar = tqdm(loader, desc=f"stage 1 epoch {epoch + 1}/{cfg.stage1.epochs}", disable=not env.is_main, leave=False)
@@ -185,13 +202,13 @@ def _train_epoch(model, loader, tokens, offsets, optimizer, scaler, schedule, ep
             amp=cfg.stage1.amp,
         )
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["total_loss"]).backward()
+        scaler.scale(losses["total_loss"]).backward()  # type: ignore[no-untyped-call]  # torch: unannotated
         scaler.step(optimizer)
         scaler.update()
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         steps += 1
-        scale = float(unwrap(model).clip.logit_scale.detach().exp())
+        scale = float(student.clip.logit_scale.detach().exp())
         bar.set_postfix(loss=f"{sums['total_loss'] / steps:.3f}", scale=f"{scale:.1f}")
     stats = {k: all_reduce_mean(v / max(1, steps), env.device) for k, v in sums.items()}
     stats.update(steps=steps, lr=optimizer.param_groups[0]["lr"])
@@ -199,8 +216,9 @@ def _train_epoch(model, loader, tokens, offsets, optimizer, scaler, schedule, ep
 
 
 @torch.no_grad()
-def monitor(clip: open_clip.CLIP, inputs: PreparedInputs, cfg: Config, device: torch.device) -> dict:
+def monitor(clip: open_clip.CLIP, inputs: PreparedInputs, cfg: Config, device: torch.device) -> dict[str, float]:
     """Nearest-sentence and class-prototype accuracy of val images against all sentences (monitoring only)."""
+    assert inputs.val is not None  # only called when there is a val split (`_should_monitor`)
     clip.eval()
     txt = F.normalize(
         encode_token_table(clip, inputs.tokens, batch_size=cfg.eval.batch_size, device=device, desc="monitor text"),
@@ -225,7 +243,9 @@ def _should_monitor(epoch: int, cfg: Config, inputs: PreparedInputs) -> bool:
     return inputs.val is not None and every > 0 and ((epoch + 1) % every == 0 or last)
 
 
-def _setup(cfg: Config, inputs: PreparedInputs, env: DistEnv):
+def _setup(
+    cfg: Config, inputs: PreparedInputs, env: DistEnv
+) -> tuple[Stage1Model, torch.optim.AdamW, torch.amp.GradScaler, ShardedSampler, int, CosineSchedule]:
     clip = build_clip(cfg, env.device)
     model = build_stage1_model(cfg, clip).to(env.device)
     optimizer = stage1_optimizer(model, cfg)
@@ -247,7 +267,9 @@ def _setup(cfg: Config, inputs: PreparedInputs, env: DistEnv):
     return model, optimizer, scaler, sampler, batch, schedule
 
 
-def _resume(path: Path, model: Stage1Model, optimizer, scaler) -> tuple[int, list[dict]]:
+def _resume(
+    path: Path, model: Stage1Model, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> tuple[int, list[EpochStats]]:
     state = load_epoch_checkpoint(path)
     if state is None:
         return 0, []
@@ -311,12 +333,12 @@ def train_stage1(
     return _finish(cfg, inputs, model.clip, history, out_dir, env)
 
 
-def _fmt(stats: dict) -> str:
+def _fmt(stats: EpochStats) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())
 
 
 def _finish(
-    cfg: Config, inputs: PreparedInputs, clip: open_clip.CLIP, history: list[dict], out_dir: Path, env: DistEnv
+    cfg: Config, inputs: PreparedInputs, clip: open_clip.CLIP, history: list[EpochStats], out_dir: Path, env: DistEnv
 ) -> Stage1Result:
     clip.eval()
     if env.is_main:

@@ -18,10 +18,12 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vlltr.model.networks.classifier import VLLTRClassifier
@@ -29,13 +31,14 @@ from vlltr.model.networks.head import LGRHead
 from vlltr.training.calibration import log_prior_from_counts
 from vlltr.training.checkpoint import atomic_write_json, save_final_model
 from vlltr.training.config import Config
-from vlltr.training.data.samplers import make_sampler
+from vlltr.training.data.samplers import ShardedSampler, make_sampler
 from vlltr.training.distributed import DistEnv, all_reduce_mean, barrier
 from vlltr.training.inputs import PreparedInputs
 from vlltr.training.losses import stage2_loss
 from vlltr.training.mixing import Mixer
 from vlltr.training.runtime import (
     EpochHook,
+    EpochStats,
     adamw,
     autocast,
     decay_groups,
@@ -78,7 +81,7 @@ def stage2_optimizer(classifier: VLLTRClassifier, cfg: Config) -> torch.optim.Ad
     return adamw(groups, s2.lr, s2.eps)
 
 
-def trainable_state(classifier: VLLTRClassifier) -> dict:
+def trainable_state(classifier: VLLTRClassifier) -> dict[str, dict[str, Any]]:
     """What stage 2 changes: the head, plus the image tower when it trains."""
     state = {"head": classifier.head.state_dict()}
     if classifier.train_backbone:
@@ -86,13 +89,24 @@ def trainable_state(classifier: VLLTRClassifier) -> dict:
     return state
 
 
-def load_trainable_state(classifier: VLLTRClassifier, state: dict) -> None:
+def load_trainable_state(classifier: VLLTRClassifier, state: dict[str, dict[str, Any]]) -> None:
     classifier.head.load_state_dict(state["head"])
     if "visual" in state:
         classifier.clip.visual.load_state_dict(state["visual"])
 
 
-def _train_epoch(net, loader, mixer, optimizer, scaler, schedule, log_prior, epoch, cfg, env) -> dict:
+def _train_epoch(
+    net: torch.nn.Module,
+    loader: DataLoader[tuple[Any, int]],
+    mixer: Mixer,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    schedule: CosineSchedule,
+    log_prior: torch.Tensor,
+    epoch: int,
+    cfg: Config,
+    env: DistEnv,
+) -> EpochStats:
     rng = np.random.default_rng(derive_seed(cfg.run.seed, "stage2-mix", epoch, env.rank))
     sums: dict[str, float] = {}
     steps = 0
@@ -107,7 +121,7 @@ def _train_epoch(net, loader, mixer, optimizer, scaler, schedule, log_prior, epo
             z_vis.float(), z_lin.float(), target, kind=cfg.stage2.loss, log_prior=log_prior, tau=cfg.stage2.la_tau
         )
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["total_loss"]).backward()
+        scaler.scale(losses["total_loss"]).backward()  # type: ignore[no-untyped-call]  # torch: unannotated
         scaler.step(optimizer)
         scaler.update()
         for k, v in losses.items():
@@ -119,7 +133,9 @@ def _train_epoch(net, loader, mixer, optimizer, scaler, schedule, log_prior, epo
     return stats
 
 
-def _setup(cfg: Config, inputs: PreparedInputs, classifier: VLLTRClassifier, env: DistEnv):
+def _setup(
+    cfg: Config, inputs: PreparedInputs, classifier: VLLTRClassifier, env: DistEnv
+) -> tuple[torch.optim.AdamW, torch.amp.GradScaler, ShardedSampler, Mixer, int, CosineSchedule]:
     s2 = cfg.stage2
     optimizer = stage2_optimizer(classifier, cfg)
     scaler = grad_scaler(env.device, s2.amp)
@@ -151,7 +167,9 @@ def _setup(cfg: Config, inputs: PreparedInputs, classifier: VLLTRClassifier, env
     return optimizer, scaler, sampler, mixer, batch, schedule
 
 
-def _resume(path: Path, classifier: VLLTRClassifier, optimizer, scaler) -> tuple[int, list[dict]]:
+def _resume(
+    path: Path, classifier: VLLTRClassifier, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> tuple[int, list[EpochStats]]:
     state = load_epoch_checkpoint(path)
     if state is None:
         return 0, []

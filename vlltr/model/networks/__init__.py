@@ -3,9 +3,9 @@
 Imports torch and open_clip; never `vlltr.training` or `vlltr.service`.
 """
 
+from vlltr.errors import UnknownArchitectureError
 from vlltr.model.networks.classifier import VLLTRClassifier
 from vlltr.model.networks.factory import (
-    UnknownArchitectureError,
     clip_dims,
     create_clip,
     get_tokenizer,

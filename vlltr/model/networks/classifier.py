@@ -33,10 +33,14 @@ class VLLTRClassifier(nn.Module):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Raw (un-normalised) projected image features, `[B, D]`."""
+        features: torch.Tensor  # open_clip is untyped
         if self.train_backbone and self.training:
-            return self.clip.encode_image(images)
+            features = self.clip.encode_image(images)
+            return features
         with torch.no_grad():
-            return self.clip.encode_image(images)
+            features = self.clip.encode_image(images)
+            return features
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head(self.image_features(images))
+        logits: tuple[torch.Tensor, torch.Tensor] = self.head(self.image_features(images))
+        return logits

@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import open_clip
 import torch
@@ -34,7 +35,8 @@ def _register_project_configs() -> None:
 def list_architectures() -> list[str]:
     """All architecture names usable with :func:`create_clip` (open_clip's plus the project's tiny ones)."""
     _register_project_configs()
-    return open_clip.list_models()
+    names: list[str] = open_clip.list_models()
+    return names
 
 
 def project_architectures() -> list[str]:
@@ -117,7 +119,14 @@ def clip_dims(model: open_clip.CLIP) -> ClipDims:
     )
 
 
-def get_tokenizer(arch: str):
+class Tokenizer(Protocol):
+    """What open_clip's tokenizers have in common: texts to a `[N, context_length]` tensor of token ids."""
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor: ...
+
+
+def get_tokenizer(arch: str) -> Tokenizer:
     """open_clip's tokenizer for `arch` (the CLIP BPE for all CLIP-style models)."""
     _register_project_configs()
-    return open_clip.get_tokenizer(arch)
+    tokenizer: Tokenizer = open_clip.get_tokenizer(arch)
+    return tokenizer

@@ -59,6 +59,11 @@ class LGRHead(nn.Module):
         v_detach: normalise the attended vector with a stop-gradient norm (the original's iNat variant).
     """
 
+    # Buffers (register_buffer), declared for type checkers.
+    anchors: torch.Tensor
+    anchor_mask: torch.Tensor
+    logit_scale: torch.Tensor
+
     def __init__(
         self,
         anchors: torch.Tensor,
@@ -90,12 +95,14 @@ class LGRHead(nn.Module):
             self.w_k.weight.copy_(torch.eye(dim))
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, num_classes))
         for layer in (self.mlp[0], self.mlp[2]):
+            assert isinstance(layer, nn.Linear)
             nn.init.trunc_normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
 
     def keys(self) -> torch.Tensor:
         """`K = W_k LN_k(T)`, `[C, M, D]`; constant at inference, so the exporter precomputes it."""
-        return self.w_k(self.ln_k(self.anchors))
+        keys: torch.Tensor = self.w_k(self.ln_k(self.anchors))
+        return keys
 
     def attention(self, f: torch.Tensor) -> torch.Tensor:
         """Attention weights `[B, C, M]` of each image over each class's anchors (padding gets 0)."""

@@ -60,8 +60,8 @@ class PreprocessSpec:
 
     size: int
     resize_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # three values each (checked in __post_init__)
+    std: tuple[float, ...]
     interpolation: str = "bicubic"
     jpeg_draft: bool = False
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from vlltr.errors import DataError
 
@@ -14,6 +14,15 @@ BENCHMARKS = ("digits-lt", "shapes-lt")
 FORMAT_VERSIONS = {"digits-lt": 1, "shapes-lt": 2}
 
 
+class ShapesOptions(TypedDict, total=False):
+    """Keyword options of shapes-lt's generator (`generate_shapes_lt`) that `write_benchmark` passes on."""
+
+    n_max: int
+    val_per_class: int
+    test_per_class: int
+    monochrome_prob: float
+
+
 def write_benchmark(
     name: str,
     out: str | Path,
@@ -21,7 +30,7 @@ def write_benchmark(
     seed: int = 0,
     imbalance: float | None = None,
     names: str | None = None,
-    **options: float,
+    **options: Unpack[ShapesOptions],
 ) -> dict[str, Any]:
     """Write benchmark `name` (`digits-lt` or `shapes-lt`) to `out` and return its meta.json content.
 

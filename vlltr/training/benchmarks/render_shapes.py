@@ -36,18 +36,23 @@ def _star_radius(phi: np.ndarray) -> np.ndarray:
     qx, qy = _STAR_INNER * math.cos(sector / 2), _STAR_INNER * math.sin(sector / 2)
     ex, ey = qx - 1.0, qy
     # rho * (cos t, sin t) = (1, 0) + s * (ex, ey)  ->  rho = cross((1,0), e) / cross((cos t, sin t), e)
-    return ey / (np.cos(t) * ey - np.sin(t) * ex)
+    rho: np.ndarray = ey / (np.cos(t) * ey - np.sin(t) * ex)  # numpy's ufuncs are typed to return Any
+    return rho
 
 
 def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Boolean mask of `shape` in unit local coordinates (the shape spans roughly [-1, 1])."""
+    mask: np.ndarray  # numpy's ufuncs are typed to return Any
     if shape == "circle":
-        return u * u + v * v <= 1.0
+        mask = u * u + v * v <= 1.0
+        return mask
     if shape == "ring":
         r2 = u * u + v * v
-        return (r2 <= 1.0) & (r2 >= 0.55**2)
+        mask = (r2 <= 1.0) & (r2 >= 0.55**2)
+        return mask
     if shape == "square":
-        return np.maximum(np.abs(u), np.abs(v)) <= 0.8
+        mask = np.maximum(np.abs(u), np.abs(v)) <= 0.8
+        return mask
     if shape == "triangle":
         # Equilateral, circumradius 1.1: inside all three edges (outward normals at -90, 30 and 150 degrees).
         inradius = 0.55
@@ -57,22 +62,27 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return inside
     if shape == "cross":
         au, av = np.abs(u), np.abs(v)
-        return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
+        mask = ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
+        return mask
     if shape == "star":
-        return np.hypot(u, v) <= 1.1 * _star_radius(np.arctan2(v, u) + math.pi / 2)
+        mask = np.hypot(u, v) <= 1.1 * _star_radius(np.arctan2(v, u) + math.pi / 2)
+        return mask
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
 def pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray, period: float) -> np.ndarray:
     """True where the pattern shows the pale second colour (stripes or dots), in local coordinates."""
+    mask: np.ndarray  # numpy's ufuncs are typed to return Any
     if pattern == "solid":
         return np.zeros(u.shape, dtype=bool)
     if pattern == "striped":
-        return np.mod(u, period) < period / 2
+        mask = np.mod(u, period) < period / 2
+        return mask
     if pattern == "dotted":
         du = np.mod(u, period) - period / 2
         dv = np.mod(v, period) - period / 2
-        return du * du + dv * dv <= (0.28 * period) ** 2
+        mask = du * du + dv * dv <= (0.28 * period) ** 2
+        return mask
     raise ValueError(f"unknown pattern {pattern!r}; known: {PATTERNS}")
 
 
@@ -124,7 +134,8 @@ def render(
     h, w = y1 - y0, x1 - x0
 
     def down(mask: np.ndarray) -> np.ndarray:
-        return mask.reshape(h, k, w, k).mean(axis=(1, 3), dtype=np.float32)[:, :, None]
+        cover: np.ndarray = mask.reshape(h, k, w, k).mean(axis=(1, 3), dtype=np.float32)[:, :, None]
+        return cover
 
     alpha, pale_part = down(inside), down(marks)
     box = image[y0:y1, x0:x1]
@@ -132,4 +143,5 @@ def render(
     image += rng.normal(0.0, rng.uniform(0.02, 0.06), size=image.shape).astype(np.float32)
     if monochrome:
         image[:] = (image @ np.asarray(_LUMA, dtype=np.float32))[:, :, None]
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    pixels: np.ndarray = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    return pixels

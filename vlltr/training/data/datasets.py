@@ -47,7 +47,7 @@ def load_rgb(path: str, draft_min_side: int | None = None) -> Image.Image:
         raise DataError(f"cannot read image {path!r}: {exc}") from exc
 
 
-class ImageListDataset(torch.utils.data.Dataset):
+class ImageListDataset(torch.utils.data.Dataset[tuple[Any, int]]):
     """`(transform(RGB image), label)` pairs over a list of `(path, label)` samples.
 
     Attributes:
@@ -207,7 +207,7 @@ def _folder(folder: Path, class_names: list[str]) -> list[tuple[str, int]]:
     unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in index)
     if unknown:
         raise DataError(f"{str(folder)!r}: sub-folder(s) {unknown[:5]} match no class name in the class list")
-    samples = []
+    samples: list[tuple[str, int]] = []
     for name, label in index.items():
         class_dir = folder / name
         if not class_dir.is_dir():

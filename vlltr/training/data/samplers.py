@@ -31,7 +31,8 @@ def sampling_weights(kind: str, labels: np.ndarray) -> np.ndarray:
     per_class = {"sqrt": 1.0 / np.sqrt(np.maximum(counts, 1.0)), "balanced": 1.0 / np.maximum(counts, 1.0)}
     if kind not in per_class:
         raise DataError(f"sampler {kind!r} has no per-image weights; weighted kinds: {sorted(per_class)}")
-    return per_class[kind][labels]
+    weights: np.ndarray = per_class[kind][labels]
+    return weights
 
 
 def class_probabilities(kind: str, counts: np.ndarray) -> np.ndarray:
@@ -45,10 +46,11 @@ def class_probabilities(kind: str, counts: np.ndarray) -> np.ndarray:
         mass = counts
     else:
         raise DataError(f"unknown sampler {kind!r}; known: {list(SAMPLER_KINDS)}")
-    return mass / mass.sum()
+    probabilities: np.ndarray = mass / mass.sum()
+    return probabilities
 
 
-class _ShardedSampler(Sampler[int]):
+class ShardedSampler(Sampler[int]):
     """Shared epoch/rank bookkeeping: subclasses produce the global index stream of one epoch."""
 
     def __init__(self, dataset_size: int, num_samples: int | None, num_replicas: int, rank: int, seed: int) -> None:
@@ -83,7 +85,7 @@ class _ShardedSampler(Sampler[int]):
         return iter(stream[self.rank : self.total : self.num_replicas].tolist())
 
 
-class WeightedReplacementSampler(_ShardedSampler):
+class WeightedReplacementSampler(ShardedSampler):
     """Draws image indices with replacement in proportion to per-image weights."""
 
     def __init__(
@@ -102,7 +104,7 @@ class WeightedReplacementSampler(_ShardedSampler):
         return torch.multinomial(self.weights, self.total, replacement=True, generator=gen)
 
 
-class PermutationSampler(_ShardedSampler):
+class PermutationSampler(ShardedSampler):
     """Random permutations of the dataset, concatenated when an epoch asks for more draws than images."""
 
     def _global_stream(self, gen: torch.Generator) -> torch.Tensor:
@@ -118,7 +120,7 @@ def make_sampler(
     num_replicas: int = 1,
     rank: int = 0,
     seed: int = 0,
-) -> Sampler[int]:
+) -> ShardedSampler:
     """A sampler over a dataset with these `labels` (see the module docstring).
 
     Args:

@@ -62,8 +62,9 @@ def train_transform(cfg: DataCfg, image_size: int) -> Callable[[Image.Image], to
     """
     normalize = T.Normalize(mean=list(cfg.mean), std=list(cfg.std))
     bicubic = T.InterpolationMode.BICUBIC
+    augment: Callable[[Image.Image], torch.Tensor]  # torchvision is untyped
     if cfg.augment == "clip":
-        return T.Compose(
+        augment = T.Compose(
             [
                 T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=bicubic),
                 T.RandomHorizontalFlip(),
@@ -73,8 +74,9 @@ def train_transform(cfg: DataCfg, image_size: int) -> Callable[[Image.Image], to
                 T.RandomErasing(p=0.25),
             ]
         )
+        return augment
     if cfg.augment == "light":
-        return T.Compose(
+        augment = T.Compose(
             [
                 T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bicubic),
                 T.RandomHorizontalFlip(),
@@ -82,6 +84,7 @@ def train_transform(cfg: DataCfg, image_size: int) -> Callable[[Image.Image], to
                 normalize,
             ]
         )
+        return augment
     if cfg.augment == "none":
         return eval_transform(cfg, image_size)
     raise DataError(f"unknown augment {cfg.augment!r}; known: {list(AUGMENTS)}")
