@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from vlltr.errors import BundleError
-    from vlltr.model.core.sessions import ProviderError
+    from vlltr.model.runtime.sessions import ProviderError
     from vlltr.service.app import create_app
     from vlltr.service.core import ServingCore
     from vlltr.service.metrics import Metrics
