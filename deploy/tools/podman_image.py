@@ -141,7 +141,7 @@ def reachable(url: str, timeout: float = 10.0) -> bool:
     """Whether an HTTP(S) URL answers at all (any status below 500)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status < 500
+            return bool(resp.status < 500)
     except urllib.error.HTTPError as exc:
         return exc.code < 500
     except (urllib.error.URLError, OSError):

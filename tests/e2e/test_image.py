@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -67,7 +68,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     log_path = tmp_path_factory.mktemp("image-build") / "build.log"
     with open(log_path, "w", encoding="utf-8") as log:
         try:
-            return podman_image.build(TARGET, TAG, log=log)
+            return str(podman_image.build(TARGET, TAG, log=log))
         except podman_image.BuildError as exc:
             tail = log_path.read_text(encoding="utf-8", errors="replace")[-6000:]
             pytest.fail(f"building {TARGET} failed: {exc}\n{tail}")
@@ -228,10 +229,11 @@ def _service_bundle_images(bundle: Path, n: int) -> list[bytes]:
     return [(data / line.split()[0]).read_bytes() for line in lines]
 
 
-def _classify(container: Container, data: bytes, top_k: int) -> dict:
+def _classify(container: Container, data: bytes, top_k: int) -> dict[str, Any]:
     r = httpx.post(f"{container.url}/v1/classify", params={"top_k": top_k}, files={"file": ("x.png", data)}, timeout=30)
     assert r.status_code == 200, r.text
-    return r.json()
+    body: dict[str, Any] = r.json()
+    return body
 
 
 def _assert_same_as_offline(container: Container, bundle_dir: Path, images: list[bytes]) -> list[int]:
@@ -255,7 +257,7 @@ def _assert_same_as_offline(container: Container, bundle_dir: Path, images: list
 # --- nothing mounted: the demo ---------------------------------------------------------------------------
 
 
-def test_image_serves_the_demo_bundle_with_nothing_mounted(containers: dict[str, Container], demo_bundle: Path):
+def test_image_serves_the_demo_bundle_with_nothing_mounted(containers: dict[str, Container], demo_bundle: Path) -> None:
     manifest = json.loads((demo_bundle / "manifest.json").read_text(encoding="utf-8"))
     for name in ("plain", "read_only"):
         container = containers[name]
@@ -267,7 +269,7 @@ def test_image_serves_the_demo_bundle_with_nothing_mounted(containers: dict[str,
         assert info["provider"] == "cpu" and info["classes"]["trained"] == 10, name
 
 
-def test_image_healthcheck_passes(containers: dict[str, Container]):
+def test_image_healthcheck_passes(containers: dict[str, Container]) -> None:
     """The Dockerfile's HEALTHCHECK command, run by podman in the container, reports healthy."""
     proc = subprocess.run(
         podman_image.podman_argv("healthcheck", "run", containers["plain"].name),
@@ -278,7 +280,7 @@ def test_image_healthcheck_passes(containers: dict[str, Container]):
     assert proc.returncode == 0, f"healthcheck failed: {proc.stdout}{proc.stderr}"
 
 
-def test_demo_in_the_image_classifies_digits(containers: dict[str, Container], demo_bundle: Path):
+def test_demo_in_the_image_classifies_digits(containers: dict[str, Container], demo_bundle: Path) -> None:
     digits = _digit_pngs(per_digit=5)
     top1 = _assert_same_as_offline(containers["plain"], demo_bundle, [data for _, data in digits])
     # The demo is a trained model, not a random one: chance is one digit in ten (it gets about 80%).
@@ -289,7 +291,7 @@ def test_demo_in_the_image_classifies_digits(containers: dict[str, Container], d
 
 
 @pytest.mark.parametrize("name", ["plain", "read_only"])
-def test_image_adds_a_class_by_text_with_the_admin_token(containers: dict[str, Container], name: str):
+def test_image_adds_a_class_by_text_with_the_admin_token(containers: dict[str, Container], name: str) -> None:
     container = containers[name]
     body = {"name": "eleven", "descriptions": ["Two straight vertical strokes side by side.", "It looks like ll."]}
     refused = httpx.post(f"{container.url}/v1/classes", json=body, timeout=30)
@@ -310,7 +312,7 @@ def test_image_adds_a_class_by_text_with_the_admin_token(containers: dict[str, C
     assert httpx.get(f"{container.url}/v1/model", timeout=5).json()["classes"]["added"] == 0
 
 
-def test_image_runs_as_the_service_user_without_torch(containers: dict[str, Container]):
+def test_image_runs_as_the_service_user_without_torch(containers: dict[str, Container]) -> None:
     container = containers["plain"]
     uid = container.exec("id", "-u")
     assert uid.returncode == 0 and uid.stdout.strip() == str(SERVICE_UID), uid.stdout + uid.stderr
@@ -336,7 +338,7 @@ def test_image_runs_as_the_service_user_without_torch(containers: dict[str, Cont
 
 def test_a_mounted_bundle_named_by_vlltr_bundle_replaces_the_demo(
     containers: dict[str, Container], mounted_bundle: Path, service_bundle: Path, demo_bundle: Path
-):
+) -> None:
     container = containers["mounted"]
     manifest = json.loads((mounted_bundle / "manifest.json").read_text(encoding="utf-8"))
     demo_id = json.loads((demo_bundle / "manifest.json").read_text(encoding="utf-8"))["bundle_id"]
