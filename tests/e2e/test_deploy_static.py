@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -71,16 +72,15 @@ def test_validate_script_rejects_unknown_check() -> None:
 # --- docker-compose ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    """The compose file as docker-compose resolves it with the example env file, all profiles on."""
+def _compose_config(env_file: str | Path) -> dict[str, Any]:
+    """The compose file as docker-compose resolves it with `env_file`, all profiles on."""
     exe = program("docker-compose", "docker-compose")
-    env = {k: v for k, v in os.environ.items() if k not in ("VLLTR_ADMIN_TOKEN", "GRAFANA_ADMIN_PASSWORD")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLTR_") and k != "GRAFANA_ADMIN_PASSWORD"}
     proc = subprocess.run(
         [
             exe,
             "--env-file",
-            ".env.example",
+            str(env_file),
             "-f",
             "docker-compose.yml",
             "--profile",
@@ -97,6 +97,12 @@ def compose() -> dict[str, Any]:
     )
     assert proc.returncode == 0, proc.stderr
     return yaml.safe_load(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """The compose file as docker-compose resolves it with the example env file, all profiles on."""
+    return _compose_config(".env.example")
 
 
 def _example_env() -> dict[str, str]:
@@ -147,11 +153,36 @@ def test_compose_api_settings_come_from_env_file_and_shared_redis(compose: dict[
             f"{name}: the admin token must come from the env file"
         )
         assert urlparse(env["VLLTR_REDIS_URL"]).hostname == redis_services[0]
-        assert env["VLLTR_BUNDLE"].startswith("/bundles"), f"{name}: VLLTR_BUNDLE must point into the bundle volume"
         volumes = [str(v) for v in svc.get("volumes", [])]
         assert any("/bundles" in v for v in volumes), f"{name} does not mount the bundle volume"
     compose_text = (REPO / "docker-compose.yml").read_text(encoding="utf-8")
     assert example["VLLTR_ADMIN_TOKEN"] not in compose_text, "a secret is written into docker-compose.yml"
+
+
+def test_compose_serves_the_image_demo_unless_the_env_file_names_a_bundle(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """`cp .env.example .env && docker compose up` serves the demo built into the image; an env file that sets
+    VLLTR_BUNDLE (and VLLTR_BUNDLES_SOURCE for a host folder) serves that bundle instead."""
+    assert "VLLTR_BUNDLE" not in _example_env(), ".env.example must leave VLLTR_BUNDLE unset (the demo)"
+    stages = load_tool("dockerfile").stages()
+    apis = {**_api_services(compose), **_api_services(compose, "serve-gpu")}
+    for name, svc in apis.items():
+        demo = stages[svc["build"]["target"]].env()["VLLTR_BUNDLE"]
+        assert svc["environment"]["VLLTR_BUNDLE"] == demo, f"{name}: with VLLTR_BUNDLE unset compose must pass {demo}"
+
+    own = tmp_path / "own.env"
+    own.write_text(
+        (REPO / ".env.example").read_text(encoding="utf-8")
+        + "VLLTR_BUNDLE=/bundles/current\nVLLTR_BUNDLES_SOURCE=./bundles\n",
+        encoding="utf-8",
+    )
+    resolved = _compose_config(own)
+    for name in apis:
+        svc = resolved["services"][name]
+        assert svc["environment"]["VLLTR_BUNDLE"] == "/bundles/current"
+        assert f"{REPO / 'bundles'}:/bundles:ro" in [str(v) for v in svc["volumes"]], f"{name}: {svc['volumes']}"
+    assert f"{REPO / 'bundles'}:/bundles:rw" in [str(v) for v in resolved["services"]["train"]["volumes"]]
 
 
 def test_compose_redis_persists_with_aof_on_a_volume(compose: dict[str, Any]) -> None:
