@@ -10,7 +10,7 @@ for a state of the world, `LookupError` for a missing class), so code that catch
 
 Codes are a contract: clients of the HTTP API read `bad_image`, `unsupported_type`, `too_large`, `invalid`,
 `conflict`, `not_found`, `store_unavailable`, `queue_full`, `not_ready` and `inference_failed`; a code
-never changes meaning once published (`tests/test_errors.py` pins them).
+never changes meaning once published (`tests/unit/service/test_errors.py` pins them).
 """
 
 from __future__ import annotations

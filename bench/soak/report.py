@@ -1,6 +1,6 @@
 """Render docs/reliability.md from the reliability tests' JSON summary (and optionally a full soak's).
 
-    VLLTR_RELIABILITY_SUMMARY=build/reliability.json python -m pytest tests/test_reliability_*.py
+    VLLTR_RELIABILITY_SUMMARY=build/reliability.json python -m pytest -k test_reliability_
     python -m bench.soak --bundle DIR --summary build/soak.json          # optional: the full soak
     python -m bench.soak.report build/reliability.json [--soak build/soak.json] [--out docs/reliability.md]
 
@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-# (guarantee, tests that check it: node-id prefixes under tests/)
+# (guarantee, tests that check it: node-id prefixes from the test file's name on, e.g. `test_reliability_x.py::test_y`;
+# the files sit in tests/unit, tests/integration and tests/e2e by what they need)
 GUARANTEES: list[tuple[str, list[str]]] = [
     (
         "Every hostile image (empty, truncated, mislabelled, decompression bombs, extreme shapes, animated, 16-bit, "
@@ -125,8 +126,14 @@ GUARANTEES: list[tuple[str, list[str]]] = [
 THEME_ORDER = ["hostile images", "hostile uploads", "schema fuzzing", "batcher properties", "faults", "auth", "soak"]
 
 
+def _from_file_name(node_id: str) -> str:
+    """`tests/integration/test_reliability_x.py::test_y[p]` -> `test_reliability_x.py::test_y[p]`."""
+    path, sep, rest = node_id.partition("::")
+    return path.rsplit("/", 1)[-1] + sep + rest
+
+
 def _outcomes_for(outcomes: dict[str, str], prefixes: list[str]) -> tuple[int, int, int]:
-    matched = [o for node, o in outcomes.items() for p in prefixes if node.split("tests/", 1)[-1].startswith(p)]
+    matched = [o for node, o in outcomes.items() for p in prefixes if _from_file_name(node).startswith(p)]
     return (
         sum(o == "passed" for o in matched),
         sum(o == "failed" for o in matched),
@@ -174,7 +181,7 @@ def render(summary: dict[str, Any], soak: dict[str, Any] | None = None) -> str:
         "and the figures of the last run. This file is generated; do not edit it by hand:",
         "",
         "```bash",
-        "VLLTR_RELIABILITY_SUMMARY=build/reliability.json python -m pytest tests/test_reliability_*.py",
+        "VLLTR_RELIABILITY_SUMMARY=build/reliability.json python -m pytest -k test_reliability_",
         "python -m bench.soak --bundle BUNDLE_DIR --summary build/soak.json   # optional: the full 50,000-request soak",
         "python -m bench.soak.report build/reliability.json --soak build/soak.json --out docs/reliability.md",
         "```",

@@ -1,7 +1,7 @@
 """Write the Grafana dashboard for the vlltr service (deploy/grafana/dashboards/vlltr-service.json).
 
 The dashboard is generated rather than hand-edited so panel layout, datasource references and
-queries stay consistent; tests/test_deploy_static.py fails when the committed JSON differs from
+queries stay consistent; tests/unit/deploy/test_deploy_static.py fails when the committed JSON differs from
 what this script produces. Run it after changing a panel:
 
     python deploy/tools/build_dashboard.py

@@ -52,6 +52,17 @@ class Stage:
         found = self.all(keyword)
         return found[-1] if found else None
 
+    def env(self) -> dict[str, str]:
+        """The variables this stage's ENV instructions set (``KEY=value`` form, unquoted values), last wins."""
+        values: dict[str, str] = {}
+        for inst in self.all("ENV"):
+            for part in inst.args.split():
+                key, sep, value = part.partition("=")
+                if not sep:
+                    raise ValueError(f"Dockerfile line {inst.line}: ENV must use the KEY=value form")
+                values[key] = value
+        return values
+
 
 def instructions(text: str) -> list[Instruction]:
     """Split Dockerfile text into instructions, joining ``\\`` continuations and dropping comments."""

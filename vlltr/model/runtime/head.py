@@ -355,7 +355,7 @@ class Shortlist:
     128-dimensional sketch (one matrix-vector product per image), the union of the images' `size` best is
     scored exactly, and the rest keep that estimate.
     Trained classes are always scored exactly. The top classes are then those of the exact scoring unless the
-    right class falls outside the shortlist; `tests/test_head_shortlist.py` measures how often it does.
+    right class falls outside the shortlist; `tests/unit/runtime/test_head_shortlist.py` measures how often it does.
     """
 
     size: int = 256

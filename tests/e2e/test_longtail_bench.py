@@ -1,0 +1,137 @@
+"""The long-tail benchmark harness end to end: a `python -m bench.longtail --quick` run, its page, plot and JSON
+schema, and targets recomputed from its measurements."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.longtail.report import compute_targets
+from support.paths import REPO
+
+ARMS = (
+    "zero_shot",
+    "image_ce",
+    "image_bs",
+    "vlltr_faithful",
+    "text_recommended",
+    "control_shuffled",
+    "control_distractors",
+)
+SPLITS = ("overall", "many", "medium", "few")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    cache = tmp_path_factory.mktemp("bench-cache")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.longtail",
+            "--dataset",
+            "shapes-lt",
+            "--quick",
+            "--seeds",
+            "0",
+            "1",
+            "--text-lr-scale",
+            "0.5",
+            "--trained-anchors",
+            "--monochrome-sessions",
+            "0.5",
+            "--pretrain-epochs",
+            "2",
+            "--pretrain-seed",
+            "7",
+            "--pretrain-per-seed",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "shapes-lt.json").read_text())
+
+
+def test_quick_run_writes_table_plot_and_json(quick_run):
+    out, data = quick_run
+    md = (out / "shapes-lt.md").read_text()
+    assert "python -m bench.longtail --dataset shapes-lt --quick" in md and "QUICK" in md
+    assert (out / "shapes-lt.png").stat().st_size > 1000
+    assert data["quick"] is True and data["seeds"] == [0, 1]
+    assert "torch " in data["machine"] and "kernels" in data["machine"]  # what pretraining builds depend on
+    # The recipe's text-tower lr reaches the run, its page, and a separate published stage 1.
+    assert data["config"]["seed"]["text_lr_scale"] == 0.5 and "0.5× that lr" in md
+    assert "vlltr_faithful" in data["results"]["timings_s"]["0"]
+    # --trained-anchors makes the recommended head's anchors trainable, and the page says so.
+    assert (
+        data["config"]["recommended_head"]["anchor_lr"] > 0
+        and data["config"]["recommended_head"]["loss"] == "logit_adjusted"
+    )
+    assert data["config"]["seed"]["recommended"] == data["config"]["recommended_head"]
+    assert "`--trained-anchors`" in md
+    # --monochrome-sessions reaches the data and the pretraining set.
+    assert data["pretrain"]["recipe"]["monochrome_prob"] > 0 and "in black and white, their captions" in md
+    # One pretraining build per training seed: the recipe's seed plus the training seed, each its own checkpoint.
+    builds = data["pretrain"]["builds"]
+    assert data["pretrain"]["recipe"]["seed"] == 7 and data["pretrain"]["per_seed_builds"] is True
+    assert data["pretrain"]["recipe"]["epochs"] == 2 and "2 epochs" in md
+    assert {s: b["pretrain_seed"] for s, b in builds.items()} == {"0": 7, "1": 8}
+    assert builds["0"]["file"] != builds["1"]["file"] and builds["1"]["file"] in md
+    # The quick data (n_max 12) is one training session per class: the page counts the classes seen only in black
+    # and white, all of them in its few-shot group.
+    sessions = data["training_sessions"]
+    assert sessions["size"] == 25 and sessions["monochrome_prob"] == 0.5
+    greyed = sessions["classes_only_in_black_and_white"]
+    assert greyed["many"] == greyed["medium"] == 0 and 0 < greyed["few"] < data["num_trained"]
+    assert f"{greyed['few']} few." in md
+    # ... and splits every arm's few-shot accuracy by what the training images showed.
+    assert "trained only in black and white" in md
+    for arm in ARMS:
+        assert {"few_colour", "few_black_and_white"} <= set(data["results"]["arms"][arm]["mean"])
+    for arm in ARMS:
+        entry = data["results"]["arms"][arm]
+        assert set(SPLITS) <= set(entry["per_seed"]["0"]) and set(SPLITS) <= set(entry["mean"])
+        assert 0.0 <= entry["per_seed"]["0"]["overall"] <= 100.0
+    anss = data["results"]["anss"]["per_seed"]["0"]
+    assert {"anss_precision", "base_rate", "text_only_precision"} <= set(anss)
+    added = data["results"]["added"]["per_seed"]["0"]
+    assert added["num_added"] == 8
+    for key in ("added_alone", "trained_before", "image_free_precision", "gamma"):
+        assert isinstance(added[key], (int, float))
+    for t in data["targets"].values():
+        assert set(t) >= {"value", "goal", "met"} and isinstance(t["met"], bool)
+
+
+def test_targets_are_computed_from_the_measurements(quick_run):
+    _, data = quick_run
+    results = data["results"]
+    recomputed = compute_targets(results)
+    for name, t in recomputed.items():
+        assert data["targets"][name]["value"] == pytest.approx(t["value"], abs=1e-3)
+    # Move the measurements: the targets must follow.
+    moved = copy.deepcopy(results)
+    moved["arms"]["text_recommended"]["mean"]["few"] += 50.0
+    moved["arms"]["control_shuffled"]["mean"]["few"] -= 10.0
+    after = compute_targets(moved)
+    assert after["few_shot_gain_over_best_image_only"]["value"] == pytest.approx(
+        recomputed["few_shot_gain_over_best_image_only"]["value"] + 50.0, abs=1e-3
+    )
+    assert after["shuffled_text_few_shot_drop"]["value"] == pytest.approx(
+        recomputed["shuffled_text_few_shot_drop"]["value"] + 60.0, abs=1e-3
+    )
+    assert after["few_shot_gain_over_best_image_only"]["met"] is True
