@@ -56,10 +56,23 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# What a run writes once a stage has begun; a directory holding none of these has nothing to resume.
+STAGE_DIRS = ("stage1", "anss", "stage2")
+
+
+def _has_started(run_dir: Path) -> bool:
+    return any((run_dir / name).is_dir() and any((run_dir / name).iterdir()) for name in STAGE_DIRS)
+
+
 def prepare_run_dir(cfg: Config, run_dir: Path, env: DistEnv) -> None:
-    """Write config.yaml, or check that a resumed run uses the same config."""
+    """Write config.yaml, or check that a resumed run uses the same config.
+
+    A directory whose run stopped before any stage began (bad input found while the inputs were checked) takes
+    the new config: there is nothing to resume, and a user fixing a setting reruns the same command line."""
     path = run_dir / CONFIG_FILE
-    if path.is_file():
+    if path.is_file() and not _has_started(run_dir):
+        log.info("%s holds no trained stage yet; starting it with the given config", run_dir)
+    elif path.is_file():
         # Through load_config, so settings added since the run was written compare at their defaults.
         old = _flatten(yaml.safe_load(yaml.safe_dump(load_config(path).to_dict())))
         new = _flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))

@@ -169,6 +169,23 @@ def test_unknown_architecture_fails_early(digits, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_stopped_by_bad_input_takes_the_corrected_config(digits, tmp_path):
+    root = copy_bench(digits, tmp_path)
+    text = root / "text/desc_4.txt"
+    saved = text.read_bytes()
+    text.unlink()
+    run = tmp_path / "run"
+    assert_fails_before_training(config(root), run, DataError, "class 4")
+    assert (run / "config.yaml").is_file()
+    # Rerun with changed settings: no stage began, so the new config is taken (and checked), not refused as "a
+    # run with a different config"; it fails on its own bad setting instead.
+    text.write_bytes(saved)
+    assert_fails_before_training(
+        config(root, "data.val=null", "anss.reference_split=train"), run, DataError, "calibration_split"
+    )
+    assert load_config(run / "config.yaml").data.val is None
+
+
 def test_missing_calibration_split_fails_early(digits, tmp_path):
     cfg = config(digits, "data.val=null", "anss.reference_split=train")
     assert_fails_before_training(cfg, tmp_path / "run", DataError, "calibration_split")
