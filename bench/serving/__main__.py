@@ -5,12 +5,14 @@
     python -m bench.serving --smoke --demo-bundle B --demo-run R --out DIR   # seconds-long cells (tests)
     python -m bench.serving --report-only   # rewrite serving.md/.png from serving.json (no measuring)
 
-On the same bundles and machine, in one run: the in-process ceiling (ONNX Runtime on preprocessed tensors,
-every batch size), the service over HTTP at concurrency 1/8/32/64, the service with batching off, a
-hand-written FastAPI + PyTorch server, LitServe hosting the same ONNX model with its own batching, cache
-hits, latency at 100 to 50,000 classes and the effect of adding classes under load. Load comes from Locust
-(closed loop, distinct 640x480 JPEG files). Nothing is installed at run time: a missing peer framework
-stops the run with the `pip install -e '.[bench]'` hint.
+On the same bundles and machine, in one run: the in-process ceilings (ONNX Runtime on preprocessed tensors at
+every batch size; and end to end, the same JPEGs decoded, preprocessed, encoded and scored by the service's
+code in 1 and 2 worker processes), the service over HTTP at concurrency 1/32/64 with `--workers 1`, then
+`--workers 2`, then `--workers 1` again (the run-to-run noise), the service with batching off, a hand-written
+FastAPI + PyTorch server, LitServe hosting the same ONNX model with its own batching, cache hits, latency at
+100 to 50,000 classes and the effect of adding classes under load. Load comes from wrk (closed loop,
+distinct 640x480 JPEG files, a LuaJIT script), and one cell measures Locust against it. Nothing is
+installed at run time: a missing wrk or peer framework stops the run with the install hint.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from typing import Any
 from bench.serving import cells
 from bench.serving.bundles import BenchBundle, demo_bundle, random_init_bundle
 from bench.serving.images import write_jpegs
+from bench.serving.load import GENERATORS, describe_generator
 from bench.serving.machine import describe, load_average
 from bench.serving.report import write_json, write_markdown, write_plot
-from bench.serving.servers import MissingPeerError, require
+from bench.serving.servers import MissingPeerError, require, service_supports_workers
 from bench.serving.suite import run_model
 from bench.serving.targets import compute_targets
+from bench.serving.wrk import wrk_path
 from vlltr.service.settings import default_cache_dir
 
 log = logging.getLogger("bench.serving")
@@ -42,7 +46,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     """Durations and sweeps for the chosen mode."""
     if args.smoke:
         return {
-            "small": cells.Timing(0.5, 2.0),
+            "small": cells.Timing(1.0, 1.0),  # wrk runs whole seconds
             "realistic": cells.Timing(1.0, 3.0),
             "concurrencies": [1, 4],
             "target_c": 4,
@@ -50,6 +54,8 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
             "class_sizes": [100, 1000],
             "growth_c": [1],
             "ceiling_s": 0.3,
+            "e2e_s": 0.5,
+            "e2e_warmup_s": 0.2,
             "cache_c": [1],
             "add_c": 4,
         }
@@ -57,24 +63,26 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "small": cells.Timing(2.0, 6.0),
             "realistic": cells.Timing(8.0, 15.0),
-            "concurrencies": [1, 8, 32, 64],
+            "concurrencies": [1, 32, 64],
             "target_c": 32,
             "images": 128,
             "class_sizes": [100, 1000, 10000, 50000],
             "growth_c": [1],
             "ceiling_s": 1.0,
+            "e2e_s": 4.0,
             "cache_c": [1, 32],
             "add_c": 8,
         }
     return {
         "small": cells.Timing(3.0, 12.0),
         "realistic": cells.Timing(10.0, 40.0),
-        "concurrencies": [1, 8, 32, 64],
+        "concurrencies": [1, 32, 64],
         "target_c": 32,
         "images": 256,
         "class_sizes": [100, 1000, 10000, 50000],
         "growth_c": [1, 32],
         "ceiling_s": 1.5,
+        "e2e_s": 10.0,  # twice that for the realistic model
         "cache_c": [1, 32],
         "add_c": 8,
     }
@@ -117,6 +125,23 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="ONNX Runtime provider for the ceiling and the service",
     )
+    parser.add_argument(
+        "--load-generator",
+        choices=GENERATORS,
+        default="wrk",
+        help="what drives every load cell (default wrk; locust is what earlier reports used)",
+    )
+    parser.add_argument(
+        "--workers",
+        default="1,2",
+        help="comma list of `vlltr serve --workers` counts swept at every concurrency (default 1,2)",
+    )
+    parser.add_argument(
+        "--variant-workers",
+        type=int,
+        default=1,
+        help="front-end processes of the other service tables (batching off, cache, classes, ...; default 1)",
+    )
     parser.add_argument("--name", default="serving", help="basename of the output files")
     parser.add_argument(
         "--report-only",
@@ -130,13 +155,24 @@ def main(argv: list[str] | None = None) -> int:
         write_markdown(results, args.out / f"{args.name}.md", write_plot(results, args.out, args.name))
         return 0
     try:
-        require("locust", "the Locust load generator")
+        require("locust", "Locust (the load-generator comparison)")
         require("litserve", "LitServe")
     except MissingPeerError as exc:
         print(f"python -m bench.serving: {exc}", file=sys.stderr)
         return 2
+    if args.load_generator == "wrk" and wrk_path() is None:
+        print("python -m bench.serving: wrk is not installed (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
+        return 2
+    worker_counts = sorted({int(w) for w in args.workers.split(",")} | {1})
+    if args.variant_workers != 1 and not service_supports_workers():
+        print(
+            "python -m bench.serving: vlltr serve has no --workers flag here "
+            f"(--variant-workers {args.variant_workers})",
+            file=sys.stderr,
+        )
+        return 2
     models = (args.models or ("demo" if args.quick or args.smoke else "demo,vit")).split(",")
-    p = plan(args)
+    p = dict(plan(args), worker_counts=worker_counts, e2e_workers=[1, 2], variant_workers=args.variant_workers)
     started = time.monotonic()
     work = args.work.expanduser()
     work.mkdir(parents=True, exist_ok=True)
@@ -149,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": load_average(),
         "provider": args.provider,
         "plan": {k: (v.__dict__ if isinstance(v, cells.Timing) else v) for k, v in p.items()},
-        "load_generator": "locust (FastHttpUser, closed loop, one process)",
+        "load_generator": describe_generator(args.load_generator)["text"],
+        "workers_flag": service_supports_workers(),
         "models": {},
     }
     images = work / "images"
@@ -165,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, bb, is_small, timing in (("demo", small, True, p["small"]), ("vit", realistic, False, p["realistic"])):
         if label not in models or bb is None:
             continue
-        ctx = cells.Context(work=work, images=images, timing=timing, service_flags=flags)
+        ctx = cells.Context(work=work, images=images, timing=timing, service_flags=flags, generator=args.load_generator)
         results["models"][bb.label] = run_model(
             bb, ctx, p, small=is_small, ceiling_s=p["ceiling_s"] * (1 if is_small else 2), provider=args.provider
         )
@@ -186,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             t["value"],
             t["comparison"],
             t["goal"],
-            "met" if t["met"] else "MISSED",
+            "not measured" if t["met"] is None else "met" if t["met"] else "MISSED",
         )
     return 0
 

@@ -18,7 +18,7 @@ from bench.serving.classes import add_class, write_class_store
 from bench.serving.load import run_load, summarise
 from bench.serving.procs import ServerProcess
 from bench.serving.profile import breakdown, histogram_quantile, scrape
-from bench.serving.servers import start_handwritten, start_litserve, start_service
+from bench.serving.servers import start_handwritten, start_litserve, start_service, worker_flags
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,13 @@ class Timing:
 
 @dataclass(frozen=True)
 class Context:
-    """What every cell needs: where to write, which images, how long."""
+    """What every cell needs: where to write, which images, how long, which load generator."""
 
     work: Path
     images: Path
     timing: Timing
     service_flags: tuple[str, ...] = ()
+    generator: str = "wrk"
 
 
 def _load(
@@ -48,6 +49,7 @@ def _load(
     tag: str,
     images: Path | None = None,
     timing: Timing | None = None,
+    generator: str | None = None,
 ) -> dict[str, Any]:
     t = timing or ctx.timing
     result, _ = run_load(
@@ -58,28 +60,54 @@ def _load(
         warmup_s=t.warmup_s,
         work_dir=ctx.work / "load",
         tag=tag,
+        generator=generator or ctx.generator,
     )
     log.info(
-        "%s c=%d: %.1f img/s, p50 %.1f ms, p99 %.1f ms, %d errors",
+        "%s c=%d: %.1f img/s, p50 %.1f ms, p99 %.1f ms, %d errors; %s used %.0f us CPU per request",
         tag,
         concurrency,
         result.throughput,
         result.p50_ms,
         result.p99_ms,
         result.errors,
+        result.generator,
+        result.client_cpu_us_per_request or float("nan"),
     )
     return result.to_dict()
 
 
-def service_sweep(bb: BenchBundle, ctx: Context, concurrencies: Sequence[int]) -> dict[str, Any]:
-    """The service at each concurrency (cache off: every request decodes and runs the encoder), with the
-    service's own per-stage timings at each."""
-    out: dict[str, Any] = {"load": {}, "profile": {}}
-    with start_service(f"{bb.label}-service", bb.bundle, ctx.work, flags=ctx.service_flags) as server:
+def _scrape(server: ServerProcess) -> dict[tuple[str, str], float]:
+    # A server whose /metrics cannot be read still gets its load measured; its profile is then empty.
+    try:
+        return scrape(server.base_url)
+    except OSError as exc:
+        log.warning("%s: cannot read /metrics (%s); no profile for this cell", server.name, exc)
+        return {}
+
+
+def service_sweep(
+    bb: BenchBundle, ctx: Context, concurrencies: Sequence[int], workers: int = 1, tag: str = ""
+) -> dict[str, Any]:
+    """The service with `workers` HTTP front-end processes at each concurrency (cache off: every request
+    decodes and runs the encoder), with the service's own per-stage timings at each."""
+    out: dict[str, Any] = {"workers": workers, "load": {}, "profile": {}}
+    name = f"{bb.label}-service-w{workers}{tag}"
+    with start_service(name, bb.bundle, ctx.work, flags=(*ctx.service_flags, *worker_flags(workers))) as server:
         for c in concurrencies:
-            before = scrape(server.base_url)
-            out["load"][str(c)] = _load(server, ctx, c, f"{bb.label}-service-c{c}")
-            out["profile"][str(c)] = breakdown(before, scrape(server.base_url))
+            before = _scrape(server)
+            out["load"][str(c)] = _load(server, ctx, c, f"{name}-c{c}")
+            out["profile"][str(c)] = breakdown(before, _scrape(server))
+    return out
+
+
+def load_generators(bb: BenchBundle, ctx: Context, concurrency: int) -> dict[str, Any]:
+    """The same service cell driven by wrk and by Locust, back to back on one server: what each load
+    generator costs in CPU per request, and what the server answers under each."""
+    out: dict[str, Any] = {"concurrency": concurrency}
+    name = f"{bb.label}-service-generators"
+    with start_service(name, bb.bundle, ctx.work, flags=(*ctx.service_flags, *worker_flags(1))) as server:
+        for generator in ("wrk", "locust"):
+            out[generator] = _load(server, ctx, concurrency, f"{name}-{generator}-c{concurrency}", generator=generator)
     return out
 
 
@@ -190,7 +218,19 @@ def add_under_load(bb: BenchBundle, ctx: Context, total_classes: int, concurrenc
     with start_service(
         f"{bb.label}-service-addload", bb.bundle, ctx.work, flags=(*ctx.service_flags, "--class-store", str(store))
     ) as server:
-        out["without"] = _load(server, ctx, concurrency, f"{bb.label}-addload-base")
+        # Both runs keep per-request records (wrk then runs a thread per connection), so they see the same client.
+        base, _ = run_load(
+            server,
+            ctx.images,
+            concurrency=concurrency,
+            duration_s=ctx.timing.duration_s,
+            warmup_s=ctx.timing.warmup_s,
+            work_dir=ctx.work / "load",
+            tag=f"{bb.label}-addload-base",
+            generator=ctx.generator,
+            records=True,
+        )
+        out["without"] = base.to_dict()
         adds: list[tuple[float, float]] = []
         stop = threading.Event()
 
@@ -206,6 +246,7 @@ def add_under_load(bb: BenchBundle, ctx: Context, total_classes: int, concurrenc
 
         thread = threading.Thread(target=adder, name="bench-adder", daemon=True)
         thread.start()
+        # The records find the requests that overlapped an add.
         result, records = run_load(
             server,
             ctx.images,
@@ -214,6 +255,8 @@ def add_under_load(bb: BenchBundle, ctx: Context, total_classes: int, concurrenc
             warmup_s=ctx.timing.warmup_s,
             work_dir=ctx.work / "load",
             tag=f"{bb.label}-addload-adding",
+            generator=ctx.generator,
+            records=True,
         )
         stop.set()
         thread.join(60)

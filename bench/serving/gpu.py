@@ -29,11 +29,13 @@ from bench.findings import read_findings
 from bench.serving import cells
 from bench.serving.bundles import BenchBundle, demo_bundle, random_init_bundle
 from bench.serving.images import write_jpegs
+from bench.serving.load import describe_generator
 from bench.serving.machine import describe, load_average
 from bench.serving.report import GPU_NAME, write_json, write_markdown, write_plot
 from bench.serving.servers import MissingPeerError, require
 from bench.serving.suite import run_model
 from bench.serving.targets import compute_targets
+from bench.serving.wrk import wrk_path
 from vlltr.service.settings import default_cache_dir
 
 log = logging.getLogger("bench.serving.gpu")
@@ -41,7 +43,9 @@ REPO = Path(__file__).resolve().parents[2]
 # Sized so that building the three bundles (about 2 minutes on 16 cores) and measuring them fit in 6.5
 # minutes, a short slot on a rented GPU machine: 18 server starts and 23 load cells, so the
 # cells are short (a GPU answers hundreds of requests per second, so 3 s still holds hundreds of them) and
-# the sweep keeps 1 and the target concurrency.
+# the sweep keeps 1 and the target concurrency. The --workers sweeps (2 and 1 again), the end-to-end
+# ceiling (4 points) and the load-generator comparison came later: per model they add 2 server starts,
+# 4 load cells and 4 short worker-process runs (2 more cells for the demo model), not yet timed on a GPU.
 PLAN: dict[str, Any] = {
     "small": cells.Timing(1.0, 3.0),
     "realistic": cells.Timing(1.0, 3.0),
@@ -50,6 +54,9 @@ PLAN: dict[str, Any] = {
     "images": 256,
     "ceiling_batches": [1, 8, 32, 128],
     "ceiling_s": 0.5,
+    "e2e_s": 2.0,
+    "e2e_workers": [1, 2],
+    "worker_counts": [1, 2],
 }
 
 
@@ -141,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
             "python -m bench.serving.gpu: no CUDA device visible to PyTorch; run it on a GPU machine", file=sys.stderr
         )
         return 2
+    # wrk where the machine has it (a system package); a leased machine without it gets Locust, which the
+    # carried wheels bring, and the results say which drove the load.
+    generator = "wrk" if wrk_path() else "locust"
     try:
-        require("locust", "the Locust load generator")
+        require("locust", "Locust")
         require("litserve", "LitServe")
     except MissingPeerError as exc:
         print(f"python -m bench.serving.gpu: {exc}", file=sys.stderr)
@@ -159,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": load_average(),
         "provider": "cuda" if ort_cuda else "cpu",
         "plan": {k: (v.__dict__ if isinstance(v, cells.Timing) else v) for k, v in PLAN.items()},
-        "load_generator": "locust (FastHttpUser, closed loop, one process)",
+        "load_generator": describe_generator(generator)["text"],
         "models": {},
     }
     images = work / "images"
@@ -189,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             bb = make()
             if bb is None:
                 continue
-            ctx = cells.Context(work=work, images=images, timing=timing, service_flags=("--provider", "cuda"))
+            ctx = cells.Context(
+                work=work, images=images, timing=timing, service_flags=("--provider", "cuda"), generator=generator
+            )
             plan = dict(PLAN, class_sizes=[1000, 50000], growth_c=[1], cache_c=[1], add_c=8)
             results["models"][bb.label] = run_model(
                 bb, ctx, plan, small=is_small, ceiling_s=PLAN["ceiling_s"], provider="cuda"
@@ -215,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
         for bb in (fp32,):
-            ctx = cells.Context(work=work, images=images, timing=PLAN["realistic"])
+            ctx = cells.Context(work=work, images=images, timing=PLAN["realistic"], generator=generator)
             ceiling = torch_ceiling(bb, PLAN["ceiling_batches"], PLAN["ceiling_s"])
             results["models"][bb.label + "-pytorch"] = {
                 "ceiling": ceiling,

@@ -1,22 +1,30 @@
-"""Run the load generator (Locust, headless, closed loop) against a server and summarise what it recorded."""
+"""Drive a server with the load generator (wrk by default, Locust on request) and summarise one load cell.
+
+Every cell is closed loop: `concurrency` clients each send their next image when the previous answer
+arrives. A warm-up run comes first and is not counted; the measured run follows on a drained server. Each
+cell records what the load generator itself cost in CPU, since it shares the cores with the server.
+"""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bench.serving.procs import ServerProcess, log_tail
+from bench.serving.wrk import WrkRun, request_body, run_wrk, write_bodies
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+GENERATORS = ("wrk", "locust")
+WRK_THREADS = 1  # one event loop keeps up with every server here (its CPU per request is in each cell)
 
 
 class LoadError(RuntimeError):
@@ -37,8 +45,13 @@ class LoadResult:
     p99_ms: float
     mean_ms: float
     drain_s: float = 0.0  # time the server took, after the cell, to finish the requests it had accepted
+    generator: str = ""
+    # CPU the load generator used during the measured run (user + system), per answered request.
+    client_cpu_s: float | None = None
+    client_cpu_us_per_request: float | None = None
+    error_kinds: dict[str, int] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """The result as a JSON-ready dict."""
         return asdict(self)
 
@@ -64,19 +77,6 @@ def summarise(records: list[tuple[float, float, bool]], window_s: float, concurr
     )
 
 
-def _probe_body(path: Path, server: ServerProcess) -> tuple[bytes, str]:
-    if server.body_format == "json-base64":
-        return json.dumps(
-            {server.field: base64.b64encode(path.read_bytes()).decode("ascii")}
-        ).encode(), "application/json"
-    boundary = "vlltrbenchprobe"
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{server.field}"; filename="{path.name}"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n"
-    ).encode()
-    return head + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
 def drain(server: ServerProcess, images_dir: Path, timeout: float = 600.0) -> float:
     """Send one request and wait for its answer; returns the seconds it took.
 
@@ -84,7 +84,7 @@ def drain(server: ServerProcess, images_dir: Path, timeout: float = 600.0) -> fl
     accepted (none of these servers cancels a request whose client left). Requests are served in arrival
     order, so once this probe is answered the backlog ahead of it is gone and the next cell starts on an
     idle server."""
-    body, ctype = _probe_body(sorted(images_dir.glob("*.jpg"))[0], server)
+    body, ctype = request_body(sorted(images_dir.glob("*.jpg"))[0], server.field, server.body_format)
     req = urllib.request.Request(
         server.base_url + server.classify_path, data=body, method="POST", headers={"content-type": ctype}
     )
@@ -94,7 +94,78 @@ def drain(server: ServerProcess, images_dir: Path, timeout: float = 600.0) -> fl
     return time.monotonic() - started
 
 
-def run_load(
+def _from_wrk(run: WrkRun, concurrency: int) -> LoadResult:
+    s = run.summary
+    kinds = {k: int(v) for k, v in s["errors"].items()}
+    lat = s["latency_us"]
+    seconds = s["duration_us"] / 1e6
+    answered = int(s["requests"])
+    ok = answered - kinds["status"]
+    if answered == 0:
+        raise LoadError(f"wrk completed no request in {seconds:.1f} s (errors {kinds})")
+    return LoadResult(
+        concurrency,
+        round(seconds, 3),
+        answered,
+        sum(kinds.values()),
+        ok / seconds,
+        lat["p50"] / 1000,
+        lat["p95"] / 1000,
+        lat["p99"] / 1000,
+        lat["mean"] / 1000,
+        generator=f"wrk ({run.threads} thread{'s' if run.threads > 1 else ''})",
+        client_cpu_s=round(run.cpu_s, 4),
+        client_cpu_us_per_request=1e6 * run.cpu_s / answered,
+        error_kinds=kinds,
+    )
+
+
+def _run_wrk_cell(
+    server: ServerProcess,
+    images_dir: Path,
+    *,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    work_dir: Path,
+    tag: str,
+    records: bool,
+) -> tuple[LoadResult, list[tuple[float, float, bool]]]:
+    index, ctype = write_bodies(images_dir, work_dir, server.field, server.body_format)
+    url = server.base_url + server.classify_path
+    try:
+        if warmup_s > 0:
+            run_wrk(
+                url,
+                index,
+                ctype,
+                connections=concurrency,
+                duration_s=warmup_s,
+                out_dir=work_dir,
+                tag=f"{tag}-warmup",
+                threads=WRK_THREADS,
+            )
+            drain(server, images_dir)
+        run = run_wrk(
+            url,
+            index,
+            ctype,
+            connections=concurrency,
+            duration_s=duration_s,
+            out_dir=work_dir,
+            tag=tag,
+            threads=WRK_THREADS,
+            records=records,
+        )
+    except RuntimeError as exc:
+        raise LoadError(f"{exc}\nserver log:\n{log_tail(server.log_path)}") from exc
+    drained = drain(server, images_dir)
+    result = _from_wrk(run, concurrency)
+    result.drain_s = round(drained, 3)
+    return result, run.records
+
+
+def _run_locust_cell(
     server: ServerProcess,
     images_dir: Path,
     *,
@@ -104,13 +175,6 @@ def run_load(
     work_dir: Path,
     tag: str,
 ) -> tuple[LoadResult, list[tuple[float, float, bool]]]:
-    """Run Locust for `warmup_s + duration_s` and return the summary plus the raw records (start time,
-    latency ms, ok) of requests completed after the warm-up.
-
-    Raises:
-        LoadError: Locust failed, or no request was recorded.
-    """
-    work_dir.mkdir(parents=True, exist_ok=True)
     out = work_dir / f"{tag}.records.json"
     out.unlink(missing_ok=True)
     log_path = work_dir / f"{tag}.locust.log"
@@ -161,10 +225,75 @@ def run_load(
     # Counted by completion time: a closed loop's throughput is completions per second of the window.
     window_start = data["t0"] + data["warmup_s"]
     window_end = min(data["end"], window_start + data["duration_s"])
-    records = [tuple(r) for r in data["records"] if window_start <= r[0] + r[1] / 1000.0 <= window_end]
+    records = [
+        (float(r[0]), float(r[1]), bool(r[2]))
+        for r in data["records"]
+        if window_start <= r[0] + r[1] / 1000.0 <= window_end
+    ]
     window = max(1e-6, window_end - window_start)
     if not records:
         raise LoadError(f"no request completed in {tag} ({time.time() - started:.0f} s):\n{log_tail(log_path)}")
     result = summarise(records, window, concurrency)
     result.drain_s = round(drained, 3)
-    return result, records  # type: ignore[arg-type]
+    result.generator = "locust (FastHttpUser, one process)"
+    cpu = data.get("cpu_window")  # the locustfile's own CPU over the measured window (its start-up excluded)
+    if cpu:
+        result.client_cpu_s = round(cpu[1] - cpu[0], 4)
+        answered = sum(1 for r in data["records"] if cpu[2] <= r[0] + r[1] / 1000.0 <= cpu[3])
+        result.client_cpu_us_per_request = 1e6 * (cpu[1] - cpu[0]) / max(answered, 1)
+    return result, records
+
+
+def run_load(
+    server: ServerProcess,
+    images_dir: Path,
+    *,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    work_dir: Path,
+    tag: str,
+    generator: str = "wrk",
+    records: bool = False,
+) -> tuple[LoadResult, list[tuple[float, float, bool]]]:
+    """One load cell: a warm-up of `warmup_s`, then `duration_s` measured; returns the summary and, with
+    `records` (or with Locust, which always keeps them), each measured request as (start time, latency ms,
+    ok).
+
+    Raises:
+        LoadError: the load generator failed, or no request was answered.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if generator == "wrk":
+        return _run_wrk_cell(
+            server,
+            images_dir,
+            concurrency=concurrency,
+            duration_s=duration_s,
+            warmup_s=warmup_s,
+            work_dir=work_dir,
+            tag=tag,
+            records=records,
+        )
+    if generator == "locust":
+        return _run_locust_cell(
+            server,
+            images_dir,
+            concurrency=concurrency,
+            duration_s=duration_s,
+            warmup_s=warmup_s,
+            work_dir=work_dir,
+            tag=tag,
+        )
+    raise ValueError(f"unknown load generator {generator!r} (one of {', '.join(GENERATORS)})")
+
+
+def describe_generator(generator: str) -> dict[str, Any]:
+    """What drives the load, for the report."""
+    if generator == "wrk":
+        return {
+            "name": "wrk",
+            "text": f"wrk (system package, {WRK_THREADS} thread, one connection per client, closed loop; "
+            "request bodies built beforehand, sent by a LuaJIT script)",
+        }
+    return {"name": "locust", "text": "locust (FastHttpUser, closed loop, one process)"}

@@ -7,7 +7,9 @@ Configured by environment variables (set by `bench.serving.load`):
     BENCH_FORMAT   `multipart` (default) or `json-base64` ({FIELD: base64 of the file}, LitServe's image recipe)
     BENCH_WARMUP_S seconds of warm-up (recorded; the summary counts only requests completed after it)
     BENCH_DURATION_S measured seconds after the warm-up; then the run stops itself
-    BENCH_OUT      JSON file receiving every request: [start_time, latency_ms, ok]
+    BENCH_OUT      JSON file receiving every request: [start_time, latency_ms, ok], and `cpu_window`: this
+                   process's CPU seconds at the end of the warm-up and at the end, with those two times
+                   (what Locust itself costs over the measured window, its start-up excluded)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import base64
 import itertools
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -33,6 +36,12 @@ _OUT = os.environ.get("BENCH_OUT")
 _T0 = time.time()
 _RECORDS: list[tuple[float, float, bool]] = []
 _OFFSETS = itertools.count(0, 7)
+_CPU: list[float] = []
+
+
+def _cpu_mark() -> None:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _CPU.extend([usage.ru_utime + usage.ru_stime, time.time()])
 
 
 def _body(path: Path) -> bytes:
@@ -65,14 +74,26 @@ def _schedule_stop(environment, **kwargs) -> None:
     # window exactly warm-up + duration after the clock the records use.
     if _DURATION_S > 0 and environment.runner is not None:
         gevent.spawn_later(max(0.0, _T0 + _WARMUP_S + _DURATION_S - time.time()), environment.runner.quit)
+    gevent.spawn_later(max(0.0, _T0 + _WARMUP_S - time.time()), _cpu_mark)
 
 
 @events.quitting.add_listener
 def _dump(environment, **kwargs) -> None:
     if _OUT:
+        cpu_window = None
+        if len(_CPU) == 2:
+            _cpu_mark()
+            cpu_window = [_CPU[0], _CPU[2], _CPU[1], _CPU[3]]  # cpu at warm-up end, at the end; their times
         Path(_OUT).write_text(
             json.dumps(
-                {"t0": _T0, "warmup_s": _WARMUP_S, "duration_s": _DURATION_S, "end": time.time(), "records": _RECORDS}
+                {
+                    "t0": _T0,
+                    "warmup_s": _WARMUP_S,
+                    "duration_s": _DURATION_S,
+                    "end": time.time(),
+                    "records": _RECORDS,
+                    "cpu_window": cpu_window,
+                }
             )
         )
 

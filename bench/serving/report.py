@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.serving.targets import service_sweep
+
 GPU_NAME = "serving-gpu"
 
 
@@ -22,9 +24,14 @@ def _f(x: Any, digits: int = 1) -> str:
     return str(x)
 
 
+def _e2e(m: dict[str, Any]) -> float | None:
+    best = (m.get("e2e_ceiling") or {}).get("best")
+    return best["images_per_s"] if best else None
+
+
 def write_plot(results: dict[str, Any], out_dir: Path, name: str) -> list[str]:
-    """Throughput as a share of the ceiling per system (each model), and p50 latency against the number of
-    classes; returns the file names written."""
+    """Throughput as a share of the end-to-end ceiling (the encoder's ceiling for results without one) per
+    system (each model), and p50 latency against the number of classes; returns the file names written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,13 +43,15 @@ def write_plot(results: dict[str, Any], out_dir: Path, name: str) -> list[str]:
     axes = list(axes) if panels > 1 else [axes]
     c = str(results["plan"]["target_c"])
     for ax, (label, m) in zip(axes, models.items()):
-        ceiling = m["ceiling"]["best"]["images_per_s"]
+        e2e = _e2e(m)
+        ceiling = e2e or m["ceiling"]["best"]["images_per_s"]
+        what = "in-process end-to-end ceiling" if e2e else "in-process encoder ceiling"
         rows = [r for r in _systems(m, c) if r[1]]
         names = [r[0] for r in rows]
         shares = [(r[1]["throughput"] / ceiling) if r[1] else 0.0 for r in rows]
         ax.barh(names[::-1], shares[::-1], color="#4a7ab5")
         ax.axvline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xlabel(f"throughput / in-process ceiling ({ceiling:,.{0 if ceiling >= 100 else 2}f} img/s)")
+        ax.set_xlabel(f"throughput / {what} ({ceiling:,.{0 if ceiling >= 100 else 2}f} img/s)")
         ax.set_title(f"{label}: concurrency {c}")
     growth = next((m["classes"] for m in models.values() if "classes" in m), None)
     if growth:
@@ -62,9 +71,21 @@ def write_plot(results: dict[str, Any], out_dir: Path, name: str) -> list[str]:
     return [fname]
 
 
+def _sweeps(m: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The service sweeps of a model, labelled: one process, each other worker count, one process again."""
+    first = m["service"]
+    out = [(f"service, `--workers {first.get('workers', 1)}`", first)]
+    for n, sweep in sorted(m.get("service_workers", {}).items(), key=lambda kv: int(kv[0])):
+        if "load" in sweep:
+            out.append((f"service, `--workers {n}`", sweep))
+    if "service_repeat" in m:
+        out.append((f"service, `--workers {m['service_repeat'].get('workers', 1)}` (repeat)", m["service_repeat"]))
+    return out
+
+
 def _systems(m: dict[str, Any], c: str) -> list[tuple[str, dict | None]]:
-    rows = [
-        ("service", m["service"]["load"].get(c)),
+    rows: list[tuple[str, dict | None]] = [(name, sweep["load"].get(c)) for name, sweep in _sweeps(m)]
+    rows += [
         ("service, batching off", m["service_batching_off"]["load"]),
         ("service, --jpeg-draft off", (m.get("service_full_decode") or {}).get("load")),
         ("service, --ort-spinning", (m.get("service_ort_spinning") or {}).get("load")),
@@ -74,18 +95,21 @@ def _systems(m: dict[str, Any], c: str) -> list[tuple[str, dict | None]]:
     return rows
 
 
-def _load_row(name: str, cell: dict | None, ceiling: float) -> str:
+def _load_row(name: str, cell: dict | None, ceiling: float, e2e: float | None = None) -> str:
     if not cell:
-        return f"| {name} | – | – | – | – | – | – |"
+        return f"| {name} | – | – | – | – | – | – | – | – | – |"
+    share = _f(cell["throughput"] / e2e, 3) if e2e else "–"
     return (
-        f"| {name} | {cell['concurrency']} | {_f(cell['throughput'])} | {_f(cell['throughput'] / ceiling, 3)} | "
-        f"{_f(cell['p50_ms'])} | {_f(cell['p95_ms'])} | {_f(cell['p99_ms'])} | {cell['errors']} |"
+        f"| {name} | {cell['concurrency']} | {_f(cell['throughput'])} | {share} | "
+        f"{_f(cell['throughput'] / ceiling, 3)} | {_f(cell['p50_ms'])} | {_f(cell['p95_ms'])} | "
+        f"{_f(cell['p99_ms'])} | {cell['errors']} | {_f(cell.get('client_cpu_us_per_request'), 0)} |"
     )
 
 
 def _model_section(label: str, m: dict[str, Any], c: str) -> list[str]:
     b = m["bundle"]
     ceiling = m["ceiling"]["best"]["images_per_s"]
+    e2e = _e2e(m)
     lines = [
         f"## Model `{label}`: {b['arch']}, {b['image_size']} px input, {b['precision']}, "
         f"{b['classes']} trained classes, image encoder {b['image_encoder_bytes'] / 1e6:.1f} MB",
@@ -93,12 +117,12 @@ def _model_section(label: str, m: dict[str, Any], c: str) -> list[str]:
     ]
     if "max_batch_size" in m:
         lines += [
-            f"The service and LitServe run with a largest batch of {m['max_batch_size']}, the ceiling's best "
-            "batch size measured just before them.",
+            f"The service, LitServe and the end-to-end ceiling run with a largest batch of {m['max_batch_size']}, "
+            "the encoder ceiling's best batch size measured just before them.",
             "",
         ]
     lines += [
-        "### Ceiling: ONNX Runtime in-process on preprocessed tensors",
+        "### Encoder ceiling: ONNX Runtime in-process on preprocessed tensors",
         "",
         "Measured before and after the HTTP cells; the best point is the ceiling.",
         "",
@@ -112,31 +136,76 @@ def _model_section(label: str, m: dict[str, Any], c: str) -> list[str]:
             f"| {pt.get('when', '')} | {pt.get('session', 'service options')} | {pt['batch_size']}{mark} | "
             f"{_f(pt['images_per_s'])} | {_f(pt['ms_per_batch'], 2)} | {pt['runs']} |"
         )
+    if "e2e_ceiling" in m:
+        e2e_top = m["e2e_ceiling"]["best"]
+        whens = " and ".join(sorted({pt["when"] for pt in m["e2e_ceiling"]["points"]}, reverse=True))
+        counts = " and ".join(str(w) for w in sorted({pt["workers"] for pt in m["e2e_ceiling"]["points"]}))
+        lines += [
+            "",
+            "### End-to-end ceiling: the same JPEGs decoded, preprocessed, encoded and scored in-process, no HTTP",
+            "",
+            "The service's own decoding, preprocessing, encoder session and head in worker processes on the same "
+            f"cores, batched by the service's rule (up to {e2e_top['max_batch_size']} images, leaving when the "
+            f"oldest has waited {e2e_top.get('max_wait_ms', 5.0):g} ms) and padded to its buckets (method below). "
+            f"Measured {whens} the HTTP cells with {counts} worker processes; the best point "
+            f"({e2e_top['workers']} worker{'s' if e2e_top['workers'] > 1 else ''}, {e2e_top['when']}) is the "
+            f"ceiling: {e2e_top['images_per_s']:,.1f} images/s, "
+            f"{e2e_top['images_per_s'] / ceiling:.3f} of the encoder ceiling.",
+            "",
+            "| when | workers | decode threads each | encoder threads each | images/s | mean batch | images | "
+            "seconds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for pt in m["e2e_ceiling"]["points"]:
+            mark = " **(best)**" if pt == e2e_top else ""
+            threads = pt["encoder_threads"] if pt["encoder_threads"] else "default"
+            lines.append(
+                f"| {pt['when']} | {pt['workers']}{mark} | {pt['decode_threads']} | {threads} | "
+                f"{_f(pt['images_per_s'])} | {_f(pt['mean_batch'])} | {pt['images']} | {_f(pt['seconds'])} |"
+            )
     lines += [
         "",
         "### Over HTTP (distinct 640×480 JPEGs, closed loop)",
         "",
-        "| system | concurrency | images/s | × ceiling | p50 ms | p95 ms | p99 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | concurrency | images/s | × e2e ceiling | × encoder ceiling | p50 ms | p95 ms | p99 ms | errors "
+        "| load generator CPU µs/request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for conc in sorted(m["service"]["load"], key=int):
-        lines.append(_load_row("service", m["service"]["load"][conc], ceiling))
-    lines.append(_load_row("service, batching off (`--max-batch-size 1`)", m["service_batching_off"]["load"], ceiling))
+    for name, sweep in _sweeps(m):
+        for conc in sorted(sweep["load"], key=int):
+            lines.append(_load_row(name, sweep["load"][conc], ceiling, e2e))
+    variants = f"`--workers {m['variant_workers']}`, " if "variant_workers" in m else ""
+    lines.append(
+        _load_row(
+            f"service, {variants}batching off (`--max-batch-size 1`)", m["service_batching_off"]["load"], ceiling, e2e
+        )
+    )
     if "service_full_decode" in m:
         lines.append(
-            _load_row("service, `--jpeg-draft off` (JPEGs decoded in full)", m["service_full_decode"]["load"], ceiling)
+            _load_row(
+                f"service, {variants}`--jpeg-draft off` (JPEGs decoded in full)",
+                m["service_full_decode"]["load"],
+                ceiling,
+                e2e,
+            )
         )
     if "service_ort_spinning" in m:
         lines.append(
             _load_row(
-                "service, `--ort-spinning` (ONNX Runtime's default threading; not ours)",
+                f"service, {variants}`--ort-spinning` (ONNX Runtime's default threading; not ours)",
                 m["service_ort_spinning"]["load"],
                 ceiling,
+                e2e,
             )
         )
-    lines.append(_load_row("hand-written FastAPI + PyTorch", m.get("handwritten"), ceiling))
+    lines.append(_load_row("hand-written FastAPI + PyTorch", m.get("handwritten"), ceiling, e2e))
     for name, cell in m.get("peers", {}).items():
-        lines.append(_load_row(f"{name} (own batching, same ONNX model)", cell, ceiling))
+        lines.append(_load_row(f"{name} (own batching, same ONNX model)", cell, ceiling, e2e))
+    skipped = [(n, v["skipped"]) for n, v in m.get("service_workers", {}).items() if "skipped" in v]
+    for n, why in skipped:
+        lines += ["", f"`--workers {n}` was not measured: {why}."]
+    lines += _workers_section(m)
+    lines += _generators_section(m)
     lines += [
         "",
         "### Where the service's time goes (its own histograms, per load cell)",
@@ -145,7 +214,11 @@ def _model_section(label: str, m: dict[str, Any], c: str) -> list[str]:
         "ms/image in batch | server request ms (mean) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    profiles = [(f"c={k}", m["service"]["profile"][k]) for k in sorted(m["service"]["profile"], key=int)]
+    profiles = [
+        (f"{name.removeprefix('service, ')}, c={k}", sweep["profile"][k])
+        for name, sweep in _sweeps(m)
+        for k in sorted(sweep["profile"], key=int)
+    ]
     profiles.append((f"batching off, c={c}", m["service_batching_off"]["profile"]))
     if "service_full_decode" in m:
         profiles.append((f"`--jpeg-draft off`, c={c}", m["service_full_decode"]["profile"]))
@@ -231,6 +304,127 @@ def _model_section(label: str, m: dict[str, Any], c: str) -> list[str]:
     return lines
 
 
+def _workers_section(m: dict[str, Any]) -> list[str]:
+    """Each worker count against the single process, with this run's run-to-run noise."""
+    noise = m.get("noise")
+    if not noise or not noise["per_concurrency"]:
+        return []
+    counts = [int(k) for k, v in sorted(m.get("service_workers", {}).items(), key=lambda kv: int(kv[0])) if "load" in v]
+    e2e = _e2e(m)
+    head = "| concurrency | `--workers 1` images/s | repeat | spread |"
+    rule = "|---:|---:|---:|---:|"
+    for n in counts:
+        head += f" `--workers {n}` images/s | / single-process mean |"
+        rule += "---:|---:|"
+    if e2e:
+        head += " best / e2e ceiling |"
+        rule += "---:|"
+    lines = [
+        "",
+        "### Front-end processes against the single process",
+        "",
+        "The single-process sweep ran first and again last, the others in between; the spread of its two "
+        "measurements at one concurrency, |a − b| / mean(a, b), is this run's run-to-run noise, and the largest "
+        f"spread ({_f(noise['max_spread'], 3)}) is the tolerance of the `workers_no_slower` target: no cell may "
+        "fall below the single process's mean by more than that share (throughput at a fixed concurrency in a "
+        "closed loop is the inverse of the mean latency, so this covers latency too).",
+        "",
+        head,
+        rule,
+    ]
+    for c, v in sorted(noise["per_concurrency"].items(), key=lambda kv: int(kv[0])):
+        row = f"| {c} | {_f(v['first'])} | {_f(v['repeat'])} | {_f(v['spread'], 3)} |"
+        best = max(v["first"], v["repeat"])
+        for n in counts:
+            cell = m["service_workers"][str(n)]["load"].get(c)
+            if cell:
+                row += f" {_f(cell['throughput'])} | {_f(cell['throughput'] / v['mean'], 3)} |"
+                best = max(best, cell["throughput"])
+            else:
+                row += " – | – |"
+        if e2e:
+            row += f" {_f(best / e2e, 3)} |"
+        lines.append(row)
+    return lines
+
+
+def _generators_section(m: dict[str, Any]) -> list[str]:
+    """wrk against Locust on the same server and concurrency."""
+    gen = m.get("load_generators")
+    if not gen:
+        return []
+    lines = [
+        "",
+        f"### Load generators on the same server (`--workers 1`, concurrency {gen['concurrency']})",
+        "",
+        "CPU is the load generator's own (user + system, read from the kernel; wrk's whole process, Locust's "
+        "over the measured window). On a shared machine every CPU second the client takes is one the server "
+        "does not get.",
+        "",
+        "| load generator | images/s | p50 ms | p99 ms | CPU s | CPU µs/request | share of one core |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("wrk", "locust"):
+        cell = gen.get(name)
+        if not cell:
+            continue
+        cpu = cell.get("client_cpu_s")
+        share = cpu / cell["duration_s"] if cpu is not None and cell["duration_s"] else None
+        lines.append(
+            f"| {cell.get('generator') or name} | {_f(cell['throughput'])} | {_f(cell['p50_ms'])} | "
+            f"{_f(cell['p99_ms'])} | {_f(cpu, 2)} | {_f(cell.get('client_cpu_us_per_request'), 0)} | "
+            f"{_f(100 * share if share is not None else None, 1)} % |"
+        )
+    return lines
+
+
+def generator_cost_line(results: dict[str, Any]) -> str:
+    """One sentence: what the load generator cost in this run (and what Locust costs on the same cell)."""
+    cells = [
+        cell
+        for m in results["models"].values()
+        for cell in _all_cells(m)
+        if cell.get("client_cpu_us_per_request") is not None and str(cell.get("generator", "")).startswith("wrk")
+    ]
+    text = ""
+    if cells:
+        costs = sorted(cell["client_cpu_us_per_request"] for cell in cells)
+        share = max(cell["client_cpu_s"] / cell["duration_s"] for cell in cells if cell["duration_s"])
+        text = (
+            f"wrk used {costs[0]:,.0f}–{costs[-1]:,.0f} µs of CPU per request over the {len(costs)} wrk cells "
+            f"(median {costs[len(costs) // 2]:,.0f} µs; at most {100 * share:.1f} % of one core)"
+        )
+    gen = next((m["load_generators"] for m in results["models"].values() if "load_generators" in m), None)
+    if gen and gen.get("wrk") and gen.get("locust"):
+        w, lo = gen["wrk"], gen["locust"]
+        text += (
+            f"; on the same server at concurrency {gen['concurrency']}, wrk took "
+            f"{_f(w.get('client_cpu_us_per_request'), 0)} µs per request and Locust "
+            f"{_f(lo.get('client_cpu_us_per_request'), 0)} µs (the server answered {_f(w['throughput'])} and "
+            f"{_f(lo['throughput'])} images/s under them)"
+        )
+    return text
+
+
+def _all_cells(m: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for _, sweep in _sweeps(m):
+        out += sweep["load"].values()
+    for key in ("service_batching_off", "service_full_decode", "service_ort_spinning"):
+        if key in m:
+            out.append(m[key]["load"])
+    for cell in (m.get("handwritten"), *m.get("peers", {}).values()):
+        if cell:
+            out.append(cell)
+    if "cache" in m:
+        out += m["cache"]["load"].values()
+    for entry in (m.get("classes") or {}).values():
+        out += entry["load"].values()
+    add = m.get("add_class") or {}
+    out += [add[k] for k in ("without", "with_adds") if k in add]
+    return out
+
+
 def _findings(results: dict[str, Any], small: str | None) -> list[str]:
     """One paragraph per missed target, built from this run's own numbers (profile included)."""
     targets = results["targets"]
@@ -240,8 +434,9 @@ def _findings(results: dict[str, Any], small: str | None) -> list[str]:
     out: list[str] = []
     if small and small in models:
         m = models[small]
-        prof = m["service"]["profile"].get(c, {})
-        svc = m["service"]["load"].get(c, {})
+        sweep, workers = service_sweep(m)
+        prof = sweep["profile"].get(c, {})
+        svc = sweep["load"].get(c, {})
         full = m.get("service_full_decode")
         decode = prof.get("decode_preprocess_ms_per_image")
         throughput_missed = [
@@ -252,7 +447,8 @@ def _findings(results: dict[str, Any], small: str | None) -> list[str]:
         if throughput_missed and decode and svc:
             text = (
                 f"- **Small model throughput** ({', '.join(f'`{k}`' for k in throughput_missed)} missed): at "
-                f"concurrency {c} the service answered {svc['throughput']:,.1f} images/s. Its profile puts "
+                f"concurrency {c} the service (`--workers {workers}`) answered {svc['throughput']:,.1f} images/s. "
+                "Its profile puts "
                 f"{decode:.2f} ms per image in JPEG decoding and preprocessing (CPU time in the decode pool, "
                 f"640×480 → {m['bundle']['image_size']} px) against {prof.get('inference_ms_per_image', 0):.2f} ms "
                 f"per image in the encoder and head (mean batch {prof.get('mean_batch_size', 0):.1f}); the "
@@ -306,7 +502,7 @@ def _findings(results: dict[str, Any], small: str | None) -> list[str]:
     realistic = next((k for k, v in models.items() if "cache" not in v), None)
     if t and t["met"] is False and realistic:
         r = models[realistic]
-        prof = r["service"]["profile"].get(c, {})
+        prof = service_sweep(r)[0]["profile"].get(c, {})
         top = r["ceiling"]["best"]
         peers = [
             f"{name} {cell['throughput']:.2f}"
@@ -317,7 +513,7 @@ def _findings(results: dict[str, Any], small: str | None) -> list[str]:
         for pt in r["ceiling"]["points"]:
             when = pt.get("when", "")
             phases[when] = max(phases.get(when, 0.0), pt["images_per_s"])
-        svc = r["service"]["load"].get(c, {}).get("throughput", 0.0)
+        svc = service_sweep(r)[0]["load"].get(c, {}).get("throughput", 0.0)
         spread = ""
         if "before" in phases and "after" in phases:
             spread = (
@@ -343,9 +539,56 @@ def _findings(results: dict[str, Any], small: str | None) -> list[str]:
                 "is, as for every server in the table."
             )
         )
+    for role, label in (("small", small), ("realistic", realistic)):
+        if label and label in models:
+            out += _e2e_findings(results, role, label)
     if not out:
         return []
     return ["## Why targets were missed (from this run's profile)", "", *out, ""]
+
+
+def _e2e_findings(results: dict[str, Any], role: str, model: str) -> list[str]:
+    """Paragraphs for a missed end-to-end target and a missed no-slower target of one model."""
+    targets = results["targets"]
+    c = str(results["plan"]["target_c"])
+    m = results["models"][model]
+    out = []
+    t = targets.get(f"{role}_service_vs_e2e_ceiling")
+    sweep, workers = service_sweep(m)
+    svc = sweep["load"].get(c)
+    if t and t["met"] is False and svc:
+        e2e = m["e2e_ceiling"]["best"]
+        prof = sweep["profile"].get(c, {})
+        cpu = svc.get("client_cpu_us_per_request")
+        out.append(
+            f"- **{model} against its end-to-end ceiling** (`{role}_service_vs_e2e_ceiling` {t['value']:.3f} < "
+            f"{t['goal']}): the service with `--workers {workers}` answered {svc['throughput']:,.1f} images/s at "
+            f"concurrency {c}; the same JPEGs decoded, preprocessed, encoded and scored in-process on the same cores "
+            f"reach {e2e['images_per_s']:,.1f} images/s ({e2e['workers']} worker"
+            f"{'s' if e2e['workers'] > 1 else ''}, mean batch {e2e['mean_batch']:.1f}). The service's profile puts "
+            f"{_f(prof.get('decode_preprocess_ms_per_image'), 2)} ms per image in decoding and preprocessing and "
+            f"{_f(prof.get('inference_ms_per_image'), 2)} ms per image in the encoder and head (mean batch "
+            f"{_f(prof.get('mean_batch_size'), 1)}, queue wait {_f(prof.get('queue_wait_ms_mean'), 2)} ms); the "
+            f"rest of the gap is HTTP, multipart parsing and the hand-offs between threads"
+            + (f", beside the load generator's {cpu:,.0f} µs of CPU per request." if cpu else ".")
+        )
+    t = targets.get(f"{role}_workers_no_slower")
+    if t and t["met"] is False:
+        noise = m["noise"]
+        rows = []
+        for n in sorted(int(k) for k, v in m.get("service_workers", {}).items() if "load" in v):
+            for conc, cell in sorted(m["service_workers"][str(n)]["load"].items(), key=lambda kv: int(kv[0])):
+                ref = noise["per_concurrency"].get(conc)
+                if ref and cell["throughput"] < ref["mean"] * (1 - noise["max_spread"]):
+                    rows.append(
+                        f"`--workers {n}` at c={conc} answered {cell['throughput']:,.1f} images/s against "
+                        f"{ref['first']:,.1f} and {ref['repeat']:,.1f} for the single process"
+                    )
+        out.append(
+            f"- **More front-end processes were slower** (`{role}_workers_no_slower` {t['value']:.3f} < "
+            f"{t['goal']}, the goal being 1 − this run's noise {noise['max_spread']:.3f}): " + "; ".join(rows) + "."
+        )
+    return out
 
 
 def _targets_section(targets: dict[str, Any]) -> list[str]:
@@ -364,8 +607,9 @@ def write_markdown(results: dict[str, Any], path: Path, plots: list[str], notes:
     lines = [
         "# Serving benchmark",
         "",
-        "The service against its ceiling (ONNX Runtime in-process) and its peers (a hand-written FastAPI + "
-        "PyTorch server, LitServe), on the same bundles and machine, in one run. Written by "
+        "The service against its ceilings (the same JPEGs decoded, preprocessed, encoded and scored in-process; "
+        "the encoder alone on tensors) and its peers (a hand-written FastAPI + PyTorch server, LitServe), on the "
+        "same bundles, machine and load generator, in one run. Written by "
         f"`{results['command'].strip()}`; every number below is in `{path.with_suffix('.json').name}`.",
         "",
         "## Machine",
@@ -383,8 +627,11 @@ def write_markdown(results: dict[str, Any], path: Path, plots: list[str], notes:
             for k, v in results["plan"].items()
             if isinstance(v, dict) and "warmup_s" in v
         ),
-        "",
     ]
+    cost = generator_cost_line(results)
+    if cost:
+        lines.append(f"- load generator cost: {cost}")
+    lines.append("")
     lines += _targets_section(results["targets"])
     lines += _findings(results, next((k for k, v in results["models"].items() if "cache" in v), None))
     for notes_line in notes or []:
@@ -394,7 +641,7 @@ def write_markdown(results: dict[str, Any], path: Path, plots: list[str], notes:
     for label, m in results["models"].items():
         lines += _model_section(label, m, c)
     lines += _gpu_section(path.parent)
-    lines += _method_section()
+    lines += _method_section(str(results.get("load_generator", "")).startswith("wrk"))
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -420,21 +667,43 @@ def _gpu_section(out_dir: Path) -> list[str]:
     return lines
 
 
-def _method_section() -> list[str]:
+def _method_section(wrk: bool = True) -> list[str]:
+    load = (
+        "- Each system runs as its own server process on 127.0.0.1; the load generator runs on the same machine. "
+        "It is wrk (the system package: C, one thread, one connection per concurrent client, closed loop: each "
+        "connection sends its next image when the previous answer arrives), with a LuaJIT script "
+        "(`bench/serving/wrk_classify.lua`) that sends request bodies built beforehand (multipart, or JSON for "
+        "LitServe), round-robin through the images, and writes wrk's own summary (answers, errors by kind, "
+        "latency percentiles from its histogram) in its `done()` hook. Every arm, peers included, gets the "
+        "same load generator. A cell is a warm-up run, a drain (one request answered once the backlog is gone), "
+        "the measured run and a drain; throughput is the answers (status < 400) per second of the measured run, "
+        "latency is wrk's (from writing the request to the last byte of the answer); errors count answers with "
+        "status ≥ 400, connection errors and timeouts (60 s). The table of classes added under load keeps "
+        "per-request records (start, latency, status): wrk then runs one thread per connection, in both of "
+        "that table's runs. What wrk itself costs is read from the kernel (`getrusage` of the wrk process: user "
+        "+ system CPU); one cell runs Locust (`FastHttpUser`, one process, the previous load generator) against "
+        "the same server for comparison, its CPU counted over its measured window only."
+        if wrk
+        else "- Each system runs as its own server process on 127.0.0.1; the load generator (Locust, one process, "
+        "`FastHttpUser`, closed loop: each user sends its next image when the previous answer arrives) runs on "
+        "the same machine. Throughput counts answers completed in the measured window after the warm-up; "
+        "latency is measured by the client."
+    )
     return [
         "## Commands",
         "",
         "```bash",
-        "pip install -e '.[train,cpu,bench]'       # the load generator (Locust) and LitServe come with `bench`",
-        "python -m bench.serving                   # this report: both models, every table (under 30 min on 2 cores)",
+        "apt-get install wrk                       # the load generator (Debian/Ubuntu package; C, scripted in LuaJIT)",
+        "pip install -e '.[train,cpu,bench]'       # LitServe, and Locust for the load-generator comparison",
+        "python -m bench.serving                   # this report: both models, every table (about 25 min on 2 cores)",
         "python -m bench.serving --quick           # the demo model only, short cells (development)",
         "python -m bench.serving --report-only     # rewrite serving.md/.png from serving.json",
         "python -m bench.serving.gpu               # the GPU tables (serving-gpu.md/.json), with the `gpu` extra",
         "python -m bench.serving.gpu --render-only # rewrite serving-gpu.md/.png from serving-gpu.json",
         "```",
         "",
-        "Bundles, images, logs and every load cell's raw records (start time, latency, status of each request) "
-        "stay under `~/.cache/vlltr/bench-serving` (`--work`).",
+        "Bundles, images, request bodies, logs and every load cell's raw output (wrk's summary; per-request "
+        "records where a table needs them) stay under `~/.cache/vlltr/bench-serving` (`--work`).",
         "",
         "## What the service does for speed",
         "",
@@ -457,15 +726,31 @@ def _method_section() -> list[str]:
         "",
         "## Method",
         "",
-        "- Each system runs as its own server process on 127.0.0.1; the load generator (Locust, one process, "
-        "`FastHttpUser`, closed loop: each user sends its next image when the previous answer arrives) runs on "
-        "the same machine. Throughput counts answers completed in the measured window after the warm-up; "
-        "latency is measured by the client.",
-        "- Images: distinct photo-like 640×480 JPEGs (quality 90, about 65 kB each); each user cycles "
-        "through them from its own offset. The service runs with its cache off (`--cache-size 0`) except in "
-        "the cache table, so every request decodes and runs the encoder, as it does for the peers.",
-        "- Ceiling: the bundle's image encoder session, created exactly as the service creates it, run on "
-        "preprocessed float32 tensors at each batch size; the best batch size is the ceiling.",
+        load,
+        "- Images: distinct photo-like 640×480 JPEGs (quality 90, about 65 kB each); each client starts at its "
+        "own offset. The service runs with its cache off (`--cache-size 0`) except in the cache table, so every "
+        "request decodes and runs the encoder, as it does for the peers.",
+        "- Encoder ceiling: the bundle's image encoder session, created exactly as the service creates it (and "
+        "with ONNX Runtime's defaults), run on preprocessed float32 tensors at each batch size; the best batch "
+        "size is the ceiling and the largest batch of the batching servers.",
+        "- End-to-end ceiling (`bench/serving/e2e.py`): the load cells' JPEGs, held in memory, classified by "
+        "worker processes running the service's own pieces: `decode_image` (the service's pixel limit and the "
+        "bundle's JPEG draft rule) and `preprocess_image` (the bundle's spec) on a decode thread pool that "
+        "runs ahead of the encoder, then `ImageEncoder` (the service's session options), the head "
+        "(`probabilities` with the service's shortlist rule and one BLAS thread) and the top-5. Batches follow "
+        "the service's rule while images are being decoded (they always are here): a batch leaves when it holds "
+        "the service's largest batch or when its oldest image has waited `--max-wait-ms` (the default), and is "
+        "padded to the service's power-of-two buckets. One worker has the service's pool sizes (a decode "
+        "thread per core, ONNX Runtime's default intra-op threads); two workers split the cores (cores / 2 "
+        "decode and intra-op threads each) and run "
+        "over the same window, their rates summed. Both are measured before and after the HTTP cells; the best "
+        "is the ceiling, and its table says which.",
+        "- Front-end processes: the service runs with `--workers 1` first, then each other worker count, then "
+        "`--workers 1` again (a checkout whose `vlltr serve` has no `--workers` runs one process without the "
+        "flag and records the others as not measured). The two single-process sweeps give the run-to-run noise "
+        "(largest |a − b| / mean(a, b) over the concurrencies); no multi-worker cell may fall below the "
+        "single-process mean by more than it. The targets judge the largest worker count measured. The other "
+        "service tables run with `--variant-workers` front-ends (default 1).",
         "- Hand-written server: FastAPI `def` endpoint, `UploadFile`, the training evaluation transform, "
         "the PyTorch model on one image per request under `torch.inference_mode()`, uvicorn with one worker.",
         "- LitServe: the bundle's ONNX encoder and head in a `LitAPI` with `max_batch_size` as the service's, "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +34,36 @@ def _clean_env() -> dict[str, str]:
 def _vlltr() -> list[str]:
     script = Path(sys.executable).with_name("vlltr")
     return [str(script)] if script.is_file() else [sys.executable, "-m", "vlltr.cli"]
+
+
+@functools.cache
+def service_supports_workers() -> bool:
+    """Whether this checkout's `vlltr serve` has `--workers` (read from its --help)."""
+    env = _clean_env()
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [*_vlltr(), "serve", "--help"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
+    return proc.returncode == 0 and "--workers" in proc.stdout
+
+
+class UnsupportedWorkersError(RuntimeError):
+    """`--workers N` (N > 1) was asked of a `vlltr serve` that has no such flag."""
+
+
+def worker_flags(workers: int) -> tuple[str, ...]:
+    """The flags that run the service with `workers` HTTP front-end processes: `--workers N` where the flag
+    exists (always passed there, since its default follows the cores); nothing for one worker where it
+    does not.
+
+    Raises:
+        UnsupportedWorkersError: `workers` > 1 and `vlltr serve` has no `--workers`.
+    """
+    if service_supports_workers():
+        return ("--workers", str(workers))
+    if workers == 1:
+        return ()
+    raise UnsupportedWorkersError(f"vlltr serve in {REPO} has no --workers flag, so --workers {workers} cannot run")
 
 
 def start_service(
