@@ -81,6 +81,12 @@ class ClassNotFoundError(VlltrError, LookupError):
     code = "not_found"
 
 
+class StoredRecordError(VlltrError, ValueError):
+    """A stored class record or derived entry cannot be read; the store quarantines it (kept, not served)."""
+
+    code = "bad_record"
+
+
 class StoreUnavailableError(VlltrError, RuntimeError):
     """The class store cannot be reached or read right now (Redis down, unreadable file)."""
 

@@ -49,6 +49,7 @@ CODES = {
     "TrainedClassError": "conflict",
     "ClassNotFoundError": "not_found",
     "StoreUnavailableError": "store_unavailable",
+    "StoredRecordError": "bad_record",
     "QueueFullError": "queue_full",
     "NotReadyError": "not_ready",
     "InferenceFailedError": "inference_failed",
