@@ -93,6 +93,12 @@ class StoreUnavailableError(VlltrError, RuntimeError):
     code = "store_unavailable"
 
 
+class ServiceRequestError(VlltrError, RuntimeError):
+    """A request of the command line to a running service failed (unreachable, refused, or an error answer)."""
+
+    code = "service_request_failed"
+
+
 # ---- serving capacity and state ------------------------------------------------------------------
 
 

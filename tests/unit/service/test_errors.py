@@ -50,6 +50,7 @@ CODES = {
     "ClassNotFoundError": "not_found",
     "StoreUnavailableError": "store_unavailable",
     "StoredRecordError": "bad_record",
+    "ServiceRequestError": "service_request_failed",
     "QueueFullError": "queue_full",
     "NotReadyError": "not_ready",
     "InferenceFailedError": "inference_failed",
