@@ -620,7 +620,6 @@ class ClassRegistry:
                 continue
             candidates.append(record)
         if rebuild or current is None:
-            base_keys: set[str] = set()
             prefix: tuple[ServedClass, ...] = ()
             if current is not None:
                 # When the served classes are an unchanged prefix of the new list, extend instead of rebuilding.
@@ -633,14 +632,14 @@ class ClassRegistry:
             base = current if prefix else None
         else:
             base = current
-        base_keys = set(base.keys) if base is not None else set(self._trained_keys)
-        for q in quarantined:
-            base_keys.discard(q.key)
+        taken = base.keys if base is not None else self._trained_keys
+        freed = {q.key for q in quarantined}
         fresh: list[ClassRecord] = []
+        seen: set[str] = set()
         for record in candidates:
-            if record.key in base_keys:
+            if (record.key in taken and record.key not in freed) or record.key in seen:
                 continue  # stored twice under one key cannot happen; a stale delta entry can
-            base_keys.add(record.key)
+            seen.add(record.key)
             fresh.append(record)
         others = base.embeddings if base is not None else self._trained_embeddings
         derived, failed = await self._derive(fresh, others)

@@ -26,6 +26,7 @@ kept as `FILE.v1`.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import fcntl
 import hashlib
@@ -449,7 +450,8 @@ class FileClassStore:
             view = self._catch_up()
             if base.epoch != view.epoch or view.digests.get(base.version) != base.digest:
                 return None
-            touched = [(op, key) for seq, op, key in view.entries if seq > base.version]
+            start = bisect.bisect_right(view.entries, base.version, key=lambda e: e[0])  # entries are in seq order
+            touched = [(op, key) for _, op, key in view.entries[start:]]
             keys = list(dict.fromkeys(key for _, key in touched))
             removed = tuple(dict.fromkeys(key for op, key in touched if op == "remove"))
             added = sorted(
@@ -461,10 +463,11 @@ class FileClassStore:
 
     def _derived_sync(self, bundle_id: str, fingerprints: Sequence[str]) -> dict[str, Derived | RecordError]:
         with self._mutex:
-            section = dict(self._catch_up().derived.get(bundle_id, {}))
+            section = self._catch_up().derived.get(bundle_id, {})
+            found = {fp: section[fp] for fp in fingerprints if fp in section}
         out: dict[str, Derived | RecordError] = {}
         for fp in fingerprints:
-            data = section.get(fp)
+            data = found.get(fp)
             if data is None:
                 continue
             try:

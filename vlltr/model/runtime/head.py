@@ -133,6 +133,13 @@ class HeadParams:
         """The arrays as written to `head.npz`."""
         return {k: getattr(self, k) for k in HEAD_ARRAYS}
 
+    @functools.cached_property
+    def key_projection(self) -> np.ndarray:
+        """`(W_q^T W_k / sqrt(D))^T`: maps `LN_k(T)` to the keys (computed once per head, not per table)."""
+        d = self.embed_dim
+        projection: np.ndarray = (self.w_q.T @ self.w_k / np.float32(math.sqrt(d))).T.astype(np.float32)
+        return projection
+
     def vision_logits(self, f: np.ndarray) -> np.ndarray:
         """`W2 relu(W1 f + b1) + b2`, `[B, S]` over the trained classes."""
         h = np.maximum(f @ self.mlp_w1.T + self.mlp_b1, 0.0)
@@ -461,7 +468,7 @@ def _keys(anchors: np.ndarray, params: HeadParams) -> np.ndarray:
     # K = W_k LN_k(T); the score q.K / sqrt(D) with q = W_q LN_q(f) equals LN_q(f) . (W_q^T K) / sqrt(D).
     d = params.embed_dim
     flat = anchors.reshape(-1, d)
-    combined = (params.w_q.T @ params.w_k / np.float32(math.sqrt(d))).T.astype(np.float32)  # x -> x W_k^T W_q
+    combined = params.key_projection  # x -> x W_k^T W_q
     out = np.empty_like(flat)
     step = max(1, _CHUNK_ELEMENTS // d)
     for lo in range(0, flat.shape[0], step):
