@@ -67,8 +67,8 @@ def check_metadata(metadata: object) -> dict[str, Any]:
         raise RecordError("metadata must be a JSON object with string keys")
     try:
         size = len(json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8"))
-    except (TypeError, ValueError) as exc:
-        raise RecordError(f"metadata is not plain JSON ({exc})") from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise RecordError(f"metadata is not plain JSON ({type(exc).__name__})") from None
     if size > MAX_METADATA_BYTES:
         raise RecordError(f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
     return dict(metadata)
