@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
+from pathlib import Path
 
 from vlltr.errors import VlltrError
 
@@ -83,6 +85,34 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--fp16", action="store_true", help="fp16 encoders, only if they agree with fp32 on the eval set")
 
 
+def _add_classes(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "classes",
+        help="export and import added classes (backup, restore, moving them between deployments)",
+        description="Added classes as JSON lines (one class per line: name, descriptions, when and by whom), "
+        "against a running service or a class store directly. The file holds descriptions, not features, so "
+        "it imports into a deployment on any bundle.",
+    )
+    which = p.add_subparsers(dest="action", required=True)
+    for action, what in (("export", "write every added class to FILE"), ("import", "add the classes of FILE")):
+        a = which.add_parser(action, help=what)
+        a.add_argument("file", metavar="FILE", help="the JSON-lines file ('-' for standard output/input)")
+        target = a.add_mutually_exclusive_group(required=True)
+        target.add_argument("--url", help="a running service, e.g. http://localhost:8000")
+        target.add_argument("--redis-url", help="a Redis class store, e.g. redis://localhost:6379/0")
+        target.add_argument("--class-store", type=Path, help="a class-store file (the embedded default store)")
+        a.add_argument(
+            "--token",
+            default=None,
+            help="the service's admin token (default: $VLLTR_ADMIN_TOKEN); only with --url",
+        )
+        a.add_argument(
+            "--redis-prefix",
+            default=os.environ.get("VLLTR_REDIS_PREFIX", "vlltr"),
+            help="the deployment's Redis key prefix, its namespace (default: $VLLTR_REDIS_PREFIX or vlltr)",
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vlltr` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -99,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_train(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_classes(sub)
     sub.add_parser("serve", help="the HTTP service (see `vlltr serve --help`)")
     sub.add_parser("models", help="list the architectures usable in `model.arch`")
     _verbose_everywhere(sub)
@@ -123,7 +154,11 @@ def _verbose_everywhere(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _command_name(args: argparse.Namespace) -> str:
-    return f"{args.command} {args.dataset}" if args.command == "data" else str(args.command)
+    if args.command == "data":
+        return f"{args.command} {args.dataset}"
+    if args.command == "classes":
+        return f"classes {args.action}"
+    return str(args.command)
 
 
 def report_user_error(command: str, exc: BaseException, *, verbose: bool) -> int:
@@ -161,12 +196,41 @@ def _dispatch(args: argparse.Namespace) -> int:
         from vlltr.training.export import export_bundle
 
         export_bundle(args.checkpoint, args.out, fp16=args.fp16)
+    elif args.command == "classes":
+        return _classes(args)
     elif args.command == "models":
         from vlltr.model.networks.factory import list_architectures, project_architectures
 
         print("\n".join(list_architectures()))
         print(f"# project tiny configs: {', '.join(project_architectures())}", file=sys.stderr)
     return 0
+
+
+def _classes(args: argparse.Namespace) -> int:
+    from vlltr.service import class_admin
+
+    token = args.token if args.token is not None else os.environ.get("VLLTR_ADMIN_TOKEN") or None
+    target = class_admin.open_target(
+        url=args.url,
+        token=token,
+        redis_url=args.redis_url,
+        redis_prefix=args.redis_prefix,
+        class_store=args.class_store,
+        must_exist=args.action == "export",
+    )
+    try:
+        if args.action == "export":
+            lines = target.export_lines()
+            class_admin.write_export(lines, args.file)
+            print(f"exported {class_admin.count_classes(lines)} classes to {args.file}", file=sys.stderr)
+            return 0
+        summary = target.import_lines(class_admin.read_import(args.file))
+    finally:
+        target.close()
+    for problem in summary.problems:
+        print(f"vlltr classes import: {problem}", file=sys.stderr)
+    print(summary.line(), file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
 if __name__ == "__main__":

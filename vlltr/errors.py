@@ -81,10 +81,22 @@ class ClassNotFoundError(VlltrError, LookupError):
     code = "not_found"
 
 
+class StoredRecordError(VlltrError, ValueError):
+    """A stored class record or derived entry cannot be read; the store quarantines it (kept, not served)."""
+
+    code = "bad_record"
+
+
 class StoreUnavailableError(VlltrError, RuntimeError):
     """The class store cannot be reached or read right now (Redis down, unreadable file)."""
 
     code = "store_unavailable"
+
+
+class ServiceRequestError(VlltrError, RuntimeError):
+    """A request of the command line to a running service failed (unreachable, refused, or an error answer)."""
+
+    code = "service_request_failed"
 
 
 # ---- serving capacity and state ------------------------------------------------------------------

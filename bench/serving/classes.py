@@ -1,8 +1,10 @@
 """Classes added programmatically: a class-store file holding thousands of added classes (written in one
-go, as the service's `FileClassStore` lays it out), and text for classes added over HTTP during a load cell."""
+go through the service's own `FileClassStore`, with the bundle's derived data so the service starts without
+encoding them), and text for classes added over HTTP during a load cell."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from pathlib import Path
@@ -10,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from vlltr.model.runtime.bundle import load_bundle
-from vlltr.service.store import FILE_FORMAT_VERSION, AddedClass, name_key
+from vlltr.service.store import ClassRecord, Derived, NewClass
+from vlltr.service.store_file import FileClassStore
 
 
 def write_class_store(
@@ -26,28 +29,24 @@ def write_class_store(
     m, d = trained.num_anchors, trained.embed_dim
     base = trained.anchors.reshape(trained.num_classes, m, d)[:, 0, :]  # first anchor of every trained class
     scale = float(np.linalg.norm(base, axis=1).mean())
-    records = {}
+    items = []
     for i in range(added):
         k = min(anchors_per_class, m)
         origin = base[i % base.shape[0]]
         feats = origin + rng.standard_normal((k, d)).astype(np.float32) * scale / np.sqrt(d)
         emb = feats.mean(axis=0)
         emb = emb / max(float(np.linalg.norm(emb)), 1e-6)
-        cls = AddedClass(
+        record = ClassRecord(
             name=f"bench class {i}",
             descriptions=tuple(f"bench class {i}, view {j}" for j in range(k)),
-            anchors=tuple(f"bench class {i}, view {j}" for j in range(k)),
-            anchor_features=feats.astype(np.float32),
-            embedding=emb.astype(np.float32),
-            created="2026-01-01T00:00:00+00:00",
+            added_at="2026-01-01T00:00:00+00:00",
         )
-        records[name_key(cls.name)] = {"seq": i + 1, **cls.to_json()}
-    data = {
-        "format_version": FILE_FORMAT_VERSION,
-        "bundles": {bundle.bundle_id: {"version": added, "classes": records}},
-    }
+        derived = Derived(record.fingerprint, tuple(range(k)), feats.astype(np.float32), emb.astype(np.float32))
+        items.append(NewClass(record, bundle.bundle_id, derived))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, separators=(",", ":")))
+    for stale in (path, path.with_name(path.name + ".lock")):
+        stale.unlink(missing_ok=True)
+    asyncio.run(FileClassStore(path).add_many(items))
     return added
 
 

@@ -494,9 +494,9 @@ def _findings(results: dict[str, Any], small: str | None) -> list[str]:
                 f"- **Adding classes under load** (`add_class_p99_ratio` {t['value']:.2f} > {t['goal']}): p99 "
                 f"went from {a['without']['p99_ms']:.1f} ms to {a['with_adds']['p99_ms']:.1f} ms while "
                 f"{a['adds']['count']} classes were added back to back (median add {a['adds']['p50_ms']:.0f} ms): "
-                f"encoding the descriptions and the name prompts, writing the class store (the local file "
-                f"store serialises its whole JSON file, holding Python's lock, and fsyncs it on every add) and "
-                f"extending the table (copying its arrays) run on the same {cores} as the requests."
+                f"encoding the descriptions and the name prompts (on the text thread, at a lower priority than "
+                f"requests), appending the class to the class store (one fsynced line) and writing its rows into "
+                f"the table's spare rows run on the same {cores} as the requests."
             )
     t = targets.get("realistic_service_vs_ceiling")
     realistic = next((k for k, v in models.items() if "cache" not in v), None)
@@ -757,8 +757,9 @@ def _method_section(wrk: bool = True) -> list[str]:
         "`batch_timeout=0.005`, one worker; decoding in `decode_request` as its documentation shows; "
         "requests are JSON with the JPEG in base64 (LitServe's image recipe; its multipart path fails to "
         "pickle the form into its worker in this version).",
-        "- Class growth: the class-store file is written with the extra classes before the service starts "
-        "(anchor features are trained anchors plus noise); adding classes under load uses `POST /v1/classes` "
+        "- Class growth: the class-store file is written with the extra classes (and the bundle's derived data, "
+        "so nothing is encoded at start) before the service starts (anchor features are trained anchors plus "
+        "noise); adding classes under load uses `POST /v1/classes` "
         "back to back (0.2 s apart) during the whole measured window.",
         "- Server-side stage times come from the service's Prometheus histograms scraped before and after each cell.",
         "",

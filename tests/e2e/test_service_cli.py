@@ -83,8 +83,10 @@ def test_embedded_default_serves_the_demo_bundle_with_a_local_class_store(servic
             assert info["bundle_id"] == manifest["bundle_id"]
             r = c.post("/v1/classes", json={"name": "local", "descriptions": ["kept in the cache dir"]})
             assert r.status_code == 201
-        stored = json.loads((tmp_path / "cache" / "classes.json").read_text())
-        assert "local" in stored["bundles"][manifest["bundle_id"]]["classes"]
+        lines = [json.loads(line) for line in (tmp_path / "cache" / "classes.jsonl").read_text().splitlines()]
+        assert lines[0]["format"] == "vlltr-class-store"
+        assert [line["record"]["name"] for line in lines if line.get("op") == "add"] == ["local"]
+        assert [line["bundle"] for line in lines if line.get("op") == "derived"] == [manifest["bundle_id"]]
         metrics = httpx.get(f"{server.url}/metrics").text
         assert "vlltr_redis_up" not in metrics
     finally:

@@ -8,7 +8,6 @@ import json
 import multiprocessing
 import uuid
 
-import numpy as np
 import pytest
 
 from vlltr.errors import ClassConflictError
@@ -17,7 +16,9 @@ from vlltr.model.runtime.sessions import TextEncoder
 from vlltr.service.core import trained_classes
 from vlltr.service.redis_link import RedisLink
 from vlltr.service.registry import ClassRegistry
-from vlltr.service.store import AddedClass, FileClassStore, RedisClassStore
+from vlltr.service.store import ClassRecord, NewClass
+from vlltr.service.store_file import FileClassStore
+from vlltr.service.store_redis import RedisClassStore
 
 
 @pytest.fixture(scope="module")
@@ -35,35 +36,38 @@ def trained(bundle):
     return trained_classes(bundle)
 
 
-def _registry(trained, encoder, store, **kw):
-    return ClassRegistry(trained, encoder.encode_texts, store, sync_interval_s=0.1, **kw)
+def _registry(trained, encoder, store, bundle_id, **kw):
+    return ClassRegistry(trained, encoder.encode_texts, store, bundle_id=bundle_id, sync_interval_s=0.1, **kw)
 
 
 # ---- processes on the local file store --------------------------------------------------------
 
 
-def _race_add(path: str, bundle_id: str, barrier, results) -> None:
-    store = FileClassStore(path, bundle_id=bundle_id)
-    record = AddedClass("Same", ("d",), ("d",), np.ones((1, 4), np.float32), np.ones(4, np.float32))
+def _race_add(path: str, descriptions: tuple[str, ...], barrier, results) -> None:
+    store = FileClassStore(path)
+    record = ClassRecord("Same", descriptions)
     barrier.wait()
-    try:
-        results.put(asyncio.run(store.add(record)))
-    except ClassConflictError:
-        results.put("exists")
+    (result,) = asyncio.run(store.add_many([NewClass(record)]))
+    results.put(result.state.version if result.created else result.record.descriptions)
 
 
 def test_processes_racing_on_the_file_store_have_one_winner(tmp_path):
     ctx = multiprocessing.get_context("fork")  # the child only touches the store file
     barrier, results = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_race_add, args=(str(tmp_path / "c.json"), "b", barrier, results)) for _ in range(4)]
+    path = tmp_path / "c.jsonl"
+    procs = [ctx.Process(target=_race_add, args=(str(path), (f"d{i}",), barrier, results)) for i in range(4)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
-    outcomes = sorted((results.get(timeout=5) for _ in procs), key=str)
-    assert outcomes == [1, "exists", "exists", "exists"]
-    data = json.loads((tmp_path / "c.json").read_text())
-    assert data["bundles"]["b"]["version"] == 1 and list(data["bundles"]["b"]["classes"]) == ["same"]
+    outcomes = [results.get(timeout=5) for _ in procs]
+    winners = [o for o in outcomes if o == 1]
+    assert len(winners) == 1, outcomes
+    # The losers are told which class holds the name (the winner's descriptions).
+    losers = [o for o in outcomes if o != 1]
+    assert len(set(losers)) == 1 and len(losers) == 3
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["op"] for line in lines[1:]] == ["add"] and lines[1]["key"] == "same"
 
 
 # ---- Redis store -----------------------------------------------------------------------------
@@ -74,18 +78,16 @@ def test_redis_replicas_race_and_sync(shared_redis_url, trained, encoder, bundle
 
     async def main():
         links = [RedisLink(shared_redis_url, timeout_s=1.0, retry_s=0.2) for _ in range(2)]
-        regs = [
-            _registry(trained, encoder, RedisClassStore(link, prefix=prefix, bundle_id=bundle.bundle_id))
-            for link in links
-        ]
+        regs = [_registry(trained, encoder, RedisClassStore(link, prefix=prefix), bundle.bundle_id) for link in links]
         for reg in regs:
             await reg.start()
         try:
-            results = await asyncio.gather(
-                *(reg.add_class("Raced", ["a raced class"]) for reg in regs * 3), return_exceptions=True
-            )
-            winners = [r for r in results if not isinstance(r, BaseException)]
-            assert len(winners) == 1 and all(isinstance(r, ClassConflictError) for r in results if r not in winners)
+            # Identical adds racing: one class, and every add succeeds (one created it, the rest found it).
+            results = await asyncio.gather(*(reg.add_class("Raced", ["a raced class"]) for reg in regs * 3))
+            assert sorted(r.status for r in results) == ["created"] + ["exists"] * 5
+            # Different descriptions for a name that exists: a conflict.
+            with pytest.raises(ClassConflictError):
+                await regs[0].add_class("raced", ["another text"])
             for _ in range(100):  # pub/sub (or the poll) brings the loser up to date
                 if all(reg.current.version == 1 for reg in regs):
                     break

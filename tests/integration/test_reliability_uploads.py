@@ -252,11 +252,12 @@ def file_replicas(service_bundle, server_factory, tmp_path_factory):
         srv.stop()
 
 
-def _race(urls: list[str], names: list[str], per_url: int = 4) -> list[tuple[str, int]]:
-    """POST the same class (under each spelling in `names`) from `per_url` threads per replica at once."""
+def _race(urls: list[str], names: list[str], per_url: int = 4) -> list[tuple[str, str, int]]:
+    """POST the same class (under each spelling in `names`, described with that spelling) from `per_url` threads
+    per replica at once; (url, spelling, status) each."""
     jobs = [(url, names[i % len(names)]) for url in urls for i in range(per_url)]
     barrier = threading.Barrier(len(jobs))
-    out: list[tuple[str, int]] = []
+    out: list[tuple[str, str, int]] = []
     lock = threading.Lock()
 
     def post(url: str, name: str) -> None:
@@ -264,7 +265,7 @@ def _race(urls: list[str], names: list[str], per_url: int = 4) -> list[tuple[str
             barrier.wait()
             r = c.post("/v1/classes", json={"name": name, "descriptions": [f"only one {name} may exist"]})
             with lock:
-                out.append((url, r.status_code))
+                out.append((url, name, r.status_code))
 
     threads = [threading.Thread(target=post, args=job) for job in jobs]
     for t in threads:
@@ -299,9 +300,13 @@ def test_duplicate_name_racing_on_two_replicas_has_one_winner_both_agree(store, 
         base = f"Racer {store} {round_} {uuid.uuid4().hex[:6]}"
         spellings = [base, base.upper(), base.lower()]  # one class, case-insensitively
         results = _race(urls, spellings)
-        statuses = sorted(status for _, status in results)
+        statuses = sorted(status for _, _, status in results)
         reliability_log.add("hostile uploads", requests=len(results), inputs=1, errors=sum(s >= 500 for s in statuses))
-        assert statuses == [201] + [409] * (len(results) - 1), results
+        # One winner; the adds identical to it (same spelling, same descriptions) succeed as well (200), the
+        # others (other descriptions) conflict.
+        (winner,) = [name for _, name, status in results if status == 201]
+        same = sum(name == winner for _, name, _ in results)
+        assert statuses == [200] * (same - 1) + [201] + [409] * (len(results) - same), results
         version = max(t["class_table_version"] for t in _tables(urls))
         tables = _wait_agree(urls, version)
         rows = [
@@ -338,15 +343,18 @@ def test_redis_glob_characters_in_names_are_taken_literally(redis_replicas, reli
         present = {c["name"] for c in table["classes"]}
         assert set(plain) <= present, sorted(present)
         assert not set(names) & present
-    # Names are hash fields, never key names: whatever the names, the store is one hash and one counter.
+    # Names are hash fields and log entries, never key names: whatever the names, the store is its fixed keys
+    # (meta, records, the change log and one derived-data hash per bundle).
     client = redis.Redis.from_url(redis_server.url)
     try:
         keys = sorted(k.decode() for k in client.scan_iter(match="*"))
-        class_keys = [k for k in keys if k.startswith("vlltr:classes:")]
-        hash_key = next(k for k in class_keys if not k.endswith(":version"))
+        class_keys = [k for k in keys if k.startswith("vlltr:added-classes:")]
+        hash_key = "vlltr:added-classes:records"
         stored = [json.loads(v)["name"] for v in client.hgetall(hash_key).values()]
     finally:
         client.close()
-    assert class_keys == [hash_key, f"{hash_key}:version"], keys
+    derived = [k for k in class_keys if k.startswith("vlltr:added-classes:derived:")]
+    assert len(derived) == 1, keys
+    assert class_keys == sorted([*derived, "vlltr:added-classes:log", "vlltr:added-classes:meta", hash_key]), keys
     assert not [k for k in keys if stem in k], keys
     assert set(plain) <= set(stored) and not set(names) & set(stored)

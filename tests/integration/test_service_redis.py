@@ -85,25 +85,46 @@ def test_a_class_added_on_one_replica_is_served_by_the_other_within_a_second(rep
             assert scores_a[label] == pytest.approx(scores_b[label], abs=1e-5)
 
 
-def test_racing_replicas_adding_the_same_name_have_exactly_one_winner(replicas):
-    a, b, _ = replicas
-    barrier = threading.Barrier(8)
+def _race(urls: list[str], bodies: list[dict]) -> list[int]:
+    barrier = threading.Barrier(len(urls))
     statuses: list[int] = []
     lock = threading.Lock()
 
-    def add(url: str) -> None:
+    def add(url: str, body: dict) -> None:
         with httpx.Client(base_url=url, timeout=30) as c:
             barrier.wait()
-            r = c.post("/v1/classes", json={"name": "Contested", "descriptions": ["only one may add me"]})
+            r = c.post("/v1/classes", json=body)
             with lock:
                 statuses.append(r.status_code)
 
-    threads = [threading.Thread(target=add, args=(url,)) for url in [a.url, b.url] * 4]
+    threads = [threading.Thread(target=add, args=(url, body)) for url, body in zip(urls, bodies)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(statuses) == [201] + [409] * 7
+    return sorted(statuses)
+
+
+def test_identical_adds_racing_on_two_replicas_give_one_class_and_all_succeed(replicas):
+    """A client retrying an add (or two clients adding the same class) through different replicas: one class,
+    every add a success (201 for the one that stored it, 200 for the others); other descriptions: 409."""
+    a, b, _ = replicas
+    for round_ in range(3):
+        body = {"name": f"Contested {round_}", "descriptions": ["added by whoever comes first"]}
+        assert _race([a.url, b.url] * 4, [body] * 8) == [200] * 7 + [201]
+        for url in (a.url, b.url):
+            r = httpx.post(f"{url}/v1/classes", json=body, timeout=30)  # a retry: the same answer, 200
+            assert r.status_code == 200 and r.json()["created"] is False, r.text
+            r = httpx.post(f"{url}/v1/classes", json={**body, "descriptions": ["something else"]}, timeout=30)
+            assert r.status_code == 409, r.text
+        for url in (a.url, b.url):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                names = [c["name"] for c in httpx.get(f"{url}/v1/classes", timeout=30).json()["classes"]]
+                if names.count(body["name"]) == 1:
+                    break
+                time.sleep(0.05)
+            assert names.count(body["name"]) == 1
 
 
 def test_cached_results_are_never_stale_after_a_class_change(replicas, service_bundle):

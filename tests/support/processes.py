@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from support.deploy import load_tool
+from support.deploy import load_tool, shipped_redis_flags
 from support.paths import PYTHON, REPO
 from support.programs import program
 
@@ -98,7 +98,8 @@ class RedisServer:
 
 
 class PersistentRedisServer(RedisServer):
-    """A private `redis-server` with an append-only file (fsync every write) and an optional password.
+    """A private `redis-server` persisting exactly as the shipped deployment's does (the flags of
+    docker-compose.yml's `redis` service, which the Kubernetes StatefulSet shares), with an optional password.
 
     Killing it (SIGKILL) and starting it again on the same directory and port brings back what it had.
     """
@@ -115,16 +116,11 @@ class PersistentRedisServer(RedisServer):
     def argv(self) -> list[str]:
         argv = [
             program("redis-server", "redis-server"),
+            *shipped_redis_flags(),
             "--port",
             str(self.port),
             "--bind",
             "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
             "--daemonize",
             "no",
             "--dir",

@@ -12,6 +12,7 @@ CUDA, no demo bundle and no way to build one) is one line on stderr and exit sta
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 import traceback
@@ -108,10 +109,48 @@ def settings_from_args(argv: list[str]) -> Settings:
         raise  # unreachable: parser.error exits
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (or `localhost`): only this machine can connect."""
+    if host.strip("[]").lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def open_class_changes_refusal(settings: Settings) -> str | None:
+    """Why `vlltr serve` refuses to start with class changes open to the network, or None.
+
+    Listening on a non-loopback address without an admin token lets anyone who can reach the port add and delete
+    classes; that needs the explicit opt-out `allow_open_class_changes` (then it starts and warns)."""
+    if settings.admin_token is not None or is_loopback(settings.host):
+        return None
+    if settings.allow_open_class_changes:
+        log.warning(
+            "class changes are open: listening on %s without an admin token (%s), so anyone who can reach "
+            "the port can add, delete, import and export classes; set %s to require a token",
+            settings.host,
+            env_name("allow_open_class_changes"),
+            env_name("admin_token"),
+        )
+        return None
+    return (
+        f"refusing to listen on {settings.host} without an admin token: anyone who could reach the port could add "
+        f"and delete classes. Set {env_name('admin_token')} (clients then send 'Authorization: Bearer <token>'), "
+        f"or start with {flag_name('allow_open_class_changes')} ({env_name('allow_open_class_changes')}=1) to "
+        "allow open class changes on purpose"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `vlltr serve`."""
     settings = settings_from_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    refusal = open_class_changes_refusal(settings)
+    if refusal is not None:
+        print(f"vlltr serve: {refusal}", file=sys.stderr)
+        return START_ERROR_STATUS
     if settings.bundle is None:
         from vlltr.service.demo import ensure_demo_bundle
 

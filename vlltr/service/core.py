@@ -43,7 +43,9 @@ from vlltr.service.redis_link import RedisLink
 from vlltr.service.registry import TIER_NAMES, ClassRegistry, ServedTable, TrainedClasses
 from vlltr.service.schemas import Prediction
 from vlltr.service.settings import Settings
-from vlltr.service.store import ClassStore, FileClassStore, RedisClassStore
+from vlltr.service.store import ClassStore
+from vlltr.service.store_file import FileClassStore
+from vlltr.service.store_redis import RedisClassStore
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +200,7 @@ class ServingCore:
             self.redis = RedisLink(
                 settings.redis_url, timeout_s=settings.redis_timeout_s, retry_s=settings.redis_retry_s, metrics=metrics
             )
-            store = RedisClassStore(self.redis, prefix=settings.redis_prefix, bundle_id=bundle.bundle_id)
+            store = RedisClassStore(self.redis, prefix=settings.redis_prefix)
             self.cache: EmbeddingCache | None = RedisEmbeddingCache(
                 self.redis,
                 prefix=settings.redis_prefix,
@@ -207,7 +209,7 @@ class ServingCore:
                 metrics=metrics,
             )
         else:
-            store = FileClassStore(settings.class_store_path, bundle_id=bundle.bundle_id)
+            store = FileClassStore(settings.class_store_path, legacy_path=settings.legacy_class_store_path)
             self.cache = (
                 LocalLRUCache(settings.cache_size, bundle.embed_dim, metrics) if settings.cache_size > 0 else None
             )
@@ -215,6 +217,7 @@ class ServingCore:
             trained_classes(bundle),
             text_encoder.encode_texts,
             store,
+            bundle_id=bundle.bundle_id,
             sync_interval_s=settings.sync_interval_s,
             duplicate_threshold=settings.duplicate_threshold,
             metrics=metrics,

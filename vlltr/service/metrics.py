@@ -15,6 +15,8 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 TIERS = ("head", "medium", "tail", "added")
 REJECT_REASONS = ("queue_full", "too_large", "bad_image", "unsupported_type", "invalid", "unauthorized", "forbidden")
 CACHE_RESULTS = ("hit", "miss", "error")
+CLASS_RECORD_STATES = ("served", "promoted", "quarantined")
+RELOAD_REASONS = ("epoch", "rollback", "history", "reconnect", "forced")
 
 
 class Metrics:
@@ -60,6 +62,28 @@ class Metrics:
         )
         self.model_info = Info("vlltr_model", "the served bundle and runtime", registry=r)
         self.class_table_version = Gauge("vlltr_class_table_version", "version of the served class table", registry=r)
+        self.class_records = Gauge(
+            "vlltr_class_records",
+            "added classes in the store, by state: served, promoted (the bundle trains a class of that name, which "
+            "wins) or quarantined (kept in the store, unreadable or unusable)",
+            ["state"],
+            registry=r,
+        )
+        self.class_derivations_pending = Gauge(
+            "vlltr_class_derivations_pending",
+            "added classes whose text features and anchors for the served bundle are still being computed",
+            registry=r,
+        )
+        self.class_derivations = Counter(
+            "vlltr_class_derivations", "added classes whose features were computed for the served bundle", registry=r
+        )
+        self.class_store_reloads = Counter(
+            "vlltr_class_store_reloads",
+            "whole class-table reloads, by reason: epoch (the store was created again), rollback (its version went "
+            "back), history (another change history), reconnect (the store came back after being away), forced",
+            ["reason"],
+            registry=r,
+        )
         # Exported only when Redis is configured, so an alert on `== 0` never fires for the embedded default.
         self.redis_up: Gauge | None = (
             Gauge("vlltr_redis_up", "1 when Redis answers, 0 while it does not", registry=r) if redis_enabled else None
@@ -73,6 +97,10 @@ class Metrics:
             self.predictions.labels(tier=tier)
         for source in ("trained", "added"):
             self.classes.labels(source=source)
+        for state in CLASS_RECORD_STATES:
+            self.class_records.labels(state=state)
+        for reason in RELOAD_REASONS:
+            self.class_store_reloads.labels(reason=reason)
 
     def set_redis_up(self, up: bool) -> None:
         """Record whether Redis answered (no-op without Redis)."""

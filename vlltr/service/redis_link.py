@@ -43,6 +43,9 @@ class RedisLink:
         self._metrics = metrics
         self._up = True
         self._down_since = 0.0
+        # Times Redis came back after failing: a reader of the class store reloads everything when it changes
+        # (a Redis that restarted may have come back with other data).
+        self.generation = 0
         self._monitor: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -57,7 +60,7 @@ class RedisLink:
             self._down_since = time.monotonic()
             log.warning(
                 "Redis at %s failed (%s: %s); serving without it until it answers again",
-                _safe_url(self.url),
+                safe_url(self.url),
                 type(exc).__name__,
                 exc,
             )
@@ -68,8 +71,9 @@ class RedisLink:
         """Close the breaker."""
         if not self._up:
             log.warning(
-                "Redis at %s answers again after %.1f s", _safe_url(self.url), time.monotonic() - self._down_since
+                "Redis at %s answers again after %.1f s", safe_url(self.url), time.monotonic() - self._down_since
             )
+            self.generation += 1
         self._up = True
         if self._metrics is not None:
             self._metrics.set_redis_up(True)
@@ -119,8 +123,8 @@ class RedisLink:
             pass
 
 
-def _safe_url(url: str) -> str:
-    # Never log a password that may be part of the URL.
+def safe_url(url: str) -> str:
+    """The URL without a password that may be part of it (for logs)."""
     if "@" in url:
         scheme, _, rest = url.partition("://")
         return f"{scheme}://***@{rest.split('@', 1)[1]}"

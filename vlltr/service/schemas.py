@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,6 +63,22 @@ class ClassInfo(BaseModel):
         description="long-tail group from the train count and the bundle's shot thresholds"
     )
     anchors: list[str] = Field(description="the anchor sentences the language branch attends over")
+    added_at: str | None = Field(default=None, description="when an added class was added (ISO-8601 UTC)")
+    added_by: str | None = Field(
+        default=None, description="who added it: `token:<id>` (a hash of the admin token, never the token) or `open`"
+    )
+    metadata: dict[str, Any] | None = Field(default=None, description="the user's metadata of an added class")
+
+
+class PromotedClass(BaseModel):
+    name: str = Field(description="the stored added class")
+    trained_class_id: int = Field(description="the trained class of the same name that is served instead")
+    added_at: str | None = Field(default=None, description="when the added class was added")
+
+
+class QuarantinedEntry(BaseModel):
+    key: str = Field(description="the stored record's key (or the line of a class-store file)")
+    reason: str = Field(description="why it cannot be served; it is kept in the store as it is")
 
 
 class ClassListResponse(BaseModel):
@@ -71,6 +87,14 @@ class ClassListResponse(BaseModel):
     num_added: int = Field(description="classes added by text at run time")
     bundle_id: str = Field(description="id of the served model bundle")
     class_table_version: int = Field(description="version of this class table (bumped by every change)")
+    store_epoch: str = Field(description="the class store's epoch (a random id set when the store was created)")
+    promoted: list[PromotedClass] = Field(
+        default_factory=list,
+        description="stored added classes that this bundle trains: the trained class is served, the added one kept",
+    )
+    quarantined: list[QuarantinedEntry] = Field(
+        default_factory=list, description="stored entries that cannot be read or served (kept in the store)"
+    )
 
 
 class ClassCreate(BaseModel):
@@ -97,6 +121,9 @@ class ClassCreate(BaseModel):
     descriptions: list[str] = Field(
         min_length=1, description="sentences describing the class, each non-empty after stripping; limits in settings"
     )
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="optional JSON object kept with the class (at most 4 KiB as JSON)"
+    )
 
 
 class NearDuplicate(BaseModel):
@@ -106,9 +133,16 @@ class NearDuplicate(BaseModel):
 
 class ClassCreated(BaseModel):
     name: str = Field(description="the stored (NFC-normalised) name")
+    created: bool = Field(
+        default=True,
+        description="true (201) when this request added it; false (200) when it existed already with exactly "
+        "these descriptions (a retry of an add that succeeded)",
+    )
     class_id: int | None = Field(description="index in the new class table")
     source: Literal["added"] = Field(default="added", description="always `added`")
-    anchors: list[str] = Field(description="the descriptions chosen as anchor sentences, in anchor order")
+    anchors: list[str] | None = Field(
+        description="the descriptions chosen as anchor sentences, in anchor order (null until this replica serves it)"
+    )
     num_descriptions: int = Field(description="descriptions received (after de-duplication)")
     near_duplicates: list[NearDuplicate] = Field(
         description="existing classes whose text is very close to this one (reported, not refused)"
@@ -116,6 +150,37 @@ class ClassCreated(BaseModel):
     warnings: list[str] = Field(description="human-readable notes, one per near-duplicate")
     bundle_id: str = Field(description="id of the served model bundle")
     class_table_version: int = Field(description="the class-table version that includes the new class")
+
+
+class BulkCreate(BaseModel):
+    """JSON body of `POST /v1/classes/bulk`."""
+
+    classes: list[dict[str, Any]] = Field(
+        description="the classes to add, each `{name, descriptions, metadata?}` as in `POST /v1/classes`",
+        json_schema_extra={"items": ClassCreate.model_json_schema()},
+    )
+
+
+class BulkItem(BaseModel):
+    index: int = Field(description="position of the class in the request (for an import: its line number)")
+    name: str | None = Field(default=None, description="the class name, when it could be read")
+    status: int = Field(
+        description="what a single add would have answered: 201 added, 200 already there with the same "
+        "descriptions, 409 the name is taken, 422 invalid"
+    )
+    class_id: int | None = Field(default=None, description="its index in the class table, once served")
+    anchors: list[str] | None = Field(default=None, description="the chosen anchor sentences (201 and 200)")
+    near_duplicates: list[NearDuplicate] = Field(default_factory=list, description="as for a single add")
+    error: ErrorBody | None = Field(default=None, description="why it was not added (409, 422)")
+
+
+class BulkResponse(BaseModel):
+    results: list[BulkItem] = Field(description="one result per class, in request order")
+    created: int = Field(description="classes added by this request")
+    existing: int = Field(description="classes that were there already with the same descriptions")
+    failed: int = Field(description="classes not added (conflicts and invalid ones)")
+    bundle_id: str = Field(description="id of the served model bundle")
+    class_table_version: int = Field(description="the class-table version after the request")
 
 
 class ClassDeleted(BaseModel):

@@ -143,7 +143,8 @@ class Settings(BaseSettings):
     )
     class_store: Path | None = Field(
         None,
-        description="local JSON file holding added classes when no Redis is set (default: <cache dir>/classes.json)",
+        description="local class-store file (JSON lines, appended to) holding added classes when no Redis is set "
+        "(default: <cache dir>/classes.jsonl; a file of the previous layout is migrated, its content kept as FILE.v1)",
     )
     sync_interval_s: float = Field(
         0.5,
@@ -152,11 +153,28 @@ class Settings(BaseSettings):
         description="how often the class-table version is checked against the store (pub/sub notifies sooner)",
     )
 
+    # Classes added by text: safety, bulk adds and import (the store itself is `class_store` or Redis).
+    allow_open_class_changes: bool = Field(
+        False,
+        description="start on a non-loopback --host without an admin token: anyone who can reach the port can "
+        "add, delete, import and export classes (without this, such a start is refused; set VLLTR_ADMIN_TOKEN "
+        "instead)",
+    )
+    max_bulk_classes: int = Field(1000, ge=1, description="most classes in one bulk add or import request")
+    max_bulk_upload_bytes: int = Field(
+        32 * 1024 * 1024, ge=1, description="largest bulk add or import request body, in bytes"
+    )
+
     # Redis and caching.
     redis_url: str | None = Field(
         None, description="Redis URL (redis://host:port/db) for the embedding cache and the shared class store"
     )
-    redis_prefix: str = Field("vlltr", min_length=1, description="prefix of every Redis key and channel")
+    redis_prefix: str = Field(
+        "vlltr",
+        min_length=1,
+        description="prefix of every Redis key and channel: the deployment's namespace (replicas with the same "
+        "prefix share their added classes, whatever bundle each serves)",
+    )
     redis_timeout_s: float = Field(0.25, gt=0.0, description="Redis socket timeout on the request path")
     redis_retry_s: float = Field(
         1.0, gt=0.0, description="after a Redis error, seconds before it is tried again (requests skip it meanwhile)"
@@ -195,7 +213,12 @@ class Settings(BaseSettings):
     @property
     def class_store_path(self) -> Path:
         """The local class-store file (used when `redis_url` is unset)."""
-        return (self.class_store or self.cache_dir / "classes.json").expanduser()
+        return (self.class_store or self.cache_dir / "classes.jsonl").expanduser()
+
+    @property
+    def legacy_class_store_path(self) -> Path | None:
+        """Where the previous version kept the default class store (migrated from when `class_store` is unset)."""
+        return None if self.class_store is not None else self.cache_dir / "classes.json"
 
     @property
     def buckets(self) -> tuple[int, ...]:

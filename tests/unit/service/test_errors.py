@@ -49,6 +49,8 @@ CODES = {
     "TrainedClassError": "conflict",
     "ClassNotFoundError": "not_found",
     "StoreUnavailableError": "store_unavailable",
+    "StoredRecordError": "bad_record",
+    "ServiceRequestError": "service_request_failed",
     "QueueFullError": "queue_full",
     "NotReadyError": "not_ready",
     "InferenceFailedError": "inference_failed",

@@ -28,7 +28,8 @@ from vlltr.service.registry import (
     normalize_descriptions,
     normalize_name,
 )
-from vlltr.service.store import FileClassStore, RedisClassStore
+from vlltr.service.store_file import FileClassStore
+from vlltr.service.store_redis import RedisClassStore
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,8 @@ def trained(bundle):
     return trained_classes(bundle)
 
 
-def _registry(trained, encoder, store, **kw):
-    return ClassRegistry(trained, encoder.encode_texts, store, sync_interval_s=0.1, **kw)
+def _registry(trained, encoder, store, bundle_id="bundle-under-test", **kw):
+    return ClassRegistry(trained, encoder.encode_texts, store, bundle_id=bundle_id, sync_interval_s=0.1, **kw)
 
 
 # ---- validation ------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def test_descriptions_from_a_text_file():
 
 def test_add_remove_bump_the_version_and_swap_the_table_atomically(tmp_path, trained, encoder, bundle):
     async def main():
-        reg = _registry(trained, encoder, FileClassStore(tmp_path / "c.json", bundle_id=bundle.bundle_id))
+        reg = _registry(trained, encoder, FileClassStore(tmp_path / "c.json"))
         await reg.start()
         try:
             v0 = reg.current
@@ -113,7 +114,7 @@ def test_add_remove_bump_the_version_and_swap_the_table_atomically(tmp_path, tra
             assert v0.table.num_classes == bundle.num_classes and v0.version == 0
             assert v1.table.names[-1] == "striped thing" and outcome.class_id == bundle.num_classes
             assert v1.table.num_added == 1 and v1.tiers[-1] == 3
-            assert set(outcome.record.anchors) == {"a thing with stripes", "stripes everywhere"}
+            assert set(outcome.anchors) == {"a thing with stripes", "stripes everywhere"}
             name, version = await reg.remove_class("STRIPED THING")
             assert (name, version) == ("striped thing", 2)
             assert reg.current.table.num_classes == bundle.num_classes
@@ -136,7 +137,7 @@ def test_anchors_are_chosen_by_the_name_rule_against_the_served_classes(tmp_path
     assert len(descriptions) > m
 
     async def main():
-        reg = _registry(trained, encoder, FileClassStore(tmp_path / "c.json", bundle_id=bundle.bundle_id))
+        reg = _registry(trained, encoder, FileClassStore(tmp_path / "c.json"))
         await reg.start()
         try:
             others = reg.current.embeddings
@@ -144,7 +145,7 @@ def test_anchors_are_chosen_by_the_name_rule_against_the_served_classes(tmp_path
             feats = encoder.encode_texts(descriptions)
             reference = encoder.encode_texts(name_prompts("spotted round thing"))
             _, _, chosen = build_added_class_anchors(feats, m, reference=reference, others=others)
-            assert list(outcome.record.anchors) == [descriptions[i] for i in chosen]
+            assert list(outcome.anchors) == [descriptions[i] for i in chosen]
             _, _, centroid = build_added_class_anchors(feats, m)
             assert list(chosen) != list(centroid)  # the name and the other classes change the choice
         finally:
@@ -157,7 +158,7 @@ def test_extended_tables_equal_rebuilt_ones(tmp_path, trained, encoder, bundle):
     """Adding a class extends the served table instead of rebuilding it; the result is the same table."""
 
     async def main():
-        store = FileClassStore(tmp_path / "c.json", bundle_id=bundle.bundle_id)
+        store = FileClassStore(tmp_path / "c.json")
         reg = _registry(trained, encoder, store)
         await reg.start()
         try:
@@ -167,9 +168,10 @@ def test_extended_tables_equal_rebuilt_ones(tmp_path, trained, encoder, bundle):
             await reg.add_class("thing 3", ["a fourth thing"])
             served = reg.current
             assert [c.name for c in served.added] == ["thing 0", "thing 2", "thing 3"]
-            snapshot = await store.snapshot()
-            assert all(a is b for a, b in zip(snapshot.classes, served.source))  # decoded once, reused
-            full = reg._build(snapshot)  # from the trained classes, no previous table
+            fresh = _registry(trained, encoder, store)  # the same store read from scratch
+            await fresh.start()
+            full = fresh.current
+            await fresh.close()
             assert served.table.names == full.table.names and served.keys == full.keys
             # Equal up to float32 rounding: BLAS blocks a 2-row product differently from a 3-row one.
             for name in ("keys", "anchors", "gram", "mask", "prototypes"):
@@ -184,7 +186,7 @@ def test_extended_tables_equal_rebuilt_ones(tmp_path, trained, encoder, bundle):
 
 def test_duplicates_trained_names_and_missing_classes(tmp_path, trained, encoder, bundle):
     async def main():
-        reg = _registry(trained, encoder, FileClassStore(tmp_path / "c.json", bundle_id=bundle.bundle_id))
+        reg = _registry(trained, encoder, FileClassStore(tmp_path / "c.json"))
         await reg.start()
         try:
             await reg.add_class("Dup", ["first"])
@@ -205,9 +207,7 @@ def test_duplicates_trained_names_and_missing_classes(tmp_path, trained, encoder
 
 def test_near_duplicates_are_found_by_text_direction(tmp_path, trained, encoder, bundle):
     async def main():
-        reg = _registry(
-            trained, encoder, FileClassStore(tmp_path / "c.json", bundle_id=bundle.bundle_id), duplicate_threshold=0.999
-        )
+        reg = _registry(trained, encoder, FileClassStore(tmp_path / "c.json"), duplicate_threshold=0.999)
         await reg.start()
         try:
             # A trained class's own anchor sentences: cosine 1 with that class.
@@ -225,7 +225,7 @@ def test_store_survives_reopening_and_keeps_order(tmp_path, trained, encoder, bu
     path = tmp_path / "c.json"
 
     async def add_three():
-        reg = _registry(trained, encoder, FileClassStore(path, bundle_id=bundle.bundle_id))
+        reg = _registry(trained, encoder, FileClassStore(path))
         await reg.start()
         for name in ("zeta", "alpha", "mid"):
             await reg.add_class(name, [f"a {name} class"])
@@ -233,7 +233,7 @@ def test_store_survives_reopening_and_keeps_order(tmp_path, trained, encoder, bu
         await reg.close()
 
     async def reopen():
-        reg = _registry(trained, encoder, FileClassStore(path, bundle_id=bundle.bundle_id))
+        reg = _registry(trained, encoder, FileClassStore(path))
         await reg.start()
         table = reg.current
         await reg.close()
@@ -243,8 +243,16 @@ def test_store_survives_reopening_and_keeps_order(tmp_path, trained, encoder, bu
     table = asyncio.run(reopen())
     assert table.version == 4
     assert table.table.names[bundle.num_classes :] == ("zeta", "mid")  # order of addition, not of name
-    other = asyncio.run(_snapshot(FileClassStore(path, bundle_id="another-bundle")))
-    assert other.version == 0 and other.classes == ()  # classes belong to one bundle id
+
+    # Classes belong to the deployment, not to a bundle: a registry on another bundle id serves them too.
+    async def on_another_bundle():
+        reg = _registry(trained, encoder, FileClassStore(path), bundle_id="another-bundle")
+        await reg.start()
+        names = reg.current.table.names[bundle.num_classes :]
+        await reg.close()
+        return names
+
+    assert asyncio.run(on_another_bundle()) == ("zeta", "mid")
 
 
 async def _snapshot(store):
@@ -254,14 +262,14 @@ async def _snapshot(store):
 def test_corrupt_store_file_is_reported(tmp_path, bundle):
     path = tmp_path / "c.json"
     path.write_text("{not json")
-    with pytest.raises(StoreUnavailableError, match="not valid JSON"):
-        asyncio.run(_snapshot(FileClassStore(path, bundle_id=bundle.bundle_id)))
+    with pytest.raises(StoreUnavailableError, match="not a class-store file"):
+        asyncio.run(_snapshot(FileClassStore(path)))
 
 
 def test_file_store_replicas_see_changes_by_polling(tmp_path, trained, encoder, bundle):
     async def main():
-        a = _registry(trained, encoder, FileClassStore(tmp_path / "c.json", bundle_id=bundle.bundle_id))
-        b = _registry(trained, encoder, FileClassStore(tmp_path / "c.json", bundle_id=bundle.bundle_id))
+        a = _registry(trained, encoder, FileClassStore(tmp_path / "c.json"))
+        b = _registry(trained, encoder, FileClassStore(tmp_path / "c.json"))
         await a.start()
         await b.start()
         try:
@@ -284,11 +292,11 @@ def test_file_store_replicas_see_changes_by_polling(tmp_path, trained, encoder, 
 def test_redis_store_unavailable_is_an_error_not_a_hang(free_port, trained, encoder, bundle):
     async def main():
         link = RedisLink(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2, retry_s=0.2)
-        store = RedisClassStore(link, prefix="p", bundle_id=bundle.bundle_id)
+        store = RedisClassStore(link, prefix="p")
         with pytest.raises(StoreUnavailableError):
             await store.snapshot()
         with pytest.raises(StoreUnavailableError):
-            await store.version()  # breaker open: refused without touching the network
+            await store.state()  # breaker open: refused without touching the network
         assert not link.available()
         await link.close()
 

@@ -13,13 +13,19 @@ table (trained classes from the bundle, plus classes added by text at run time):
   added classes cheaply when a `Shortlist` limits exact scoring to the nearest ones (tables with many
   thousands of added classes).
 Memory is about `2*C*M*D + C*M*M + C*min(D, 128)` floats; scoring runs in chunks of classes to bound the temporaries.
-Tables are immutable: `with_added` returns a new table, so the service can swap tables atomically.
+Tables are immutable: `with_added` returns a new table, so the service can swap tables atomically. Adding to
+the newest table of a chain costs the size of what is added, not of the table: the arrays live in buffers with
+spare rows (`_RowStore`), a new table writes its rows into the spare part that no older table looks at and
+takes longer views of the same buffers; only when the spare rows run out are the buffers reallocated (by a
+quarter more), so the copies amortise to a constant per class.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +133,13 @@ class HeadParams:
         """The arrays as written to `head.npz`."""
         return {k: getattr(self, k) for k in HEAD_ARRAYS}
 
+    @functools.cached_property
+    def key_projection(self) -> np.ndarray:
+        """`(W_q^T W_k / sqrt(D))^T`: maps `LN_k(T)` to the keys (computed once per head, not per table)."""
+        d = self.embed_dim
+        projection: np.ndarray = (self.w_q.T @ self.w_k / np.float32(math.sqrt(d))).T.astype(np.float32)
+        return projection
+
     def vision_logits(self, f: np.ndarray) -> np.ndarray:
         """`W2 relu(W1 f + b1) + b2`, `[B, S]` over the trained classes."""
         h = np.maximum(f @ self.mlp_w1.T + self.mlp_b1, 0.0)
@@ -147,6 +160,43 @@ class ClassEntry:
     mask: np.ndarray
 
 
+# Spare rows a table buffer gets when it is (re)allocated: a quarter of the rows it holds, at least this many.
+_MIN_SPARE_CLASSES = 256
+
+
+class _RowStore:
+    """The buffers behind a chain of tables built by `with_added`: per-class arrays with spare rows.
+
+    `filled` is how many classes hold data; the table with that many classes is the newest and the only one
+    that may write into the spare rows (older tables keep views of the rows they had, which never change)."""
+
+    def __init__(self, table: ClassTable, extra: int) -> None:
+        c, m, d = table.num_classes, table.num_anchors, table.embed_dim
+        capacity = c + max(extra, _MIN_SPARE_CLASSES, (c + extra) // 4)
+        k = table.prototypes.shape[1]
+        self.keys = np.empty((capacity * m, d), dtype=np.float32)
+        self.anchors = np.empty((capacity * m, d), dtype=np.float32)
+        self.gram = np.empty((capacity, m, m), dtype=np.float32)
+        self.mask = np.empty((capacity, m), dtype=bool)
+        self.mask_bias = np.empty((capacity, m), dtype=np.float32)
+        self.prototypes = np.empty((capacity, k), dtype=np.float32)
+        self.capacity = capacity
+        self.filled = 0
+        self.lock = threading.Lock()
+        self.write(0, table)
+
+    def write(self, at: int, rows: ClassTable) -> None:
+        """Copy `rows`' classes into rows `at`..; `filled` becomes their end."""
+        m, n = rows.num_anchors, rows.num_classes
+        self.keys[at * m : (at + n) * m] = rows.keys
+        self.anchors[at * m : (at + n) * m] = rows.anchors
+        self.gram[at : at + n] = rows.gram
+        self.mask[at : at + n] = rows.mask
+        self.mask_bias[at : at + n] = rows.mask_bias
+        self.prototypes[at : at + n] = rows.prototypes
+        self.filled = at + n
+
+
 @dataclass(frozen=True, eq=False)
 class ClassTable:
     """Precomputed scoring matrices for a set of classes; see the module docstring. Build with `build`."""
@@ -163,6 +213,7 @@ class ClassTable:
     prototypes: np.ndarray  # [C, K] sketched unit mean of each class's anchors (the shortlist's cheap score)
     logit_scale: float
     _index: Mapping[str, int] = field(repr=False, default_factory=dict)
+    _rows: _RowStore | None = field(repr=False, default=None)
 
     @classmethod
     def build(
@@ -258,19 +309,29 @@ class ClassTable:
         if clash:
             raise ValueError(f"class name(s) {clash} already in the table")
         names = self.names + new.names
+        index = dict(self._index)
+        index.update({n: i for i, n in enumerate(new.names, start=self.num_classes)})
+        c, total = self.num_classes, self.num_classes + new.num_classes
+        rows = self._rows
+        with rows.lock if rows is not None else _NO_LOCK:
+            if rows is None or rows.filled != c or rows.capacity < total:
+                # Not the newest table of its chain, or no room left: new buffers (amortised by their spare rows).
+                rows = _RowStore(self, new.num_classes)
+            rows.write(c, new)
         return ClassTable(
             names=names,
             num_trained=self.num_trained,
             num_anchors=m,
             embed_dim=d,
-            keys=np.concatenate([self.keys, new.keys]),
-            anchors=np.concatenate([self.anchors, new.anchors]),
-            gram=np.concatenate([self.gram, new.gram]),
-            mask=np.concatenate([self.mask, new.mask]),
-            mask_bias=np.concatenate([self.mask_bias, new.mask_bias]),
-            prototypes=np.concatenate([self.prototypes, new.prototypes]),
+            keys=rows.keys[: total * m],
+            anchors=rows.anchors[: total * m],
+            gram=rows.gram[:total],
+            mask=rows.mask[:total],
+            mask_bias=rows.mask_bias[:total],
+            prototypes=rows.prototypes[:total],
             logit_scale=self.logit_scale,
-            _index={n: i for i, n in enumerate(names)},
+            _index=index,
+            _rows=rows,
         )
 
     def trained_only(self) -> ClassTable:
@@ -371,6 +432,7 @@ class Shortlist:
 
 
 _SKETCH_DIMS = 128
+_NO_LOCK = contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=4)
@@ -406,7 +468,7 @@ def _keys(anchors: np.ndarray, params: HeadParams) -> np.ndarray:
     # K = W_k LN_k(T); the score q.K / sqrt(D) with q = W_q LN_q(f) equals LN_q(f) . (W_q^T K) / sqrt(D).
     d = params.embed_dim
     flat = anchors.reshape(-1, d)
-    combined = (params.w_q.T @ params.w_k / np.float32(math.sqrt(d))).T.astype(np.float32)  # x -> x W_k^T W_q
+    combined = params.key_projection  # x -> x W_k^T W_q
     out = np.empty_like(flat)
     step = max(1, _CHUNK_ELEMENTS // d)
     for lo in range(0, flat.shape[0], step):
