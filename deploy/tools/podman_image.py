@@ -170,9 +170,12 @@ def prune_dangling(keep: Collection[str] = (), base: str = BASE_IMAGE) -> list[s
     """Remove untagged, childless images descended from `base`, except those whose id starts with one in
     `keep`; returns their ids.
 
-    Removing one can leave its parent childless and untagged in turn, so this repeats until none is left.
+    Removing one can leave its parent childless and untagged in turn, so this repeats until none is left. An
+    image a container still uses (a test of another checkout running an earlier build) is left for a later
+    prune: cleaning up must never fail a build.
     """
     removed: list[str] = []
+    in_use: set[str] = set()
     base_id = _bare(image_id(base))
     while True:
         listed = podman("images", "--all", "--quiet", "--no-trunc", "--filter", "dangling=true").split()
@@ -180,12 +183,19 @@ def prune_dangling(keep: Collection[str] = (), base: str = BASE_IMAGE) -> list[s
         ours = [
             i
             for i in map(_bare, listed)
-            if base_id in _ancestors(i, parents) and not any(i.startswith(k) for k in keep)
+            if base_id in _ancestors(i, parents) and not any(i.startswith(k) for k in keep) and i not in in_use
         ]
         if not ours:
             return removed
-        podman("rmi", *ours)
-        removed += ours
+        for image in ours:
+            try:
+                podman("rmi", image)
+            except BuildError as exc:
+                if "in use" not in str(exc):
+                    raise
+                in_use.add(image)
+            else:
+                removed.append(image)
 
 
 def _bare(image: str) -> str:
