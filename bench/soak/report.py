@@ -69,8 +69,9 @@ GUARANTEES: list[tuple[str, list[str]]] = [
     ),
     (
         "Micro-batcher: under random arrivals, cancellations, failing items, wrong-length results and stops, every "
-        "request is answered exactly once with its own outcome, batches respect their size, order is kept, the "
-        "queue bound holds and the loop survives (or is restarted and fails its batch instead of hanging)",
+        "request is answered exactly once with its own outcome, batches respect their size, order is kept, no "
+        "partial batch leaves before its oldest item's deadline, the queue bound holds and the loop survives (or "
+        "is restarted and fails its batch instead of hanging)",
         ["test_reliability_batcher.py::"],
     ),
     (

@@ -84,10 +84,9 @@ class Settings(BaseSettings):
         5.0,
         ge=0.0,
         le=10_000.0,
-        description="a batch leaves when its oldest image has waited this long, "
-        "when it is full, or at once when no other image is being "
-        "decoded; while images are still being decoded it may wait up "
-        "to a tenth of the recent batch run time (at most 1 s) instead",
+        description="a batch leaves when it is full, when its oldest image has waited this long, or at once "
+        "when no other image is being decoded; never later (unless the encoder is still busy with the "
+        "previous batch, then the moment it is done)",
     )
     queue_size: int = Field(
         512,
