@@ -75,6 +75,13 @@ GUARANTEES: list[tuple[str, list[str]]] = [
         ["test_reliability_batcher.py::"],
     ),
     (
+        "Slow clients cannot hold the service: 2,000 uploads stalled after their headers and one line of body are "
+        "all answered 408 and closed after the body read timeout while other requests keep their latency (median "
+        "within 2x unloaded); a stalled or trickled request head gets 408 and is closed at the header deadline; "
+        "past `max_connections` a new connection is answered 503 at once and closed",
+        ["test_reliability_slow_clients.py::"],
+    ),
+    (
         "Redis killed and restarted under load: no classification fails, the cache resumes by itself, added "
         "classes and the table version survive (append-only file), class changes during the outage get 503 with "
         "Retry-After",

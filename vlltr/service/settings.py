@@ -123,6 +123,31 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(64, ge=1, description="most images in one /v1/classify/batch request")
     max_top_k: int = Field(100, ge=1, description="largest top_k a request may ask for")
 
+    # Slow clients and connections.
+    body_read_timeout_s: float = Field(
+        15.0,
+        gt=0.0,
+        le=3600.0,
+        description="longest pause while a request body arrives (the clock restarts with every piece of "
+        "it); past it the request is answered 408 and its connection closed",
+    )
+    header_read_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=3600.0,
+        description="most seconds a client may take to send a request's line and headers, counted from "
+        "the connection's opening (or, on a kept-alive connection, from the request's first byte); past it "
+        "the connection is closed, with a 408 when part of a request had arrived",
+    )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description="most client connections one server process keeps open (idle kept-alive ones "
+        "included); more are answered 503 with Retry-After and closed at once. At start the open-file "
+        "limit is raised to fit (up to its hard limit); where it cannot be, this is lowered to what "
+        "fits and the log says so",
+    )
+
     # Classes added by text.
     admin_token: SecretStr | None = Field(
         None, description="Bearer token required to add or delete classes (unset = no token needed)"

@@ -131,7 +131,7 @@ _CREATE_BODY = {
     summary="Add a class from text",
     dependencies=[AdminDep],
     openapi_extra=_CREATE_BODY,
-    responses=error_responses(401, 403, 409, 413, 415, 422, 503),
+    responses=error_responses(401, 403, 408, 409, 413, 415, 422, 503),
 )
 async def add_class(request: Request, core: CoreDep, settings: SettingsDep, hold: BodyHoldDep) -> ClassCreated:
     """Add a class described only by text; it is predicted from the next request on, on every replica.
