@@ -711,9 +711,8 @@ def _method_section(wrk: bool = True) -> list[str]:
         "Pillow and numpy release the GIL there, so images decode in parallel with each other, with the "
         "event loop and with the encoder.",
         "- One inference thread forms batches across requests: a batch leaves when full, at once when no "
-        "other image is being decoded (no idle wait at low load), and otherwise after `--max-wait-ms`, "
-        "stretched to a tenth of the recent batch run time while images are still being decoded (so a slow "
-        "encoder gets full batches). Batches are padded to warmed power-of-two shapes.",
+        "other image is being decoded (no idle wait at low load), and otherwise when its oldest image has "
+        "waited `--max-wait-ms`. Batches are padded to warmed power-of-two shapes.",
         "- A bundle trained with `data.jpeg_draft` (the demo) lets libjpeg decode large JPEGs at 1/2-1/8 "
         "scale; training evaluated the same pixels, so this costs no parity (`--jpeg-draft off` row above).",
         "- Past 4,096 added classes only each image's nearest 256 added classes are scored exactly "

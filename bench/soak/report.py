@@ -69,9 +69,17 @@ GUARANTEES: list[tuple[str, list[str]]] = [
     ),
     (
         "Micro-batcher: under random arrivals, cancellations, failing items, wrong-length results and stops, every "
-        "request is answered exactly once with its own outcome, batches respect their size, order is kept, the "
-        "queue bound holds and the loop survives (or is restarted and fails its batch instead of hanging)",
+        "request is answered exactly once with its own outcome, batches respect their size, order is kept, no "
+        "partial batch leaves before its oldest item's deadline, the queue bound holds and the loop survives (or "
+        "is restarted and fails its batch instead of hanging)",
         ["test_reliability_batcher.py::"],
+    ),
+    (
+        "Slow clients cannot hold the service: 2,000 uploads stalled after their headers and one line of body are "
+        "all answered 408 and closed after the body read timeout while other requests keep their latency (median "
+        "within 2x unloaded); a stalled or trickled request head gets 408 and is closed at the header deadline; "
+        "past `max_connections` a new connection is answered 503 at once and closed",
+        ["test_reliability_slow_clients.py::"],
     ),
     (
         "Redis killed and restarted under load: no classification fails, the cache resumes by itself, added "

@@ -263,6 +263,44 @@ def sections() -> list[tuple[str, list[Panel]]]:
             unit="percentunit",
         ),
     ]
+    connections = [
+        Panel(
+            "timeseries",
+            "Open connections vs limit",
+            [
+                Target(f"vlltr_http_connections{{{SEL}}}", "open {{instance}}"),
+                Target(f"vlltr_http_connections_limit{{{SEL}}}", "limit {{instance}}"),
+            ],
+            width=8,
+            description="Client connections per server process (VLLTR_MAX_CONNECTIONS); past the limit new "
+            "ones are answered 503 and closed.",
+        ),
+        Panel(
+            "timeseries",
+            "Requests in progress",
+            [Target(f"vlltr_http_requests_in_progress{{{SEL}}}", "{{instance}}")],
+            width=8,
+            description="Requests inside the app, their body being read or their answer being made; many more "
+            "than the request rate suggests means slow or stalled uploads.",
+        ),
+        Panel(
+            "timeseries",
+            "Refused connections and read timeouts",
+            [
+                Target(
+                    f"sum(rate(vlltr_http_connections_refused_total{{{SEL}}}[$__rate_interval]))", "refused connections"
+                ),
+                Target(
+                    f"sum by (stage) (rate(vlltr_http_read_timeouts_total{{{SEL}}}[$__rate_interval]))",
+                    "{{stage}} read timeouts",
+                ),
+            ],
+            unit="ops",
+            width=8,
+            description="Connections refused at the limit; requests whose head or body stalled past "
+            "VLLTR_HEADER_READ_TIMEOUT_S / VLLTR_BODY_READ_TIMEOUT_S (answered 408 and closed).",
+        ),
+    ]
     batching = [
         Panel(
             "timeseries",
@@ -374,6 +412,7 @@ def sections() -> list[tuple[str, list[Panel]]]:
     return [
         ("Overview", overview),
         ("Traffic", traffic),
+        ("Connections and slow clients", connections),
         ("Batching and inference", batching),
         ("Cache and classes", cache_and_classes),
         ("Model", model),

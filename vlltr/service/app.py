@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vlltr.service.api import api_router
 from vlltr.service.api.errors import envelope, install_error_handlers
 from vlltr.service.api.uploads import BodyBudget
+from vlltr.service.body_timeout import BodyTimeoutMiddleware
 from vlltr.service.core import ServingCore
 from vlltr.service.metrics import Metrics
 from vlltr.service.settings import Settings
@@ -41,7 +42,8 @@ _METHODS = {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"}
 
 
 class RequestMiddleware:
-    """Request id, the latency histogram (labelled by route template) and the last-resort 500.
+    """Request id, the latency histogram (labelled by route template), requests in progress and the last-resort
+    500.
 
     A client-supplied `X-Request-ID` of safe characters is kept, otherwise one is made; it is echoed in the
     response. An exception no handler claimed is logged with the id and answered with a generic 500
@@ -71,6 +73,8 @@ class RequestMiddleware:
                 MutableHeaders(scope=message).append("X-Request-ID", request_id)
             await send(message)
 
+        in_progress = self.metrics.requests_in_progress
+        in_progress.inc()
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
@@ -83,6 +87,7 @@ class RequestMiddleware:
                 )
                 await response(scope, receive, send_with_id)
         finally:
+            in_progress.dec()
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "GET") if scope.get("method") in _METHODS else "OTHER"
@@ -122,7 +127,8 @@ def create_app(settings: Settings, *, core: ServingCore | None = None) -> FastAP
     app.state.body_budget = BodyBudget(settings.max_buffered_bytes, settings.retry_after_s)
     install_error_handlers(app)
     app.include_router(api_router)
-    app.add_middleware(RequestMiddleware, metrics=metrics)
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_read_timeout_s, metrics=metrics)
+    app.add_middleware(RequestMiddleware, metrics=metrics)  # outermost: the request id and latency cover all
     return app
 
 

@@ -4,13 +4,16 @@ Requests on the event loop `submit` payloads; each gets an asyncio future create
 inference thread (one per ONNX ServingCore session: concurrent `Run()` calls on a session serialise anyway)
 forms batches and runs them:
 
-- a batch leaves as soon as `max_batch_size` items wait, or when the OLDEST waiting item has waited
-  `max_wait_s` (the deadline is anchored on its arrival; nothing sleep-polls), or, when the caller says how
-  many items are still on their way (`upstream`, e.g. images being decoded), as soon as none is: waiting
-  longer could not make the batch any larger, only the answers later. With `upstream`, the deadline also
-  stretches to a tenth of the recent batch run time while items are on their way: for an encoder that
-  takes seconds per batch, waiting a few tens of milliseconds for images still being decoded fills the
-  batch at a cost of a few per cent, where leaving at `max_wait_s` would run a batch of one;
+- a batch leaves as soon as one of three rules holds, and never otherwise:
+  1. `max_batch_size` items wait (it is full);
+  2. the OLDEST waiting item has waited `max_wait_s` (the deadline is anchored on its arrival, never moved
+     by later arrivals or by how long batches take; nothing sleep-polls);
+  3. the caller says how many items are still on their way (`upstream`, e.g. images being decoded) and
+     none is: waiting longer could not make the batch any larger, only the answers later. It is checked
+     whenever an item arrives and whenever the caller reports a change (`recheck`).
+  The thread runs one batch at a time: items that arrive meanwhile wait, and the next batch leaves the
+  moment the thread is free if a rule already holds (its oldest item may then have waited longer than
+  `max_wait_s`, by at most the running batch's time);
 - items whose future is already done (the client went away) are skipped;
 - if the batch function raises, the batch is retried item by item, so a bad item fails alone;
 - results go back to the loop with ONE `call_soon_threadsafe` per batch;
@@ -38,8 +41,6 @@ log = logging.getLogger(__name__)
 P = TypeVar("P")
 R = TypeVar("R")
 
-ADAPTIVE_WAIT_FRACTION = 0.1  # with `upstream`: wait up to this share of the recent batch run time
-ADAPTIVE_WAIT_CAP_S = 1.0  # ... but never longer than this
 HEARTBEAT_S = 0.5  # the thread wakes at least this often while idle, so its heartbeat stays fresh
 STALL_S = 120.0  # a batch running longer than this marks the batcher not alive (readiness fails)
 
@@ -64,7 +65,8 @@ class MicroBatcher(Generic[P, R]):
         name: thread name.
         upstream: optional; the number of payloads that will be submitted soon (admitted and being
             prepared). When it is 0 a waiting batch leaves at once instead of waiting for its deadline.
-            Called from both threads, so it must be cheap and thread-safe (reading an int is).
+            Called from both threads, so it must be cheap and thread-safe (reading an int is). When it
+            drops to 0 without a submit (an item failed to prepare), call `recheck`.
     """
 
     def __init__(
@@ -87,7 +89,6 @@ class MicroBatcher(Generic[P, R]):
         self._metrics = metrics
         self._name = name
         self._upstream = upstream
-        self._batch_s = 0.0  # moving average of batch run time (inference thread only)
         self._items: deque[_Item[P, R]] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -186,10 +187,11 @@ class MicroBatcher(Generic[P, R]):
         """Queue one payload and wait for its result (its exception is raised here)."""
         return await self.submit_many([payload])[0]
 
-    def _deadline_s(self) -> float:
-        if self._upstream is None:
-            return self.max_wait_s
-        return max(self.max_wait_s, min(ADAPTIVE_WAIT_CAP_S, ADAPTIVE_WAIT_FRACTION * self._batch_s))
+    def recheck(self) -> None:
+        """Wake the thread if items wait and nothing is upstream any more (rule 3 may now hold)."""
+        with self._cond:
+            if self._items and self._nothing_upstream():
+                self._cond.notify()
 
     def _nothing_upstream(self) -> bool:
         if self._upstream is None:
@@ -220,7 +222,7 @@ class MicroBatcher(Generic[P, R]):
                     continue
                 if len(self._items) >= self.max_batch_size or self._nothing_upstream():
                     break
-                wait = self._items[0].arrival + self._deadline_s() - time.monotonic()
+                wait = self._items[0].arrival + self.max_wait_s - time.monotonic()
                 if wait <= 0:
                     break
                 self._cond.wait(min(wait, HEARTBEAT_S))
@@ -245,10 +247,8 @@ class MicroBatcher(Generic[P, R]):
                     self._metrics.queue_wait.observe(started - item.arrival)
                 self._metrics.batch_size.observe(len(batch))
             results = self._run_batch([item.payload for item in batch])
-            took = time.monotonic() - started
-            self._batch_s = took if self._batch_s == 0.0 else 0.8 * self._batch_s + 0.2 * took
             if self._metrics is not None:
-                self._metrics.inference_duration.observe(took)
+                self._metrics.inference_duration.observe(time.monotonic() - started)
         finally:
             self._busy_since = None
             if results is None:  # only on a BaseException escaping _run_batch: fail the batch, not hang it

@@ -172,17 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         core = ServingCore.load(settings, Metrics(redis_enabled=bool(settings.redis_url)))
     except (BundleError, ProviderError) as exc:
         return _refuse(f"cannot serve {settings.bundle}: {exc}", exc, settings)
+    from vlltr.service.connections import uvicorn_options
+
     uvicorn.run(
         create_app(settings, core=core),
-        host=settings.host,
-        port=settings.port,
         workers=1,
-        loop="uvloop",
-        http="httptools",
-        log_level=settings.log_level,
-        access_log=settings.access_log,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        # uvloop, the httptools protocol with the connection bound and the request-head deadline, address, logs
+        **uvicorn_options(settings, core.metrics),
     )
     return 0
 

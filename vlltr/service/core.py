@@ -414,12 +414,16 @@ class ServingCore:
         """Cache look-up, else decode + preprocess. Raises an image error of `vlltr.errors` for a bad image.
 
         Counted in `preparing` until it returns; callers submit the job in the same event-loop step, so the
-        batcher never sees the count drop before the job is queued."""
+        batcher never sees the count drop before the job is queued. When the count reaches 0 the batcher
+        is asked to look again after that step: an image that failed, or was answered from the cache,
+        is never submitted, and a batch waiting for it may leave at once."""
         self.preparing += 1
         try:
             return await self._prepare_job(data, top_k)
         finally:
             self.preparing -= 1
+            if self.preparing == 0:
+                asyncio.get_running_loop().call_soon(self.batcher.recheck)
 
     async def _prepare_job(self, data: bytes | bytearray, top_k: int) -> tuple[ImageJob, str | None]:
         if len(data) > self.settings.max_image_bytes:

@@ -13,7 +13,17 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2
 QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 TIERS = ("head", "medium", "tail", "added")
-REJECT_REASONS = ("queue_full", "too_large", "bad_image", "unsupported_type", "invalid", "unauthorized", "forbidden")
+REJECT_REASONS = (
+    "queue_full",
+    "too_large",
+    "bad_image",
+    "unsupported_type",
+    "invalid",
+    "unauthorized",
+    "forbidden",
+    "timeout",
+)
+READ_STAGES = ("head", "body")
 CACHE_RESULTS = ("hit", "miss", "error")
 CLASS_RECORD_STATES = ("served", "promoted", "quarantined")
 RELOAD_REASONS = ("epoch", "rollback", "history", "reconnect", "forced")
@@ -60,6 +70,29 @@ class Metrics:
         self.predictions = Counter(
             "vlltr_predictions", "top-1 predictions by the long-tail tier of the class", ["tier"], registry=r
         )
+        # The HTTP server's connections (vlltr.service.connections) and slow clients (vlltr.service.body_timeout).
+        self.requests_in_progress = Gauge(
+            "vlltr_http_requests_in_progress",
+            "HTTP requests inside the app (their body being read, or their answer being made)",
+            registry=r,
+        )
+        self.connections = Gauge("vlltr_http_connections", "client connections open in this server process", registry=r)
+        self.connections_limit = Gauge(
+            "vlltr_http_connections_limit",
+            "most client connections this server process keeps open; more are answered 503 and closed",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "vlltr_http_connections_refused",
+            "client connections refused at the connection limit (answered 503 and closed)",
+            registry=r,
+        )
+        self.read_timeouts = Counter(
+            "vlltr_http_read_timeouts",
+            "requests dropped because the client paused too long, by what it was sending (head or body)",
+            ["stage"],
+            registry=r,
+        )
         self.model_info = Info("vlltr_model", "the served bundle and runtime", registry=r)
         self.class_table_version = Gauge("vlltr_class_table_version", "version of the served class table", registry=r)
         self.class_records = Gauge(
@@ -93,6 +126,8 @@ class Metrics:
             self.cache_lookups.labels(result=result)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)
+        for stage in READ_STAGES:
+            self.read_timeouts.labels(stage=stage)
         for tier in TIERS:
             self.predictions.labels(tier=tier)
         for source in ("trained", "added"):

@@ -84,10 +84,9 @@ class Settings(BaseSettings):
         5.0,
         ge=0.0,
         le=10_000.0,
-        description="a batch leaves when its oldest image has waited this long, "
-        "when it is full, or at once when no other image is being "
-        "decoded; while images are still being decoded it may wait up "
-        "to a tenth of the recent batch run time (at most 1 s) instead",
+        description="a batch leaves when it is full, when its oldest image has waited this long, or at once "
+        "when no other image is being decoded; never later (unless the encoder is still busy with the "
+        "previous batch, then the moment it is done)",
     )
     queue_size: int = Field(
         512,
@@ -123,6 +122,31 @@ class Settings(BaseSettings):
     )
     max_batch_files: int = Field(64, ge=1, description="most images in one /v1/classify/batch request")
     max_top_k: int = Field(100, ge=1, description="largest top_k a request may ask for")
+
+    # Slow clients and connections.
+    body_read_timeout_s: float = Field(
+        15.0,
+        gt=0.0,
+        le=3600.0,
+        description="longest pause while a request body arrives (the clock restarts with every piece of "
+        "it); past it the request is answered 408 and its connection closed",
+    )
+    header_read_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=3600.0,
+        description="most seconds a client may take to send a request's line and headers, counted from "
+        "the connection's opening (or, on a kept-alive connection, from the request's first byte); past it "
+        "the connection is closed, with a 408 when part of a request had arrived",
+    )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description="most client connections one server process keeps open (idle kept-alive ones "
+        "included); more are answered 503 with Retry-After and closed at once. At start the open-file "
+        "limit is raised to fit (up to its hard limit); where it cannot be, this is lowered to what "
+        "fits and the log says so",
+    )
 
     # Classes added by text.
     admin_token: SecretStr | None = Field(

@@ -1,4 +1,5 @@
-"""The micro-batcher: ordering, deadline and full flushes, per-item failures, cancellation, supervision."""
+"""The micro-batcher: when batches leave (measured against the rule in vlltr/service/batcher.py), ordering,
+per-item failures, cancellation, supervision."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 
 import pytest
 
+from support.batching import SLACK_S, DispatchLog
 from vlltr.errors import NotReadyError, QueueFullError
 from vlltr.service.batcher import MicroBatcher
 from vlltr.service.metrics import Metrics
@@ -52,50 +54,82 @@ def test_results_come_back_in_order_and_batched():
     assert [i for batch in rec.batches for i in batch] == list(range(20))  # FIFO across batches
 
 
-def test_full_batch_leaves_without_waiting_for_the_deadline():
-    async def main():
-        rec = Recorder()
-        b = MicroBatcher(rec, max_batch_size=4, max_wait_s=30.0, queue_size=100)
+def test_a_full_batch_leaves_at_once():
+    async def main() -> DispatchLog:
+        log = DispatchLog()
+        # A 30 s deadline and items always "on their way": only the "full" rule can release these.
+        b = MicroBatcher(log.process, max_batch_size=4, max_wait_s=30.0, queue_size=100, upstream=lambda: 5)
         b.start()
-        # With a 30 s deadline only the "full" rule can release these within the test's timeout.
-        results = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(4))), timeout=10)
+        futures = log.submit_at(b.submit_many, [0, 1, 2, 3])
+        await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
         await b.stop()
-        return rec, results
+        return log
 
-    rec, results = run(main())
-    assert results == [0, 10, 20, 30]
-    assert rec.batches == [[0, 1, 2, 3]]
+    log = run(main())
+    assert log.batches == [[0, 1, 2, 3]]
+    assert log.waited(0) < SLACK_S
 
 
-def test_partial_batch_leaves_at_the_deadline():
-    async def main():
-        rec = Recorder()
-        b = MicroBatcher(rec, max_batch_size=64, max_wait_s=0.05, queue_size=100)
+def test_a_partial_batch_leaves_when_its_oldest_item_has_waited_max_wait():
+    # Items at 0, 300 and 600 ms with a 500 ms deadline and more always on their way (so only the deadline
+    # can release them). Anchored on the oldest item, [0, 1] leaves at 500 ms and [2] at 1,100 ms. A deadline
+    # anchored on the newest item would send [0, 1, 2] at 1,100 ms (each arrival pushing it back); one that
+    # left as soon as anything waited would send three batches at once.
+    wait = 0.5
+
+    async def main() -> DispatchLog:
+        log = DispatchLog()
+        b = MicroBatcher(log.process, max_batch_size=64, max_wait_s=wait, queue_size=100, upstream=lambda: 1)
         b.start()
-        results = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(3))), timeout=10)
+        futures = log.submit_at(b.submit_many, [0])
+        await asyncio.sleep(0.3)
+        futures += log.submit_at(b.submit_many, [1])
+        await asyncio.sleep(0.3)
+        futures += log.submit_at(b.submit_many, [2])
+        await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
         await b.stop()
-        return rec, results
+        return log
 
-    rec, results = run(main())
-    assert results == [0, 10, 20]
-    assert rec.batches == [[0, 1, 2]]
+    log = run(main())
+    assert log.batches == [[0, 1], [2]]
+    for index in range(2):
+        assert wait <= log.waited(index) < wait + SLACK_S, (index, log.waited(index))
 
 
-def test_deadline_is_anchored_on_the_oldest_item():
-    async def main():
-        rec = Recorder()
-        b = MicroBatcher(rec, max_batch_size=64, max_wait_s=0.3, queue_size=100)
+def test_a_busy_thread_sends_the_next_batch_the_moment_it_is_free():
+    # Item 1 reaches its deadline (50 ms) while item 0's batch still runs (400 ms): it leaves as soon as that
+    # batch is done, not a deadline later.
+    async def main() -> tuple[DispatchLog, float]:
+        log = DispatchLog(hold={0: 0.4})
+        b = MicroBatcher(log.process, max_batch_size=8, max_wait_s=0.05, queue_size=100)
         b.start()
-        first = asyncio.ensure_future(b.submit(1))
-        await asyncio.sleep(0.15)
-        second = asyncio.ensure_future(b.submit(2))
-        await asyncio.gather(first, second)
+        first = log.submit_at(b.submit_many, [0])
+        await asyncio.sleep(0.1)
+        second = log.submit_at(b.submit_many, [1])
+        await asyncio.wait_for(asyncio.gather(*first, *second), timeout=10)
         await b.stop()
-        return rec
+        return log, log.calls[0].at + 0.4
 
-    rec = run(main())
-    # The second item arrived before the first one's deadline, so both left together.
-    assert rec.batches == [[1, 2]]
+    log, free_at = run(main())
+    assert log.batches == [[0], [1]]
+    assert free_at <= log.calls[1].at < free_at + SLACK_S
+
+
+def test_without_upstream_a_lone_item_waits_for_its_deadline():
+    # With nobody saying what is on its way, a lone item waits its full deadline (it cannot leave early).
+    wait = 0.3
+
+    async def main() -> DispatchLog:
+        log = DispatchLog()
+        b = MicroBatcher(log.process, max_batch_size=8, max_wait_s=wait, queue_size=10)
+        b.start()
+        await asyncio.wait_for(asyncio.gather(*log.submit_at(b.submit_many, [7])), timeout=10)
+        await b.stop()
+        return log
+
+    log = run(main())
+    assert log.batches == [[7]]
+    assert wait <= log.waited(0) < wait + SLACK_S
 
 
 def test_a_failing_item_fails_alone():

@@ -1,92 +1,97 @@
-"""The batcher's dispatch rules that the serving benchmark led to: leave at once when nothing else is on
-its way, and, while images are still being prepared, wait for them longer when batches are slow."""
+"""The batcher's third rule, which the serving benchmark led to: a batch leaves at once when nothing else is
+on its way (`upstream` says 0), and otherwise by the same full/deadline rules as without it: however slow the
+batches, items still on their way never stretch the deadline. Dispatch times are measured (support.batching)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
+from support.batching import SLACK_S, DispatchLog
 from vlltr.service.batcher import MicroBatcher
 
 
-def test_nothing_upstream_dispatches_before_the_deadline():
-    async def main() -> list[int]:
-        b = MicroBatcher(
-            lambda xs: [x + 1 for x in xs], max_batch_size=8, max_wait_s=30.0, queue_size=10, upstream=lambda: 0
-        )
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_nothing_upstream_dispatches_at_once():
+    async def main() -> DispatchLog:
+        log = DispatchLog()
+        # A 30 s deadline: only the "nothing upstream" rule can release a lone item this soon.
+        b = MicroBatcher(log.process, max_batch_size=8, max_wait_s=30.0, queue_size=10, upstream=lambda: 0)
         b.start()
-        # A 30 s deadline: only the "nothing upstream" rule can release a lone item within the timeout.
-        out = await asyncio.wait_for(asyncio.gather(b.submit(1)), timeout=10)
+        await asyncio.wait_for(asyncio.gather(*log.submit_at(b.submit_many, [1])), timeout=10)
         await b.stop()
-        return out
+        return log
 
-    assert asyncio.run(main()) == [2]
+    log = run(main())
+    assert log.batches == [[1]]
+    assert log.waited(0) < SLACK_S
 
 
-def test_items_on_their_way_are_waited_for_and_batched_together():
-    async def main() -> list[list[int]]:
-        batches: list[list[int]] = []
+def test_items_on_their_way_are_waited_for_and_the_batch_leaves_with_the_last():
+    # Three items arrive 50 ms apart while the others are still "being prepared"; the batch leaves when the
+    # third arrives and nothing else is coming (about 100 ms), long before the 30 s deadline.
+    async def main() -> DispatchLog:
+        log = DispatchLog()
         preparing = {"n": 3}
-
-        def process(xs: list[int]) -> list[int]:
-            batches.append(list(xs))
-            return xs
-
-        b = MicroBatcher(process, max_batch_size=8, max_wait_s=30.0, queue_size=10, upstream=lambda: preparing["n"])
+        b = MicroBatcher(log.process, max_batch_size=8, max_wait_s=30.0, queue_size=10, upstream=lambda: preparing["n"])
         b.start()
         futures = []
-        for i in range(3):  # three items arrive one by one while the rest are still "being prepared"
+        for i in range(3):
             preparing["n"] -= 1
-            futures += b.submit_many([i])
+            futures += log.submit_at(b.submit_many, [i])
             await asyncio.sleep(0.05)
         await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
         await b.stop()
-        return batches
+        return log
 
-    assert asyncio.run(main()) == [[0, 1, 2]]
+    log = run(main())
+    assert log.batches == [[0, 1, 2]]
+    last = log.submitted[2]
+    assert last <= log.calls[0].at < last + SLACK_S
 
 
-def test_slow_batches_stretch_the_wait_while_items_are_being_prepared():
-    async def main() -> list[list[int]]:
-        batches: list[list[int]] = []
-
-        def process(xs: list[int]) -> list[int]:
-            batches.append(list(xs))
-            time.sleep(2.0)  # a slow encoder: a tenth of it (200 ms) is worth waiting for stragglers
-            return xs
-
+def test_recheck_releases_a_batch_whose_last_expected_item_never_comes():
+    # Item 0 waits for one more item on its way; that one fails to prepare (it is never submitted) and the
+    # caller says so with `recheck`: the batch leaves then, not at its 30 s deadline.
+    async def main() -> tuple[DispatchLog, float]:
+        log = DispatchLog()
         preparing = {"n": 1}
-        b = MicroBatcher(process, max_batch_size=8, max_wait_s=0.001, queue_size=10, upstream=lambda: preparing["n"])
+        b = MicroBatcher(log.process, max_batch_size=8, max_wait_s=30.0, queue_size=10, upstream=lambda: preparing["n"])
         b.start()
-        await b.submit(0)  # one batch runs, so the batcher knows batches take about 2 s
-        first = b.submit_many([1])
-        await asyncio.sleep(0.02)  # longer than max_wait_s, shorter than a tenth of the batch time
+        futures = log.submit_at(b.submit_many, [0])
+        await asyncio.sleep(0.2)
         preparing["n"] = 0
-        second = b.submit_many([2])
-        await asyncio.wait_for(asyncio.gather(*first, *second), timeout=10)
+        told = time.monotonic()
+        b.recheck()
+        await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
         await b.stop()
-        return batches
+        return log, told
 
-    assert asyncio.run(main()) == [[0], [1, 2]]
+    log, told = run(main())
+    assert log.batches == [[0]]
+    assert told <= log.calls[0].at < told + SLACK_S
 
 
-def test_without_upstream_the_deadline_is_max_wait() -> None:
-    async def main() -> list[list[int]]:
-        batches: list[list[int]] = []
+def test_slow_batches_do_not_stretch_the_deadline_while_items_are_on_their_way():
+    # A 3 s batch runs first. Items then keep arriving with more always on their way, so only the 50 ms deadline
+    # may release them: each batch must leave 50 ms after its oldest item. A deadline stretched to a tenth of
+    # the recent batch time (as this batcher once did) would hold them 300 ms, past the bound.
+    wait = 0.05
 
-        def process(xs: list[int]) -> list[int]:
-            batches.append(list(xs))
-            time.sleep(0.3)
-            return xs
-
-        b = MicroBatcher(process, max_batch_size=8, max_wait_s=0.001, queue_size=10)
+    async def main() -> DispatchLog:
+        log = DispatchLog(hold={0: 3.0})
+        b = MicroBatcher(log.process, max_batch_size=8, max_wait_s=wait, queue_size=10, upstream=lambda: 1)
         b.start()
-        await b.submit(0)
-        first = b.submit_many([1])
-        await asyncio.sleep(0.25)  # far past max_wait_s: item 1 has left alone
-        second = b.submit_many([2])
-        await asyncio.wait_for(asyncio.gather(*first, *second), timeout=10)
+        await asyncio.wait_for(asyncio.gather(*log.submit_at(b.submit_many, [0])), timeout=10)
+        for i in (1, 2, 3):
+            await asyncio.wait_for(asyncio.gather(*log.submit_at(b.submit_many, [i])), timeout=10)
         await b.stop()
-        return batches
+        return log
 
-    assert asyncio.run(main()) == [[0], [1], [2]]
+    log = run(main())
+    assert log.batches == [[0], [1], [2], [3]]
+    for index in (1, 2, 3):
+        assert wait <= log.waited(index) < wait + SLACK_S, (index, log.waited(index))

@@ -37,6 +37,8 @@ PUBLISHED = {
     "store_unavailable": (503, True),
     "inference_failed": (503, True),
     "internal": (500, False),
+    "timeout": (408, False),  # a stalled request head or body
+    "too_many_connections": (503, True),  # the server's connection bound
 }
 
 CODES = {

@@ -58,7 +58,9 @@ def test_labelled_series_exist_from_the_start():
         "invalid",
         "unauthorized",
         "forbidden",
+        "timeout",
     }
+    assert {s.labels["stage"] for s in families["vlltr_http_read_timeouts"].samples} == {"head", "body"}
     assert {s.labels["tier"] for s in families["vlltr_predictions"].samples} == {"head", "medium", "tail", "added"}
     assert {s.labels["result"] for s in families["vlltr_cache_lookups"].samples} == {"hit", "miss", "error"}
     assert {s.labels["source"] for s in families["vlltr_classes"].samples} == {"trained", "added"}

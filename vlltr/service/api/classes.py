@@ -186,7 +186,7 @@ _CREATE_BODY = {
     openapi_extra=_CREATE_BODY,
     responses={
         200: {"model": ClassCreated, "description": "the class existed already with exactly these descriptions"},
-        **error_responses(401, 403, 409, 413, 415, 422, 503),
+        **error_responses(401, 403, 408, 409, 413, 415, 422, 503),
     },
 )
 async def add_class(request: Request, core: CoreDep, settings: SettingsDep, hold: BodyHoldDep) -> Response:

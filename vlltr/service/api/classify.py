@@ -1,21 +1,36 @@
-"""`POST /v1/classify` and `POST /v1/classify/batch`."""
+"""`POST /v1/classify` (one image: a multipart field or the raw body) and `POST /v1/classify/batch`."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from python_multipart.multipart import parse_options_header
 
 from vlltr.errors import ImageTooLargeError
 from vlltr.service.api.deps import BodyHoldDep, CoreDep
 from vlltr.service.api.docs import binary, error_responses, multipart_body
 from vlltr.service.api.errors import ApiError, answer_for, count_rejection, retry_after_s
-from vlltr.service.api.uploads import Part, read_multipart
+from vlltr.service.api.uploads import BodyHold, Part, read_body, read_multipart
 from vlltr.service.core import Scored
 from vlltr.service.schemas import BatchItem, BatchResponse, ClassifyResponse, ErrorBody
 from vlltr.service.settings import Settings
 
 router = APIRouter(prefix="/v1/classify", tags=["classify"])
+
+# Content types `POST /v1/classify` reads as a raw image body, with the decoder format each names (every format
+# the service decodes, `vlltr.model.runtime.preprocess.SUPPORTED_FORMATS`). The image's format is read from its
+# bytes, as for a multipart upload, whose part content type is not trusted either: the header chooses how
+# the body is read, not how it is decoded.
+RAW_IMAGE_TYPES: dict[str, str] = {
+    "image/jpeg": "JPEG",
+    "image/png": "PNG",
+    "image/webp": "WEBP",
+    "image/gif": "GIF",
+    "image/bmp": "BMP",
+    "image/tiff": "TIFF",
+}
+MULTIPART = "multipart/form-data"
 
 TopK = Annotated[
     int,
@@ -45,26 +60,51 @@ def _files(parts: list[Part], field: str) -> list[Part]:
     return files
 
 
+def _media_type(request: Request) -> str:
+    media_type, _ = parse_options_header(request.headers.get("content-type", ""))
+    return media_type.decode("latin-1").lower()
+
+
+async def _one_image(request: Request, settings: Settings, hold: BodyHold) -> bytes | bytearray:
+    """The image of a `POST /v1/classify`: multipart field `file`, or the whole body for a raw image type."""
+    media_type = _media_type(request)
+    if media_type in RAW_IMAGE_TYPES:
+        return await read_body(request, limit=settings.max_image_bytes, hold=hold)
+    if media_type != MULTIPART:
+        raise ApiError(
+            415,
+            "unsupported_type",
+            f"send the image as multipart/form-data (field 'file') or as the whole body with content type "
+            f"{', '.join(RAW_IMAGE_TYPES)}; got content type {media_type or 'none'}",
+        )
+    parts = await read_multipart(
+        request, file_limit=settings.max_image_bytes, max_files=1, expected="one image in field 'file'", hold=hold
+    )
+    return _files(parts, "file")[0].data
+
+
 @router.post(
     "",
     response_model=ClassifyResponse,
     summary="Classify one image",
-    responses=error_responses(400, 413, 415, 422, 503),
-    openapi_extra=multipart_body({"file": binary("the image (JPEG, PNG, WebP, GIF, BMP or TIFF)")}, ["file"]),
+    responses=error_responses(400, 408, 413, 415, 422, 503),
+    openapi_extra=multipart_body(
+        {"file": binary("the image (JPEG, PNG, WebP, GIF, BMP or TIFF)")}, ["file"], raw_types=list(RAW_IMAGE_TYPES)
+    ),
 )
 async def classify_image(request: Request, core: CoreDep, hold: BodyHoldDep, top_k: TopK = 5) -> ClassifyResponse:
-    """Classify one image uploaded as multipart field `file`.
+    """Classify one image: multipart field `file`, or the image itself as the body with its content type
+    (`image/jpeg`, `image/png`, `image/webp`, `image/gif`, `image/bmp`, `image/tiff`). Both give the same
+    answer under the same limits; the image's format is read from its bytes either way.
 
     `curl -F file=@cat.jpg 'http://localhost:8000/v1/classify?top_k=3'`
+    `curl --data-binary @cat.jpg -H 'Content-Type: image/jpeg' 'http://localhost:8000/v1/classify?top_k=3'`
     """
     settings = core.settings
     _check_top_k(top_k, settings)
     core.check_accepting(1)  # refuse before reading a body we could not serve
-    parts = await read_multipart(
-        request, file_limit=settings.max_image_bytes, max_files=1, expected="one image in field 'file'", hold=hold
-    )
-    files = _files(parts, "file")
-    scored = await core.classify(files[0].data, top_k)
+    data = await _one_image(request, settings, hold)
+    scored = await core.classify(data, top_k)
     return ClassifyResponse(
         predictions=scored.predictions(), bundle_id=core.bundle.bundle_id, class_table_version=scored.version
     )
@@ -96,7 +136,7 @@ def _item(index: int, part: Part, result: Scored | Exception, request: Request) 
     "/batch",
     response_model=BatchResponse,
     summary="Classify several images",
-    responses=error_responses(413, 415, 422, 503),
+    responses=error_responses(408, 413, 415, 422, 503),
     openapi_extra=multipart_body(
         {
             "files": {

@@ -64,6 +64,8 @@ async def body_hold(request: Request) -> AsyncIterator[BodyHold]:
 
 
 CoreDep = Annotated[ServingCore, Depends(get_core)]
-BodyHoldDep = Annotated[BodyHold, Depends(body_hold)]
+# Released when the route function ends, before the answer is sent: a client that sends its next upload the
+# moment it reads the answer must not find its own previous body still holding the budget.
+BodyHoldDep = Annotated[BodyHold, Depends(body_hold, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 AdminDep = Depends(require_admin)

@@ -1,7 +1,8 @@
-"""OpenAPI helpers: documented error responses and multipart request bodies."""
+"""OpenAPI helpers: documented error responses and request bodies (multipart forms, raw images)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from vlltr.service.schemas import ErrorResponse
@@ -11,6 +12,8 @@ _DESCRIPTIONS = {
     401: "the admin token is missing (`unauthorized`)",
     403: "the admin token is wrong (`forbidden`)",
     404: "no such class (`not_found`)",
+    408: "the client paused longer than `body_read_timeout_s` while sending the body (`timeout`); the "
+    "connection is closed",
     409: "the class exists already, or is a trained class that cannot be deleted (`conflict`)",
     413: "an image or the body is over a size limit, or the image has too many pixels (`too_large`)",
     415: "an image format or request content type the service does not read (`unsupported_type`)",
@@ -32,16 +35,17 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-def multipart_body(properties: dict[str, dict[str, Any]], required: list[str]) -> dict[str, Any]:
-    """`openapi_extra` documenting a multipart/form-data body (routes read it as a stream)."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {"schema": {"type": "object", "properties": properties, "required": required}}
-            },
-        }
+def multipart_body(
+    properties: dict[str, dict[str, Any]], required: list[str], *, raw_types: Sequence[str] = ()
+) -> dict[str, Any]:
+    """`openapi_extra` documenting a multipart/form-data body (routes read it as a stream), and, for each of
+    `raw_types`, the same content sent as the whole body with that content type."""
+    content: dict[str, Any] = {
+        "multipart/form-data": {"schema": {"type": "object", "properties": properties, "required": required}}
     }
+    for media_type in raw_types:
+        content[media_type] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def binary(description: str) -> dict[str, Any]:

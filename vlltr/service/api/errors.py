@@ -48,6 +48,10 @@ HTTP_ERRORS: dict[str, HttpMapping] = {
     "unauthorized": HttpMapping(401, "unauthorized"),
     "forbidden": HttpMapping(403, "forbidden"),
     "queue_full": HttpMapping(503, "queue_full", retry_after=True),
+    # Written by the HTTP server itself, before any request is read (vlltr.service.connections); counted in
+    # vlltr_http_connections_refused_total.
+    "too_many_connections": HttpMapping(503, retry_after=True),
+    "timeout": HttpMapping(408, "timeout"),
     "not_found": HttpMapping(404),
     "conflict": HttpMapping(409),
     "method_not_allowed": HttpMapping(405),

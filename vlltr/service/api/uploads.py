@@ -289,21 +289,24 @@ async def read_multipart(
 
 async def read_body(request: Request, *, limit: int, hold: BodyHold | None = None) -> bytes:
     """The whole body, refusing more than `limit` bytes (413) and, with `hold`, more than the body budget
-    allows right now (503)."""
+    allows right now (503); a body larger than the whole budget gets 413, as in `read_multipart`."""
+    if hold is not None and hold.limit is not None:
+        limit = min(limit, hold.limit)
     _check_declared_length(request, limit + DRAIN_LIMIT, f"{limit} bytes")
     buf = bytearray()
     try:
         async for chunk in request.stream():
+            received = len(buf) + len(chunk)
+            if received > limit:  # over the limit is 413 whatever the budget holds (checked first)
+                await _drain(request, received)
+                raise ApiError(413, "too_large", f"request body is over the limit of {limit} bytes")
             if hold is not None:
                 try:
-                    hold.ensure(max(len(buf) + len(chunk), min(_declared_length(request), limit)))
+                    hold.ensure(max(received, min(_declared_length(request), limit)))
                 except _LimitHit as hit:
-                    await _drain(request, len(buf) + len(chunk))
+                    await _drain(request, received)
                     raise hit.error from None
             buf.extend(chunk)
-            if len(buf) > limit:
-                await _drain(request, len(buf))
-                raise ApiError(413, "too_large", f"request body is over the limit of {limit} bytes")
     except ClientDisconnect:
         raise _disconnected() from None
     return bytes(buf)

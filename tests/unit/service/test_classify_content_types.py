@@ -1,0 +1,27 @@
+"""`POST /v1/classify` reads a raw image body for every format the service decodes, and its OpenAPI document says
+so (the answers over HTTP are checked in tests/integration/test_raw_image_body.py)."""
+
+from __future__ import annotations
+
+from vlltr.model.runtime.preprocess import SUPPORTED_FORMATS
+from vlltr.service.api.classify import MULTIPART, RAW_IMAGE_TYPES
+from vlltr.service.app import create_app
+from vlltr.service.settings import Settings
+
+
+def test_every_decoded_format_has_its_raw_content_type():
+    assert sorted(RAW_IMAGE_TYPES.values()) == sorted(SUPPORTED_FORMATS)
+    assert all(t.startswith("image/") and t == t.lower() for t in RAW_IMAGE_TYPES)
+
+
+def test_the_document_lists_multipart_and_each_raw_type(tmp_path):
+    spec = create_app(Settings(bundle=tmp_path / "unused", cache_dir=tmp_path)).openapi()
+    operation = spec["paths"]["/v1/classify"]["post"]
+    content = operation["requestBody"]["content"]
+    assert set(content) == {MULTIPART, *RAW_IMAGE_TYPES}
+    assert content[MULTIPART]["schema"]["required"] == ["file"]
+    for media_type in RAW_IMAGE_TYPES:
+        assert content[media_type]["schema"] == {"type": "string", "format": "binary"}
+    assert {"408", "413", "415"} <= set(operation["responses"])
+    # The batch endpoint stays multipart only.
+    assert set(spec["paths"]["/v1/classify/batch"]["post"]["requestBody"]["content"]) == {MULTIPART}
