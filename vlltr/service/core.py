@@ -198,7 +198,11 @@ class ServingCore:
         store: ClassStore
         if settings.redis_url:
             self.redis = RedisLink(
-                settings.redis_url, timeout_s=settings.redis_timeout_s, retry_s=settings.redis_retry_s, metrics=metrics
+                settings.redis_url,
+                timeout_s=settings.redis_timeout_s,
+                retry_s=settings.redis_retry_s,
+                store_timeout_s=settings.redis_store_timeout_s,
+                metrics=metrics,
             )
             store = RedisClassStore(self.redis, prefix=settings.redis_prefix)
             self.cache: EmbeddingCache | None = RedisEmbeddingCache(

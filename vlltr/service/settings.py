@@ -199,7 +199,14 @@ class Settings(BaseSettings):
         description="prefix of every Redis key and channel: the deployment's namespace (replicas with the same "
         "prefix share their added classes, whatever bundle each serves)",
     )
-    redis_timeout_s: float = Field(0.25, gt=0.0, description="Redis socket timeout on the request path")
+    redis_timeout_s: float = Field(
+        0.25, gt=0.0, description="Redis socket timeout on the request path (the embedding cache)"
+    )
+    redis_store_timeout_s: float = Field(
+        5.0,
+        gt=0.0,
+        description="Redis socket timeout for the class store (each class write waits for Redis's fsync)",
+    )
     redis_retry_s: float = Field(
         1.0, gt=0.0, description="after a Redis error, seconds before it is tried again (requests skip it meanwhile)"
     )
