@@ -285,7 +285,7 @@ def test_a_class_acknowledged_just_before_redis_is_killed_is_there_after_the_res
     acknowledged = []
     for i in range(5):
         r = _add(server.url, f"acknowledged {i}")
-        assert r.status_code == 201, r.text
+        assert r.status_code == 201, (i, r.text, server.log()[-4000:])
         redis.stop()  # SIGKILL, right after the 201
         acknowledged.append(f"acknowledged {i}")
         redis.start()
