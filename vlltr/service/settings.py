@@ -73,6 +73,23 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(False, description="log every HTTP request (uvicorn access log)")
 
+    # Processes.
+    workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="HTTP front-end processes sharing the port, beside one engine process holding the model, "
+        "the batcher and the class table (0 = one per 4 CPU cores, at least 1; 1 = a single process doing "
+        "everything, with no engine or supervisor)",
+    )
+    shm_slots: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="with several workers: images each front-end may have on their way to the engine at once, "
+        "each a slot of shared memory holding its preprocessed pixels (raised to max_batch_files when lower)",
+    )
+
     # Micro-batching.
     max_batch_size: int = Field(
         32,
@@ -249,6 +266,11 @@ class Settings(BaseSettings):
         """Batch shapes the encoder ever sees: powers of two below `max_batch_size`, then it."""
         sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < self.max_batch_size]
         return tuple(sizes + [self.max_batch_size])
+
+    @property
+    def worker_count(self) -> int:
+        """HTTP front-end processes to run (`workers`, or one per 4 cores when it is 0)."""
+        return self.workers or max(1, (os.cpu_count() or 1) // 4)
 
     @property
     def decode_threads(self) -> int:
