@@ -123,7 +123,13 @@ class RequestMiddleware:
         try:
             await self.app(scope, receive, send)
         except Exception:
-            log.warning("a forwarded %s %s broke off (request id %s)", scope.get("method"), scope["path"], request_id)
+            log.warning(
+                "a forwarded %s %s broke off (request id %s)",
+                scope.get("method"),
+                scope["path"],
+                request_id,
+                exc_info=True,
+            )
             if not state["started"]:
                 response = JSONResponse(
                     envelope("not_ready", "the engine is restarting; retry shortly"),

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -425,11 +426,12 @@ class ForwardMiddleware:
 
         client = self.engine.client
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"host", b"connection")]
-        query = scope.get("query_string", b"")
-        url = httpx.URL(path=scope["path"], query=query) if query else httpx.URL(path=scope["path"])
+        # The path as the client encoded it (`%23` stays `%23`, never a fragment), and its query as it came.
+        target = (scope.get("raw_path") or quote(scope["path"]).encode("ascii")).decode("latin-1")
+        query = scope.get("query_string", b"").decode("latin-1")
         request = client.build_request(
             scope["method"],
-            url,
+            target + ("?" + query if query else ""),
             headers=headers,
             content=body() if scope["method"] not in ("GET", "HEAD") else None,
         )
