@@ -162,6 +162,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt: Classifier = core if core is not None else await asyncio.to_thread(ServingCore.load, settings, metrics)
         app.state.core = rt
+        # What must hold before the server accepts a connection (a front-end's link to a ready engine).
+        await rt.before_serving()
         starting = asyncio.create_task(_start(rt), name="vlltr-start")
         try:
             yield

@@ -131,6 +131,8 @@ class Classifier(Protocol):
     @property
     def table_version(self) -> int: ...
 
+    async def before_serving(self) -> None: ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -357,6 +359,9 @@ class ServingCore:
             text_encoder.provider,
         )
         return cls(settings, bundle, image_encoder, text_encoder, metrics)
+
+    async def before_serving(self) -> None:
+        """Nothing: a single process accepts connections at once and says not ready until `start` is done."""
 
     async def start(self) -> None:
         """Warm every bucket, load the class table (retrying while the store is unreachable), then start

@@ -44,6 +44,7 @@ ENGINE_GONE = "the engine is restarting; retry shortly"
 RECONNECT_S = 0.1  # how soon a lost engine link is tried again
 STATUS_EVERY_S = 0.25  # how often the engine's readiness is asked
 HELLO_TIMEOUT_S = 5.0
+LINK_WAIT_S = 10.0  # longest a starting front-end waits for a ready engine before it accepts anyway
 # Headers of a forwarded answer that are the front-end's own to set.
 _HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"x-request-id", b"date", b"server"}
 _NOT_READY = {"checks": None, "version": None}
@@ -105,6 +106,7 @@ class EngineClient:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._linked = asyncio.Event()
 
     @property
     def connected(self) -> bool:
@@ -161,6 +163,7 @@ class EngineClient:
             shm.unlink()  # both sides have it mapped (or the engine never will): nothing left in /dev/shm
         self.engine_pid = int(welcome["pid"])
         self.link = _Link(writer, shm, self.slots, self.slot_bytes)
+        self._linked.set()
         log.info("linked to the engine (pid %d)", self.engine_pid)
         while True:
             message = await read_frame(reader)
@@ -180,13 +183,16 @@ class EngineClient:
 
     async def _poll_status(self) -> None:
         while True:
+            with contextlib.suppress(TimeoutError):
+                # Asked at once when a link comes up (not a poll interval later), then every interval.
+                await asyncio.wait_for(self._linked.wait(), STATUS_EVERY_S)
+            self._linked.clear()
             if self.link is not None:
                 try:
                     reply = await asyncio.wait_for(self.call({"op": "status"}), 5.0)
                     self.status = {"checks": reply["checks"], "version": reply["version"]}
                 except (NotReadyError, TimeoutError, KeyError):
                     self.status = dict(_NOT_READY)
-            await asyncio.sleep(STATUS_EVERY_S)
 
     async def call(self, message: dict[str, Any], link: _Link | None = None) -> dict[str, Any]:
         """Send one request and wait for its answer. `NotReadyError` without a link or when it drops."""
@@ -278,8 +284,16 @@ class FrontCore:
             raise ValueError("settings.bundle is not set")
         return cls(settings, load_bundle(settings.bundle), metrics, run_dir)
 
-    async def start(self) -> None:
+    async def before_serving(self) -> None:
+        """Link to the engine and learn its readiness before accepting connections (at most
+        `LINK_WAIT_S`), so a front-end that starts beside a ready engine is ready from its first request."""
         await self.client.start()
+        deadline = time.monotonic() + LINK_WAIT_S
+        while time.monotonic() < deadline and not all(self.ready().values()):
+            await asyncio.sleep(0.02)
+
+    async def start(self) -> None:
+        """Nothing more: the link keeps itself up (`EngineClient`)."""
 
     async def stop(self) -> None:
         await self.client.close()

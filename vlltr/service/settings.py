@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         ge=0,
         le=64,
         description="HTTP front-end processes sharing the port, beside one engine process holding the model, "
-        "the batcher and the class table (0 = one per 4 CPU cores, at least 1; 1 = a single process doing "
+        "the batcher and the class table (0 = one per 4 usable CPU cores, at least 1; 1 = a single process doing "
         "everything, with no engine or supervisor)",
     )
     shm_slots: int = Field(
@@ -269,13 +269,29 @@ class Settings(BaseSettings):
 
     @property
     def worker_count(self) -> int:
-        """HTTP front-end processes to run (`workers`, or one per 4 cores when it is 0)."""
-        return self.workers or max(1, (os.cpu_count() or 1) // 4)
+        """HTTP front-end processes to run (`workers`, or one per 4 usable cores when it is 0)."""
+        return self.workers or max(1, usable_cpus() // 4)
 
     @property
     def decode_threads(self) -> int:
         """Size of the decode/preprocess pool."""
         return self.preprocess_threads or (os.cpu_count() or 1)
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: its CPU affinity, and a cgroup v2 CPU quota (a container's CPU limit,
+    which `os.cpu_count()` does not see) when one is set."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def env_name(field_name: str) -> str:

@@ -29,7 +29,7 @@ import socket
 import sys
 import tempfile
 import time
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
@@ -78,6 +78,7 @@ class Supervisor:
         self.frontends: list[BaseProcess | None] = [None] * workers
         self.started_at: dict[int, float] = {}
         self.listener: socket.socket | None = None
+        self._engine_news: Connection | None = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
@@ -97,6 +98,7 @@ class Supervisor:
             if refusal is not None:
                 print(f"vlltr serve: {' '.join(refusal.split())}", file=sys.stderr)
                 return START_ERROR_STATUS
+            self._wait_engine_ready()
             if self.stopping:
                 return 0
             self.listener = self._bind()
@@ -149,15 +151,36 @@ class Supervisor:
             while not self.stopping:
                 if receiver.poll(0.2):
                     kind, detail = receiver.recv()
-                    return str(detail) if kind == "error" else None
+                    if kind == "error":
+                        receiver.close()
+                        return str(detail)
+                    self._engine_news = receiver  # "ready" comes next (`_wait_engine_ready`)
+                    return None
                 if not proc.is_alive():
-                    return f"the engine process exited with status {proc.exitcode} while loading {self.settings.bundle}"
+                    break
         except EOFError:
             proc.join(5)
-            return f"the engine process exited with status {proc.exitcode} while loading {self.settings.bundle}"
+        receiver.close()
+        if self.stopping:
+            return None
+        return f"the engine process exited with status {proc.exitcode} while loading {self.settings.bundle}"
+
+    def _wait_engine_ready(self) -> None:
+        """Until the engine says it is ready (warmed, class table loaded), dies, or a signal comes: the
+        front-ends then start beside a ready engine and are ready from their first request."""
+        receiver = self._engine_news
+        self._engine_news = None
+        if receiver is None:
+            return
+        try:
+            while not self.stopping and self.engine is not None and self.engine.is_alive():
+                if receiver.poll(0.2):
+                    receiver.recv()
+                    return
+        except EOFError:
+            pass
         finally:
             receiver.close()
-        return None
 
     def _start_frontend(self, index: int) -> None:
         from vlltr.service.frontend import run_frontend
