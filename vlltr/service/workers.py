@@ -42,6 +42,7 @@ RESTART_BACKOFF_S = 1.0  # a process that dies this soon after its start is star
 FRONTEND_DRAIN_S = 13.0  # front-ends' graceful wait (10 s) plus their own release of resources
 ENGINE_STOP_S = 10.0
 START_ERROR_STATUS = 2
+RUN_DIR_PREFIX = "vlltr-serve-"
 
 
 def child_process_setup(settings: Settings, role: str) -> None:
@@ -63,6 +64,21 @@ def child_process_setup(settings: Settings, role: str) -> None:
     )
 
 
+def remove_stale_run_dirs() -> None:
+    """Remove the run directories of supervisors that were killed outright (named by their pid): their
+    sockets and metric files would otherwise stay in the temp dir."""
+    for path in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*-*"):
+        try:
+            pid = int(path.name[len(RUN_DIR_PREFIX) :].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ValueError:
+            continue  # not ours
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            continue  # another user's live process
+
+
 class Supervisor:
     """Starts, watches and stops the engine and the front-ends (module docstring)."""
 
@@ -70,7 +86,8 @@ class Supervisor:
         self.settings = settings
         self.workers = workers
         self.ctx = multiprocessing.get_context("spawn")
-        self.run_dir = Path(tempfile.mkdtemp(prefix="vlltr-serve-"))
+        remove_stale_run_dirs()
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
         self.metrics_dir = self.run_dir / "metrics"
         self.metrics_dir.mkdir()
         self.stopping = False
