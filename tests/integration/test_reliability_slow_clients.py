@@ -121,6 +121,22 @@ def guarded_server(service_bundle, server_factory, tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def guarded_single_server(service_bundle, server_factory, tmp_path_factory):
+    """`guarded_server` as one process whatever `VLLTR_TEST_WORKERS` says: `max_connections` bounds each server
+    process (with several front-ends, each holds up to the bound), so its test needs the one process."""
+    workdir = tmp_path_factory.mktemp("slow-guard-single")
+    env = {
+        "VLLTR_BODY_READ_TIMEOUT_S": str(GUARD_TIMEOUT_S),
+        "VLLTR_HEADER_READ_TIMEOUT_S": str(GUARD_TIMEOUT_S),
+        "VLLTR_MAX_CONNECTIONS": str(GUARD_MAX_CONNECTIONS),
+        "VLLTR_CLASS_STORE": str(workdir / "classes.json"),
+    }
+    srv = server_factory(env=env, args=["--bundle", str(service_bundle), "--workers", "1"], workdir=workdir)
+    yield srv
+    srv.stop()
+
+
 def _gauge(url: str, name: str) -> float:
     return _metrics(url).get((name, ()), 0.0)
 
@@ -279,8 +295,8 @@ def test_a_stalled_body_is_answered_408_and_the_connection_is_not_kept(guarded_s
     assert 0 in closed and GUARD_TIMEOUT_S <= closed[0] - started < GUARD_TIMEOUT_S + 5
 
 
-def test_the_connection_bound_holds_and_lets_go(guarded_server, service_bundle):
-    url, port = guarded_server.url, guarded_server.port
+def test_the_connection_bound_holds_and_lets_go(guarded_single_server, service_bundle):
+    url, port = guarded_single_server.url, guarded_single_server.port
     refused_before = _metrics(url)[("vlltr_http_connections_refused_total", ())]
     stalled = [stalled_upload(port) for _ in range(GUARD_MAX_CONNECTIONS - 1)]
     # The last free place: a kept-alive connection that asks for the metrics (which also proves that the

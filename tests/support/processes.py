@@ -148,8 +148,20 @@ class PersistentRedisServer(RedisServer):
             client.close()
 
 
+# `VLLTR_TEST_WORKERS=2 python -m pytest tests/integration tests/e2e` runs every server the tests start as the
+# multi-process service (2 HTTP front-ends and one engine) instead of a single process; a test's own
+# `VLLTR_WORKERS` or `--workers` still wins (the tests of a per-process limit pin `--workers 1`).
+TEST_WORKERS_ENV = "VLLTR_TEST_WORKERS"
+
+
+def workers_for_tests() -> str:
+    """The `--workers` the tests' servers run with (`VLLTR_TEST_WORKERS`, default 1: a single process)."""
+    return os.environ.get(TEST_WORKERS_ENV, "1")
+
+
 class ServerProcess:
-    """A real `vlltr serve` process on a free port, with its log in a file.
+    """A real `vlltr serve` process on a free port, with its log in a file (with `VLLTR_TEST_WORKERS` > 1, the
+    supervisor of a multi-process service: `pid` is the supervisor's, whose children die with it).
 
     Args:
         env: `VLLTR_*` settings for the process (on top of a private cache dir).
@@ -180,6 +192,7 @@ class ServerProcess:
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("VLLTR_")}
         env.update({"VLLTR_CACHE_DIR": str(self.workdir / "cache"), "VLLTR_LOG_LEVEL": "info"})
+        env["VLLTR_WORKERS"] = workers_for_tests()
         env.update(self.env)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         log = open(self.log_path, "ab")

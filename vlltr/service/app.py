@@ -17,7 +17,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -28,7 +29,7 @@ from vlltr.service.api import api_router
 from vlltr.service.api.errors import envelope, install_error_handlers
 from vlltr.service.api.uploads import BodyBudget
 from vlltr.service.body_timeout import BodyTimeoutMiddleware
-from vlltr.service.core import ServingCore
+from vlltr.service.core import Classifier, ServingCore
 from vlltr.service.metrics import Metrics
 from vlltr.service.settings import Settings
 
@@ -46,13 +47,23 @@ class RequestMiddleware:
     500.
 
     A client-supplied `X-Request-ID` of safe characters is kept, otherwise one is made; it is echoed in the
-    response. An exception no handler claimed is logged with the id and answered with a generic 500
-    envelope naming only the id (never internals).
+    response (and, for a request a front-end forwards to the engine, sent on with it). In a front-end of the
+    multi-process service every answer names the process that gave it (`X-Vlltr-Worker`, its pid), and the
+    requests the engine answers are timed by the engine alone, which knows their route. An exception no handler
+    claimed is logged with the id and answered with a generic 500 envelope naming only the id (never internals).
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        worker_id: str | None = None,
+        forwarded: Callable[[str], bool] | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.worker = worker_id.encode("latin-1") if worker_id else None
+        self.forwarded = forwarded
         # A random per-process prefix and a counter: unique ids without a random draw per request.
         self._id_prefix = os.urandom(6).hex()
         self._ids = itertools.count(1)
@@ -65,13 +76,23 @@ class RequestMiddleware:
         given = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-request-id"), "")
         request_id = given if given and _REQUEST_ID.match(given) else f"{self._id_prefix}-{next(self._ids)}"
         state = {"status": 500, "started": False}
+        forwarded = self.forwarded is not None and self.forwarded(scope["path"])
+        if forwarded and not given:
+            scope["headers"] = [*scope["headers"], (b"x-request-id", request_id.encode("latin-1"))]
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
                 state["started"] = True
-                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+                headers = MutableHeaders(scope=message)
+                headers.append("X-Request-ID", request_id)
+                if self.worker is not None:
+                    message["headers"].append((b"x-vlltr-worker", self.worker))
             await send(message)
+
+        if forwarded:
+            await self._forward(scope, receive, send_with_id, state, request_id)
+            return
 
         in_progress = self.metrics.requests_in_progress
         in_progress.inc()
@@ -95,15 +116,54 @@ class RequestMiddleware:
                 time.perf_counter() - started
             )
 
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, state: dict[str, int], request_id: str
+    ) -> None:
+        # The engine times and counts the request; here only a failure to relay it is this process's.
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            log.warning(
+                "a forwarded %s %s broke off (request id %s)",
+                scope.get("method"),
+                scope["path"],
+                request_id,
+                exc_info=True,
+            )
+            if not state["started"]:
+                response = JSONResponse(
+                    envelope("not_ready", "the engine is restarting; retry shortly"),
+                    status_code=503,
+                    headers={"Retry-After": "1"},
+                )
+                await response(scope, receive, send)
 
-def create_app(settings: Settings, *, core: ServingCore | None = None) -> FastAPI:
-    """Build the app. `core` (tests) skips loading; otherwise the lifespan loads `settings.bundle`."""
+
+def create_app(
+    settings: Settings,
+    *,
+    core: Classifier | None = None,
+    engine_http: Path | None = None,
+    worker_id: str | None = None,
+) -> FastAPI:
+    """Build the app. `core` (tests) skips loading; otherwise the lifespan loads `settings.bundle`.
+
+    In a front-end of the multi-process service (`vlltr.service.frontend`), `core` is its `FrontCore` and
+    `engine_http` the engine app's socket, to which every route but classification and health is forwarded;
+    `worker_id` is sent as `X-Vlltr-Worker` with every answer."""
     metrics = core.metrics if core is not None else Metrics(redis_enabled=bool(settings.redis_url))
+    forwarder = None
+    if engine_http is not None:
+        from vlltr.service.frontend import EngineHttp
+
+        forwarder = EngineHttp(engine_http, prefixes=ENGINE_ROUTES, retry_after_s=settings.retry_after_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        rt = core if core is not None else await asyncio.to_thread(ServingCore.load, settings, metrics)
+        rt: Classifier = core if core is not None else await asyncio.to_thread(ServingCore.load, settings, metrics)
         app.state.core = rt
+        # What must hold before the server accepts a connection (a front-end's link to a ready engine).
+        await rt.before_serving()
         starting = asyncio.create_task(_start(rt), name="vlltr-start")
         try:
             yield
@@ -112,6 +172,8 @@ def create_app(settings: Settings, *, core: ServingCore | None = None) -> FastAP
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await starting
             await _stop_within(rt, STOP_TIMEOUT_S)
+            if forwarder is not None:
+                await forwarder.aclose()
 
     app = FastAPI(
         title="vlltr",
@@ -119,6 +181,9 @@ def create_app(settings: Settings, *, core: ServingCore | None = None) -> FastAP
         version="1",
         lifespan=lifespan,
         redoc_url=None,
+        # A front-end forwards the API docs to the engine, whose app has every route.
+        docs_url=None if forwarder is not None else "/docs",
+        openapi_url=None if forwarder is not None else "/openapi.json",
         redirect_slashes=False,  # an unknown path gets a JSON 404, never an empty-bodied redirect
     )
     app.state.settings = settings
@@ -127,12 +192,26 @@ def create_app(settings: Settings, *, core: ServingCore | None = None) -> FastAP
     app.state.body_budget = BodyBudget(settings.max_buffered_bytes, settings.retry_after_s)
     install_error_handlers(app)
     app.include_router(api_router)
+    if forwarder is not None:
+        from vlltr.service.frontend import ForwardMiddleware
+
+        app.add_middleware(ForwardMiddleware, engine=forwarder)  # innermost: bodies forwarded are timed too
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_read_timeout_s, metrics=metrics)
-    app.add_middleware(RequestMiddleware, metrics=metrics)  # outermost: the request id and latency cover all
+    # Outermost: the request id and latency cover all.
+    app.add_middleware(
+        RequestMiddleware,
+        metrics=metrics,
+        worker_id=worker_id,
+        forwarded=forwarder.forwarded if forwarder is not None else None,
+    )
     return app
 
 
-async def _stop_within(core: ServingCore, timeout: float) -> None:
+# The routes a front-end forwards to the engine (the class registry's, the served model's, the API docs).
+ENGINE_ROUTES = ("/v1/classes", "/v1/model", "/docs", "/openapi.json")
+
+
+async def _stop_within(core: Classifier, timeout: float) -> None:
     # Requests have drained by now (uvicorn waited for them); what is left is releasing threads and
     # connections. A release that hangs (a dead peer, a stuck thread) must not keep the process from exiting
     # within its grace period: give up on it, and log where everything stood so the cause can be found.
@@ -173,7 +252,7 @@ def _where_everything_is() -> str:
     return "\n".join(lines)
 
 
-async def _start(core: ServingCore) -> None:
+async def _start(core: Classifier) -> None:
     try:
         await core.start()
     except asyncio.CancelledError:

@@ -1,4 +1,5 @@
-"""`vlltr serve`: flags derived from `vlltr.service.settings.Settings`, then uvicorn with one worker.
+"""`vlltr serve`: flags derived from `vlltr.service.settings.Settings`, then uvicorn in this process (`--workers 1`)
+or the multi-process service (`vlltr.service.workers`: N HTTP front-ends and one engine).
 
 Every settings field is a flag (`max_wait_ms` -> `--max-wait-ms`) whose help line is the field's
 description plus its environment variable and default. A flag wins over the environment, which wins over
@@ -159,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         except DemoBundleError as exc:
             return _refuse(str(exc), exc, settings)
         log.info("serving the demo bundle from %s", settings.bundle)
+
+    if settings.worker_count > 1:
+        from vlltr.service.workers import serve_workers
+
+        return serve_workers(settings)
 
     import uvicorn
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -102,6 +103,41 @@ class Scored:
         return TIER_NAMES[int(self.served.tiers[int(self.class_ids[0])])]
 
 
+class Answer(Protocol):
+    """What the classify routes read of one image's result (`Scored`, or the engine's answer in a front-end)."""
+
+    @property
+    def version(self) -> int: ...
+
+    def predictions(self) -> list[Prediction]: ...
+
+
+class Classifier(Protocol):
+    """What the classify and health routes use: `ServingCore` in a single process, `FrontCore`
+    (`vlltr.service.frontend`) in a front-end of the multi-process service."""
+
+    settings: Settings
+    bundle: Bundle
+    metrics: Metrics
+
+    def check_accepting(self, n: int) -> None: ...
+
+    async def classify(self, data: bytes | bytearray, top_k: int) -> Answer: ...
+
+    async def classify_many(self, images: Sequence[bytes | bytearray], top_k: int) -> Sequence[Answer | VlltrError]: ...
+
+    def readiness(self) -> tuple[dict[str, bool], int | None]: ...
+
+    @property
+    def table_version(self) -> int: ...
+
+    async def before_serving(self) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 def shot_thresholds(manifest: Manifest) -> tuple[int, int]:
     """(many, few) train-count thresholds recorded by training, else OLTR's (100, 20)."""
     groups = manifest.training.shot_groups() if manifest.training is not None else None
@@ -162,6 +198,67 @@ def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.take_along_axis(vals, order, axis=1)
 
 
+class ImagePreparer:
+    """The request path's work before the encoder, for one process: size check, cache look-up, decode and
+    preprocess on a thread pool. The single-process service runs it beside its encoder; in the multi-process
+    service (`vlltr.service.workers`) every HTTP front-end runs its own, and only the prepared pixels (or the
+    cached features) travel to the engine."""
+
+    def __init__(self, settings: Settings, bundle: Bundle, cache: EmbeddingCache | None, metrics: Metrics) -> None:
+        self.settings = settings
+        self.bundle = bundle
+        self.cache = cache
+        self.metrics = metrics
+        spec = bundle.preprocess
+        self.draft_min_side = {"bundle": spec.draft_min_side, "on": spec.resize_size, "off": None}[settings.jpeg_draft]
+        self.pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="vlltr-decode")
+
+    def pixels(self, data: bytes | bytearray) -> np.ndarray:
+        """Decode and preprocess one image (blocking; raises what the decoder raises)."""
+        started = time.monotonic()
+        img = decode_image(data, max_pixels=self.settings.max_pixels, draft_min_side=self.draft_min_side)
+        pixels = preprocess_image(img, self.bundle.preprocess)
+        self.metrics.preprocess_duration.observe(time.monotonic() - started)
+        return pixels
+
+    async def digest(self, data: bytes | bytearray) -> str:
+        """The image's sha256 (off the event loop for large uploads)."""
+        if len(data) <= HASH_ON_LOOP_BYTES:
+            return hashlib.sha256(data).hexdigest()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, lambda: hashlib.sha256(data).hexdigest())
+
+    async def job(self, data: bytes | bytearray, top_k: int) -> tuple[ImageJob, str | None]:
+        """Cache look-up, else decode + preprocess: the job and its cache key (None: nothing to cache).
+        Raises an image error of `vlltr.errors` for a bad image."""
+        if len(data) > self.settings.max_image_bytes:
+            raise ImageTooLargeError(
+                f"image is {len(data)} bytes, over the limit of {self.settings.max_image_bytes}",
+                limit=self.settings.max_image_bytes,
+            )
+        key = None
+        if self.cache is not None:
+            key = cache_key(self.bundle.bundle_id, await self.digest(data))
+            features = await self.cache.get(key)
+            if features is not None:
+                return ImageJob(None, features, top_k), None
+        loop = asyncio.get_running_loop()
+        try:
+            pixels = await loop.run_in_executor(self.pool, self.pixels, data)
+        except Exception as exc:  # every decoder failure is the client's image, never a 500
+            raise as_image_error(exc) from None
+        return ImageJob(pixels, None, top_k), key
+
+    def remember(self, key: str | None, features: np.ndarray | None) -> None:
+        """Cache the features the encoder computed for an image (no-op without a key or a cache)."""
+        if key is not None and features is not None and self.cache is not None:
+            self.cache.put(key, features)
+
+    def close(self) -> None:
+        """Stop the decode pool."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class ServingCore:
     """Everything a running service holds. Build with `ServingCore.load` (blocking), then `await start()`."""
 
@@ -174,8 +271,6 @@ class ServingCore:
         metrics: Metrics,
     ) -> None:
         self.settings = settings
-        spec = bundle.preprocess
-        self.draft_min_side = {"bundle": spec.draft_min_side, "on": spec.resize_size, "off": None}[settings.jpeg_draft]
         self.shortlist = (
             Shortlist(settings.head_shortlist, settings.head_shortlist_from) if settings.head_shortlist > 0 else None
         )
@@ -234,10 +329,8 @@ class ServingCore:
             metrics=metrics,
             upstream=lambda: self.preparing,
         )
-        self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="vlltr-decode")
-        metrics.model_info.info(
-            {"bundle_id": bundle.bundle_id, "provider": self.provider, "precision": bundle.precision}
-        )
+        self.prep = ImagePreparer(settings, bundle, self.cache, metrics)
+        metrics.set_model_info(bundle_id=bundle.bundle_id, provider=self.provider, precision=bundle.precision)
 
     # ---- construction and lifecycle --------------------------------------------------------
 
@@ -270,6 +363,9 @@ class ServingCore:
             text_encoder.provider,
         )
         return cls(settings, bundle, image_encoder, text_encoder, metrics)
+
+    async def before_serving(self) -> None:
+        """Nothing: a single process accepts connections at once and says not ready until `start` is done."""
 
     async def start(self) -> None:
         """Warm every bucket, load the class table (retrying while the store is unreachable), then start
@@ -325,7 +421,7 @@ class ServingCore:
             await self.cache.close()
         if self.redis is not None:
             await self.redis.close()
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.prep.close()
 
     def warm_up(self) -> None:
         """Run every batch bucket through the encoder and the head once (first runs of a shape are slow)."""
@@ -382,13 +478,6 @@ class ServingCore:
 
     # ---- the request path -----------------------------------------------------------------
 
-    def _prepare(self, data: bytes | bytearray) -> np.ndarray:
-        started = time.monotonic()
-        img = decode_image(data, max_pixels=self.settings.max_pixels, draft_min_side=self.draft_min_side)
-        pixels = preprocess_image(img, self.bundle.preprocess)
-        self.metrics.preprocess_duration.observe(time.monotonic() - started)
-        return pixels
-
     def check_accepting(self, n: int) -> None:
         """`NotReadyError` when not started; `QueueFullError` when `n` more images would take the images in
         flight (being decoded, waiting or in a batch) past `queue_size`: the bound covers the decode
@@ -408,12 +497,6 @@ class ServingCore:
         finally:
             self.inflight -= n
 
-    async def _digest(self, data: bytes | bytearray) -> str:
-        if len(data) <= HASH_ON_LOOP_BYTES:
-            return hashlib.sha256(data).hexdigest()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.decode_pool, lambda: hashlib.sha256(data).hexdigest())
-
     async def _job(self, data: bytes | bytearray, top_k: int) -> tuple[ImageJob, str | None]:
         """Cache look-up, else decode + preprocess. Raises an image error of `vlltr.errors` for a bad image.
 
@@ -423,34 +506,14 @@ class ServingCore:
         is never submitted, and a batch waiting for it may leave at once."""
         self.preparing += 1
         try:
-            return await self._prepare_job(data, top_k)
+            return await self.prep.job(data, top_k)
         finally:
             self.preparing -= 1
             if self.preparing == 0:
                 asyncio.get_running_loop().call_soon(self.batcher.recheck)
 
-    async def _prepare_job(self, data: bytes | bytearray, top_k: int) -> tuple[ImageJob, str | None]:
-        if len(data) > self.settings.max_image_bytes:
-            raise ImageTooLargeError(
-                f"image is {len(data)} bytes, over the limit of {self.settings.max_image_bytes}",
-                limit=self.settings.max_image_bytes,
-            )
-        key = None
-        if self.cache is not None:
-            key = cache_key(self.bundle.bundle_id, await self._digest(data))
-            features = await self.cache.get(key)
-            if features is not None:
-                return ImageJob(None, features, top_k), None
-        loop = asyncio.get_running_loop()
-        try:
-            pixels = await loop.run_in_executor(self.decode_pool, self._prepare, data)
-        except Exception as exc:  # every decoder failure is the client's image, never a 500
-            raise as_image_error(exc) from None
-        return ImageJob(pixels, None, top_k), key
-
     def _finish(self, scored: Scored, key: str | None) -> Scored:
-        if key is not None and scored.features is not None and self.cache is not None:
-            self.cache.put(key, scored.features)
+        self.prep.remember(key, scored.features)
         self.metrics.predictions.labels(tier=scored.top_tier).inc()
         return scored
 
@@ -510,3 +573,36 @@ class ServingCore:
             else:
                 log.warning("inference failed for image %d of a batch: %s", i, result)
         return out
+
+    async def score_prepared(self, jobs: Sequence[ImageJob]) -> list[Scored | VlltrError]:
+        """Score jobs prepared elsewhere (the multi-process service's front-ends decode, the engine scores):
+        each entry is its result or its own error, in order. Raises `QueueFullError` or `NotReadyError` for
+        the whole call when it cannot be admitted. The features of an encoded image come back in its result
+        (the front-end caches them); the top-1 counts in `vlltr_predictions_total` here."""
+        with self._admitted(len(jobs)):
+            if all(job.pixels is None for job in jobs) and self._score_inline():
+                try:
+                    scored: list[Scored | BaseException] = list(self._run_batch(list(jobs)))
+                except Exception as exc:
+                    log.warning("scoring cached images failed: %s: %s", type(exc).__name__, exc)
+                    scored = [exc] * len(jobs)
+            else:
+                scored = list(await asyncio.gather(*self._submit(list(jobs)), return_exceptions=True))
+        out: list[Scored | VlltrError] = []
+        for i, result in enumerate(scored):
+            if isinstance(result, Scored):
+                self.metrics.predictions.labels(tier=result.top_tier).inc()
+                out.append(result)
+            else:
+                log.warning("inference failed for image %d of a request: %s", i, result)
+                out.append(InferenceFailedError(INFERENCE_FAILED))
+        return out
+
+    def readiness(self) -> tuple[dict[str, bool], int | None]:
+        """The readiness checks and the served class-table version (None until the table is loaded)."""
+        return self.ready(), self.registry.current.version if self.registry.loaded else None
+
+    @property
+    def table_version(self) -> int:
+        """The current class-table version."""
+        return self.registry.current.version

@@ -73,6 +73,23 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(False, description="log every HTTP request (uvicorn access log)")
 
+    # Processes.
+    workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="HTTP front-end processes sharing the port, beside one engine process holding the model, "
+        "the batcher and the class table (0 = one per 4 usable CPU cores, at least 1; 1 = a single process doing "
+        "everything, with no engine or supervisor)",
+    )
+    shm_slots: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="with several workers: images each front-end may have on their way to the engine at once, "
+        "each a slot of shared memory holding its preprocessed pixels (raised to max_batch_files when lower)",
+    )
+
     # Micro-batching.
     max_batch_size: int = Field(
         32,
@@ -258,9 +275,30 @@ class Settings(BaseSettings):
         return tuple(sizes + [self.max_batch_size])
 
     @property
+    def worker_count(self) -> int:
+        """HTTP front-end processes to run (`workers`, or one per 4 usable cores when it is 0)."""
+        return self.workers or max(1, usable_cpus() // 4)
+
+    @property
     def decode_threads(self) -> int:
         """Size of the decode/preprocess pool."""
         return self.preprocess_threads or (os.cpu_count() or 1)
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: its CPU affinity, and a cgroup v2 CPU quota (a container's CPU limit,
+    which `os.cpu_count()` does not see) when one is set."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def env_name(field_name: str) -> str:

@@ -31,7 +31,7 @@ def _families(metrics: Metrics) -> dict:
 
 def test_exact_names_and_types():
     metrics = Metrics(redis_enabled=True)
-    metrics.model_info.info({"bundle_id": "b", "provider": "cpu", "precision": "fp32"})
+    metrics.set_model_info(bundle_id="b", provider="cpu", precision="fp32")
     metrics.request_duration.labels(route="/v1/classify", method="POST", status="200").observe(0.003)
     families = _families(metrics)
     for name, kind in EXPECTED.items():

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Query, Request
 from python_multipart.multipart import parse_options_header
 
 from vlltr.errors import ImageTooLargeError
-from vlltr.service.api.deps import BodyHoldDep, CoreDep
+from vlltr.service.api.deps import BodyHoldDep, ClassifierDep
 from vlltr.service.api.docs import binary, error_responses, multipart_body
 from vlltr.service.api.errors import ApiError, answer_for, count_rejection, retry_after_s
 from vlltr.service.api.uploads import BodyHold, Part, read_body, read_multipart
-from vlltr.service.core import Scored
+from vlltr.service.core import Answer
 from vlltr.service.schemas import BatchItem, BatchResponse, ClassifyResponse, ErrorBody
 from vlltr.service.settings import Settings
 
@@ -92,7 +92,7 @@ async def _one_image(request: Request, settings: Settings, hold: BodyHold) -> by
         {"file": binary("the image (JPEG, PNG, WebP, GIF, BMP or TIFF)")}, ["file"], raw_types=list(RAW_IMAGE_TYPES)
     ),
 )
-async def classify_image(request: Request, core: CoreDep, hold: BodyHoldDep, top_k: TopK = 5) -> ClassifyResponse:
+async def classify_image(request: Request, core: ClassifierDep, hold: BodyHoldDep, top_k: TopK = 5) -> ClassifyResponse:
     """Classify one image: multipart field `file`, or the image itself as the body with its content type
     (`image/jpeg`, `image/png`, `image/webp`, `image/gif`, `image/bmp`, `image/tiff`). Both give the same
     answer under the same limits; the image's format is read from its bytes either way.
@@ -110,8 +110,8 @@ async def classify_image(request: Request, core: CoreDep, hold: BodyHoldDep, top
     )
 
 
-def _item(index: int, part: Part, result: Scored | Exception, request: Request) -> BatchItem:
-    if not isinstance(result, Scored):
+def _item(index: int, part: Part, result: Answer | Exception, request: Request) -> BatchItem:
+    if isinstance(result, Exception):
         # The status this image would have had alone, from the same table as every other error answer.
         answer = answer_for(result, retry_after_s(request))
         if answer is None:
@@ -148,7 +148,7 @@ def _item(index: int, part: Part, result: Scored | Exception, request: Request) 
         ["files"],
     ),
 )
-async def classify_batch(request: Request, core: CoreDep, hold: BodyHoldDep, top_k: TopK = 5) -> BatchResponse:
+async def classify_batch(request: Request, core: ClassifierDep, hold: BodyHoldDep, top_k: TopK = 5) -> BatchResponse:
     """Classify several images sent as repeated multipart field `files`.
 
     Each image gets its own result or its own error (with the status it would have had alone), in
@@ -170,7 +170,7 @@ async def classify_batch(request: Request, core: CoreDep, hold: BodyHoldDep, top
     files = _files(parts, "files")
     readable = [i for i, p in enumerate(files) if not p.oversize]
     scored = iter(await core.classify_many([files[i].data for i in readable], top_k))
-    results: list[Scored | Exception] = [
+    results: list[Answer | Exception] = [
         next(scored)
         if not part.oversize
         else ImageTooLargeError(
@@ -181,5 +181,5 @@ async def classify_batch(request: Request, core: CoreDep, hold: BodyHoldDep, top
     ]
     items = [_item(i, p, r, request) for i, (p, r) in enumerate(zip(files, results))]
     versions = [it.class_table_version for it in items if it.class_table_version is not None]
-    version = max(versions) if versions else core.registry.current.version
+    version = max(versions) if versions else core.table_version
     return BatchResponse(results=items, bundle_id=core.bundle.bundle_id, class_table_version=version)

@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from vlltr.errors import NotReadyError
 from vlltr.service.api.errors import ApiError
 from vlltr.service.api.uploads import BodyHold
-from vlltr.service.core import ServingCore
+from vlltr.service.core import Classifier, ServingCore
 from vlltr.service.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="the admin token (`VLLTR_ADMIN_TOKEN`), when one is set")
@@ -29,6 +29,15 @@ async def get_settings(request: Request) -> Settings:
 async def get_core(request: Request) -> ServingCore:
     """The serving core; `NotReadyError` (503) while the service is still loading."""
     core: ServingCore | None = getattr(request.app.state, "core", None)
+    if core is None:
+        raise NotReadyError("the service is starting; try again shortly")
+    return core
+
+
+async def get_classifier(request: Request) -> Classifier:
+    """What classifies: the serving core, or in a front-end of the multi-process service its link to the
+    engine; `NotReadyError` (503) while the service is still loading."""
+    core: Classifier | None = getattr(request.app.state, "core", None)
     if core is None:
         raise NotReadyError("the service is starting; try again shortly")
     return core
@@ -64,6 +73,7 @@ async def body_hold(request: Request) -> AsyncIterator[BodyHold]:
 
 
 CoreDep = Annotated[ServingCore, Depends(get_core)]
+ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
 # Released when the route function ends, before the answer is sent: a client that sends its next upload the
 # moment it reads the answer must not find its own previous body still holding the budget.
 BodyHoldDep = Annotated[BodyHold, Depends(body_hold, scope="function")]

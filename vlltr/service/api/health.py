@@ -32,13 +32,13 @@ async def readyz(request: Request) -> JSONResponse:
         )
         body = Readiness(ready=False, checks=checks)
     else:
-        checks = ReadyChecks(**core.ready())
-        loaded = core.registry.loaded
+        ready, version = core.readiness()
+        checks = ReadyChecks(**ready)
         body = Readiness(
             ready=all(checks.model_dump().values()),
             checks=checks,
             bundle_id=core.bundle.bundle_id,
-            class_table_version=core.registry.current.version if loaded else None,
+            class_table_version=version,
         )
     headers = {} if body.ready else {"Retry-After": str(request.app.state.settings.retry_after_s)}
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503, headers=headers)
