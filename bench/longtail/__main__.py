@@ -43,20 +43,23 @@ from bench.longtail.runner import FAITHFUL, TRAINED_ANCHORS, SeedConfig, black_a
 from vlltr.model.networks.factory import clip_dims, create_clip
 from vlltr.training.benchmarks import FORMAT_VERSIONS, write_benchmark
 from vlltr.training.benchmarks.shapes_text import NAME_STYLES
-from vlltr.training.pretrain import PretrainCfg, load_pretrained, pretrained_checkpoint
+from vlltr.training.pretrain import (
+    PRETRAIN_MONOCHROME,
+    PRETRAIN_RECIPES,
+    PretrainCfg,
+    load_pretrained,
+    pretrained_checkpoint,
+)
 
 log = logging.getLogger("bench.longtail")
 DATASETS = ("shapes-lt", "digits-lt")
-# Shapes-LT classes are shape x colour x pattern: the tower must resolve a rotated outline and its fill
-# pattern. The ViT (patch 8 on 32 px, 4x4 tokens) learned colour only; a small ResNet on the 64-px drawings
-# keeps a 16x16 map after its stem.
-SHAPES_ARCH = "vlltr-tiny-rn64"
-DIGITS_ARCH = "vlltr-tiny-vit"
+# The architectures of the product's pretraining recipes (`vlltr pretrain`; why these: vlltr.training.pretrain).
+SHAPES_ARCH = PRETRAIN_RECIPES["shapes-lt"].arch
+DIGITS_ARCH = PRETRAIN_RECIPES["digits-lt"].arch
 OTHER = {"shapes-lt": "digits-lt", "digits-lt": "shapes-lt"}
 # Chance that a Shapes-LT training shoot (25 images) is black and white: 11 of the 30 few-shot classes of data
 # seed 0 are then seen only without their colour.
 SHAPES_MONOCHROME_SESSIONS = 1 / 3
-PRETRAIN_MONOCHROME = 0.2  # black-and-white share of the pretraining set when the benchmark has such sessions
 
 
 def settings(dataset: str, quick: bool) -> tuple[dict, PretrainCfg, SeedConfig]:
@@ -80,7 +83,7 @@ def settings(dataset: str, quick: bool) -> tuple[dict, PretrainCfg, SeedConfig]:
         # findings).
         return (
             {"monochrome_prob": SHAPES_MONOCHROME_SESSIONS},
-            PretrainCfg(source="shapes", arch=SHAPES_ARCH, epochs=32),
+            PRETRAIN_RECIPES["shapes-lt"],
             SeedConfig(arch=SHAPES_ARCH, budget=Budget(epochs=12, batch_size=256, lr=3e-4), head_epochs=10),
         )
     if quick:
@@ -91,7 +94,7 @@ def settings(dataset: str, quick: bool) -> tuple[dict, PretrainCfg, SeedConfig]:
         )
     return (
         {},
-        PretrainCfg(source="digits", arch=DIGITS_ARCH, epochs=40, batch_size=64, lr=1e-3),
+        PRETRAIN_RECIPES["digits-lt"],
         SeedConfig(arch=DIGITS_ARCH, budget=Budget(epochs=20, batch_size=64, lr=3e-4), head_epochs=60, num_anchors=6),
     )
 
