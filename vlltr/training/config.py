@@ -60,7 +60,9 @@ class DataCfg:
     jpeg_draft: bool = False
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
-    augment: Literal["clip", "light", "none"] = "clip"  # clip = RRC + flip + RandAugment m9 + erasing 0.25
+    # original = the published code's timm transform (rand-m9-mstd0.5-inc1, pixel-noise erasing 0.25); clip = a
+    # torchvision approximation of it (RRC + flip + RandAugment m9 + zero erasing 0.25), see data/transforms.py
+    augment: Literal["original", "clip", "light", "none"] = "clip"
     num_workers: int = 2
 
 
