@@ -119,6 +119,9 @@ class Stage2Cfg:
     mix_prob: float = 1.0  # probability that a batch is mixed at all
     smoothing: float = 0.1
     alpha: float = 0.2  # fusion weight of the vision branch
+    # Weight of the language branch's loss (1: the published unweighted sum). 0 with alpha 1, stage1.epochs 0 and
+    # train_backbone is the image-only baseline: the image tower and the vision branch fine-tuned, no class text.
+    language_weight: float = 1.0
     v_detach: bool = False
     sampler: Literal["sqrt", "balanced", "instance"] = "sqrt"
     amp: bool = True
