@@ -161,3 +161,18 @@ def test_control_text_reads_back_through_the_products_loader(bench, variant):
         assert (names == bench.names) == (variant == "shuffled")  # only the whole-text control moves the names
     for c in bench.heldout:  # classes added by text keep their own descriptions
         assert load_class_texts(cfg.data, names, [int(c)])[0][n_prompts:] == bench.sentences[int(c)]
+
+
+@pytest.mark.parametrize("dataset", ["shapes-lt", "digits-lt"])
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_scale_builds_every_arms_config(dataset, quick, tmp_path):
+    from types import SimpleNamespace
+
+    from bench.longtail.__main__ import settings
+
+    _, pre_cfg, seed_cfg = settings(dataset, quick)
+    bm = SimpleNamespace(root=tmp_path)
+    for name, plan in arm_plans(seed_cfg.recipe.faithful_alpha).items():
+        cfg = arm_config(seed_cfg.recipe, plan, bm, tmp_path / "pre.pt", 0, {})  # a ConfigError names a bad key
+        assert cfg.model.arch == pre_cfg.arch, name  # every arm starts from the pretraining build's architecture
+        assert (cfg.stage1.epochs == 1) == (quick and not plan.backbone_budget), name
