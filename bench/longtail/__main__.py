@@ -474,8 +474,10 @@ def notes(dataset: str, payload: dict) -> list[str]:
         "benchmark's colour val split is used by no arm.",
         "Image-only arms use no class text: stage 1 is skipped and stage 2 fine-tunes the image tower with the "
         "vision branch alone (`stage2.language_weight=0`, `stage2.alpha=1`, `stage2.train_backbone=true`) for "
-        "stage 1's epochs, batch and lr; `… + post-hoc LA` adds the logit adjustment τ the product fits on the "
-        "selection images. " + text_lr,
+        "stage 1's epochs, batch and lr; cRT then freezes the cross-entropy arm's tower and re-trains the "
+        "classifier on class-balanced batches; `… + post-hoc LA` adds the logit adjustment τ the product fits on "
+        "the selection images. The LIFT-style arm uses the class-name prompts' embeddings as its classifier (the "
+        "language branch, fixed) and fine-tunes the tower under it. " + text_lr,
         "Augmentation deviates from the original (timm `rand-m9-mstd0.5-inc1` with pixel-noise erasing): the "
         "recipe uses `data.augment: light` (random resized crop 0.5–1 and flip), because RandAugment's colour "
         "operations change the class of an image whose class is its colour. Its effect was not measured here.",

@@ -39,6 +39,7 @@ class ArmPlan:
     image_only: bool = False
     backbone_budget: bool = False  # stage 2 fine-tunes the image tower with stage 1's epochs, batch and lr
     shares_stage1_with: str | None = None  # an arm whose stage 1 and AnSS this one reuses (same settings)
+    starts_from: str | None = None  # an arm whose trained CLIP is this one's `model.pretrained` (decoupled stages)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,18 @@ def arm_plans(faithful_alpha: float) -> dict[str, ArmPlan]:
         "image_ce": ArmPlan(overrides=(*image_only, "stage2.loss=ce"), image_only=True, backbone_budget=True),
         "image_bs": ArmPlan(
             overrides=(*image_only, "stage2.loss=logit_adjusted"), image_only=True, backbone_budget=True
+        ),
+        # cRT (decoupled classifier re-training): image_ce's fine-tuned image tower, frozen, and a new classifier
+        # (the vision branch) trained on class-balanced batches.
+        "image_crt": ArmPlan(
+            overrides=(
+                *(o for o in image_only if o != "stage2.train_backbone=true"),
+                "stage2.train_backbone=false",
+                "stage2.sampler=balanced",
+                "stage2.loss=ce",
+            ),
+            image_only=True,
+            starts_from="image_ce",
         ),
         # LIFT-style: the pretrained CLIP's embeddings of the class-name prompts are the classifier (the language
         # branch's anchors, no descriptions), the image tower fine-tuned under it with the logit-adjusted loss,

@@ -15,13 +15,22 @@ SPLIT_KEYS = ("overall", "many", "medium", "few")
 # Shapes-LT's few-shot classes split by what their training images show (absent for other data).
 SUBSET_KEYS = ("few_colour", "few_black_and_white")
 # The image-only baselines, with and without the post-hoc logit adjustment fitted on the selection images.
-IMAGE_ONLY_ARMS = ("image_ce", "image_bs", "image_ce_posthoc_la", "image_bs_posthoc_la")
+IMAGE_ONLY_ARMS = (
+    "image_ce",
+    "image_bs",
+    "image_ce_posthoc_la",
+    "image_bs_posthoc_la",
+    "image_crt",
+    "image_crt_posthoc_la",
+)
 ARM_LABELS = {
     "zero_shot": "Zero-shot (pretrained CLIP, class-name prompts)",
     "image_ce": "Image-only, cross-entropy (image tower fine-tuned)",
     "image_bs": "Image-only, Balanced Softmax (image tower fine-tuned)",
     "image_ce_posthoc_la": "Image-only, cross-entropy + post-hoc logit adjustment (τ on the selection images)",
     "image_bs_posthoc_la": "Image-only, Balanced Softmax + post-hoc logit adjustment (τ on the selection images)",
+    "image_crt": "Image-only, cRT (cross-entropy tower frozen, classifier re-trained on balanced batches)",
+    "image_crt_posthoc_la": "Image-only, cRT + post-hoc logit adjustment (τ on the selection images)",
     "lift_style": "LIFT-style: class-prompt embeddings as the classifier, image tower fine-tuned, LA loss",
     "vlltr_faithful": "VL-LTR as published (stage 1 + AnSS + LGR, CE, α=0.2)",
     "vlltr_faithful_vision_branch": "  ↳ its vision (MLP) branch alone",

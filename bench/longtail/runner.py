@@ -13,6 +13,12 @@ Arms:
   (Balanced Softmax) loss, instance sampling; the stage-1 backbone budget. `image_ce_posthoc_la` and
   `image_bs_posthoc_la` add the post-hoc logit adjustment τ (and temperature) the product fits on the
   selection split (`eval.calibrate`), the decoupled-adjustment baseline of the long-tail literature.
+- `image_crt`: decoupled classifier re-training (cRT): `image_ce`'s fine-tuned image tower frozen (its CLIP is
+  this run's `model.pretrained`) and a new vision branch trained on class-balanced batches; with and without the
+  post-hoc adjustment.
+- `lift_style`: LIFT's idea in the product's terms: the class-name prompts' embeddings are the classifier (the
+  language branch's anchors, no descriptions), the image tower fine-tuned under it with the logit-adjusted loss
+  (deviations in `bench.longtail.protocol.arm_plans`).
 - `vlltr_faithful`: the published recipe: the recommended run's stage 1 and AnSS (same settings), then the
   published stage 2 (CE on both branches, mixup 0.8 / cutmix 1.0 on pixels, smoothing 0.1, sqrt sampling),
   fusion α = 0.2, no post-hoc adjustment.
@@ -158,6 +164,12 @@ def train_arm(
     if cfg.text_lr_scale != 1.0 and not plan.image_only:
         scale = 1.0 if name == "vlltr_faithful" else cfg.text_lr_scale
         recipe = replace(recipe, overrides=(*recipe.overrides, f"stage1.text_lr_scale={scale}"))
+    if plan.starts_from is not None:
+        # The earlier arm's trained CLIP as a state dict, the file format `model.pretrained` loads.
+        start = runs_dir / f"{plan.starts_from}-clip.pt"
+        if not start.is_file():
+            torch.save(load_final_model(runs_dir / plan.starts_from).classifier.clip.state_dict(), start)
+        pretrained = start
     arm_cfg = arm_config(recipe, plan, bm, pretrained, seed, text)
     run_dir = runs_dir / name
     if plan.shares_stage1_with is not None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.longtail.report import compute_targets
 from support.paths import REPO
@@ -88,16 +89,24 @@ def test_quick_run_writes_table_plot_and_json(quick_run):
     for s, build in data["pretrain"]["builds"].items():
         runs = list((cache / "runs").glob(f"*-{Path(build['file']).stem}/seed{s}"))
         assert len(runs) == 1
-        for arm in (*ARMS[1:], "control_text_shuffled", "lift_style"):
+        for arm in (*ARMS[1:], "control_text_shuffled"):
             run = runs[0] / arm
             assert (run / "metrics.json").is_file() and (run / "calibration.json").is_file()
             cfg = load_config(run / "config.yaml")
             assert Path(cfg.model.pretrained).name == build["file"] and cfg.run.seed == int(s)
             assert (cfg.data.train, cfg.data.val) == ("fit.txt", "select.txt")
+        # cRT starts from the cross-entropy arm's fine-tuned CLIP, through `model.pretrained`.
+        crt = load_config(runs[0] / "image_crt" / "config.yaml")
+        assert Path(crt.model.pretrained) == runs[0] / "image_ce-clip.pt"
+        towers = [
+            torch.load(runs[0] / a / "model.pt", weights_only=True)["clip_state_dict"]
+            for a in ("image_ce", "image_crt")
+        ]
+        assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0] if k.startswith("visual."))
     protocol = data["protocol"]
     assert protocol["images"]["select"] >= data["num_trained"] and "select.txt" in protocol["rule"]
     # The stronger image-only baselines: post-hoc logit adjustment fitted on the selection images.
-    for arm in ("image_ce_posthoc_la", "image_bs_posthoc_la"):
+    for arm in ("image_ce_posthoc_la", "image_bs_posthoc_la", "image_crt_posthoc_la"):
         assert "tau" in data["results"]["arms"][arm]["per_seed"]["1"]
     # --monochrome-sessions reaches the data and the pretraining set.
     assert data["pretrain"]["recipe"]["monochrome_prob"] > 0 and "in black and white, their captions" in md

@@ -123,6 +123,9 @@ def test_every_arm_is_a_valid_product_config(bench, tmp_path):
         assert configs[name].stage1.epochs == 0 and s2.train_backbone and s2.language_weight == 0 and s2.alpha == 1
         assert (s2.epochs, s2.batch_size, s2.backbone_lr) == (rec.stage1.epochs, rec.stage1.batch_size, rec.stage1.lr)
     assert configs["image_bs"].stage2.loss == "logit_adjusted" and configs["image_ce"].stage2.loss == "ce"
+    crt = configs["image_crt"].stage2  # decoupled: a frozen tower (image_ce's, set by the runner), balanced batches
+    assert not crt.train_backbone and crt.sampler == "balanced" and crt.language_weight == 0 and crt.alpha == 1
+    assert plans["image_crt"].starts_from == "image_ce" and configs["image_crt"].stage1.epochs == 0
     lift = configs["lift_style"]  # text-initialised classifier over the pretrained CLIP, tower fine-tuned
     assert lift.stage1.epochs == 0 and lift.stage2.train_backbone and lift.stage2.alpha == 0.0
     assert lift.stage2.epochs == rec.stage1.epochs and lift.stage2.loss == "logit_adjusted"
