@@ -178,4 +178,11 @@ def test_every_scale_builds_every_arms_config(dataset, quick, tmp_path):
     for name, plan in arm_plans(seed_cfg.recipe.faithful_alpha).items():
         cfg = arm_config(seed_cfg.recipe, plan, bm, tmp_path / "pre.pt", 0, {})  # a ConfigError names a bad key
         assert cfg.model.arch == pre_cfg.arch, name  # every arm starts from the pretraining build's architecture
-        assert (cfg.stage1.epochs == 1) == (quick and not plan.backbone_budget), name
+        no_stage1 = "stage1.epochs=0" in plan.overrides
+        assert cfg.stage1.epochs == (
+            0
+            if no_stage1
+            else 1
+            if quick
+            else load_config(seed_cfg.recipe.config, list(seed_cfg.recipe.overrides)).stage1.epochs
+        ), name
