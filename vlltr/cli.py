@@ -71,6 +71,28 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
 
 
+def _add_pretrain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="build the pretrained stand-in CLIP a bundled benchmark's runs start from",
+        description="Contrastive pretraining of a tiny CLIP on a separate, balanced, captioned image set drawn "
+        "for the benchmark (never its images, class names or class text), written as a state dict for "
+        "`vlltr train --set model.arch=ARCH --set model.pretrained=FILE`.",
+    )
+    p.add_argument("--out", required=True, help="checkpoint file to write (a .json with the recipe goes beside it)")
+    p.add_argument(
+        "--benchmark",
+        default=None,
+        metavar="DIR",
+        help="a benchmark written by `vlltr data`: picks its recipe (and keeps Digits-LT's images out)",
+    )
+    # The names of training.pretrain.PRETRAIN_RECIPES, spelled out here so `vlltr serve` imports nothing.
+    p.add_argument("--recipe", choices=("shapes-lt", "digits-lt"), default=None, help="the recipe, by benchmark")
+    p.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: the recipe's)")
+    p.add_argument("--num-images", type=int, default=None, help="shapes: images drawn (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the build (default: the recipe's)")
+
+
 def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("eval", help="metrics JSON and per-class plot for a trained run")
     p.add_argument("--checkpoint", required=True, help="run directory written by `vlltr train`")
@@ -126,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
+    _add_pretrain(sub)
     _add_train(sub)
     _add_eval(sub)
     _add_export(sub)
@@ -183,6 +206,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             names=getattr(args, "names", None),
             **extra,
         )
+    elif args.command == "pretrain":
+        from vlltr.training.pretrain import pretrain_to_file
+
+        path, recipe = pretrain_to_file(
+            args.out,
+            benchmark_dir=args.benchmark,
+            recipe=args.recipe,
+            epochs=args.epochs,
+            num_images=args.num_images,
+            seed=args.seed,
+        )
+        print(f"wrote {path}; train from it with --set model.arch={recipe.arch} --set model.pretrained={path}")
     elif args.command == "train":
         from vlltr.training.config import load_config
         from vlltr.training.pipeline import run_training
