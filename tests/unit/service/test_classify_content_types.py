@@ -1,5 +1,6 @@
 """`POST /v1/classify` reads a raw image body for every format the service decodes, and its OpenAPI document says
-so, beside multipart and JSON with base64 (the answers over HTTP are checked in tests/integration/test_raw_image_body.py)."""
+so, beside multipart and JSON with base64 (the answers over HTTP: tests/integration/test_raw_image_body.py and
+tests/integration/test_classify_options.py)."""
 
 from __future__ import annotations
 
