@@ -61,14 +61,14 @@ DEFAULT_BATCH_SIZE = 32  # images per batch request (the service's `max_batch_fi
 Image = str | os.PathLike[str] | bytes | bytearray | IO[bytes]
 
 
-class ServiceError(ServiceRequestError):
-    """The service answered an error, or could not be reached (`status` 0)."""
+# The error the client raises: `status` (0 when the service could not be reached), `error_code`, `detail`.
+ServiceError = ServiceRequestError
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}" if status else message)
-        self.status = status
-        self.error_code = code
-        self.detail = message
+
+def _service_error(status: int, code: str, message: str) -> ServiceError:
+    return ServiceError(
+        f"{status} {code}: {message}" if status else message, status=status, error_code=code, detail=message
+    )
 
 
 def _image(image: Image, index: int) -> tuple[str, bytes]:
@@ -96,9 +96,9 @@ def _options(top_k: int, explain: bool, classes: Sequence[str] | None, labels: S
 def _error_of(response: httpx.Response) -> ServiceError:
     try:
         error = response.json()["error"]
-        return ServiceError(response.status_code, str(error["code"]), str(error["message"]))
+        return _service_error(response.status_code, str(error["code"]), str(error["message"]))
     except (ValueError, KeyError, TypeError):
-        return ServiceError(response.status_code, "http_error", response.text[:200] or response.reason_phrase)
+        return _service_error(response.status_code, "http_error", response.text[:200] or response.reason_phrase)
 
 
 def _json(response: httpx.Response) -> Any:
@@ -203,7 +203,7 @@ class Client(_Base):
                     headers=self._headers(call),
                 )
             except httpx.TransportError as exc:
-                raise ServiceError(0, "unreachable", f"cannot reach the service at {self.url}: {exc}") from None
+                raise _service_error(0, "unreachable", f"cannot reach the service at {self.url}: {exc}") from None
             wait = self._wait(response, attempt)
             if wait is None:
                 return _json(response)
@@ -302,7 +302,7 @@ class AsyncClient(_Base):
                     headers=self._headers(call),
                 )
             except httpx.TransportError as exc:
-                raise ServiceError(0, "unreachable", f"cannot reach the service at {self.url}: {exc}") from None
+                raise _service_error(0, "unreachable", f"cannot reach the service at {self.url}: {exc}") from None
             wait = self._wait(response, attempt)
             if wait is None:
                 return _json(response)

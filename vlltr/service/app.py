@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vlltr.service.api import api_router
 from vlltr.service.api.errors import envelope, install_error_handlers
+from vlltr.service.api.openapi import install_openapi
 from vlltr.service.api.uploads import BodyBudget
 from vlltr.service.body_timeout import BodyTimeoutMiddleware
 from vlltr.service.core import ServingCore
@@ -127,6 +128,7 @@ def create_app(settings: Settings, *, core: ServingCore | None = None) -> FastAP
     app.state.body_budget = BodyBudget(settings.max_buffered_bytes, settings.retry_after_s)
     install_error_handlers(app)
     app.include_router(api_router)
+    install_openapi(app, settings)
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_read_timeout_s, metrics=metrics)
     app.add_middleware(RequestMiddleware, metrics=metrics)  # outermost: the request id and latency cover all
     return app

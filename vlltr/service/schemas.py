@@ -60,6 +60,8 @@ class ClassifyResponse(BaseModel):
 class ClassifyOptionFields(BaseModel):
     """The options of a classify request in its JSON body (each overrides the query parameter of that name)."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
+
     top_k: int | None = Field(default=None, ge=1, description="how many classes to return (as the query's `top_k`)")
     explain: bool | None = Field(default=None, description="add branch probabilities and weighted anchor sentences")
     classes: list[str] | None = Field(
@@ -76,7 +78,9 @@ class ClassifyOptionFields(BaseModel):
 class ClassifyJson(ClassifyOptionFields):
     """JSON body of `POST /v1/classify`: the image as base64."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"image": EXAMPLE_PNG_BASE64, "top_k": 3}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"image": EXAMPLE_PNG_BASE64, "top_k": 3}]}
+    )
 
     image: str = Field(
         min_length=1, description="the image file's bytes in base64 (a `data:image/...;base64,` prefix is allowed)"
@@ -84,6 +88,8 @@ class ClassifyJson(ClassifyOptionFields):
 
 
 class JsonImage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     data: str = Field(min_length=1, description="the image file's bytes in base64")
     filename: str | None = Field(default=None, max_length=255, description="a name echoed in the image's result")
 
@@ -92,7 +98,8 @@ class ClassifyBatchJson(ClassifyOptionFields):
     """JSON body of `POST /v1/classify/batch`: the images as base64."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"images": [{"data": EXAMPLE_PNG_BASE64, "filename": "red.png"}]}]}
+        extra="forbid",
+        json_schema_extra={"examples": [{"images": [{"data": EXAMPLE_PNG_BASE64, "filename": "red.png"}]}]},
     )
 
     images: list[JsonImage] = Field(

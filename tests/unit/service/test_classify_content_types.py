@@ -24,7 +24,7 @@ def test_the_document_lists_multipart_and_each_raw_type(tmp_path):
     assert content[JSON]["schema"]["required"] == ["image"]
     assert content[MULTIPART]["schema"]["required"] == ["file"]
     for media_type in RAW_IMAGE_TYPES:
-        assert content[media_type]["schema"] == {"type": "string", "format": "binary"}
+        assert content[media_type]["schema"] == {"type": "string", "format": "binary", "minLength": 1}
     assert {"408", "413", "415"} <= set(operation["responses"])
     # The batch endpoint reads multipart or JSON (base64 images), not raw bodies.
     batch = spec["paths"]["/v1/classify/batch"]["post"]["requestBody"]["content"]

@@ -43,7 +43,8 @@ def option_queries(
         list[str] | None,
         Query(
             max_length=MAX_SUBSET,
-            description="restrict classification to these served classes (repeat the parameter)",
+            description="restrict classification to these served classes (repeat the parameter; names that "
+            "`GET /v1/classes` lists; not together with `labels`)",
         ),
     ] = None,
     labels: Annotated[
@@ -51,7 +52,7 @@ def option_queries(
         Query(
             max_length=MAX_LABELS,
             description="rank the image against these free-text labels instead of the class table "
-            "(zero-shot; repeat the parameter; nothing is added)",
+            "(zero-shot; repeat the parameter; 1-200 characters each, distinct; nothing is added)",
         ),
     ] = None,
 ) -> QueryOptions:
@@ -75,11 +76,12 @@ def options_from(query: QueryOptions, body: ClassifyOptionFields | None) -> Clas
 
 
 def decode_base64(text: str, where: str) -> bytes:
-    """The bytes of a base64 string (a `data:...;base64,` prefix is allowed); `ApiError` 422 if it is not."""
+    """The bytes of a padded standard base64 string, no whitespace (a `data:...;base64,` prefix is allowed);
+    `ApiError` 422 if it is not."""
     if text.startswith("data:") and "," in text[:256]:
         text = text.split(",", 1)[1]
     try:
-        return base64.b64decode("".join(text.split()), validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, "invalid", f"{where}: not valid base64") from None
 
