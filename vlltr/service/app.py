@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -114,7 +115,9 @@ def create_app(settings: Settings, *, core: ServingCore | None = None) -> FastAP
                 await starting
             await _stop_within(rt, STOP_TIMEOUT_S)
 
-    app = FastAPI(
+    # FastAPIOffline serves Swagger UI's scripts and styles from the package (under /static-offline-docs), so
+    # /docs renders on a machine without internet, where FastAPI's default page loads them from a CDN.
+    app = FastAPIOffline(
         title="vlltr",
         summary="Long-tailed image classification with classes added by text (VL-LTR on ONNX ServingCore)",
         version="1",
