@@ -90,8 +90,9 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _add_classes(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "classes",
-        help="export and import added classes (backup, restore, moving them between deployments)",
-        description="Added classes as JSON lines (one class per line: name, descriptions, when and by whom), "
+        help="list, add and delete classes of a running service; export and import added classes",
+        description="`list`, `add` and `delete` work against a running service (--url). `export` and `import` "
+        "move added classes as JSON lines (one class per line: name, descriptions, when and by whom), "
         "against a running service or a class store directly. The file holds descriptions, not features, so "
         "it imports into a deployment on any bundle.",
     )
@@ -128,7 +129,9 @@ def _add_classes(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def _add_service_target(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--url", default=os.environ.get("VLLTR_URL", DEFAULT_URL), help=f"the service (default: {DEFAULT_URL})"
+        "--url",
+        default=os.environ.get("VLLTR_URL", DEFAULT_URL),
+        help=f"the service (default: $VLLTR_URL, else {DEFAULT_URL})",
     )
     p.add_argument("--token", default=None, help="the service's admin token (default: $VLLTR_ADMIN_TOKEN)")
 

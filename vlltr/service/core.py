@@ -490,7 +490,11 @@ class ServingCore:
         check_options(options, self.registry.current)
         features = None
         if options.labels is not None:
-            features = await asyncio.to_thread(self.label_encoder.features, options.labels)
+            try:
+                features = await asyncio.to_thread(self.label_encoder.features, options.labels)
+            except Exception as exc:  # the labels were checked; a failure here is the encoder's, never a 500
+                log.warning("encoding ad-hoc labels failed: %s: %s", type(exc).__name__, exc)
+                raise InferenceFailedError(INFERENCE_FAILED) from None
         return PreparedOptions(options, features)
 
     async def classify(self, data: bytes | bytearray, top_k: int, options: ClassifyOptions | None = None) -> Scored:
