@@ -17,6 +17,8 @@ from pathlib import Path
 
 from vlltr.errors import VlltrError
 
+DEFAULT_URL = "http://127.0.0.1:8000"
+
 # What a user can fix: the domain errors, and the operating system saying a path given is not usable.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     VlltrError,
@@ -110,12 +112,24 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _add_classes(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "classes",
-        help="export and import added classes (backup, restore, moving them between deployments)",
-        description="Added classes as JSON lines (one class per line: name, descriptions, when and by whom), "
+        help="list, add and delete classes of a running service; export and import added classes",
+        description="`list`, `add` and `delete` work against a running service (--url). `export` and `import` "
+        "move added classes as JSON lines (one class per line: name, descriptions, when and by whom), "
         "against a running service or a class store directly. The file holds descriptions, not features, so "
         "it imports into a deployment on any bundle.",
     )
     which = p.add_subparsers(dest="action", required=True)
+    listing = which.add_parser("list", help="the served classes of a running service")
+    add = which.add_parser("add", help="add a class from its descriptions to a running service")
+    add.add_argument("name", help="the class name")
+    add.add_argument(
+        "descriptions", nargs="*", metavar="DESCRIPTION", help="sentences describing the class (or --file)"
+    )
+    add.add_argument("--file", type=Path, default=None, help="a text file of descriptions, one per line")
+    delete = which.add_parser("delete", help="delete a class added at run time from a running service")
+    delete.add_argument("name", help="the class name")
+    for a in (listing, add, delete):
+        _add_service_target(a)
     for action, what in (("export", "write every added class to FILE"), ("import", "add the classes of FILE")):
         a = which.add_parser(action, help=what)
         a.add_argument("file", metavar="FILE", help="the JSON-lines file ('-' for standard output/input)")
@@ -133,6 +147,24 @@ def _add_classes(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
             default=os.environ.get("VLLTR_REDIS_PREFIX", "vlltr"),
             help="the deployment's Redis key prefix, its namespace (default: $VLLTR_REDIS_PREFIX or vlltr)",
         )
+
+
+def _add_service_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url",
+        default=os.environ.get("VLLTR_URL", DEFAULT_URL),
+        help=f"the service (default: $VLLTR_URL, else {DEFAULT_URL})",
+    )
+    p.add_argument("--token", default=None, help="the service's admin token (default: $VLLTR_ADMIN_TOKEN)")
+
+
+def _add_classify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("classify", help="classify images with a running service")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--top-k", type=int, default=3, help="classes per image (default: 3)")
+    p.add_argument("--explain", action="store_true", help="show the branch probabilities and the matching sentences")
+    p.add_argument("--json", action="store_true", help="print the API's answers as JSON lines")
+    _add_service_target(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_export(sub)
     _add_classes(sub)
+    _add_classify(sub)
     sub.add_parser("serve", help="the HTTP service (see `vlltr serve --help`)")
     sub.add_parser("models", help="list the architectures usable in `model.arch`")
     _verbose_everywhere(sub)
@@ -231,6 +264,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from vlltr.training.export import export_bundle
 
         export_bundle(args.checkpoint, args.out, fp16=args.fp16)
+    elif args.command == "classify":
+        from vlltr.client.cli import classify_command
+
+        return classify_command(args.images, url=args.url, top_k=args.top_k, explain=args.explain, as_json=args.json)
+    elif args.command == "classes" and args.action in ("list", "add", "delete"):
+        from vlltr.client.cli import classes_command
+
+        return classes_command(args)
     elif args.command == "classes":
         return _classes(args)
     elif args.command == "models":
