@@ -1,20 +1,24 @@
 """`python -m bench.longtail`: the long-tail benchmark (Shapes-LT or Digits-LT), every arm, several seeds.
 
-    python -m bench.longtail --dataset shapes-lt --names epithet --seeds 0 1 2 --pretrain-per-seed
-                                                        # writes docs/benchmarks/shapes-lt.*
+    python -m bench.longtail --dataset shapes-lt --names epithet --seed S --seeds 0 1 2 --pretrain-per-seed
+                                                        # writes docs/benchmarks/shapes-lt.*; S: a data seed
+                                                        # named before the run (0 is the design draw)
     python -m bench.longtail --dataset digits-lt --seeds 0 1 2            # writes docs/benchmarks/digits-lt.*
     python -m bench.longtail --dataset shapes-lt --seed 3 --imbalance 50  # another draw of the data
+
+Every trained arm is a `vlltr train` run (`bench/longtail/protocol.py`: the bundled recipe plus the arm's
+overrides), kept under --cache-dir/runs, so an interrupted benchmark resumes where it stopped.
 
 `--pretrain-per-seed` gives every training seed its own pretraining build, so the reported ± includes what
 changes with the pretrained starting point (on Shapes-LT every arm moves with it).
 
 Shapes-LT is drawn with black-and-white training shoots (`--monochrome-sessions`, default 1/3): a few-shot class
 is one shoot, so some tail classes are seen in training only without their colour, which then only their
-descriptions give. `--monochrome-sessions 0` draws it all in colour, `--trained-anchors` trains the recommended
-head's anchors and `--pretrain-epochs N` changes the pretraining build; the Shapes-LT page's findings use them.
+descriptions give. `--monochrome-sessions 0` draws it all in colour and `--pretrain-epochs N` changes the
+pretraining build (`vlltr pretrain` builds the default one).
 
 The benchmark data and the pretrained CLIP are cached under --cache-dir (default ~/.cache/vlltr/bench), so a
-rerun only trains the arms. `--quick` runs a tiny same-shaped version in about a minute (a smoke test of the
+rerun only trains the arms. `--quick` runs a tiny same-shaped version in a few minutes (a smoke test of the
 harness, not a result).
 """
 
