@@ -25,6 +25,7 @@ harness, not a result).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir, image_size=clip_dims(create_clip(pre_cfg.arch)).image_size, cache_dir=args.cache_dir / "images"
     )
     selection = write_selection_split(bm, args.seed)
+    selection_key = hashlib.sha256((data_dir / "select.txt").read_bytes()).hexdigest()[:8]
 
     def build(seed: int) -> tuple[PretrainCfg, Path]:
         cfg = replace(pre_cfg, seed=pre_cfg.seed + seed) if args.pretrain_per_seed else pre_cfg
@@ -295,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.seeds:
         log.info("seed %d", s)
         builds[s] = build(s)
-        runs_dir = args.cache_dir / "runs" / f"{tag}-{builds[s][1].stem}" / f"seed{s}"
+        # Keyed by the data, the pretraining build and the selection split, so a cached run is only resumed on
+        # the same inputs (its config lists the files by name, not by content).
+        runs_dir = args.cache_dir / "runs" / f"{tag}-{builds[s][1].stem}-select{selection_key}" / f"seed{s}"
         per_seed[s] = run_seed(bm, builds[s][1], s, seed_cfg, runs_dir)
         # Written after every seed, so an interrupted run still leaves honest (fewer-seed) results.
         _write_outputs(args, command, started, bm, pre_cfg, builds, seed_cfg, per_seed, selection)
