@@ -1,26 +1,31 @@
 """`python -m bench.longtail`: the long-tail benchmark (Shapes-LT or Digits-LT), every arm, several seeds.
 
-    python -m bench.longtail --dataset shapes-lt --names epithet --seeds 0 1 2 --pretrain-per-seed
-                                                        # writes docs/benchmarks/shapes-lt.*
+    python -m bench.longtail --dataset shapes-lt --names epithet --seed S --seeds 0 1 2 --pretrain-per-seed
+                                                        # writes docs/benchmarks/shapes-lt.*; S: a data seed
+                                                        # named before the run (0 is the design draw)
     python -m bench.longtail --dataset digits-lt --seeds 0 1 2            # writes docs/benchmarks/digits-lt.*
     python -m bench.longtail --dataset shapes-lt --seed 3 --imbalance 50  # another draw of the data
+
+Every trained arm is a `vlltr train` run (`bench/longtail/protocol.py`: the bundled recipe plus the arm's
+overrides), kept under --cache-dir/runs, so an interrupted benchmark resumes where it stopped.
 
 `--pretrain-per-seed` gives every training seed its own pretraining build, so the reported ± includes what
 changes with the pretrained starting point (on Shapes-LT every arm moves with it).
 
 Shapes-LT is drawn with black-and-white training shoots (`--monochrome-sessions`, default 1/3): a few-shot class
 is one shoot, so some tail classes are seen in training only without their colour, which then only their
-descriptions give. `--monochrome-sessions 0` draws it all in colour, `--trained-anchors` trains the recommended
-head's anchors and `--pretrain-epochs N` changes the pretraining build; the Shapes-LT page's findings use them.
+descriptions give. `--monochrome-sessions 0` draws it all in colour and `--pretrain-epochs N` changes the
+pretraining build (`vlltr pretrain` builds the default one).
 
 The benchmark data and the pretrained CLIP are cached under --cache-dir (default ~/.cache/vlltr/bench), so a
-rerun only trains the arms. `--quick` runs a tiny same-shaped version in about a minute (a smoke test of the
+rerun only trains the arms. `--quick` runs a tiny same-shaped version in a few minutes (a smoke test of the
 harness, not a result).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -278,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir, image_size=clip_dims(create_clip(pre_cfg.arch)).image_size, cache_dir=args.cache_dir / "images"
     )
     selection = write_selection_split(bm, args.seed)
+    selection_key = hashlib.sha256((data_dir / "select.txt").read_bytes()).hexdigest()[:8]
 
     def build(seed: int) -> tuple[PretrainCfg, Path]:
         cfg = replace(pre_cfg, seed=pre_cfg.seed + seed) if args.pretrain_per_seed else pre_cfg
@@ -291,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.seeds:
         log.info("seed %d", s)
         builds[s] = build(s)
-        runs_dir = args.cache_dir / "runs" / f"{tag}-{builds[s][1].stem}" / f"seed{s}"
+        # Keyed by the data, the pretraining build and the selection split, so a cached run is only resumed on
+        # the same inputs (its config lists the files by name, not by content).
+        runs_dir = args.cache_dir / "runs" / f"{tag}-{builds[s][1].stem}-select{selection_key}" / f"seed{s}"
         per_seed[s] = run_seed(bm, builds[s][1], s, seed_cfg, runs_dir)
         # Written after every seed, so an interrupted run still leaves honest (fewer-seed) results.
         _write_outputs(args, command, started, bm, pre_cfg, builds, seed_cfg, per_seed, selection)

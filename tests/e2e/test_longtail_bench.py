@@ -87,7 +87,7 @@ def test_quick_run_writes_table_plot_and_json(quick_run):
     # starting from the seed's pretraining build, on the protocol's training and selection lists.
     assert data["config"]["seed"]["recipe"]["config"] == "shapes-lt-pretrained" and "`vlltr train` run" in md
     for s, build in data["pretrain"]["builds"].items():
-        runs = list((cache / "runs").glob(f"*-{Path(build['file']).stem}/seed{s}"))
+        runs = list((cache / "runs").glob(f"*-{Path(build['file']).stem}-select*/seed{s}"))
         assert len(runs) == 1
         for arm in (*ARMS[1:], "control_text_shuffled"):
             run = runs[0] / arm
