@@ -69,6 +69,16 @@ def service_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo bundle as `vlltr serve` builds it: Digits-LT trained with the tiny config (needs torch, about a
+    minute on two cores). Its benchmark lies next to it, `data/test.txt` listing the test images."""
+    from vlltr.training.demo import build_demo_bundle
+
+    root = tmp_path_factory.mktemp("demo")
+    return build_demo_bundle(root, out=root / "bundle")
+
+
+@pytest.fixture(scope="session")
 def bundle_v1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the committed bundle the previous version's exporter wrote (tests/fixtures/bundle-v1), no torch.
 

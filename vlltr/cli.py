@@ -17,6 +17,8 @@ from pathlib import Path
 
 from vlltr.errors import VlltrError
 
+DEFAULT_URL = "http://127.0.0.1:8000"
+
 # What a user can fix: the domain errors, and the operating system saying a path given is not usable.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     VlltrError,
@@ -71,6 +73,28 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
 
 
+def _add_pretrain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="build the pretrained stand-in CLIP a bundled benchmark's runs start from",
+        description="Contrastive pretraining of a tiny CLIP on a separate, balanced, captioned image set drawn "
+        "for the benchmark (never its images, class names or class text), written as a state dict for "
+        "`vlltr train --set model.arch=ARCH --set model.pretrained=FILE`.",
+    )
+    p.add_argument("--out", required=True, help="checkpoint file to write (a .json with the recipe goes beside it)")
+    p.add_argument(
+        "--benchmark",
+        default=None,
+        metavar="DIR",
+        help="a benchmark written by `vlltr data`: picks its recipe (and keeps Digits-LT's images out)",
+    )
+    # The names of training.pretrain.PRETRAIN_RECIPES, spelled out here so `vlltr serve` imports nothing.
+    p.add_argument("--recipe", choices=("shapes-lt", "digits-lt"), default=None, help="the recipe, by benchmark")
+    p.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: the recipe's)")
+    p.add_argument("--num-images", type=int, default=None, help="shapes: images drawn (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the build (default: the recipe's)")
+
+
 def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("eval", help="metrics JSON and per-class plot for a trained run")
     p.add_argument("--checkpoint", required=True, help="run directory written by `vlltr train`")
@@ -88,12 +112,24 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _add_classes(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "classes",
-        help="export and import added classes (backup, restore, moving them between deployments)",
-        description="Added classes as JSON lines (one class per line: name, descriptions, when and by whom), "
+        help="list, add and delete classes of a running service; export and import added classes",
+        description="`list`, `add` and `delete` work against a running service (--url). `export` and `import` "
+        "move added classes as JSON lines (one class per line: name, descriptions, when and by whom), "
         "against a running service or a class store directly. The file holds descriptions, not features, so "
         "it imports into a deployment on any bundle.",
     )
     which = p.add_subparsers(dest="action", required=True)
+    listing = which.add_parser("list", help="the served classes of a running service")
+    add = which.add_parser("add", help="add a class from its descriptions to a running service")
+    add.add_argument("name", help="the class name")
+    add.add_argument(
+        "descriptions", nargs="*", metavar="DESCRIPTION", help="sentences describing the class (or --file)"
+    )
+    add.add_argument("--file", type=Path, default=None, help="a text file of descriptions, one per line")
+    delete = which.add_parser("delete", help="delete a class added at run time from a running service")
+    delete.add_argument("name", help="the class name")
+    for a in (listing, add, delete):
+        _add_service_target(a)
     for action, what in (("export", "write every added class to FILE"), ("import", "add the classes of FILE")):
         a = which.add_parser(action, help=what)
         a.add_argument("file", metavar="FILE", help="the JSON-lines file ('-' for standard output/input)")
@@ -113,6 +149,24 @@ def _add_classes(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         )
 
 
+def _add_service_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url",
+        default=os.environ.get("VLLTR_URL", DEFAULT_URL),
+        help=f"the service (default: $VLLTR_URL, else {DEFAULT_URL})",
+    )
+    p.add_argument("--token", default=None, help="the service's admin token (default: $VLLTR_ADMIN_TOKEN)")
+
+
+def _add_classify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("classify", help="classify images with a running service")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--top-k", type=int, default=3, help="classes per image (default: 3)")
+    p.add_argument("--explain", action="store_true", help="show the branch probabilities and the matching sentences")
+    p.add_argument("--json", action="store_true", help="print the API's answers as JSON lines")
+    _add_service_target(p)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vlltr` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -126,10 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
+    _add_pretrain(sub)
     _add_train(sub)
     _add_eval(sub)
     _add_export(sub)
     _add_classes(sub)
+    _add_classify(sub)
     sub.add_parser("serve", help="the HTTP service (see `vlltr serve --help`)")
     sub.add_parser("models", help="list the architectures usable in `model.arch`")
     _verbose_everywhere(sub)
@@ -183,6 +239,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             names=getattr(args, "names", None),
             **extra,
         )
+    elif args.command == "pretrain":
+        from vlltr.training.pretrain import pretrain_to_file
+
+        path, recipe = pretrain_to_file(
+            args.out,
+            benchmark_dir=args.benchmark,
+            recipe=args.recipe,
+            epochs=args.epochs,
+            num_images=args.num_images,
+            seed=args.seed,
+        )
+        print(f"wrote {path}; train from it with --set model.arch={recipe.arch} --set model.pretrained={path}")
     elif args.command == "train":
         from vlltr.training.config import load_config
         from vlltr.training.pipeline import run_training
@@ -196,6 +264,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from vlltr.training.export import export_bundle
 
         export_bundle(args.checkpoint, args.out, fp16=args.fp16)
+    elif args.command == "classify":
+        from vlltr.client.cli import classify_command
+
+        return classify_command(args.images, url=args.url, top_k=args.top_k, explain=args.explain, as_json=args.json)
+    elif args.command == "classes" and args.action in ("list", "add", "delete"):
+        from vlltr.client.cli import classes_command
+
+        return classes_command(args)
     elif args.command == "classes":
         return _classes(args)
     elif args.command == "models":

@@ -94,9 +94,17 @@ class StoreUnavailableError(VlltrError, RuntimeError):
 
 
 class ServiceRequestError(VlltrError, RuntimeError):
-    """A request of the command line to a running service failed (unreachable, refused, or an error answer)."""
+    """A request of the command line or `vlltr.client` to a running service failed (unreachable, refused, or an
+    error answer). `status` is the HTTP status (0: no answer), `error_code` the API's code, `detail` its
+    message."""
 
     code = "service_request_failed"
+
+    def __init__(self, message: str, *, status: int = 0, error_code: str | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_code = error_code
+        self.detail = detail or message
 
 
 # ---- serving capacity and state ------------------------------------------------------------------

@@ -148,8 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure nothing: rewrite the .md and .png from the existing .json in --out",
     )
+    parser.add_argument(
+        "--only-explain",
+        action="store_true",
+        help="measure only the explanations table on the small model and merge it into the existing .json",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.only_explain:
+        return _only_explain(args)
     if args.report_only:
         results = json.loads((args.out / f"{args.name}.json").read_text())
         write_markdown(results, args.out / f"{args.name}.md", write_plot(results, args.out, args.name))
@@ -226,6 +233,47 @@ def main(argv: list[str] | None = None) -> int:
             "not measured" if t["met"] is None else "met" if t["met"] else "MISSED",
         )
     return 0
+
+
+def _only_explain(args: argparse.Namespace) -> int:
+    """The explanations table alone, merged into the existing report (it says when and under which load)."""
+    if wrk_path() is None:
+        print("python -m bench.serving: wrk is not installed (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
+        return 2
+    results = json.loads((args.out / f"{args.name}.json").read_text())
+    p = plan(args)
+    work = args.work.expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    images = work / "images"
+    write_jpegs(images, p["images"])
+    if args.demo_bundle is not None:
+        small = BenchBundle("demo", args.demo_bundle, args.demo_run or args.demo_bundle)
+    else:
+        small = demo_bundle(work)
+    ctx = cells.Context(
+        work=work, images=images, timing=p["small"], service_flags=("--provider", args.provider), generator="wrk"
+    )
+    before = load_average()
+    explain = cells.explain_cost(small, ctx, p["cache_c"])
+    explain["note"] = (
+        f"Measured apart from the rest of this page (`{' '.join(['python -m bench.serving', *(argv_of(args))])}`), "
+        f"load average {before} at start and {load_average()} at end: compare the two columns, not the numbers "
+        "with the tables above."
+    )
+    results["models"].setdefault(small.label, {})["explain"] = explain
+    write_json(results, args.out / f"{args.name}.json")
+    write_markdown(results, args.out / f"{args.name}.md", write_plot(results, args.out, args.name))
+    return 0
+
+
+def argv_of(args: argparse.Namespace) -> list[str]:
+    """The flags of an `--only-explain` run, as typed."""
+    out = ["--only-explain"]
+    if args.quick:
+        out.append("--quick")
+    if args.demo_bundle is not None:
+        out += ["--demo-bundle", str(args.demo_bundle)]
+    return out
 
 
 if __name__ == "__main__":

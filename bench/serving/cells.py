@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import threading
@@ -179,6 +180,20 @@ def cache_hits(bb: BenchBundle, ctx: Context, distinct: int, concurrencies: Sequ
                 "hits": hits,
                 "misses": misses,
                 "profile": prof,
+            }
+    return out
+
+
+def explain_cost(bb: BenchBundle, ctx: Context, concurrencies: Sequence[int]) -> dict[str, Any]:
+    """`/v1/classify` without and with `explain=true` on one server (cache off), back to back at each
+    concurrency: what the explanations cost (a plain request takes the unchanged batched path)."""
+    out: dict[str, Any] = {"load": {}}
+    with start_service(f"{bb.label}-service-explain", bb.bundle, ctx.work, flags=ctx.service_flags) as server:
+        explained = dataclasses.replace(server, classify_path=server.classify_path + "&explain=true")
+        for c in concurrencies:
+            out["load"][str(c)] = {
+                "plain": _load(server, ctx, c, f"{bb.label}-explain-off-c{c}"),
+                "explain": _load(explained, ctx, c, f"{bb.label}-explain-on-c{c}"),
             }
     return out
 

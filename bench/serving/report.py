@@ -106,6 +106,34 @@ def _load_row(name: str, cell: dict | None, ceiling: float, e2e: float | None = 
     )
 
 
+def explain_table(explain: dict[str, Any]) -> list[str]:
+    """Classify latency with `explain=true` beside without (same server, same images, back to back)."""
+    lines = [
+        "",
+        "### Explanations (`explain=true`) beside plain classification (same server, cache off, back to back)",
+        "",
+    ]
+    if explain.get("note"):
+        lines += [explain["note"], ""]
+    lines += [
+        "| concurrency | plain images/s | plain p50 ms | plain p99 ms | explain images/s | explain p50 ms "
+        "| explain p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for conc, cell in explain["load"].items():
+        a, b = cell["plain"], cell["explain"]
+        lines.append(
+            f"| {conc} | {_f(a['throughput'])} | {_f(a['p50_ms'], 2)} | {_f(a['p99_ms'], 2)} | "
+            f"{_f(b['throughput'])} | {_f(b['p50_ms'], 2)} | {_f(b['p99_ms'], 2)} |"
+        )
+    lines += [
+        "",
+        "With `explain=true` each image is scored on its own (branch probabilities, attention weights over the "
+        "returned classes' anchors) instead of with its batch; without it the request takes the plain batched path.",
+    ]
+    return lines
+
+
 def _model_section(label: str, m: dict[str, Any], c: str) -> list[str]:
     b = m["bundle"]
     ceiling = m["ceiling"]["best"]["images_per_s"]
@@ -253,6 +281,8 @@ def _model_section(label: str, m: dict[str, Any], c: str) -> list[str]:
             "they are coarse; the target uses the client's p50, which includes the server's time and so "
             "bounds it from above.",
         ]
+    if "explain" in m:
+        lines += explain_table(m["explain"])
     if "classes" in m:
         growth = m["classes"]
         concs = sorted({k for e in growth.values() for k in e["load"]}, key=int)

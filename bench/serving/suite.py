@@ -122,6 +122,7 @@ def run_model(
     out["peers"] = {"litserve": cells.litserve(bb, ctx, c, max_batch_size=batch, provider=provider)}
     if small:
         out["cache"] = cells.cache_hits(bb, vctx, 16, p["cache_c"])
+        out["explain"] = cells.explain_cost(bb, vctx, p.get("explain_c", p["cache_c"]))
         out["classes"] = cells.class_growth(bb, vctx, p["class_sizes"], p["growth_c"])
         out["add_class"] = cells.add_under_load(bb, vctx, 1000, p["add_c"])
     e2e_points = e2e_before + e2e("after", batch)

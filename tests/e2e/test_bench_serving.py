@@ -71,6 +71,7 @@ def test_smoke_run_writes_every_table(service_bundle: Path, tmp_path: Path) -> N
         demo["peers"]["litserve"],
         demo["load_generators"]["wrk"],
         *demo["cache"]["load"].values(),
+        *(cell[mode] for cell in demo["explain"]["load"].values() for mode in ("plain", "explain")),
         demo["add_class"]["without"],
         demo["add_class"]["with_adds"],
     ]
@@ -134,6 +135,7 @@ def test_smoke_run_writes_every_table(service_bundle: Path, tmp_path: Path) -> N
     assert "## Targets" in doc and "Not run yet" in doc and "hand-written FastAPI + PyTorch" in doc
     assert "### End-to-end ceiling" in doc and "### Front-end processes against the single process" in doc
     assert "### Load generators on the same server" in doc and "- load generator cost: wrk used" in doc
+    assert "### Explanations (`explain=true`) beside plain classification" in doc
     assert "service, `--workers 1` (repeat)" in doc
     assert ("service, `--workers 2`" in doc) is has_workers
     assert (out / "serving.png").stat().st_size > 0

@@ -68,9 +68,14 @@ def test_the_wheel_carries_every_module_and_the_package_data(wheel):
     assert modules and modules <= files, sorted(modules - files)
     data = {
         p.relative_to(REPO).as_posix()
-        for pattern in ("vlltr/model/networks/configs/*.json", "vlltr/training/configs/*.yaml")
+        for pattern in (
+            "vlltr/model/networks/configs/*.json",
+            "vlltr/training/configs/*.yaml",
+            "vlltr/service/static/*",
+        )
         for p in REPO.glob(pattern)
     }
     assert any(d.endswith(".json") for d in data) and any(d.endswith(".yaml") for d in data)
+    assert "vlltr/service/static/index.html" in data  # the page at /
     assert data <= files, sorted(data - files)
     assert files == modules | data, sorted(files - modules - data)

@@ -8,7 +8,18 @@ from pathlib import Path
 import pytest
 
 # The README's apt line: every system package the tests need (Python packages come with the `test` extra).
-APT_PACKAGES = ("redis-server", "nginx", "prometheus", "docker-compose", "podman", "runc", "mmdebstrap", "wrk")
+APT_PACKAGES = (
+    "redis-server",
+    "nginx",
+    "prometheus",
+    "docker-compose",
+    "podman",
+    "runc",
+    "mmdebstrap",
+    "wrk",
+    "chromium",
+    "chromium-driver",
+)
 APT_LINE = "sudo apt-get install -y --no-install-recommends " + " ".join(APT_PACKAGES)
 PIP_LINE = "pip install -e '.[train,cpu,test]'"
 # Debian puts some daemons outside a normal user's PATH.

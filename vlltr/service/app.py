@@ -1,7 +1,7 @@
 """The FastAPI application: `create_app(settings)` with a lifespan that starts, warms and tears down.
 
 Start-up order (readiness reports each step):
-1. load and verify the bundle and create the ONNX ServingCore sessions (`ServingCore.load`). `vlltr serve` does
+1. load and verify the bundle and create the ONNX Runtime sessions (`ServingCore.load`). `vlltr serve` does
    this before the server starts, so a bad bundle or `provider=cuda` without CUDA really active ends the
    command with one clear line; `create_app(settings)` without a core does it in the lifespan;
 2. in the background: warm every batch bucket, load the class table (retrying while the store is
@@ -22,11 +22,13 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vlltr.service.api import api_router
 from vlltr.service.api.errors import envelope, install_error_handlers
+from vlltr.service.api.openapi import install_openapi
 from vlltr.service.api.uploads import BodyBudget
 from vlltr.service.body_timeout import BodyTimeoutMiddleware
 from vlltr.service.core import Classifier, ServingCore
@@ -175,9 +177,13 @@ def create_app(
             if forwarder is not None:
                 await forwarder.aclose()
 
-    app = FastAPI(
+    # FastAPIOffline serves Swagger UI's scripts and styles from the package (under /static-offline-docs), so
+    # /docs renders on a machine without internet, where FastAPI's default page loads them from a CDN. A
+    # front-end has no docs of its own: it forwards them, with their assets, to the engine.
+    app_class = FastAPI if forwarder is not None else FastAPIOffline
+    app = app_class(
         title="vlltr",
-        summary="Long-tailed image classification with classes added by text (VL-LTR on ONNX ServingCore)",
+        summary="Long-tailed image classification with classes added by text (VL-LTR on ONNX Runtime)",
         version="1",
         lifespan=lifespan,
         redoc_url=None,
@@ -192,6 +198,7 @@ def create_app(
     app.state.body_budget = BodyBudget(settings.max_buffered_bytes, settings.retry_after_s)
     install_error_handlers(app)
     app.include_router(api_router)
+    install_openapi(app, settings)
     if forwarder is not None:
         from vlltr.service.frontend import ForwardMiddleware
 
@@ -208,7 +215,7 @@ def create_app(
 
 
 # The routes a front-end forwards to the engine (the class registry's, the served model's, the API docs).
-ENGINE_ROUTES = ("/v1/classes", "/v1/model", "/docs", "/openapi.json")
+ENGINE_ROUTES = ("/v1/classes", "/v1/model", "/docs", "/openapi.json", "/static-offline-docs")
 
 
 async def _stop_within(core: Classifier, timeout: float) -> None:

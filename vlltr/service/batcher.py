@@ -1,7 +1,7 @@
 """Dynamic micro-batching across concurrent requests.
 
 Requests on the event loop `submit` payloads; each gets an asyncio future created on the loop. One
-inference thread (one per ONNX ServingCore session: concurrent `Run()` calls on a session serialise anyway)
+inference thread (one per ONNX Runtime session: concurrent `Run()` calls on a session serialise anyway)
 forms batches and runs them:
 
 - a batch leaves as soon as one of three rules holds, and never otherwise:

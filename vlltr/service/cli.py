@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 START_ERROR_STATUS = 2  # as `vlltr` gives for every user's mistake (vlltr.cli)
 
 DESCRIPTION = """\
-Serve a VL-LTR model bundle over HTTP (ONNX ServingCore, dynamic micro-batching, classes added by text).
+Serve a VL-LTR model bundle over HTTP (ONNX Runtime, dynamic micro-batching, classes added by text).
 
 With no --bundle (and no VLLTR_BUNDLE) the demo bundle is served: it is built under the cache dir on
 first use (needs the training extra), then reused. Every flag can also be set by the environment

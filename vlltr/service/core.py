@@ -39,6 +39,7 @@ from vlltr.model.runtime.preprocess import decode_image, preprocess_image
 from vlltr.model.runtime.sessions import ImageEncoder, TextEncoder
 from vlltr.service.batcher import MicroBatcher
 from vlltr.service.cache import EmbeddingCache, LocalLRUCache, RedisEmbeddingCache, cache_key
+from vlltr.service.explain import ClassifyOptions, LabelEncoder, OptionScorer, PreparedOptions, check_options
 from vlltr.service.metrics import Metrics
 from vlltr.service.redis_link import RedisLink
 from vlltr.service.registry import TIER_NAMES, ClassRegistry, ServedTable, TrainedClasses
@@ -76,6 +77,7 @@ class ImageJob:
     pixels: np.ndarray | None
     features: np.ndarray | None
     top_k: int
+    options: PreparedOptions | None = None  # None: a plain request (scored with the whole batch at once)
 
 
 @dataclass(slots=True)
@@ -86,8 +88,11 @@ class Scored:
     scores: np.ndarray
     served: ServedTable
     features: np.ndarray | None  # set when the encoder ran (the value to cache)
+    custom: list[Prediction] | None = None  # a request with options: its predictions, built by `OptionScorer`
 
     def predictions(self) -> list[Prediction]:
+        if self.custom is not None:
+            return self.custom
         names = self.served.table.names
         return [
             Prediction(label=names[i], score=float(s), class_id=int(i))
@@ -99,7 +104,10 @@ class Scored:
         return self.served.version
 
     @property
-    def top_tier(self) -> str:
+    def top_tier(self) -> str | None:
+        """The tier of the best class (None for a ranking of ad-hoc labels)."""
+        if self.custom is not None and (not self.custom or self.custom[0].class_id is None):
+            return None
         return TIER_NAMES[int(self.served.tiers[int(self.class_ids[0])])]
 
 
@@ -122,9 +130,11 @@ class Classifier(Protocol):
 
     def check_accepting(self, n: int) -> None: ...
 
-    async def classify(self, data: bytes | bytearray, top_k: int) -> Answer: ...
+    async def classify(self, data: bytes | bytearray, top_k: int, options: ClassifyOptions | None = None) -> Answer: ...
 
-    async def classify_many(self, images: Sequence[bytes | bytearray], top_k: int) -> Sequence[Answer | VlltrError]: ...
+    async def classify_many(
+        self, images: Sequence[bytes | bytearray], top_k: int, options: ClassifyOptions | None = None
+    ) -> Sequence[Answer | VlltrError]: ...
 
     def readiness(self) -> tuple[dict[str, bool], int | None]: ...
 
@@ -293,7 +303,11 @@ class ServingCore:
         store: ClassStore
         if settings.redis_url:
             self.redis = RedisLink(
-                settings.redis_url, timeout_s=settings.redis_timeout_s, retry_s=settings.redis_retry_s, metrics=metrics
+                settings.redis_url,
+                timeout_s=settings.redis_timeout_s,
+                retry_s=settings.redis_retry_s,
+                store_timeout_s=settings.redis_store_timeout_s,
+                metrics=metrics,
             )
             store = RedisClassStore(self.redis, prefix=settings.redis_prefix)
             self.cache: EmbeddingCache | None = RedisEmbeddingCache(
@@ -317,6 +331,8 @@ class ServingCore:
             duplicate_threshold=settings.duplicate_threshold,
             metrics=metrics,
         )
+        self.option_scorer = OptionScorer(bundle, self.registry.trained)
+        self.label_encoder = LabelEncoder(text_encoder.encode_texts)
         self.batcher: MicroBatcher[ImageJob, Scored] = MicroBatcher(
             self._run_batch,
             max_batch_size=settings.max_batch_size,
@@ -465,12 +481,20 @@ class ServingCore:
         for i, job in enumerate(jobs):
             if job.pixels is None:
                 feats[i] = job.features
-        probs = probabilities(feats, b.head, served.table, b.log_prior, b.calibration, b.alpha, self.shortlist)
-        idx, vals = top_k(probs, max(job.top_k for job in jobs))
-        return [
-            Scored(idx[i, : job.top_k], vals[i, : job.top_k], served, feats[i] if job.pixels is not None else None)
-            for i, job in enumerate(jobs)
-        ]
+        plain = [i for i, job in enumerate(jobs) if job.options is None]
+        out: list[Scored] = [None] * len(jobs)  # type: ignore[list-item]  # every slot is filled below
+        if plain:
+            rows_in = feats if len(plain) == len(jobs) else feats[plain]  # all plain (options off): no copy
+            probs = probabilities(rows_in, b.head, served.table, b.log_prior, b.calibration, b.alpha, self.shortlist)
+            idx, vals = top_k(probs, max(jobs[i].top_k for i in plain))
+            for row, i in enumerate(plain):
+                k = jobs[i].top_k
+                out[i] = Scored(idx[row, :k], vals[row, :k], served, feats[i] if jobs[i].pixels is not None else None)
+        for i, job in enumerate(jobs):
+            if job.options is not None:  # explanations, a class subset or ad-hoc labels: scored one by one
+                ids, scores, custom = self.option_scorer.score(feats[i], served, job.options, job.top_k)
+                out[i] = Scored(ids, scores, served, feats[i] if job.pixels is not None else None, custom)
+        return out
 
     # ---- the request path -----------------------------------------------------------------
 
@@ -493,7 +517,9 @@ class ServingCore:
         finally:
             self.inflight -= n
 
-    async def _job(self, data: bytes | bytearray, top_k: int) -> tuple[ImageJob, str | None]:
+    async def _job(
+        self, data: bytes | bytearray, top_k: int, options: PreparedOptions | None = None
+    ) -> tuple[ImageJob, str | None]:
         """Cache look-up, else decode + preprocess. Raises an image error of `vlltr.errors` for a bad image.
 
         Counted in `preparing` until it returns; callers submit the job in the same event-loop step, so the
@@ -502,7 +528,9 @@ class ServingCore:
         is never submitted, and a batch waiting for it may leave at once."""
         self.preparing += 1
         try:
-            return await self.prep.job(data, top_k)
+            job, key = await self.prep.job(data, top_k)
+            job.options = options
+            return job, key
         finally:
             self.preparing -= 1
             if self.preparing == 0:
@@ -510,7 +538,9 @@ class ServingCore:
 
     def _finish(self, scored: Scored, key: str | None) -> Scored:
         self.prep.remember(key, scored.features)
-        self.metrics.predictions.labels(tier=scored.top_tier).inc()
+        tier = scored.top_tier
+        if tier is not None:
+            self.metrics.predictions.labels(tier=tier).inc()
         return scored
 
     def _submit(self, jobs: list[ImageJob]) -> list[asyncio.Future[Scored]]:
@@ -521,11 +551,27 @@ class ServingCore:
         except NotReadyError:
             raise NotReadyError("the service is shutting down") from None
 
-    async def classify(self, data: bytes | bytearray, top_k: int) -> Scored:
+    async def prepare_options(self, options: ClassifyOptions | None) -> PreparedOptions | None:
+        """Check `options` against the served table (`ClassValidationError`) and encode ad-hoc labels; None
+        for a plain request."""
+        if options is None or options.plain:
+            return None
+        check_options(options, self.registry.current)
+        features = None
+        if options.labels is not None:
+            try:
+                features = await asyncio.to_thread(self.label_encoder.features, options.labels)
+            except Exception as exc:  # the labels were checked; a failure here is the encoder's, never a 500
+                log.warning("encoding ad-hoc labels failed: %s: %s", type(exc).__name__, exc)
+                raise InferenceFailedError(INFERENCE_FAILED) from None
+        return PreparedOptions(options, features)
+
+    async def classify(self, data: bytes | bytearray, top_k: int, options: ClassifyOptions | None = None) -> Scored:
         """Classify one image. Raises the domain errors of `vlltr.errors` for a bad image, a full queue, a
-        service not ready or a failed inference."""
+        service not ready or a failed inference, and `ClassValidationError` for options it cannot honour."""
+        prepared = await self.prepare_options(options)
         with self._admitted(1):
-            job, key = await self._job(data, top_k)
+            job, key = await self._job(data, top_k, prepared)
             if job.pixels is None and self._score_inline():
                 try:
                     scored = self._run_batch([job])[0]
@@ -545,10 +591,14 @@ class ServingCore:
         table = self.registry.current.table
         return table.num_classes * table.num_anchors <= INLINE_SCORE_MAX_ROWS
 
-    async def classify_many(self, images: Sequence[bytes | bytearray], top_k: int) -> list[Scored | VlltrError]:
-        """Classify several images; each entry is its result or its own domain error, in order."""
+    async def classify_many(
+        self, images: Sequence[bytes | bytearray], top_k: int, options: ClassifyOptions | None = None
+    ) -> list[Scored | VlltrError]:
+        """Classify several images; each entry is its result or its own domain error, in order (options that
+        cannot be honoured raise `ClassValidationError` for the whole request)."""
+        ready = await self.prepare_options(options)
         with self._admitted(len(images)):
-            prepared = await asyncio.gather(*(self._job(data, top_k) for data in images), return_exceptions=True)
+            prepared = await asyncio.gather(*(self._job(data, top_k, ready) for data in images), return_exceptions=True)
             out: list[Scored | VlltrError] = []
             ok: list[int] = []
             for i, item in enumerate(prepared):

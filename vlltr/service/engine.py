@@ -28,6 +28,7 @@ import numpy as np
 
 from vlltr.errors import BundleError, InferenceFailedError, ProviderError, VlltrError
 from vlltr.service.core import ImageJob, Scored, ServingCore
+from vlltr.service.explain import ClassifyOptions
 from vlltr.service.metrics import Metrics
 from vlltr.service.settings import Settings
 from vlltr.service.wire import error_body, frame, read_frame
@@ -114,6 +115,9 @@ class EngineServer:
         self, message: dict[str, Any], shm: shared_memory.SharedMemory, slot_bytes: int
     ) -> list[dict[str, Any]]:
         options = dict(message.get("options") or {})
+        classify = options.pop("classify", None)
+        if classify is not None:  # checked against the served table, ad-hoc labels encoded (errors: whole request)
+            options["options"] = await self.core.prepare_options(ClassifyOptions.from_wire(classify))
         items = list(message["items"])
         out: list[dict[str, Any] | None] = [None] * len(items)
         jobs: list[ImageJob] = []

@@ -33,6 +33,7 @@ from vlltr.errors import ImageTooLargeError, NotReadyError, QueueFullError, Vllt
 from vlltr.model.runtime.bundle import Bundle, load_bundle
 from vlltr.service.cache import cache_key
 from vlltr.service.core import QUEUE_FULL, ImageJob, ImagePreparer, as_image_error
+from vlltr.service.explain import ClassifyOptions
 from vlltr.service.metrics import Metrics
 from vlltr.service.schemas import Prediction
 from vlltr.service.settings import Settings
@@ -244,9 +245,11 @@ class EngineClient:
 
 
 def job_options(job: ImageJob) -> dict[str, Any]:
-    """Everything of a job but its pixels and features: what `vlltr.service.wire`'s `score` forwards as
-    `options`, so a field added to `ImageJob` (an option of a route) reaches the engine as it is."""
-    return {f.name: getattr(job, f.name) for f in fields(job) if f.name not in ("pixels", "features")}
+    """Everything of a job but its pixels, features and prepared classify options: what `vlltr.service.wire`'s
+    `score` forwards as `options`, so a field added to `ImageJob` (an option of a route) reaches the engine as
+    it is. The prepared classify options hold arrays; their request form travels instead
+    (`wire_classify_options`), and the engine prepares them."""
+    return {f.name: getattr(job, f.name) for f in fields(job) if f.name not in ("pixels", "features", "options")}
 
 
 def _remote_result(result: dict[str, Any]) -> RemoteScored | VlltrError | None:
@@ -327,25 +330,34 @@ class FrontCore:
         if self.inflight + n > self.settings.queue_size:
             raise QueueFullError(QUEUE_FULL)
 
-    async def classify(self, data: bytes | bytearray, top_k: int) -> RemoteScored:
+    async def classify(
+        self, data: bytes | bytearray, top_k: int, options: ClassifyOptions | None = None
+    ) -> RemoteScored:
         """As `ServingCore.classify`."""
-        result = (await self.classify_many([data], top_k))[0]
+        result = (await self.classify_many([data], top_k, options))[0]
         if isinstance(result, VlltrError):
             raise result
         return result
 
-    async def classify_many(self, images: Sequence[bytes | bytearray], top_k: int) -> list[RemoteScored | VlltrError]:
+    async def classify_many(
+        self, images: Sequence[bytes | bytearray], top_k: int, options: ClassifyOptions | None = None
+    ) -> list[RemoteScored | VlltrError]:
         """As `ServingCore.classify_many`: each entry its result or its own error, in order."""
         self.check_accepting(len(images))
         self.inflight += len(images)
         try:
-            return await self._classify_many(images, top_k)
+            return await self._classify_many(images, top_k, options)
         finally:
             self.inflight -= len(images)
 
-    async def _classify_many(self, images: Sequence[bytes | bytearray], top_k: int) -> list[RemoteScored | VlltrError]:
-        # The options every job of the request shares, as the engine rebuilds its jobs from them.
+    async def _classify_many(
+        self, images: Sequence[bytes | bytearray], top_k: int, classify: ClassifyOptions | None
+    ) -> list[RemoteScored | VlltrError]:
+        # The options every job of the request shares, as the engine rebuilds its jobs from them; the classify
+        # options travel as they came (the engine checks them and encodes ad-hoc labels with its text encoder).
         options = job_options(ImageJob(None, None, top_k))
+        if classify is not None and not classify.plain:
+            options["classify"] = classify.to_wire()
         out: list[RemoteScored | VlltrError | None] = [None] * len(images)
         keys: list[str | None] = [None] * len(images)
         todo: list[int] = []

@@ -34,11 +34,28 @@ def make_client(url: str, timeout: float | None, connect_timeout: float) -> aior
 
 
 class RedisLink:
-    """A Redis client plus the breaker state; `failed()`/`succeeded()` are reported by its users."""
+    """Redis clients plus the breaker state; `failed()`/`succeeded()` are reported by their users.
 
-    def __init__(self, url: str, *, timeout_s: float, retry_s: float, metrics: Metrics | None = None) -> None:
+    `client` serves the request path (the embedding cache) with a short timeout, so a slow Redis never stalls a
+    classify request; `store_client` serves the class store with a longer one, because each class write is
+    fsynced by the shipped Redis (`appendfsync always`) and one fsync on a busy disk can outlast the short
+    timeout, which would fail an add that Redis then completes. Both share one breaker.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        retry_s: float,
+        store_timeout_s: float | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.url = url
         self.client = make_client(url, timeout_s, timeout_s)
+        self.store_client = (
+            self.client if store_timeout_s is None else make_client(url, store_timeout_s, max(timeout_s, 1.0))
+        )
         self.retry_s = retry_s
         self._metrics = metrics
         self._up = True
@@ -102,10 +119,14 @@ class RedisLink:
                 await self.ping()
 
     async def _drop_idle_connections(self) -> None:
-        try:
-            await self.client.connection_pool.disconnect(inuse_connections=False)
-        except Exception as exc:  # closing sockets to a dead server may fail; they are dropped either way
-            log.debug("dropping idle Redis connections: %s", exc)
+        for client in self._clients():
+            try:
+                await client.connection_pool.disconnect(inuse_connections=False)
+            except Exception as exc:  # closing sockets to a dead server may fail; they are dropped either way
+                log.debug("dropping idle Redis connections: %s", exc)
+
+    def _clients(self) -> list[aioredis.Redis]:
+        return [self.client] if self.store_client is self.client else [self.client, self.store_client]
 
     async def close(self) -> None:
         """Stop the monitor and close the pool."""
@@ -117,10 +138,11 @@ class RedisLink:
             await asyncio.wait({monitor}, timeout=0.2)
         if monitor is not None and not monitor.cancelled():
             monitor.exception()
-        try:
-            await self.client.aclose()
-        except Exception:  # closing a pool to a dead server may raise; nothing to do about it
-            pass
+        for client in self._clients():
+            try:
+                await client.aclose()
+            except Exception:  # closing a pool to a dead server may raise; nothing to do about it
+                pass
 
 
 def safe_url(url: str) -> str:

@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# A 1x1 PNG: the example image of the JSON request bodies.
+EXAMPLE_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGM4IScHAAK2AQU0pnWqAAAAAElFTkSuQmCC"
+
 
 class ErrorBody(BaseModel):
     code: str = Field(
@@ -25,16 +28,83 @@ class ErrorResponse(BaseModel):
     error: ErrorBody = Field(description="the error")
 
 
+class AnchorWeight(BaseModel):
+    text: str = Field(description="one of the class's anchor sentences")
+    weight: float = Field(description="the head's attention weight on it for this image (a class's weights sum to 1)")
+
+
+class Explanation(BaseModel):
+    """Why a class got its score: `score = alpha * vision + (1 - alpha) * language`."""
+
+    vision: float = Field(description="calibrated probability of the class in the vision branch (the MLP head)")
+    language: float = Field(description="calibrated probability in the language branch (image vs anchor sentences)")
+    alpha: float = Field(description="the bundle's fusion weight of the vision branch (0 when it had no say)")
+    anchors: list[AnchorWeight] = Field(description="the class's anchor sentences with their weights, best first")
+
+
 class Prediction(BaseModel):
-    label: str = Field(description="class name")
+    label: str = Field(description="class name (or, with `labels`, the candidate label)")
     score: float = Field(description="calibrated probability of the class (scores of all classes sum to 1)")
-    class_id: int = Field(description="index of the class in the current class table (`GET /v1/classes`)")
+    class_id: int | None = Field(
+        description="index of the class in the current class table (`GET /v1/classes`); null for an ad-hoc label"
+    )
+    explanation: Explanation | None = Field(default=None, description="with `explain=true`: why; else null")
 
 
 class ClassifyResponse(BaseModel):
     predictions: list[Prediction] = Field(description="the `top_k` most probable classes, best first")
     bundle_id: str = Field(description="id of the model bundle that answered")
     class_table_version: int = Field(description="version of the class table the image was scored against")
+
+
+class ClassifyOptionFields(BaseModel):
+    """The options of a classify request in its JSON body (each overrides the query parameter of that name)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
+
+    top_k: int | None = Field(default=None, ge=1, description="how many classes to return (as the query's `top_k`)")
+    explain: bool | None = Field(default=None, description="add branch probabilities and weighted anchor sentences")
+    classes: list[str] | None = Field(
+        default=None, min_length=1, max_length=4096, description="restrict classification to these served classes"
+    )
+    labels: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="rank the image against these free-text labels instead (1-200 characters each)",
+    )
+
+
+class ClassifyJson(ClassifyOptionFields):
+    """JSON body of `POST /v1/classify`: the image as base64."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"image": EXAMPLE_PNG_BASE64, "top_k": 3}]}
+    )
+
+    image: str = Field(
+        min_length=1, description="the image file's bytes in base64 (a `data:image/...;base64,` prefix is allowed)"
+    )
+
+
+class JsonImage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(min_length=1, description="the image file's bytes in base64")
+    filename: str | None = Field(default=None, max_length=255, description="a name echoed in the image's result")
+
+
+class ClassifyBatchJson(ClassifyOptionFields):
+    """JSON body of `POST /v1/classify/batch`: the images as base64."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"images": [{"data": EXAMPLE_PNG_BASE64, "filename": "red.png"}]}]},
+    )
+
+    images: list[JsonImage] = Field(
+        min_length=1, description="the images, each classified on its own; at most `max_batch_files`"
+    )
 
 
 class BatchItem(BaseModel):
@@ -203,7 +273,7 @@ class ModelInfo(BaseModel):
     image_size: int = Field(description="side of the square network input, in pixels")
     num_anchors: int = Field(description="anchor sentences per class (M)")
     precision: str = Field(description="encoder precision: fp32 or fp16")
-    provider: str = Field(description="ONNX ServingCore execution provider actually in use")
+    provider: str = Field(description="ONNX Runtime execution provider actually in use")
     classes: ClassCounts = Field(description="how many classes are served")
     class_table_version: int = Field(description="version of the served class table")
     created: str | None = Field(default=None, description="when the bundle was exported")

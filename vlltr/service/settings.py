@@ -40,17 +40,17 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
     provider: Literal["auto", "cuda", "cpu"] = Field(
         "auto",
-        description="ONNX ServingCore provider: cuda (fail at start unless CUDA is really active), "
+        description="ONNX Runtime provider: cuda (fail at start unless CUDA is really active), "
         "cpu, or auto (CUDA when it works, else CPU; the choice is logged and reported)",
     )
     intra_op_threads: int = Field(
         0,
         ge=0,
-        description="ONNX ServingCore intra-op threads per session (0 = onnxruntime's default, the physical cores)",
+        description="ONNX Runtime intra-op threads per session (0 = onnxruntime's default, the physical cores)",
     )
     ort_spinning: bool = Field(
         False,
-        description="let ONNX ServingCore's intra-op threads spin between runs "
+        description="let ONNX Runtime's intra-op threads spin between runs "
         "(a little faster on an otherwise idle machine; off, they "
         "leave the cores to image decoding and the event loop)",
     )
@@ -216,7 +216,14 @@ class Settings(BaseSettings):
         description="prefix of every Redis key and channel: the deployment's namespace (replicas with the same "
         "prefix share their added classes, whatever bundle each serves)",
     )
-    redis_timeout_s: float = Field(0.25, gt=0.0, description="Redis socket timeout on the request path")
+    redis_timeout_s: float = Field(
+        0.25, gt=0.0, description="Redis socket timeout on the request path (the embedding cache)"
+    )
+    redis_store_timeout_s: float = Field(
+        5.0,
+        gt=0.0,
+        description="Redis socket timeout for the class store (each class write waits for Redis's fsync)",
+    )
     redis_retry_s: float = Field(
         1.0, gt=0.0, description="after a Redis error, seconds before it is tried again (requests skip it meanwhile)"
     )

@@ -169,7 +169,7 @@ class RedisClassStore:
         self.channel = f"{base}:events"
         self.derived_prefix = f"{base}:derived:"
         self._keys = [self.meta_key, self.records_key, self.log_key, self.channel]
-        client = link.client
+        client = link.store_client
         self._add = client.register_script(_ADD_LUA)
         self._remove = client.register_script(_REMOVE_LUA)
         self._changes = client.register_script(_CHANGES_LUA)
@@ -193,7 +193,7 @@ class RedisClassStore:
 
     async def _ensure(self) -> None:
         """Create the store when it does not exist, from the previous version's keys when there are any."""
-        client = self.link.client
+        client = self.link.store_client
         sections: dict[str, dict[str, object]] = {}
         problems: list[str] = []
         old = f"{self.prefix}:classes:"
@@ -249,10 +249,12 @@ class RedisClassStore:
         if not self.link.available():
             raise self._unavailable()
         try:
-            epoch, version, digest = await self.link.client.hmget(self.meta_key, ["epoch", "version", "digest"])
+            epoch, version, digest = await self.link.store_client.hmget(self.meta_key, ["epoch", "version", "digest"])
             if epoch is None:
                 await self._ensure()
-                epoch, version, digest = await self.link.client.hmget(self.meta_key, ["epoch", "version", "digest"])
+                epoch, version, digest = await self.link.store_client.hmget(
+                    self.meta_key, ["epoch", "version", "digest"]
+                )
         except Exception as exc:
             raise self._unavailable(exc) from exc
         self.link.succeeded()
@@ -261,7 +263,7 @@ class RedisClassStore:
     async def snapshot(self) -> StoreSnapshot:
         await self.state()  # creates the store when missing
         try:
-            async with self.link.client.pipeline(transaction=True) as pipe:
+            async with self.link.store_client.pipeline(transaction=True) as pipe:
                 pipe.hmget(self.meta_key, ["epoch", "version", "digest"])
                 pipe.hgetall(self.records_key)
                 (epoch, version, digest), raw = await pipe.execute()
@@ -338,7 +340,7 @@ class RedisClassStore:
         if not fingerprints:
             return {}
         try:
-            values = await self.link.client.hmget(self.derived_prefix + bundle_id, list(fingerprints))
+            values = await self.link.store_client.hmget(self.derived_prefix + bundle_id, list(fingerprints))
         except Exception as exc:
             raise self._unavailable(exc) from exc
         out: dict[str, Derived | RecordError] = {}
@@ -378,7 +380,7 @@ class RedisClassStore:
                 # A pooled connection to a Redis that restarted fails once even though Redis is back. An add is
                 # idempotent (a name that exists is returned, not overwritten), so trying again on a fresh
                 # connection is safe, and spares the client a 503 for an outage that is already over.
-                await self.link.client.connection_pool.disconnect(inuse_connections=False)
+                await self.link.store_client.connection_pool.disconnect(inuse_connections=False)
                 out = await self._add(keys=keys, args=args)
             if _text(out[0]) == "uninitialized":
                 await self._ensure()
@@ -418,7 +420,7 @@ class RedisClassStore:
         for start in range(0, len(items), ADD_BATCH):
             chunk = items[start : start + ADD_BATCH]
             if chunk:
-                await self.link.client.hset(
+                await self.link.store_client.hset(
                     self.derived_prefix + bundle_id, mapping={d.fingerprint: d.dumps() for d in chunk}
                 )
 
@@ -427,7 +429,7 @@ class RedisClassStore:
     async def durability(self) -> str:
         """What an acknowledged add survives on this Redis, from its persistence settings (one line)."""
         try:
-            config = await self.link.client.config_get("append*")
+            config = await self.link.store_client.config_get("append*")
         except Exception as exc:  # CONFIG may be disabled on a managed Redis
             return f"unknown (CONFIG GET is not allowed: {type(exc).__name__})"
         appendonly = _text(config.get(b"appendonly", config.get("appendonly")))  # type: ignore[call-overload]

@@ -60,7 +60,9 @@ class DataCfg:
     jpeg_draft: bool = False
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
-    augment: Literal["clip", "light", "none"] = "clip"  # clip = RRC + flip + RandAugment m9 + erasing 0.25
+    # original = the published code's timm transform (rand-m9-mstd0.5-inc1, pixel-noise erasing 0.25); clip = a
+    # torchvision approximation of it (RRC + flip + RandAugment m9 + zero erasing 0.25), see data/transforms.py
+    augment: Literal["original", "clip", "light", "none"] = "clip"
     num_workers: int = 2
 
 
@@ -117,6 +119,9 @@ class Stage2Cfg:
     mix_prob: float = 1.0  # probability that a batch is mixed at all
     smoothing: float = 0.1
     alpha: float = 0.2  # fusion weight of the vision branch
+    # Weight of the language branch's loss (1: the published unweighted sum). 0 with alpha 1, stage1.epochs 0 and
+    # train_backbone is the image-only baseline: the image tower and the vision branch fine-tuned, no class text.
+    language_weight: float = 1.0
     v_detach: bool = False
     sampler: Literal["sqrt", "balanced", "instance"] = "sqrt"
     amp: bool = True

@@ -112,10 +112,22 @@ def _check_eval_splits(cfg: Config) -> None:
         raise DataError("anss.reference_split is 'val' but data.val is not configured")
 
 
+def _check_stage_settings(cfg: Config) -> None:
+    # Found here rather than at the first stage-2 step, after stage 1 has trained.
+    if cfg.stage2.language_weight < 0:
+        raise ConfigError(
+            f"stage2.language_weight must be >= 0 (0 trains the vision branch alone), got {cfg.stage2.language_weight}"
+        )
+    for key, epochs in (("stage1.epochs", cfg.stage1.epochs), ("stage2.epochs", cfg.stage2.epochs)):
+        if epochs < 0:
+            raise ConfigError(f"{key} must be >= 0, got {epochs}")
+
+
 def prepare_inputs(cfg: Config, cache_dir: str | Path | None) -> PreparedInputs:
     """Load and validate classes, held-out ids, every split and the class text; tokenize the sentences."""
     image_size = check_model_config(cfg)
     _check_eval_splits(cfg)
+    _check_stage_settings(cfg)
     names = load_class_names(cfg.data)
     heldout = load_heldout(cfg.data, num_classes=len(names))
     class_ids = [c for c in range(len(names)) if c not in set(heldout)]

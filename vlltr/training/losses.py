@@ -104,8 +104,10 @@ def stage2_loss(
     kind: str = "ce",
     log_prior: torch.Tensor | None = None,
     tau: float = 1.0,
+    language_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """Two-branch LGR loss: `SoftTargetCE(z_vis, y) + SoftTargetCE(z_lin, y)` (unweighted sum).
+    """Two-branch LGR loss: `SoftTargetCE(z_vis, y) + language_weight * SoftTargetCE(z_lin, y)` (published: the
+    unweighted sum, `language_weight` 1; 0 trains the vision branch alone).
 
     Args:
         target: `[B, C]` soft targets (mixup/cutmix mixed and smoothed one-hot labels).
@@ -123,4 +125,7 @@ def stage2_loss(
         language_logits = language_logits.float() + shift
     vision = soft_target_ce(vision_logits, target)
     language = soft_target_ce(language_logits, target)
-    return {"vision_loss": vision, "language_loss": language, "total_loss": vision + language}
+    if language_weight < 0:
+        raise ValueError(f"the language branch's loss weight must be >= 0, got {language_weight}")
+    total = vision + language_weight * language if language_weight != 1.0 else vision + language
+    return {"vision_loss": vision, "language_loss": language, "total_loss": total}

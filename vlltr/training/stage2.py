@@ -118,7 +118,13 @@ def _train_epoch(
         with autocast(env.device, cfg.stage2.amp):
             z_vis, z_lin = net(images)
         losses = stage2_loss(
-            z_vis.float(), z_lin.float(), target, kind=cfg.stage2.loss, log_prior=log_prior, tau=cfg.stage2.la_tau
+            z_vis.float(),
+            z_lin.float(),
+            target,
+            kind=cfg.stage2.loss,
+            log_prior=log_prior,
+            tau=cfg.stage2.la_tau,
+            language_weight=cfg.stage2.language_weight,
         )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["total_loss"]).backward()  # type: ignore[no-untyped-call]  # torch: unannotated

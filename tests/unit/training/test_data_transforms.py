@@ -32,7 +32,7 @@ def test_eval_transform_is_the_service_preprocessing() -> None:
     np.testing.assert_array_equal(out.numpy(), preprocess_image(_image(), preprocess_spec(cfg, 32)))
 
 
-@pytest.mark.parametrize("augment", ["clip", "light", "none"])
+@pytest.mark.parametrize("augment", ["original", "clip", "light", "none"])
 def test_train_transform_shapes(augment: str) -> None:
     torch.manual_seed(0)
     out = train_transform(DataCfg(augment=augment), 32)(_image())
@@ -74,3 +74,19 @@ def test_dataset_decodes_large_jpegs_as_the_service_does(tmp_path, jpeg_draft: b
     np.testing.assert_array_equal(trained_view, preprocess_image(served, transform.spec))
     full = preprocess_image(decode_image(path.read_bytes(), max_pixels=10**8), transform.spec)
     assert np.array_equal(trained_view, full) is not jpeg_draft
+
+
+def test_original_augmentation_is_timms_with_pixel_noise_erasing() -> None:
+    from timm.data.random_erasing import RandomErasing
+
+    transform = train_transform(DataCfg(augment="original"), 32)
+    steps = [type(t).__name__ for t in transform.transforms]
+    assert steps[0] == "RandomResizedCropAndInterpolation" and "RandAugment" in steps
+    erasing = next(t for t in transform.transforms if isinstance(t, RandomErasing))
+    assert erasing.probability == 0.25 and erasing.mode == "pixel" and erasing.max_count == 1
+    augment = next(t for t in transform.transforms if type(t).__name__ == "RandAugment")
+    assert augment.num_layers == 2 and all(op.magnitude == 9 and op.magnitude_std == 0.5 for op in augment.ops)
+    assert any(op.name.endswith("Increasing") for op in augment.ops)  # `inc1`
+    torch.manual_seed(0)
+    outs = [transform(_image()) for _ in range(4)]
+    assert all(o.shape == (3, 32, 32) for o in outs) and not torch.equal(outs[0], outs[1])

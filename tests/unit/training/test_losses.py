@@ -143,3 +143,17 @@ def test_soft_target_ce_matches_cross_entropy_for_one_hot():
 def test_contrastive_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="contrastive logits"):
         classwise_contrastive_loss(torch.zeros(3, 2), torch.tensor([0, 1, 2]))
+
+
+def test_stage2_language_weight_scales_only_the_language_loss():
+    z_vis = torch.tensor([[2.0, 0.0, -1.0]])
+    z_lin = torch.tensor([[0.0, 1.0, 0.5]])
+    target = torch.tensor([[1.0, 0.0, 0.0]])
+    full = stage2_loss(z_vis, z_lin, target)
+    alone = stage2_loss(z_vis, z_lin, target, language_weight=0.0)
+    half = stage2_loss(z_vis, z_lin, target, language_weight=0.5)
+    assert torch.allclose(alone["total_loss"], full["vision_loss"])  # the image-only baseline's loss
+    assert torch.allclose(half["total_loss"], full["vision_loss"] + 0.5 * full["language_loss"])
+    assert torch.equal(alone["language_loss"], full["language_loss"])  # still reported
+    with pytest.raises(ValueError, match=">= 0"):
+        stage2_loss(z_vis, z_lin, target, language_weight=-1.0)

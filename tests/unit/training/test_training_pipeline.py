@@ -189,3 +189,8 @@ def test_a_run_stopped_by_bad_input_takes_the_corrected_config(digits, tmp_path)
 def test_missing_calibration_split_fails_early(digits, tmp_path):
     cfg = config(digits, "data.val=null", "anss.reference_split=train")
     assert_fails_before_training(cfg, tmp_path / "run", DataError, "calibration_split")
+
+
+def test_a_negative_language_weight_fails_early(digits, tmp_path):
+    cfg = config(digits, "stage2.language_weight=-0.5")
+    assert_fails_before_training(cfg, tmp_path / "run", ConfigError, "stage2.language_weight must be >= 0")

@@ -287,6 +287,15 @@ class ClassTable:
         m = self.num_anchors
         return self.anchors[i * m : (i + 1) * m]
 
+    def attention(self, queries: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """The head's attention weights `[B, n, M]` of each image over the anchors of `classes` (ids `[n]`);
+        padding anchors get exactly 0 and each row sums to 1 (the `attn` of the language logits)."""
+        m, d = self.num_anchors, self.embed_dim
+        classes = np.asarray(classes, dtype=np.intp)
+        keys = self.keys.reshape(-1, m, d)[classes]  # [n, M, D]
+        scores = np.einsum("bd,nmd->bnm", np.asarray(queries, dtype=np.float32), keys) + self.mask_bias[classes]
+        return softmax(scores, axis=-1)
+
     def with_added(self, entries: Iterable[ClassEntry], params: HeadParams) -> ClassTable:
         """A new table: this one's classes followed by `entries` (added classes). This table is unchanged."""
         entries = list(entries)
@@ -501,6 +510,41 @@ def _added_vision_logits(vis: np.ndarray, lin_trained: np.ndarray, lin_added: np
     return logits
 
 
+def branch_probabilities(
+    z_vis: np.ndarray,
+    z_lin: np.ndarray,
+    log_prior: np.ndarray,
+    *,
+    tau: float = 0.0,
+    temperature: float = 1.0,
+    added_class_bias: float = 0.0,
+    added_class_vision: str = "none",
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two branches of :func:`calibrated_probabilities` before they are mixed: `(vision, language)`.
+
+    `vision` is `[B, S]` (`added_class_vision="none"`: the trained classes only) or `[B, S + A]`
+    (`"standardised"`), `language` is `[B, S + A]`; each row of each sums to 1. The fused probability is
+    `alpha * vision + (1 - alpha) * language`, an added class getting no vision term when `vision` is `[B, S]`.
+    """
+    if added_class_vision not in ADDED_CLASS_VISION_MODES:
+        raise ValueError(f"unknown added_class_vision {added_class_vision!r}; use one of {ADDED_CLASS_VISION_MODES}")
+    z_vis = np.asarray(z_vis, dtype=np.float32)
+    z_lin = np.asarray(z_lin, dtype=np.float32)
+    s = z_vis.shape[1]
+    if z_lin.shape[1] < s or np.shape(log_prior) != (s,):
+        raise ValueError(
+            f"shapes do not fit: z_vis {z_vis.shape}, z_lin {z_lin.shape}, log_prior {np.shape(log_prior)}"
+        )
+    adjust = np.float32(tau) * np.asarray(log_prior, dtype=np.float32)
+    lin = z_lin.copy()
+    lin[:, :s] -= adjust
+    lin[:, s:] += np.float32(added_class_bias)
+    vis = z_vis - adjust
+    if added_class_vision == "standardised" and lin.shape[1] > s:
+        vis = np.concatenate([vis, _added_vision_logits(vis, lin[:, :s], lin[:, s:])], axis=1)
+    return softmax(vis / np.float32(temperature), axis=-1), softmax(lin / np.float32(temperature), axis=-1)
+
+
 def calibrated_probabilities(
     z_vis: np.ndarray,
     z_lin: np.ndarray,
@@ -520,26 +564,17 @@ def calibrated_probabilities(
     its mass); with `"standardised"` each added class also gets a vision logit, its adjusted language logit
     mapped onto the vision scale (`mean_v + (l - mean_l) * std_v / std_l`, moments over the image's trained
     classes), so it competes in both branches. All logits are divided by `temperature`; the result is
-    `alpha * softmax(vision) + (1 - alpha) * softmax(language)`.
+    `alpha * softmax(vision) + (1 - alpha) * softmax(language)` (the two terms: :func:`branch_probabilities`).
     """
-    if added_class_vision not in ADDED_CLASS_VISION_MODES:
-        raise ValueError(f"unknown added_class_vision {added_class_vision!r}; use one of {ADDED_CLASS_VISION_MODES}")
-    z_vis = np.asarray(z_vis, dtype=np.float32)
-    z_lin = np.asarray(z_lin, dtype=np.float32)
-    s = z_vis.shape[1]
-    if z_lin.shape[1] < s or np.shape(log_prior) != (s,):
-        raise ValueError(
-            f"shapes do not fit: z_vis {z_vis.shape}, z_lin {z_lin.shape}, log_prior {np.shape(log_prior)}"
-        )
-    adjust = np.float32(tau) * np.asarray(log_prior, dtype=np.float32)
-    lin = z_lin.copy()
-    lin[:, :s] -= adjust
-    lin[:, s:] += np.float32(added_class_bias)
-    vis = z_vis - adjust
-    if added_class_vision == "standardised" and lin.shape[1] > s:
-        vis = np.concatenate([vis, _added_vision_logits(vis, lin[:, :s], lin[:, s:])], axis=1)
-    vis = softmax(vis / np.float32(temperature), axis=-1)
-    lin = softmax(lin / np.float32(temperature), axis=-1)
+    vis, lin = branch_probabilities(
+        z_vis,
+        z_lin,
+        log_prior,
+        tau=tau,
+        temperature=temperature,
+        added_class_bias=added_class_bias,
+        added_class_vision=added_class_vision,
+    )
     out = (1.0 - np.float32(alpha)) * lin
     out[:, : vis.shape[1]] += np.float32(alpha) * vis
     return out

@@ -181,7 +181,8 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
 
 
-def _crop_offsets(resized: int, crop: int) -> int:
+def crop_offset(resized: int, crop: int) -> int:
+    """The start of a centred crop of `crop` pixels in `resized` (torchvision `CenterCrop`)."""
     # torchvision's CenterCrop: int(round((size - crop) / 2.0)) with Python's round (half to even).
     return int(round((resized - crop) / 2.0))
 
@@ -202,7 +203,7 @@ def resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
     size = spec.size
     covers = new_w >= size and new_h >= size
     if covers and max(new_w, new_h) > EXACT_MAX_ASPECT * min(new_w, new_h):
-        left, top = _crop_offsets(new_w, size), _crop_offsets(new_h, size)
+        left, top = crop_offset(new_w, size), crop_offset(new_h, size)
         sx, sy = width / new_w, height / new_h
         box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
         return img.resize((size, size), resample, box=box)
@@ -219,7 +220,7 @@ def resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
         new_w, new_h = img.size
         if (new_w, new_h) == (size, size):
             return img
-    left, top = _crop_offsets(new_w, size), _crop_offsets(new_h, size)
+    left, top = crop_offset(new_w, size), crop_offset(new_h, size)
     return img.crop((left, top, left + size, top + size))
 
 

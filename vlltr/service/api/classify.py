@@ -1,4 +1,6 @@
-"""`POST /v1/classify` (one image: a multipart field or the raw body) and `POST /v1/classify/batch`."""
+"""`POST /v1/classify` (one image: a multipart field, the raw body or base64 in JSON) and `POST /v1/classify/batch`
+(multipart or JSON), with the per-request options of `vlltr.service.explain` (explanations, a class subset,
+ad-hoc labels) from the query or the JSON body."""
 
 from __future__ import annotations
 
@@ -11,9 +13,19 @@ from vlltr.errors import ImageTooLargeError
 from vlltr.service.api.deps import BodyHoldDep, ClassifierDep
 from vlltr.service.api.docs import binary, error_responses, multipart_body
 from vlltr.service.api.errors import ApiError, answer_for, count_rejection, retry_after_s
+from vlltr.service.api.inputs import (
+    JSON,
+    OptionQueries,
+    batch_examples,
+    classify_examples,
+    json_batch_images,
+    json_image,
+    json_schema,
+    options_from,
+)
 from vlltr.service.api.uploads import BodyHold, Part, read_body, read_multipart
 from vlltr.service.core import Answer
-from vlltr.service.schemas import BatchItem, BatchResponse, ClassifyResponse, ErrorBody
+from vlltr.service.schemas import BatchItem, BatchResponse, ClassifyBatchJson, ClassifyJson, ClassifyResponse, ErrorBody
 from vlltr.service.settings import Settings
 
 router = APIRouter(prefix="/v1/classify", tags=["classify"])
@@ -65,46 +77,65 @@ def _media_type(request: Request) -> str:
     return media_type.decode("latin-1").lower()
 
 
-async def _one_image(request: Request, settings: Settings, hold: BodyHold) -> bytes | bytearray:
-    """The image of a `POST /v1/classify`: multipart field `file`, or the whole body for a raw image type."""
+async def _one_image(
+    request: Request, settings: Settings, hold: BodyHold
+) -> tuple[bytes | bytearray, ClassifyJson | None]:
+    """The image of a `POST /v1/classify`: multipart field `file`, the whole body for a raw image type, or
+    base64 in a JSON body (returned too: it may carry options)."""
     media_type = _media_type(request)
     if media_type in RAW_IMAGE_TYPES:
-        return await read_body(request, limit=settings.max_image_bytes, hold=hold)
+        return await read_body(request, limit=settings.max_image_bytes, hold=hold), None
+    if media_type == JSON:
+        return await json_image(request, settings, hold)
     if media_type != MULTIPART:
         raise ApiError(
             415,
             "unsupported_type",
-            f"send the image as multipart/form-data (field 'file') or as the whole body with content type "
-            f"{', '.join(RAW_IMAGE_TYPES)}; got content type {media_type or 'none'}",
+            f'send the image as multipart/form-data (field \'file\'), as JSON {{"image": "<base64>"}} or as '
+            f"the whole body with content type {', '.join(RAW_IMAGE_TYPES)}; got content type {media_type or 'none'}",
         )
     parts = await read_multipart(
         request, file_limit=settings.max_image_bytes, max_files=1, expected="one image in field 'file'", hold=hold
     )
-    return _files(parts, "file")[0].data
+    return _files(parts, "file")[0].data, None
 
 
 @router.post(
     "",
     response_model=ClassifyResponse,
     summary="Classify one image",
-    responses=error_responses(400, 408, 413, 415, 422, 503),
+    responses={**error_responses(400, 408, 413, 415, 422, 503), 200: classify_examples()},
     openapi_extra=multipart_body(
-        {"file": binary("the image (JPEG, PNG, WebP, GIF, BMP or TIFF)")}, ["file"], raw_types=list(RAW_IMAGE_TYPES)
+        {"file": binary("the image (JPEG, PNG, WebP, GIF, BMP or TIFF)")},
+        ["file"],
+        raw_types=list(RAW_IMAGE_TYPES),
+        json_body=json_schema(ClassifyJson),
     ),
 )
-async def classify_image(request: Request, core: ClassifierDep, hold: BodyHoldDep, top_k: TopK = 5) -> ClassifyResponse:
-    """Classify one image: multipart field `file`, or the image itself as the body with its content type
-    (`image/jpeg`, `image/png`, `image/webp`, `image/gif`, `image/bmp`, `image/tiff`). Both give the same
-    answer under the same limits; the image's format is read from its bytes either way.
+async def classify_image(
+    request: Request, core: ClassifierDep, hold: BodyHoldDep, query: OptionQueries, top_k: TopK = 5
+) -> ClassifyResponse:
+    """Classify one image: multipart field `file`, the image itself as the body with its content type
+    (`image/jpeg`, `image/png`, `image/webp`, `image/gif`, `image/bmp`, `image/tiff`), or JSON
+    `{"image": "<base64>"}`. All give the same answer under the same limits; the image's format is read from
+    its bytes either way.
 
-    `curl -F file=@cat.jpg 'http://localhost:8000/v1/classify?top_k=3'`
+    Options (query, or fields of the JSON body): `explain=true` adds, per class, the vision- and
+    language-branch probabilities (`score = alpha * vision + (1 - alpha) * language`) and its anchor sentences
+    with the head's attention weights, best first; `classes` (repeatable) restricts the answer to those served
+    classes; `labels` (repeatable) ranks the image against those free-text labels instead (zero-shot, nothing
+    is added).
+
+    `curl -F file=@cat.jpg 'http://localhost:8000/v1/classify?top_k=3&explain=true'`
     `curl --data-binary @cat.jpg -H 'Content-Type: image/jpeg' 'http://localhost:8000/v1/classify?top_k=3'`
     """
     settings = core.settings
     _check_top_k(top_k, settings)
     core.check_accepting(1)  # refuse before reading a body we could not serve
-    data = await _one_image(request, settings, hold)
-    scored = await core.classify(data, top_k)
+    data, body = await _one_image(request, settings, hold)
+    top_k = body.top_k if body is not None and body.top_k is not None else top_k
+    _check_top_k(top_k, settings)
+    scored = await core.classify(data, top_k, options_from(query, body))
     return ClassifyResponse(
         predictions=scored.predictions(), bundle_id=core.bundle.bundle_id, class_table_version=scored.version
     )
@@ -136,7 +167,7 @@ def _item(index: int, part: Part, result: Answer | Exception, request: Request) 
     "/batch",
     response_model=BatchResponse,
     summary="Classify several images",
-    responses=error_responses(408, 413, 415, 422, 503),
+    responses={**error_responses(408, 413, 415, 422, 503), 200: batch_examples()},
     openapi_extra=multipart_body(
         {
             "files": {
@@ -146,40 +177,52 @@ def _item(index: int, part: Part, result: Answer | Exception, request: Request) 
             }
         },
         ["files"],
+        json_body=json_schema(ClassifyBatchJson),
     ),
 )
-async def classify_batch(request: Request, core: ClassifierDep, hold: BodyHoldDep, top_k: TopK = 5) -> BatchResponse:
-    """Classify several images sent as repeated multipart field `files`.
+async def classify_batch(
+    request: Request, core: ClassifierDep, hold: BodyHoldDep, query: OptionQueries, top_k: TopK = 5
+) -> BatchResponse:
+    """Classify several images sent as repeated multipart field `files`, or as JSON
+    `{"images": [{"data": "<base64>", "filename": "a.jpg"}, ...]}`.
 
     Each image gets its own result or its own error (with the status it would have had alone), in
-    request order; one bad image never fails the others.
+    request order; one bad image (undecodable, over the size limit, not base64) never fails the others.
+    The options of `POST /v1/classify` apply to every image.
 
     `curl -F files=@a.jpg -F files=@b.png http://localhost:8000/v1/classify/batch`
     """
     settings = core.settings
     _check_top_k(top_k, settings)
     core.check_accepting(1)
-    parts = await read_multipart(
-        request,
-        file_limit=settings.max_image_bytes,
-        max_files=settings.max_batch_files,
-        expected="images in repeated field 'files'",
-        per_file_errors=True,
-        hold=hold,
-    )
-    files = _files(parts, "files")
-    readable = [i for i, p in enumerate(files) if not p.oversize]
-    scored = iter(await core.classify_many([files[i].data for i in readable], top_k))
-    results: list[Answer | Exception] = [
-        next(scored)
-        if not part.oversize
-        else ImageTooLargeError(
-            f"file {part.filename!r} is larger than the limit of {settings.max_image_bytes} bytes",
-            limit=settings.max_image_bytes,
+    body: ClassifyBatchJson | None = None
+    if _media_type(request) == JSON:
+        body, files, results = await json_batch_images(request, settings, hold)
+    else:
+        parts = await read_multipart(
+            request,
+            file_limit=settings.max_image_bytes,
+            max_files=settings.max_batch_files,
+            expected="images in repeated field 'files'",
+            per_file_errors=True,
+            hold=hold,
         )
-        for part in files
-    ]
-    items = [_item(i, p, r, request) for i, (p, r) in enumerate(zip(files, results))]
+        files = _files(parts, "files")
+        results = [
+            None
+            if not part.oversize
+            else ImageTooLargeError(
+                f"file {part.filename!r} is larger than the limit of {settings.max_image_bytes} bytes",
+                limit=settings.max_image_bytes,
+            )
+            for part in files
+        ]
+    top_k = body.top_k if body is not None and body.top_k is not None else top_k
+    _check_top_k(top_k, settings)
+    readable = [i for i, r in enumerate(results) if r is None]
+    scored = iter(await core.classify_many([files[i].data for i in readable], top_k, options_from(query, body)))
+    done: list[Answer | Exception] = [next(scored) if r is None else r for r in results]
+    items = [_item(i, p, r, request) for i, (p, r) in enumerate(zip(files, done))]
     versions = [it.class_table_version for it in items if it.class_table_version is not None]
     version = max(versions) if versions else core.table_version
     return BatchResponse(results=items, bundle_id=core.bundle.bundle_id, class_table_version=version)

@@ -36,13 +36,19 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def multipart_body(
-    properties: dict[str, dict[str, Any]], required: list[str], *, raw_types: Sequence[str] = ()
+    properties: dict[str, dict[str, Any]],
+    required: list[str],
+    *,
+    raw_types: Sequence[str] = (),
+    json_body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`openapi_extra` documenting a multipart/form-data body (routes read it as a stream), and, for each of
-    `raw_types`, the same content sent as the whole body with that content type."""
+    """`openapi_extra` documenting a multipart/form-data body (routes read it as a stream), for each of
+    `raw_types` the same content sent as the whole body with that content type, and a JSON alternative."""
     content: dict[str, Any] = {
         "multipart/form-data": {"schema": {"type": "object", "properties": properties, "required": required}}
     }
+    if json_body is not None:
+        content["application/json"] = {"schema": json_body}
     for media_type in raw_types:
         content[media_type] = {"schema": {"type": "string", "format": "binary"}}
     return {"requestBody": {"required": True, "content": content}}

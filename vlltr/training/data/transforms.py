@@ -15,7 +15,7 @@ from vlltr.errors import DataError
 from vlltr.model.runtime.preprocess import PreprocessSpec, preprocess_image
 from vlltr.training.config import DataCfg
 
-AUGMENTS = ("clip", "light", "none")
+AUGMENTS = ("original", "clip", "light", "none")
 
 
 def preprocess_spec(cfg: DataCfg, image_size: int) -> PreprocessSpec:
@@ -54,8 +54,12 @@ def eval_transform(cfg: DataCfg, image_size: int) -> EvalTransform:
 def train_transform(cfg: DataCfg, image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """Training augmentation named by `cfg.augment`.
 
+    - `original`: the published code's transform, timm's `create_transform` (DeiT's recipe: RandomResizedCrop
+      0.08-1 bicubic, flip, colour jitter 0.4, RandAugment `rand-m9-mstd0.5-inc1`, normalise, random erasing
+      p=0.25 with per-pixel noise).
     - `clip`: RandomResizedCrop(scale 0.08-1, bicubic), horizontal flip, RandAugment(2 ops, magnitude 9),
-      normalise, RandomErasing(p=0.25) (the published recipe's strength).
+      normalise, RandomErasing(p=0.25) with zeros: torchvision's approximation of `original` (not the same
+      operations, magnitudes or erasing fill).
     - `light`: RandomResizedCrop(scale 0.5-1, bicubic), horizontal flip, normalise; no colour operations,
       for data whose classes are defined by colour (RandAugment's solarize/posterize change colours).
     - `none`: the evaluation transform.
@@ -63,6 +67,22 @@ def train_transform(cfg: DataCfg, image_size: int) -> Callable[[Image.Image], to
     normalize = T.Normalize(mean=list(cfg.mean), std=list(cfg.std))
     bicubic = T.InterpolationMode.BICUBIC
     augment: Callable[[Image.Image], torch.Tensor]  # torchvision is untyped
+    if cfg.augment == "original":
+        from timm.data.transforms_factory import create_transform
+
+        original: Callable[[Image.Image], torch.Tensor] = create_transform(
+            image_size,
+            is_training=True,
+            color_jitter=0.4,
+            auto_augment="rand-m9-mstd0.5-inc1",
+            interpolation="bicubic",
+            re_prob=0.25,
+            re_mode="pixel",
+            re_count=1,
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
+        )
+        return original
     if cfg.augment == "clip":
         augment = T.Compose(
             [
