@@ -155,14 +155,7 @@ class EngineServer:
         }
 
 
-async def _tell_when_ready(core: ServingCore, started: Connection) -> None:
-    # The supervisor starts the front-ends once the engine is warmed and its class table loaded.
-    while not all(core.ready().values()):
-        await asyncio.sleep(0.05)
-    _tell(started, ("ready", os.getpid()))
-
-
-async def _serve_engine(core: ServingCore, run_dir: Path, started: Connection) -> None:
+async def _serve_engine(core: ServingCore, run_dir: Path) -> None:
     import uvicorn
 
     from vlltr.service.app import create_app
@@ -183,18 +176,15 @@ async def _serve_engine(core: ServingCore, run_dir: Path, started: Connection) -
         # left to wait for but what a front-end forwarded at the last moment.
         timeout_graceful_shutdown=5,
     )
-    telling = asyncio.create_task(_tell_when_ready(core, started))
     try:
         await uvicorn.Server(config).serve()
     finally:
-        telling.cancel()
         await server.close()
 
 
 def run_engine(settings: Settings, run_dir: Path, started: Connection) -> None:
     """The engine process's entry point: load the core (telling the supervisor through `started` whether that
-    worked, with the one line `vlltr serve` prints when it did not), then serve until SIGTERM, telling the
-    supervisor again once it is ready."""
+    worked, with the one line `vlltr serve` prints when it did not), then serve until SIGTERM."""
     import uvloop
 
     from vlltr.service.workers import child_process_setup
@@ -205,13 +195,12 @@ def run_engine(settings: Settings, run_dir: Path, started: Connection) -> None:
     except (BundleError, ProviderError) as exc:
         _tell(started, ("error", f"cannot serve {settings.bundle}: {exc}"))
         raise SystemExit(2) from None
-    _tell(started, ("loaded", os.getpid()), close=False)
-    uvloop.run(_serve_engine(core, run_dir, started))
+    _tell(started, ("loaded", os.getpid()))
+    uvloop.run(_serve_engine(core, run_dir))
 
 
-def _tell(started: Connection, message: tuple[str, object], *, close: bool = True) -> None:
+def _tell(started: Connection, message: tuple[str, object]) -> None:
     # A restarted engine's supervisor does not wait for the message (it closed its end).
     with contextlib.suppress(OSError):
         started.send(message)
-    if close:
-        started.close()
+    started.close()

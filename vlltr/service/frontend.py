@@ -216,8 +216,10 @@ class EngineClient:
     ) -> list[RemoteScored | VlltrError | None]:
         """Score prepared jobs (pixels, cached by the engine under `keys[i]` when given) or look cache keys up
         (a `str`): one entry per input, a result, an error, or None for a key the engine's cache does not
-        hold. Raises for the whole request when the
-        engine refuses it (queue full, not ready) or the link drops."""
+        hold. Raises for the whole request when the engine refuses it (queue full, not ready) or the link
+        drops. The slots are given back once the engine has answered (it reads the pixels in place), or when the
+        request is abandoned: the engine only reads a slot, so a slot taken again meanwhile can spoil only the
+        abandoned job's answer, which nobody reads."""
         link = self.link
         if link is None:
             raise NotReadyError(ENGINE_GONE)

@@ -5,7 +5,9 @@ and the metric files of prometheus-client's multiprocess mode, so `/metrics` is 
 starts the engine (`vlltr.service.engine`) and waits until it has loaded the bundle (a bad bundle or provider
 ends the command with one line and status 2, as in a single process), binds the listening socket once, and
 starts the front-ends (`vlltr.service.frontend`), which all accept on that socket: the kernel spreads the
-connections among them. Then it watches:
+connections among them. A front-end accepts once the engine is ready (warmed, class table loaded) or after
+`LINK_WAIT_S` at the latest, answering not ready meanwhile, as a single process does while it warms (a store
+that cannot be reached at start keeps the engine not ready, and the service must still answer). Then it watches:
 
 - a front-end that dies is started again (the others keep serving meanwhile);
 - an engine that dies is started again; meanwhile the front-ends answer every request it held, and every new
@@ -29,7 +31,7 @@ import socket
 import sys
 import tempfile
 import time
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
@@ -95,7 +97,6 @@ class Supervisor:
         self.frontends: list[BaseProcess | None] = [None] * workers
         self.started_at: dict[int, float] = {}
         self.listener: socket.socket | None = None
-        self._engine_news: Connection | None = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
@@ -115,7 +116,6 @@ class Supervisor:
             if refusal is not None:
                 print(f"vlltr serve: {' '.join(refusal.split())}", file=sys.stderr)
                 return START_ERROR_STATUS
-            self._wait_engine_ready()
             if self.stopping:
                 return 0
             self.listener = self._bind()
@@ -168,11 +168,8 @@ class Supervisor:
             while not self.stopping:
                 if receiver.poll(0.2):
                     kind, detail = receiver.recv()
-                    if kind == "error":
-                        receiver.close()
-                        return str(detail)
-                    self._engine_news = receiver  # "ready" comes next (`_wait_engine_ready`)
-                    return None
+                    receiver.close()
+                    return str(detail) if kind == "error" else None
                 if not proc.is_alive():
                     break
         except EOFError:
@@ -181,23 +178,6 @@ class Supervisor:
         if self.stopping:
             return None
         return f"the engine process exited with status {proc.exitcode} while loading {self.settings.bundle}"
-
-    def _wait_engine_ready(self) -> None:
-        """Until the engine says it is ready (warmed, class table loaded), dies, or a signal comes: the
-        front-ends then start beside a ready engine and are ready from their first request."""
-        receiver = self._engine_news
-        self._engine_news = None
-        if receiver is None:
-            return
-        try:
-            while not self.stopping and self.engine is not None and self.engine.is_alive():
-                if receiver.poll(0.2):
-                    receiver.recv()
-                    return
-        except EOFError:
-            pass
-        finally:
-            receiver.close()
 
     def _start_frontend(self, index: int) -> None:
         from vlltr.service.frontend import run_frontend

@@ -19,6 +19,9 @@ def test_a_hanging_release_cannot_hold_shutdown_past_its_bound(tmp_path, caplog,
     class HangingRuntime:
         metrics = Metrics()
 
+        async def before_serving(self) -> None:
+            return None
+
         async def start(self) -> None:
             return None
 
