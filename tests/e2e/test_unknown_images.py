@@ -118,6 +118,10 @@ def test_images_far_from_every_class_are_unknown_and_trained_ones_mostly_not(url
         r = client.post("/v1/classify", files={"file": ("noise.png", _noise(1)[0])})
     assert r.status_code == 200, r.text
     assert r.json()["unknown"] is noise[0]["unknown"]
+    with httpx.Client(base_url=url, timeout=60) as client:
+        served = client.get("/v1/model").json()["unknown_rule"]
+    fitted = json.loads((shapes_bundle / "manifest.json").read_text())["calibration"]["unknown"]
+    assert served == {**fitted, "source": "bundle"}
     assert r.json()["unknown_score"] == pytest.approx(noise[0]["unknown_score"], abs=1e-4)
 
 

@@ -72,6 +72,7 @@ def test_an_old_bundle_answers_a_confidence_and_no_verdict(plain_url, bundle_v1)
                 assert body["confidence"] == pytest.approx(body["predictions"][0]["score"])
                 assert body["unknown"] is None and body["unknown_score"] is None
         batch = _ok(client.post("/v1/classify/batch", files=[("files", (n, d)) for n, d in images]))
+        assert _ok(client.get("/v1/model"))["unknown_rule"] is None
     for item in batch["results"]:
         assert item["confidence"] == pytest.approx(item["predictions"][0]["score"])
         assert item["unknown"] is None and item["unknown_score"] is None
@@ -87,6 +88,8 @@ def test_the_setting_supplies_a_threshold_on_the_vision_energy(strict_url, bundl
         subset = _ok(client.post("/v1/classify", files={"file": images[0]}, params={"classes": other}))
         labels = _ok(client.post("/v1/classify", files={"file": images[0]}, params=[("labels", "a"), ("labels", "b")]))
         batch = _ok(client.post("/v1/classify/batch", files=[("files", (n, d)) for n, d in images]))
+        rule = _ok(client.get("/v1/model"))["unknown_rule"]
+    assert rule == {"score": "vision_energy", "threshold": 1e6, "source": "setting", "fitted_on": None, "keep": None}
     assert len({round(e, 4) for e in energies.tolist()}) == len(images)  # the images differ: a real comparison
     for body, energy in zip(singles, energies):
         assert body["unknown"] is True

@@ -300,6 +300,18 @@ class ClassCounts(BaseModel):
     total: int = Field(description="trained + added")
 
 
+class UnknownRuleInfo(BaseModel):
+    score: Literal["vision_energy", "language_cosine", "probability"] = Field(
+        description="the score an answer's `unknown_score` holds"
+    )
+    threshold: float = Field(description="an image scoring below it is answered `unknown`")
+    source: Literal["bundle", "setting"] = Field(
+        description="fitted by training and stored in the bundle, or set by `VLLTR_UNKNOWN_THRESHOLD`"
+    )
+    fitted_on: str | None = Field(default=None, description="the split training fitted the bundle's threshold on")
+    keep: float | None = Field(default=None, description="the share of that split's images the fitted threshold keeps")
+
+
 class ModelInfo(BaseModel):
     bundle_id: str = Field(description="id of the served model bundle")
     arch: str = Field(description="open_clip architecture of the encoders")
@@ -314,6 +326,9 @@ class ModelInfo(BaseModel):
     dataset: str | None = Field(default=None, description="training dataset recorded in the bundle")
     max_batch_size: int = Field(description="most images per encoder run")
     batch_buckets: list[int] = Field(description="batch shapes the encoder runs (all warmed at start)")
+    unknown_rule: UnknownRuleInfo | None = Field(
+        default=None, description="how the `unknown` verdict is decided; null: no verdict (no threshold known)"
+    )
 
 
 class Health(BaseModel):
