@@ -50,6 +50,8 @@ def test_classify_returns_the_api_answer_typed(server, bundle_v1):
             answer = client.classify(image, top_k=3, explain=True)
             assert [p.class_id for p in answer.predictions] == [p["class_id"] for p in raw["predictions"]]
             assert answer.bundle_id == raw["bundle_id"]
+            assert answer.confidence == pytest.approx(raw["confidence"], abs=1e-5)
+            assert (answer.unknown, answer.unknown_score) == (None, None)  # bundle_v1 has no fitted threshold
             best = answer.best
             assert best.explanation is not None
             assert best.score == pytest.approx(raw["predictions"][0]["score"], abs=1e-5)

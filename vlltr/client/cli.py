@@ -37,7 +37,7 @@ def classify_command(images: list[str], *, url: str, top_k: int, explain: bool, 
             failed += 1
             print(f"{image}: error {result.status} {result.error.code}: {result.error.message}")
             continue
-        print(f"{image}:")
+        print(f"{image}:" + (" unknown (far from every class)" if result.unknown else ""))
         for p in result.predictions or ():
             print("\n".join(_describe(p, explain)))
     return 1 if failed else 0

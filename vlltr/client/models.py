@@ -53,13 +53,28 @@ class Prediction:
         )
 
 
+def _verdict(values: dict[str, Any]) -> dict[str, Any]:
+    """`confidence`, `unknown` and `unknown_score` of an answer (None where absent)."""
+    confidence, unknown, score = values.get("confidence"), values.get("unknown"), values.get("unknown_score")
+    return {
+        "confidence": None if confidence is None else float(confidence),
+        "unknown": None if unknown is None else bool(unknown),
+        "unknown_score": None if score is None else float(score),
+    }
+
+
 @dataclass(frozen=True)
 class Classification:
-    """The answer for one image: predictions best first, the bundle and class-table version that answered."""
+    """The answer for one image: predictions best first, the bundle and class-table version that answered, the
+    top class's calibrated `confidence` and the `unknown` verdict (None: no verdict, e.g. a bundle without a
+    fitted threshold, or a server that predates it)."""
 
     predictions: tuple[Prediction, ...]
     bundle_id: str
     class_table_version: int
+    confidence: float | None = None
+    unknown: bool | None = None
+    unknown_score: float | None = None
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> Classification:
@@ -67,6 +82,7 @@ class Classification:
             predictions=tuple(Prediction.from_json(p) for p in values["predictions"]),
             bundle_id=str(values["bundle_id"]),
             class_table_version=int(values["class_table_version"]),
+            **_verdict(values),
         )
 
     @property
@@ -94,6 +110,9 @@ class BatchResult:
     predictions: tuple[Prediction, ...] | None
     error: ErrorInfo | None
     class_table_version: int | None
+    confidence: float | None = None
+    unknown: bool | None = None  # as in `Classification`
+    unknown_score: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -111,6 +130,7 @@ class BatchResult:
             predictions=tuple(Prediction.from_json(p) for p in predictions) if predictions is not None else None,
             error=ErrorInfo(status, str(error["code"]), str(error["message"])) if error else None,
             class_table_version=values.get("class_table_version"),
+            **_verdict(values),
         )
 
 

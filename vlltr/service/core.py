@@ -33,17 +33,18 @@ from vlltr.errors import (
 )
 from vlltr.model.runtime.bundle import Bundle, load_bundle
 from vlltr.model.runtime.head import Shortlist
-from vlltr.model.runtime.manifest import Manifest
-from vlltr.model.runtime.predictor import probabilities
+from vlltr.model.runtime.manifest import Manifest, UnknownRule
+from vlltr.model.runtime.predictor import probabilities, probabilities_and_nearness
 from vlltr.model.runtime.preprocess import decode_image, preprocess_image
 from vlltr.model.runtime.sessions import ImageEncoder, TextEncoder
+from vlltr.model.runtime.unknown import Nearness, effective_rule, score_values
 from vlltr.service.batcher import MicroBatcher
 from vlltr.service.cache import EmbeddingCache, LocalLRUCache, RedisEmbeddingCache, cache_key
 from vlltr.service.explain import ClassifyOptions, LabelEncoder, OptionScorer, PreparedOptions, check_options
 from vlltr.service.metrics import Metrics
 from vlltr.service.redis_link import RedisLink
 from vlltr.service.registry import TIER_NAMES, ClassRegistry, ServedTable, TrainedClasses
-from vlltr.service.schemas import Prediction
+from vlltr.service.schemas import Prediction, Verdict
 from vlltr.service.settings import Settings
 from vlltr.service.store import ClassStore
 from vlltr.service.store_file import FileClassStore
@@ -88,6 +89,7 @@ class Scored:
     scores: np.ndarray
     served: ServedTable
     features: np.ndarray | None  # set when the encoder ran (the value to cache)
+    verdict: Verdict
     custom: list[Prediction] | None = None  # a request with options: its predictions, built by `OptionScorer`
 
     def predictions(self) -> list[Prediction]:
@@ -116,6 +118,9 @@ class Answer(Protocol):
 
     @property
     def version(self) -> int: ...
+
+    @property
+    def verdict(self) -> Verdict: ...
 
     def predictions(self) -> list[Prediction]: ...
 
@@ -192,6 +197,15 @@ def limit_blas_threads(threads: int) -> bool:
         return False
     threadpool_limits(limits=threads, user_api="blas")
     return True
+
+
+def verdict(rule: UnknownRule | None, confidence: float, near: Nearness | None) -> Verdict:
+    """How sure one image's answer is: its top score, and the `unknown` verdict of `rule` from its scores
+    `near` (one row; no verdict without a rule, or without scores: a ranking of ad-hoc labels)."""
+    if rule is None or near is None:
+        return Verdict(confidence=confidence)
+    value = float(score_values(rule.score, near, np.array([confidence], dtype=np.float32))[0])
+    return Verdict(confidence=confidence, unknown=value < rule.threshold, unknown_score=value)
 
 
 def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -288,6 +302,8 @@ class ServingCore:
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.metrics = metrics
+        # The `unknown` verdict: the bundle's fitted threshold, or the setting's, or none (older bundles).
+        self.unknown_rule = effective_rule(bundle.calibration.unknown, settings.unknown_threshold)
         self.provider = image_encoder.provider
         self.buckets = settings.buckets
         self.warmed = False
@@ -485,15 +501,24 @@ class ServingCore:
         out: list[Scored] = [None] * len(jobs)  # type: ignore[list-item]  # every slot is filled below
         if plain:
             rows_in = feats if len(plain) == len(jobs) else feats[plain]  # all plain (options off): no copy
-            probs = probabilities(rows_in, b.head, served.table, b.log_prior, b.calibration, b.alpha, self.shortlist)
+            probs, near = probabilities_and_nearness(
+                rows_in, b.head, served.table, b.log_prior, b.calibration, b.alpha, self.shortlist
+            )
             idx, vals = top_k(probs, max(jobs[i].top_k for i in plain))
             for row, i in enumerate(plain):
                 k = jobs[i].top_k
-                out[i] = Scored(idx[row, :k], vals[row, :k], served, feats[i] if jobs[i].pixels is not None else None)
+                out[i] = Scored(
+                    idx[row, :k],
+                    vals[row, :k],
+                    served,
+                    feats[i] if jobs[i].pixels is not None else None,
+                    verdict(self.unknown_rule, float(vals[row, 0]), near.row(row)),
+                )
         for i, job in enumerate(jobs):
             if job.options is not None:  # explanations, a class subset or ad-hoc labels: scored one by one
-                ids, scores, custom = self.option_scorer.score(feats[i], served, job.options, job.top_k)
-                out[i] = Scored(ids, scores, served, feats[i] if job.pixels is not None else None, custom)
+                ids, scores, custom, nearness = self.option_scorer.score(feats[i], served, job.options, job.top_k)
+                sure = verdict(self.unknown_rule, float(scores[0]) if len(scores) else 0.0, nearness)
+                out[i] = Scored(ids, scores, served, feats[i] if job.pixels is not None else None, sure, custom)
         return out
 
     # ---- the request path -----------------------------------------------------------------

@@ -148,7 +148,11 @@ class EngineServer:
         if isinstance(result, VlltrError):
             return {"error": error_body(result)}
         self.core.prep.remember(key, result.features)
-        return {"predictions": [p.model_dump() for p in result.predictions()], "version": result.version}
+        return {
+            "predictions": [p.model_dump() for p in result.predictions()],
+            "version": result.version,
+            "verdict": result.verdict.model_dump(),
+        }
 
 
 async def _serve_engine(core: ServingCore, run_dir: Path) -> None:

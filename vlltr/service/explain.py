@@ -29,6 +29,7 @@ from vlltr.errors import ClassValidationError
 from vlltr.model.runtime.bundle import Bundle
 from vlltr.model.runtime.head import branch_probabilities, softmax, unit_mean
 from vlltr.model.runtime.prompts import name_prompts
+from vlltr.model.runtime.unknown import Nearness
 from vlltr.service.registry import ServedTable, TrainedClasses
 from vlltr.service.schemas import AnchorWeight, Explanation, Prediction
 
@@ -174,21 +175,25 @@ class OptionScorer:
 
     def score(
         self, feature: np.ndarray, served: ServedTable, prepared: PreparedOptions, k: int
-    ) -> tuple[np.ndarray, np.ndarray, list[Prediction]]:
-        """`(class ids, scores, predictions)` of one image's raw feature `[D]`, best first.
+    ) -> tuple[np.ndarray, np.ndarray, list[Prediction], Nearness | None]:
+        """`(class ids, scores, predictions, nearness)` of one image's raw feature `[D]`, best first; `nearness`
+        holds the `unknown` verdict's logit scores over all served classes, whatever the subset (the verdict
+        asks whether the image is far from every class), None for ad-hoc labels.
 
         For ad-hoc labels the ids index `options.labels` and the predictions carry no class id."""
         b = self.bundle
         options = prepared.options
         if prepared.label_features is not None and options.labels is not None:
-            return score_labels(feature, prepared.label_features, options.labels, b.head.logit_scale, k)
+            return (*score_labels(feature, prepared.label_features, options.labels, b.head.logit_scale, k), None)
         table = served.table
         f = np.asarray(feature, dtype=np.float32)[None, :]
         queries = b.head.queries(f)
         cal = b.calibration
+        z_vis, z_lin = b.head.vision_logits(f), table.language_logits(queries, f)
+        near = Nearness.of(z_vis, z_lin, b.head.logit_scale)
         vis, lin = branch_probabilities(
-            b.head.vision_logits(f),
-            table.language_logits(queries, f),
+            z_vis,
+            z_lin,
             b.log_prior,
             tau=cal.tau,
             temperature=cal.temperature,
@@ -227,7 +232,7 @@ class OptionScorer:
             predictions.append(
                 Prediction(label=table.names[i], score=float(score), class_id=i, explanation=explanation)
             )
-        return chosen, scores, predictions
+        return chosen, scores, predictions, near
 
 
 def _restrict(p: np.ndarray, ids: np.ndarray) -> np.ndarray:

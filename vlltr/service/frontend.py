@@ -35,7 +35,7 @@ from vlltr.service.cache import cache_key
 from vlltr.service.core import QUEUE_FULL, ImageJob, ImagePreparer, as_image_error
 from vlltr.service.explain import ClassifyOptions
 from vlltr.service.metrics import Metrics
-from vlltr.service.schemas import Prediction
+from vlltr.service.schemas import Prediction, Verdict
 from vlltr.service.settings import Settings
 from vlltr.service.wire import error_from, frame, read_frame
 
@@ -57,6 +57,7 @@ class RemoteScored:
 
     items: list[Prediction]
     version: int
+    verdict: Verdict
 
     def predictions(self) -> list[Prediction]:
         return self.items
@@ -257,7 +258,9 @@ def _remote_result(result: dict[str, Any]) -> RemoteScored | VlltrError | None:
         return None
     if "error" in result:
         return error_from(result["error"])
-    return RemoteScored([Prediction(**p) for p in result["predictions"]], int(result["version"]))
+    return RemoteScored(
+        [Prediction(**p) for p in result["predictions"]], int(result["version"]), Verdict(**result["verdict"])
+    )
 
 
 class FrontCore:

@@ -51,8 +51,37 @@ class Prediction(BaseModel):
     explanation: Explanation | None = Field(default=None, description="with `explain=true`: why; else null")
 
 
+CONFIDENCE = (
+    "calibrated probability of the top class (its `score`; with `classes`, within the subset; with `labels`, "
+    "the zero-shot softmax over the labels, which is not calibrated)"
+)
+UNKNOWN = (
+    "true when the image is far from every served class: its `unknown_score` is below the threshold training "
+    "fitted on validation data (kept in the bundle; the service's `VLLTR_UNKNOWN_THRESHOLD` overrides it). "
+    "null when no threshold is known (a bundle exported before this verdict existed, and no setting) and "
+    "with `labels`"
+)
+UNKNOWN_SCORE = (
+    "the score the `unknown` verdict compares with its threshold, larger = nearer a class (the bundle's rule "
+    "names it: `vision_energy`, logsumexp of the vision branch's logits; `language_cosine`, the largest cosine "
+    "between the image and a class's anchor text; or `probability`, the top calibrated probability); null "
+    "when there is no verdict"
+)
+
+
+class Verdict(BaseModel):
+    """How sure an answer is, as it travels from the engine to a front-end (the responses carry its fields)."""
+
+    confidence: float = Field(description=CONFIDENCE)
+    unknown: bool | None = Field(default=None, description=UNKNOWN)
+    unknown_score: float | None = Field(default=None, description=UNKNOWN_SCORE)
+
+
 class ClassifyResponse(BaseModel):
     predictions: list[Prediction] = Field(description="the `top_k` most probable classes, best first")
+    confidence: float = Field(description=CONFIDENCE)
+    unknown: bool | None = Field(description=UNKNOWN)
+    unknown_score: float | None = Field(description=UNKNOWN_SCORE)
     bundle_id: str = Field(description="id of the model bundle that answered")
     class_table_version: int = Field(description="version of the class table the image was scored against")
 
@@ -111,6 +140,11 @@ class BatchItem(BaseModel):
     index: int = Field(description="position of the image in the request")
     filename: str | None = Field(default=None, description="the part's filename, when one was sent")
     predictions: list[Prediction] | None = Field(default=None, description="as in `/v1/classify`; null on error")
+    confidence: float | None = Field(default=None, description=f"as in `/v1/classify`; null on error. {CONFIDENCE}")
+    unknown: bool | None = Field(default=None, description=f"as in `/v1/classify`; null on error. {UNKNOWN}")
+    unknown_score: float | None = Field(
+        default=None, description=f"as in `/v1/classify`; null on error. {UNKNOWN_SCORE}"
+    )
     error: ErrorBody | None = Field(
         default=None, description="why this image failed (others are unaffected); null on success"
     )
@@ -266,6 +300,18 @@ class ClassCounts(BaseModel):
     total: int = Field(description="trained + added")
 
 
+class UnknownRuleInfo(BaseModel):
+    score: Literal["vision_energy", "language_cosine", "probability"] = Field(
+        description="the score an answer's `unknown_score` holds"
+    )
+    threshold: float = Field(description="an image scoring below it is answered `unknown`")
+    source: Literal["bundle", "setting"] = Field(
+        description="fitted by training and stored in the bundle, or set by `VLLTR_UNKNOWN_THRESHOLD`"
+    )
+    fitted_on: str | None = Field(default=None, description="the split training fitted the bundle's threshold on")
+    keep: float | None = Field(default=None, description="the share of that split's images the fitted threshold keeps")
+
+
 class ModelInfo(BaseModel):
     bundle_id: str = Field(description="id of the served model bundle")
     arch: str = Field(description="open_clip architecture of the encoders")
@@ -280,6 +326,9 @@ class ModelInfo(BaseModel):
     dataset: str | None = Field(default=None, description="training dataset recorded in the bundle")
     max_batch_size: int = Field(description="most images per encoder run")
     batch_buckets: list[int] = Field(description="batch shapes the encoder runs (all warmed at start)")
+    unknown_rule: UnknownRuleInfo | None = Field(
+        default=None, description="how the `unknown` verdict is decided; null: no verdict (no threshold known)"
+    )
 
 
 class Health(BaseModel):

@@ -182,6 +182,14 @@ class Settings(BaseSettings):
         "existing class's above which a near-duplicate "
         "warning is returned",
     )
+    unknown_threshold: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="threshold of the `unknown` verdict, on the score the bundle's rule names (`vision_energy` "
+        "when the bundle has none): an image scoring below it is `unknown`. Unset: the "
+        "threshold training fitted on validation data (manifest `calibration.unknown`); a bundle without one "
+        "then gives no verdict (`unknown: null`)",
+    )
     class_store: Path | None = Field(
         None,
         description="local class-store file (JSON lines, appended to) holding added classes when no Redis is set "

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from vlltr.model.networks.head import calibrated_probabilities
+from vlltr.model.runtime.unknown import Nearness, fit_rule
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +176,31 @@ def identity_calibration(train_counts: np.ndarray | list[int], alpha: float, rea
         "alpha": float(alpha),
         "note": reason,
     }
+
+
+def fit_unknown(
+    z_vis: torch.Tensor,
+    z_lin: torch.Tensor,
+    train_counts: np.ndarray | list[int],
+    calibration: dict[str, Any],
+    logit_scale: float,
+    *,
+    score: str,
+    keep: float,
+    fitted_on: str,
+) -> dict[str, Any]:
+    """The `unknown` rule (`vlltr.model.runtime.manifest.UnknownRule`) fitted on one split's in-set logits,
+    scored as the service scores (calibrated with `calibration`'s tau and T): the threshold keeping `keep`
+    of the split's images. Returns the fields to merge into `calibration.json` (`unknown`)."""
+    probs = _probs(
+        z_vis,
+        z_lin,
+        log_prior_from_counts(train_counts),
+        float(calibration["alpha"]),
+        float(calibration["tau"]),
+        float(calibration["temperature"]),
+    )
+    near = Nearness.of(z_vis.numpy(), z_lin.numpy(), logit_scale)
+    rule = fit_rule(near, probs.max(dim=1).values.numpy(), score=score, keep=keep, fitted_on=fitted_on)
+    log.info("unknown verdict: %s below %.4f (keeps %.0f%% of %s)", rule.score, rule.threshold, 100 * keep, fitted_on)
+    return {"unknown": rule.to_dict()}

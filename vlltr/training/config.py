@@ -141,6 +141,10 @@ class EvalCfg:
     fit_added_classes: bool = True
     pseudo_new: int = 8
     added_class_max_cost: float = 1.5
+    # The `unknown` verdict (vlltr/model/runtime/unknown.py): its score ("none": no verdict in the bundle) and
+    # the share of the calibration split's images its threshold keeps.
+    unknown_score: Literal["vision_energy", "language_cosine", "probability", "none"] = "vision_energy"
+    unknown_keep: float = 0.95
 
 
 @dataclass

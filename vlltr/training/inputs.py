@@ -110,6 +110,8 @@ def _check_eval_splits(cfg: Config) -> None:
             raise DataError(f"{key} is {split!r} but data.{split} is not configured")
     if cfg.anss.reference_split == "val" and not cfg.data.val:
         raise DataError("anss.reference_split is 'val' but data.val is not configured")
+    if not 0 < cfg.eval.unknown_keep <= 1:
+        raise ConfigError(f"eval.unknown_keep must lie in (0, 1], got {cfg.eval.unknown_keep}")
 
 
 def _check_stage_settings(cfg: Config) -> None:

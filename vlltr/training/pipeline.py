@@ -22,7 +22,7 @@ from vlltr.model.networks.factory import get_tokenizer
 from vlltr.model.runtime.prompts import name_prompts
 from vlltr.training.added_classes import fit_added_class_calibration, numpy_head, pick_pseudo_new
 from vlltr.training.anss import SavedSelection, run_anss
-from vlltr.training.calibration import fit_calibration, identity_calibration
+from vlltr.training.calibration import fit_calibration, fit_unknown, identity_calibration
 from vlltr.training.checkpoint import (
     CALIBRATION_FILE,
     CLASSES_FILE,
@@ -140,6 +140,19 @@ def calibrate(cfg: Config, run_dir: Path, env: DistEnv, inputs: PreparedInputs) 
             tau_max=cfg.eval.tau_max,
             tau_step=cfg.eval.tau_step,
         )
+        if cfg.eval.unknown_score != "none":
+            result.update(
+                fit_unknown(
+                    z_vis,
+                    z_lin,
+                    counts,
+                    result,
+                    float(run.classifier.head.logit_scale),
+                    score=cfg.eval.unknown_score,
+                    keep=cfg.eval.unknown_keep,
+                    fitted_on=split,
+                )
+            )
         if cfg.eval.fit_added_classes:
             result.update(fit_added_classes(cfg, run, inputs, feats, labels, result, env.device))
     atomic_write_json(result, path)

@@ -170,6 +170,45 @@ class HeadInfo:
         }
 
 
+UNKNOWN_SCORES = ("vision_energy", "language_cosine", "probability")
+
+
+@dataclass(frozen=True)
+class UnknownRule:
+    """`calibration.unknown`: when an image is far from every class. An image whose `score` falls below
+    `threshold` is answered `unknown`. Scores (larger = nearer a class; `vlltr.model.runtime.unknown`):
+    `vision_energy`, `logsumexp` of the raw vision logits; `language_cosine`, the largest cosine between the
+    image feature and a class's attended anchor text; `probability`, the top calibrated fused probability.
+    Fitted by training on the in-set images of `fitted_on`: the threshold keeps the fraction `keep` of them."""
+
+    score: str
+    threshold: float
+    keep: float | None = None
+    fitted_on: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> UnknownRule:
+        """Read the section; ValueError if unusable."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"unknown must be an object, got {type(values).__name__}")
+        score = str(values.get("score", ""))
+        if score not in UNKNOWN_SCORES:
+            raise ValueError(f"unknown.score must be one of {UNKNOWN_SCORES}, got {score!r}")
+        threshold = values.get("threshold")
+        if not _is_number(threshold) or not math.isfinite(threshold):
+            raise ValueError(f"unknown.threshold must be a finite number, got {threshold!r}")
+        keep = values.get("keep")
+        if keep is not None and not (_is_number(keep) and 0 < keep <= 1):
+            raise ValueError(f"unknown.keep must lie in (0, 1], got {keep!r}")
+        fitted_on = values.get("fitted_on")
+        return cls(score, float(threshold), None if keep is None else float(keep), fitted_on and str(fitted_on))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _drop_none(
+            {"score": self.score, "threshold": self.threshold, "keep": self.keep, "fitted_on": self.fitted_on}
+        )
+
+
 @dataclass(frozen=True)
 class Calibration:
     """`calibration`: logit adjustment `tau`, `temperature`, the added classes' bias, how added classes enter the
@@ -177,24 +216,29 @@ class Calibration:
     it was fitted on.
 
     A manifest without `added_class_vision` (bundles written before it existed) reads as `"none"`, the
-    scoring those bundles were calibrated for. The prior itself is not stored: it is `LOG_PRIOR_RULE`."""
+    scoring those bundles were calibrated for; one without `unknown` has no out-of-set threshold (the service
+    then gives no `unknown` verdict unless its setting supplies a threshold). The prior itself is not stored:
+    it is `LOG_PRIOR_RULE`."""
 
     tau: float = 0.0
     temperature: float = 1.0
     added_class_bias: float = 0.0
     added_class_vision: str = "none"
     fitted_on: str | None = None
+    unknown: UnknownRule | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Calibration:
         """Read a calibration (the manifest's section, or a run's `calibration.json`); ValueError if unusable."""
         fitted_on = values.get("fitted_on")
+        unknown = values.get("unknown")
         cal = cls(
             float(values.get("tau", 0.0)),
             float(values.get("temperature", 1.0)),
             float(values.get("added_class_bias", 0.0)),
             str(values.get("added_class_vision", "none")),
             None if fitted_on is None else str(fitted_on),
+            None if unknown is None else UnknownRule.from_dict(unknown),
         )
         if not all(math.isfinite(v) for v in (cal.tau, cal.temperature, cal.added_class_bias)):
             raise ValueError(f"calibration values must be finite, got {cal}")
@@ -215,6 +259,7 @@ class Calibration:
             "added_class_vision": self.added_class_vision,
             "log_prior": LOG_PRIOR_RULE,
             "fitted_on": self.fitted_on,
+            **({} if self.unknown is None else {"unknown": self.unknown.to_dict()}),
         }
 
 

@@ -17,6 +17,7 @@ from vlltr.model.runtime.head import ClassTable, HeadParams, Shortlist, calibrat
 from vlltr.model.runtime.manifest import Calibration
 from vlltr.model.runtime.preprocess import preprocess_batch
 from vlltr.model.runtime.sessions import ImageEncoder, ProviderName, TextEncoder
+from vlltr.model.runtime.unknown import Nearness
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,23 @@ def probabilities(
 ) -> np.ndarray:
     """Calibrated fused probabilities `[B, C]` over `table`'s classes for raw image features `[B, D]`
     (`shortlist`: see `vlltr.model.runtime.head.Shortlist`; None scores every class exactly)."""
+    return probabilities_and_nearness(features, head, table, log_prior, calibration, alpha, shortlist)[0]
+
+
+def probabilities_and_nearness(
+    features: np.ndarray,
+    head: HeadParams,
+    table: ClassTable,
+    log_prior: np.ndarray,
+    calibration: Calibration,
+    alpha: float,
+    shortlist: Shortlist | None = None,
+) -> tuple[np.ndarray, Nearness]:
+    """`probabilities`, and the logit-based scores of the `unknown` verdict (`vlltr.model.runtime.unknown`)."""
     features = np.asarray(features, dtype=np.float32)
     z_vis = head.vision_logits(features)
     z_lin = table.language_logits(head.queries(features), features, shortlist)
-    return calibrated_probabilities(
+    probs = calibrated_probabilities(
         z_vis,
         z_lin,
         log_prior,
@@ -52,6 +66,7 @@ def probabilities(
         added_class_bias=calibration.added_class_bias,
         added_class_vision=calibration.added_class_vision,
     )
+    return probs, Nearness.of(z_vis, z_lin, head.logit_scale)
 
 
 def top_k_of(probs: np.ndarray, names: Sequence[str], k: int) -> list[list[Prediction]]:

@@ -137,7 +137,10 @@ async def classify_image(
     _check_top_k(top_k, settings)
     scored = await core.classify(data, top_k, options_from(query, body))
     return ClassifyResponse(
-        predictions=scored.predictions(), bundle_id=core.bundle.bundle_id, class_table_version=scored.version
+        predictions=scored.predictions(),
+        **scored.verdict.model_dump(),
+        bundle_id=core.bundle.bundle_id,
+        class_table_version=scored.version,
     )
 
 
@@ -159,6 +162,7 @@ def _item(index: int, part: Part, result: Answer | Exception, request: Request) 
         filename=part.filename,
         status=200,
         predictions=result.predictions(),
+        **result.verdict.model_dump(),
         class_table_version=result.version,
     )
 
