@@ -5,7 +5,9 @@ and a flood past the queue bound gets 503 + Retry-After instead of timeouts.
 from __future__ import annotations
 
 import io
+import json
 import random
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
@@ -179,6 +181,28 @@ def test_unknown_routes_and_methods(client):
     _expect(client.get("/v2/nothing"), 404, "not_found")
     _expect(client.put("/v1/classify"), 405, "method_not_allowed")
     _expect(client.delete("/v1/classes/never%20added"), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /v1/model?x=\x01 HTTP/1.1\r\nHost: x\r\n\r\n",  # a control character in the target
+        b"GET /v1/model HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",  # a space in a header name
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+    ids=["control-character", "header-name", "garbage"],
+)
+def test_a_request_that_is_not_http_gets_the_json_envelope(server, raw):
+    # The HTTP parser refuses these before any route runs; the answer is still the service's error shape.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"]["code"] == "bad_request"
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

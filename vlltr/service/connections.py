@@ -106,6 +106,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn answers a request its parser rejects in plain text; every error of this service is the JSON
+        # envelope, so clients (and the OpenAPI document) see one error shape whatever refused the request.
+        self.transport.write(_raw_response("bad_request", f"the request is not valid HTTP: {msg}", []))
+        self.transport.close()
+
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # read and dropped: the answer is already on its way

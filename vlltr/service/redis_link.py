@@ -14,14 +14,34 @@ import time
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError
 
 from vlltr.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
-def make_client(url: str, timeout: float | None, connect_timeout: float) -> aioredis.Redis:
-    """An asyncio Redis client without retries (a slow or dead Redis must never stall a request)."""
+def make_client(
+    url: str, timeout: float | None, connect_timeout: float, *, reconnect_once: bool = False
+) -> aioredis.Redis:
+    """An asyncio Redis client without retries (a slow or dead Redis must never stall a request).
+
+    With `reconnect_once`, a command that fails on a broken connection is sent once more on a new one (never
+    after a timeout): after Redis restarts, every pooled connection is dead although Redis answers again, and
+    without this each of them fails one command of the class store and reopens the breaker. The store's
+    commands may be repeated (adds and removals are idempotent, the rest are reads).
+    """
+    if reconnect_once:
+        return aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
+            retry_on_error=[ConnectionError],
+            retry_on_timeout=False,
+            health_check_interval=0,
+            decode_responses=False,
+        )
     return aioredis.Redis.from_url(
         url,
         socket_timeout=timeout,
@@ -54,7 +74,9 @@ class RedisLink:
         self.url = url
         self.client = make_client(url, timeout_s, timeout_s)
         self.store_client = (
-            self.client if store_timeout_s is None else make_client(url, store_timeout_s, max(timeout_s, 1.0))
+            self.client
+            if store_timeout_s is None
+            else make_client(url, store_timeout_s, max(timeout_s, 1.0), reconnect_once=True)
         )
         self.retry_s = retry_s
         self._metrics = metrics

@@ -171,7 +171,7 @@ def _item(index: int, part: Part, result: Answer | Exception, request: Request) 
     "/batch",
     response_model=BatchResponse,
     summary="Classify several images",
-    responses={**error_responses(408, 413, 415, 422, 503), 200: batch_examples()},
+    responses={**error_responses(400, 408, 413, 415, 422, 503), 200: batch_examples()},
     openapi_extra=multipart_body(
         {
             "files": {

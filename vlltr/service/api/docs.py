@@ -8,7 +8,7 @@ from typing import Any
 from vlltr.service.schemas import ErrorResponse
 
 _DESCRIPTIONS = {
-    400: "the upload is not a decodable image (`bad_image`)",
+    400: "the upload is not a decodable image (`bad_image`), or the request is not valid HTTP (`bad_request`)",
     401: "the admin token is missing (`unauthorized`)",
     403: "the admin token is wrong (`forbidden`)",
     404: "no such class (`not_found`)",

@@ -51,6 +51,9 @@ HTTP_ERRORS: dict[str, HttpMapping] = {
     # Written by the HTTP server itself, before any request is read (vlltr.service.connections); counted in
     # vlltr_http_connections_refused_total.
     "too_many_connections": HttpMapping(503, retry_after=True),
+    # Also written by the HTTP server itself: a request its parser cannot read as HTTP (a control character in
+    # the target or a header, a malformed head), answered and closed before any route sees it.
+    "bad_request": HttpMapping(400),
     "timeout": HttpMapping(408, "timeout"),
     "not_found": HttpMapping(404),
     "conflict": HttpMapping(409),
