@@ -4,6 +4,7 @@ attempt). tests/integration/test_reliability_auth.py checks the refusals and the
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import uuid
 from types import SimpleNamespace
@@ -38,7 +39,7 @@ def _request(token: str | None) -> SimpleNamespace:
 
 def _check(token: str, given: str) -> int:
     try:
-        require_admin(_request(token), HTTPAuthorizationCredentials(scheme="Bearer", credentials=given))
+        asyncio.run(require_admin(_request(token), HTTPAuthorizationCredentials(scheme="Bearer", credentials=given)))
     except ApiError as exc:
         return exc.status
     return 200
@@ -65,5 +66,5 @@ def test_token_comparison_is_constant_time(monkeypatch):
     # No token configured: class changes need none (the embedded default), and nothing is compared.
     spy = _CompareSpy(real)
     monkeypatch.setattr(hmac, "compare_digest", spy)
-    require_admin(_request(None), None)
+    asyncio.run(require_admin(_request(None), None))
     assert spy.calls == []

@@ -43,11 +43,12 @@ async def get_classifier(request: Request) -> Classifier:
     return core
 
 
-def require_admin(
+async def require_admin(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """401 without a Bearer token, 403 with a wrong one; a no-op when no admin token is configured."""
+    """401 without a Bearer token, 403 with a wrong one; a no-op when no admin token is configured (`async`:
+    a plain `def` dependency would cost every admin request a hop to the thread pool)."""
     token = request.app.state.settings.admin_token
     if token is None:
         return
