@@ -39,6 +39,7 @@ PUBLISHED = {
     "internal": (500, False),
     "timeout": (408, False),  # a stalled request head or body
     "too_many_connections": (503, True),  # the server's connection bound
+    "bad_request": (400, False),  # the HTTP parser's refusal of a request that is not HTTP
 }
 
 CODES = {
