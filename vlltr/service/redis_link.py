@@ -59,7 +59,8 @@ class RedisLink:
     `client` serves the request path (the embedding cache) with a short timeout, so a slow Redis never stalls a
     classify request; `store_client` serves the class store with a longer one, because each class write is
     fsynced by the shipped Redis (`appendfsync always`) and one fsync on a busy disk can outlast the short
-    timeout, which would fail an add that Redis then completes. Both share one breaker.
+    timeout, which would fail an add that Redis then completes (`store_timeout_s`, default `timeout_s`), and it
+    reconnects once on a broken connection. Both share one breaker.
     """
 
     def __init__(
@@ -73,10 +74,8 @@ class RedisLink:
     ) -> None:
         self.url = url
         self.client = make_client(url, timeout_s, timeout_s)
-        self.store_client = (
-            self.client
-            if store_timeout_s is None
-            else make_client(url, store_timeout_s, max(timeout_s, 1.0), reconnect_once=True)
+        self.store_client = make_client(
+            url, store_timeout_s if store_timeout_s is not None else timeout_s, max(timeout_s, 1.0), reconnect_once=True
         )
         self.retry_s = retry_s
         self._metrics = metrics
@@ -148,7 +147,7 @@ class RedisLink:
                 log.debug("dropping idle Redis connections: %s", exc)
 
     def _clients(self) -> list[aioredis.Redis]:
-        return [self.client] if self.store_client is self.client else [self.client, self.store_client]
+        return [self.client, self.store_client]
 
     async def close(self) -> None:
         """Stop the monitor and close the pool."""

@@ -32,8 +32,6 @@ import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from redis import exceptions as redis_errors
-
 from vlltr.errors import ClassNotFoundError, StoreUnavailableError
 from vlltr.service.redis_link import RedisLink, make_client, safe_url
 from vlltr.service.store import (
@@ -374,14 +372,9 @@ class RedisClassStore:
             args += [item.record.key, item.record.dumps(), item.record.fingerprint, derived]
         keys = [*self._keys, self.derived_prefix + (bundle_id or "-")]
         try:
-            try:
-                out = await self._add(keys=keys, args=args)
-            except redis_errors.ConnectionError:
-                # A pooled connection to a Redis that restarted fails once even though Redis is back. An add is
-                # idempotent (a name that exists is returned, not overwritten), so trying again on a fresh
-                # connection is safe, and spares the client a 503 for an outage that is already over.
-                await self.link.store_client.connection_pool.disconnect(inuse_connections=False)
-                out = await self._add(keys=keys, args=args)
+            # A pooled connection to a Redis that restarted is retried once on a new one by the store's client
+            # (`make_client(reconnect_once=True)`): an add is idempotent, so that is safe here.
+            out = await self._add(keys=keys, args=args)
             if _text(out[0]) == "uninitialized":
                 await self._ensure()
                 out = await self._add(keys=keys, args=args)
