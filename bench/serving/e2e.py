@@ -65,7 +65,7 @@ def layout(workers: int, cores: int | None = None) -> tuple[int, int | None]:
     from vlltr.service.settings import Settings
 
     if workers == 1:
-        defaults = Settings.model_construct()  # the service's defaults, whatever the environment says
+        defaults = Settings.model_construct(workers=1)  # one process's defaults, whatever the environment says
         return defaults.decode_threads, defaults.intra_op_threads or None
     share = max(1, (cores or os.cpu_count() or 1) // workers)
     return share, share

@@ -119,7 +119,12 @@ class Settings(BaseSettings):
         "answered; past it new uploads get 503 with Retry-After, and a single request larger than "
         "it gets 413",
     )
-    preprocess_threads: int = Field(0, ge=0, description="threads decoding and resizing images (0 = one per CPU core)")
+    preprocess_threads: int = Field(
+        0,
+        ge=0,
+        description="threads decoding and resizing images in each process that decodes (0 = the usable cores, "
+        "shared among the HTTP front-ends)",
+    )
     jpeg_draft: Literal["bundle", "on", "off"] = Field(
         "bundle",
         description="decode large JPEGs at a reduced size (libjpeg's DCT scaling, keeping the shorter "
@@ -289,8 +294,10 @@ class Settings(BaseSettings):
 
     @property
     def decode_threads(self) -> int:
-        """Size of the decode/preprocess pool."""
-        return self.preprocess_threads or (os.cpu_count() or 1)
+        """Size of each process's decode/preprocess pool: `preprocess_threads`, or the usable cores shared
+        among the HTTP front-ends (one process: all of them). More threads than cores only queue on the same
+        cores (and, in one process, on its interpreter lock)."""
+        return self.preprocess_threads or max(1, usable_cpus() // self.worker_count)
 
 
 def usable_cpus() -> int:

@@ -4,18 +4,17 @@ ad-hoc labels) from the query or the JSON body."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from python_multipart.multipart import parse_options_header
 
 from vlltr.errors import ImageTooLargeError
-from vlltr.service.api.deps import BodyHoldDep, ClassifierDep
+from vlltr.service.api.deps import classifier_of, held_body
 from vlltr.service.api.docs import binary, error_responses, multipart_body
 from vlltr.service.api.errors import ApiError, answer_for, count_rejection, retry_after_s
 from vlltr.service.api.inputs import (
     JSON,
     OptionQueries,
+    QueryOptions,
     batch_examples,
     classify_examples,
     json_batch_images,
@@ -24,7 +23,7 @@ from vlltr.service.api.inputs import (
     options_from,
 )
 from vlltr.service.api.uploads import BodyHold, Part, read_body, read_multipart
-from vlltr.service.core import Answer
+from vlltr.service.core import Answer, Classifier
 from vlltr.service.schemas import BatchItem, BatchResponse, ClassifyBatchJson, ClassifyJson, ClassifyResponse, ErrorBody
 from vlltr.service.settings import Settings
 
@@ -43,15 +42,6 @@ RAW_IMAGE_TYPES: dict[str, str] = {
     "image/tiff": "TIFF",
 }
 MULTIPART = "multipart/form-data"
-
-TopK = Annotated[
-    int,
-    Query(
-        ge=1,
-        description="how many classes to return, best first (at most the "
-        "`max_top_k` setting; capped at the number of classes)",
-    ),
-]
 
 
 def _check_top_k(top_k: int, settings: Settings) -> None:
@@ -112,9 +102,7 @@ async def _one_image(
         json_body=json_schema(ClassifyJson),
     ),
 )
-async def classify_image(
-    request: Request, core: ClassifierDep, hold: BodyHoldDep, query: OptionQueries, top_k: TopK = 5
-) -> ClassifyResponse:
+async def classify_image(request: Request, query: OptionQueries) -> ClassifyResponse:
     """Classify one image: multipart field `file`, the image itself as the body with its content type
     (`image/jpeg`, `image/png`, `image/webp`, `image/gif`, `image/bmp`, `image/tiff`), or JSON
     `{"image": "<base64>"}`. All give the same answer under the same limits; the image's format is read from
@@ -129,13 +117,15 @@ async def classify_image(
     `curl -F file=@cat.jpg 'http://localhost:8000/v1/classify?top_k=3&explain=true'`
     `curl --data-binary @cat.jpg -H 'Content-Type: image/jpeg' 'http://localhost:8000/v1/classify?top_k=3'`
     """
+    core = classifier_of(request)
     settings = core.settings
-    _check_top_k(top_k, settings)
+    _check_top_k(query.top_k, settings)
     core.check_accepting(1)  # refuse before reading a body we could not serve
-    data, body = await _one_image(request, settings, hold)
-    top_k = body.top_k if body is not None and body.top_k is not None else top_k
-    _check_top_k(top_k, settings)
-    scored = await core.classify(data, top_k, options_from(query, body))
+    with held_body(request) as hold:
+        data, body = await _one_image(request, settings, hold)
+        top_k = body.top_k if body is not None and body.top_k is not None else query.top_k
+        _check_top_k(top_k, settings)
+        scored = await core.classify(data, top_k, options_from(query, body))
     return ClassifyResponse(
         predictions=scored.predictions(),
         **scored.verdict.model_dump(),
@@ -184,9 +174,7 @@ def _item(index: int, part: Part, result: Answer | Exception, request: Request) 
         json_body=json_schema(ClassifyBatchJson),
     ),
 )
-async def classify_batch(
-    request: Request, core: ClassifierDep, hold: BodyHoldDep, query: OptionQueries, top_k: TopK = 5
-) -> BatchResponse:
+async def classify_batch(request: Request, query: OptionQueries) -> BatchResponse:
     """Classify several images sent as repeated multipart field `files`, or as JSON
     `{"images": [{"data": "<base64>", "filename": "a.jpg"}, ...]}`.
 
@@ -196,9 +184,15 @@ async def classify_batch(
 
     `curl -F files=@a.jpg -F files=@b.png http://localhost:8000/v1/classify/batch`
     """
-    settings = core.settings
-    _check_top_k(top_k, settings)
+    core = classifier_of(request)
+    _check_top_k(query.top_k, core.settings)
     core.check_accepting(1)
+    with held_body(request) as hold:
+        return await _classify_batch(request, core, query, hold)
+
+
+async def _classify_batch(request: Request, core: Classifier, query: QueryOptions, hold: BodyHold) -> BatchResponse:
+    settings = core.settings
     body: ClassifyBatchJson | None = None
     if _media_type(request) == JSON:
         body, files, results = await json_batch_images(request, settings, hold)
@@ -221,7 +215,7 @@ async def classify_batch(
             )
             for part in files
         ]
-    top_k = body.top_k if body is not None and body.top_k is not None else top_k
+    top_k = body.top_k if body is not None and body.top_k is not None else query.top_k
     _check_top_k(top_k, settings)
     readable = [i for i, r in enumerate(results) if r is None]
     scored = iter(await core.classify_many([files[i].data for i in readable], top_k, options_from(query, body)))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -34,9 +35,11 @@ async def get_core(request: Request) -> ServingCore:
     return core
 
 
-async def get_classifier(request: Request) -> Classifier:
+def classifier_of(request: Request) -> Classifier:
     """What classifies: the serving core, or in a front-end of the multi-process service its link to the
-    engine; `NotReadyError` (503) while the service is still loading."""
+    engine; `NotReadyError` (503) while the service is still loading. Called by the classify routes
+    themselves rather than through `Depends`: each dependency costs FastAPI a parameter resolution per
+    request, a measurable share of a cache hit."""
     core: Classifier | None = getattr(request.app.state, "core", None)
     if core is None:
         raise NotReadyError("the service is starting; try again shortly")
@@ -64,8 +67,10 @@ async def require_admin(
         raise ApiError(403, "forbidden", "the admin token is not valid")
 
 
-async def body_hold(request: Request) -> AsyncIterator[BodyHold]:
-    """This request's share of the app's request-body budget, given back once the request is answered."""
+@contextlib.contextmanager
+def held_body(request: Request) -> Iterator[BodyHold]:
+    """This request's share of the app's request-body budget, given back when the block ends (the classify
+    routes hold it around their work: cheaper than a generator dependency on the request path)."""
     hold = BodyHold(getattr(request.app.state, "body_budget", None))
     try:
         yield hold
@@ -73,8 +78,13 @@ async def body_hold(request: Request) -> AsyncIterator[BodyHold]:
         hold.release()
 
 
+async def body_hold(request: Request) -> AsyncIterator[BodyHold]:
+    """`held_body` as a dependency: given back once the route function ends."""
+    with held_body(request) as hold:
+        yield hold
+
+
 CoreDep = Annotated[ServingCore, Depends(get_core)]
-ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
 # Released when the route function ends, before the answer is sent: a client that sends its next upload the
 # moment it reads the answer must not find its own previous body still holding the budget.
 BodyHoldDep = Annotated[BodyHold, Depends(body_hold, scope="function")]

@@ -26,12 +26,21 @@ JSON_ROOM = 64 * 1024  # bytes of a JSON body beside its base64 images (options,
 class QueryOptions:
     """The options given as query parameters."""
 
+    top_k: int = 5
     explain: bool = False
     classes: list[str] | None = None
     labels: list[str] | None = None
 
 
 async def option_queries(
+    top_k: Annotated[
+        int,
+        Query(
+            ge=1,
+            description="how many classes to return, best first (at most the "
+            "`max_top_k` setting; capped at the number of classes)",
+        ),
+    ] = 5,
     explain: Annotated[
         bool,
         Query(
@@ -58,10 +67,11 @@ async def option_queries(
 ) -> QueryOptions:
     """The options of a classify request given in its query.
 
-    `async` on purpose: FastAPI runs a plain `def` dependency on its thread pool, and that hand-off on every
-    classify request cost a third of the small model's throughput on two cores (measured with wrk: 867 -> 557
-    images/s)."""
-    return QueryOptions(explain, classes, labels)
+    One `async` dependency holds every query parameter of the classify routes: FastAPI runs a plain `def`
+    dependency on its thread pool (a hop per request that cost a third of the small model's throughput on two
+    cores, wrk: 867 -> 557 images/s), and it resolves each dependency's parameters from every source (path,
+    query, headers, cookies) anew on every request."""
+    return QueryOptions(top_k, explain, classes, labels)
 
 
 OptionQueries = Annotated[QueryOptions, Depends(option_queries)]
