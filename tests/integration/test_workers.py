@@ -5,7 +5,9 @@
 - SIGKILL of a front-end under load: the other keeps serving, and a new front-end takes its place;
 - SIGKILL of the engine under load: every request it held is answered (503 `not_ready` with Retry-After,
   never a hang or a 500), `/readyz` says not ready, the engine is started again and service resumes;
-- SIGTERM under load: a request in flight (its body half sent) is still answered 200, then all processes exit.
+- SIGTERM under load: a request in flight (its body half sent) is still answered 200, then all processes exit;
+- a burst of keep-alive connections opened at once is spread over both front-ends (each listens on its own
+  `SO_REUSEPORT` socket), and a port another program holds ends the command with one line and status 2.
 
 Which front-end answered is read from `X-Vlltr-Worker` (its pid), which every answer of a front-end carries.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -103,6 +106,53 @@ def test_a_class_added_through_one_frontend_is_served_by_the_other(client, bundl
     assert len(listed) == 2 and all("striped kite" in names for names in listed.values())
 
 
+def test_a_burst_of_keep_alive_connections_is_spread_over_the_frontends(server):
+    """32 connections opened at once, as a load generator does, then a request on each: on one shared listening
+    socket the front-end that woke first accepted all of them. With a socket each, the kernel hashes each
+    connection to one: both get a share (fewer than 4 of 32 for either has a chance of about 1 in 10^6)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(32)]
+    workers = []
+    try:
+        for conn in conns:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        for conn in conns:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                assert chunk, "connection closed before the answer"
+                head += chunk
+            fields = dict(
+                line.split(b": ", 1) for line in head.split(b"\r\n\r\n")[0].lower().split(b"\r\n")[1:] if b": " in line
+            )
+            workers.append(fields[b"x-vlltr-worker"].decode())
+    finally:
+        for conn in conns:
+            conn.close()
+    shares = {w: workers.count(w) for w in set(workers)}
+    assert len(shares) == 2 and min(shares.values()) >= 4, shares
+
+
+def test_a_port_in_use_ends_the_command_with_one_line(bundle_v1, tmp_path):
+    from support.paths import PYTHON
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VLLTR_")}
+        env["VLLTR_CLASS_STORE"] = str(tmp_path / "classes.jsonl")
+        done = subprocess.run(
+            [PYTHON, "-m", "vlltr.cli", "serve", "--bundle", str(bundle_v1), *WORKERS, "--port", str(port)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_metrics_count_the_requests_of_every_frontend(client, bundle_v1):
     image = _image(bundle_v1)
     before = counter(client.get("/metrics").text, "vlltr_request_duration_seconds_count", route="/v1/classify")
@@ -169,7 +219,9 @@ def test_sigkill_of_the_engine_under_load(bundle_v1, server_factory, tmp_path_fa
             time.sleep(0.02)
         assert load.wait_for(lambda a: any(x.status == 200 and x.sent > killed_at + 1 for x in a), 90), srv.log()
         restarted = time.monotonic()
-        assert httpx.get(f"{srv.url}/readyz", timeout=5).status_code == 200
+        # Each front-end links to the new engine on its own (within a reconnect and a status poll), and a new
+        # connection may reach either: ready again once every front-end says so.
+        assert _ready_everywhere(srv.url, 10), srv.log()
         assert load.wait_for(lambda a: sum(x.status == 200 and x.sent > restarted for x in a) >= 20, 30)
     finally:
         answers = load.stop()  # asserts no request is left hanging
@@ -180,6 +232,17 @@ def test_sigkill_of_the_engine_under_load(bundle_v1, server_factory, tmp_path_fa
     assert refused, "no request was refused while the engine was down"
     for a in refused:  # every request the dead engine held, or that came meanwhile: a 503 to retry, never a 500
         assert a.status == 503 and a.retry_after and a.code == "not_ready", a
+
+
+def _ready_everywhere(url: str, timeout_s: float) -> bool:
+    """Whether /readyz says ready on 20 new connections in a row (they spread over the front-ends) within
+    `timeout_s`."""
+    deadline, in_a_row = time.monotonic() + timeout_s, 0
+    while time.monotonic() < deadline and in_a_row < 20:
+        ready = httpx.get(f"{url}/readyz", headers={"connection": "close"}, timeout=5).status_code == 200
+        in_a_row = in_a_row + 1 if ready else 0
+        time.sleep(0.01)
+    return in_a_row >= 20
 
 
 def _multipart_head(url_port: int, image: bytes) -> tuple[bytes, bytes]:

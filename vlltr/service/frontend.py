@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, fields
@@ -45,6 +44,7 @@ ENGINE_GONE = "the engine is restarting; retry shortly"
 RECONNECT_S = 0.1  # how soon a lost engine link is tried again
 STATUS_EVERY_S = 0.25  # how often the engine's readiness is asked
 HELLO_TIMEOUT_S = 5.0
+LISTEN_BACKLOG = 2048
 LINK_WAIT_S = 10.0  # longest a starting front-end waits for a ready engine before it accepts anyway
 # Headers of a forwarded answer that are the front-end's own to set.
 _HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"x-request-id", b"date", b"server"}
@@ -509,17 +509,21 @@ async def _not_ready(send: Send, retry_after_s: int) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def run_frontend(settings: Settings, listener: socket.socket, run_dir: Path, index: int) -> None:
-    """A front-end process's entry point: serve the shared listening socket until SIGTERM (then finish the
-    requests in flight: the supervisor stops the engine only after every front-end has)."""
+def run_frontend(settings: Settings, address: tuple[str, int], run_dir: Path, index: int) -> None:
+    """A front-end process's entry point: listen on `address` beside the other front-ends (`SO_REUSEPORT`) and
+    serve until SIGTERM (then finish the requests in flight: the supervisor stops the engine only after every
+    front-end has)."""
     import uvicorn
 
     from vlltr.service.app import create_app
     from vlltr.service.connections import uvicorn_options
     from vlltr.service.engine import HTTP_SOCKET
-    from vlltr.service.workers import child_process_setup
+    from vlltr.service.workers import child_process_setup, reuse_port_socket
 
     child_process_setup(settings, f"front-end {index}")
+    # Listening from the start: connections that arrive while this front-end loads wait in its backlog.
+    listener = reuse_port_socket(*address)
+    listener.listen(LISTEN_BACKLOG)
     started = time.monotonic()
     metrics = Metrics(redis_enabled=False)
     core = FrontCore.load(settings, metrics, run_dir)

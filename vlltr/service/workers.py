@@ -3,11 +3,14 @@
 The `vlltr serve` process becomes the supervisor. It creates a private run directory (the engine's Unix sockets,
 and the metric files of prometheus-client's multiprocess mode, so `/metrics` is one view of every process),
 starts the engine (`vlltr.service.engine`) and waits until it has loaded the bundle (a bad bundle or provider
-ends the command with one line and status 2, as in a single process), binds the listening socket once, and
-starts the front-ends (`vlltr.service.frontend`), which all accept on that socket: the kernel spreads the
-connections among them. A front-end accepts once the engine is ready (warmed, class table loaded) or after
-`LINK_WAIT_S` at the latest, answering not ready meanwhile, as a single process does while it warms (a store
-that cannot be reached at start keeps the engine not ready, and the service must still answer). Then it watches:
+ends the command with one line and status 2, as in a single process), binds the port once (a port in use ends
+the command the same way), and starts the front-ends (`vlltr.service.frontend`). Each listens on its own socket
+on that port (`SO_REUSEPORT`): the kernel spreads new connections evenly among them. On one shared listening
+socket the process that woke first took every connection of a burst (asyncio accepts up to the backlog per
+wake-up), so a client opening 32 keep-alive connections at once got one front-end for all of them. A front-end
+accepts once the engine is ready (warmed, class table loaded) or after `LINK_WAIT_S` at the latest, answering not
+ready meanwhile, as a single process does while it warms (a store that cannot be reached at start keeps the
+engine not ready, and the service must still answer). Then it watches:
 
 - a front-end that dies is started again (the others keep serving meanwhile);
 - an engine that dies is started again; meanwhile the front-ends answer every request it held, and every new
@@ -81,6 +84,22 @@ def remove_stale_run_dirs() -> None:
             continue  # another user's live process
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host:port` with `SO_REUSEADDR` and `SO_REUSEPORT` (IPv6 when `host` has a colon),
+    not yet listening. Every front-end binds one to the same port and listens on it; `OSError` when the port is
+    taken by another program."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class Supervisor:
     """Starts, watches and stops the engine and the front-ends (module docstring)."""
 
@@ -96,7 +115,7 @@ class Supervisor:
         self.engine: BaseProcess | None = None
         self.frontends: list[BaseProcess | None] = [None] * workers
         self.started_at: dict[int, float] = {}
-        self.listener: socket.socket | None = None
+        self.listener: socket.socket | None = None  # holds the port (bound, never listening)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
@@ -118,7 +137,12 @@ class Supervisor:
                 return START_ERROR_STATUS
             if self.stopping:
                 return 0
-            self.listener = self._bind()
+            try:
+                self.listener = self._bind()
+            except OSError as exc:
+                where = f"{self.settings.host}:{self.settings.port}"
+                print(f"vlltr serve: cannot listen on {where}: {exc}", file=sys.stderr)
+                return START_ERROR_STATUS
             for i in range(self.workers):
                 self._start_frontend(i)
             self._watch()
@@ -137,14 +161,15 @@ class Supervisor:
         return [p for p in [self.engine, *self.frontends] if p is not None]
 
     def _bind(self) -> socket.socket:
-        import uvicorn
-
-        # uvicorn's own binding (IPv4, IPv6, SO_REUSEADDR, inheritable), listening from now on: connections that
-        # arrive while no front-end accepts (all restarting) wait in the backlog instead of being refused.
-        sock = uvicorn.Config(
-            app="vlltr.service.app:unused", host=self.settings.host, port=self.settings.port
-        ).bind_socket()
-        sock.listen(2048)
+        # First a plain bind, which fails when any socket holds the port: SO_REUSEPORT alone would let this
+        # service share a port with another of the same user's. Then the reservation, bound with SO_REUSEPORT
+        # and never listening: only the front-ends' listening sockets receive connections.
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+            probe.bind((self.settings.host, self.settings.port))
+            port = int(probe.getsockname()[1])
+        sock = reuse_port_socket(self.settings.host, port)
         host, port = sock.getsockname()[:2]
         log.info("listening on %s:%d with %d front-end processes and one engine", host, port, self.workers)
         return sock
@@ -179,12 +204,16 @@ class Supervisor:
             return None
         return f"the engine process exited with status {proc.exitcode} while loading {self.settings.bundle}"
 
+    def _address(self) -> tuple[str, int]:
+        assert self.listener is not None
+        return self.settings.host, int(self.listener.getsockname()[1])  # the bound port, also when asked for 0
+
     def _start_frontend(self, index: int) -> None:
         from vlltr.service.frontend import run_frontend
 
         proc = self.ctx.Process(
             target=run_frontend,
-            args=(self.settings, self.listener, self.run_dir, index),
+            args=(self.settings, self._address(), self.run_dir, index),
             name=f"vlltr-frontend-{index}",
             daemon=False,
         )
@@ -228,9 +257,6 @@ class Supervisor:
 
     def _drain(self) -> None:
         # The front-ends first: they stop accepting and finish their requests, which still need the engine.
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
         frontends = [p for p in self.frontends if p is not None and p.is_alive()]
         for proc in frontends:
             with contextlib.suppress(ProcessLookupError):
