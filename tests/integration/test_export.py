@@ -22,3 +22,15 @@ for name in ("vlltr.errors", "vlltr.model.runtime.preprocess", "vlltr.model.runt
     importlib.import_module(name)
 """)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_manifest_records_the_exporting_software(exported):
+    """The service compares its Pillow with the exporter's (`pillow_mismatch`): the export must record it."""
+    import importlib.metadata
+
+    from vlltr.model.runtime.manifest import read_manifest
+
+    software = read_manifest(exported[1]).software
+    assert software is not None
+    for name in ("pillow", "numpy", "onnxruntime", "torch", "open_clip_torch"):
+        assert software[name] == importlib.metadata.version(name), name

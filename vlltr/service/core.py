@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import PIL
 
 from vlltr.errors import (
     ImageDecodeError,
@@ -33,7 +34,7 @@ from vlltr.errors import (
 )
 from vlltr.model.runtime.bundle import Bundle, load_bundle
 from vlltr.model.runtime.head import Shortlist
-from vlltr.model.runtime.manifest import Manifest, UnknownRule
+from vlltr.model.runtime.manifest import Manifest, UnknownRule, pillow_mismatch
 from vlltr.model.runtime.predictor import probabilities, probabilities_and_nearness
 from vlltr.model.runtime.preprocess import decode_image, preprocess_image
 from vlltr.model.runtime.sessions import ImageEncoder, TextEncoder
@@ -371,6 +372,9 @@ class ServingCore:
         started = time.monotonic()
         limit_blas_threads(settings.head_threads)
         bundle = load_bundle(settings.bundle)
+        mismatch = pillow_mismatch(bundle.manifest, PIL.__version__)
+        if mismatch is not None:
+            log.warning("%s", mismatch)
         threads = settings.intra_op_threads or None
         fp16 = bundle.precision == "fp16"
         spin = settings.ort_spinning

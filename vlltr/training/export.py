@@ -15,8 +15,10 @@ failed export never leaves a half-written bundle):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -235,11 +237,25 @@ def _write_bundle(run: TrainedRun, tmp: Path, *, fp16: bool, verify_images: int,
             calibration=dict(run.calibration),
             shot_thresholds=ShotThresholds(cfg.data.many_threshold, cfg.data.few_threshold),
         ),
+        software=software_versions(),
         files=files,
     )
     write_manifest(tmp, manifest)  # _verify loads the bundle as the service will
     verification = _verify(run, tmp, eval_images[:verify_images], spec, fp16=fp16, source=eval_source)
     write_manifest(tmp, replace(manifest, verification=verification))
+
+
+# What decoded, resized and computed the export's checks: the service warns when its Pillow is of another major.
+RECORDED_SOFTWARE = ("pillow", "numpy", "onnx", "onnxruntime", "torch", "open_clip_torch")
+
+
+def software_versions() -> dict[str, str]:
+    """The installed versions of `RECORDED_SOFTWARE` (those installed), for the manifest's `software`."""
+    out = {}
+    for name in RECORDED_SOFTWARE:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
+    return out
 
 
 def _served_calibration(calibration: dict[str, Any]) -> Calibration:

@@ -27,6 +27,7 @@ from vlltr.model.runtime.manifest import (
     ShotThresholds,
     TrainingInfo,
     Verification,
+    pillow_mismatch,
     read_manifest,
     write_manifest,
 )
@@ -66,6 +67,7 @@ def _full_manifest() -> Manifest:
             shot_thresholds=ShotThresholds(50, 10),
         ),
         verification=Verification("12 images of the test split", 1e-6, 1.0),
+        software={"pillow": "13.0.0", "numpy": "2.4.6", "onnxruntime": "1.31.1"},
     )
 
 
@@ -75,7 +77,9 @@ def test_round_trip_write_read_is_equal(tmp_path):
     assert read_manifest(tmp_path) == manifest
     # The JSON is plain JSON: a second round trip through the text gives the same object.
     assert Manifest.from_json(json.loads(json.dumps(manifest.to_json()))) == manifest
-    bare = replace(manifest, fp16_check=None, export_check=None, training=None, verification=None, created=None)
+    bare = replace(
+        manifest, fp16_check=None, export_check=None, training=None, verification=None, created=None, software=None
+    )
     write_manifest(tmp_path, bare)
     assert read_manifest(tmp_path) == bare
 
@@ -104,7 +108,7 @@ def test_a_manifest_without_any_optional_key_loads(bundle):
     assert m.head.ln_eps == 1e-5 and m.head.v_detach is False and b.head.ln_eps == 1e-5
     assert m.model.arch == "" and m.model.image_size is None and m.model.quick_gelu is False
     assert m.calibration == Calibration() and m.precision == "fp32" and m.created is None
-    assert (m.training, m.verification, m.fp16_check, m.export_check) == (None, None, None, None)
+    assert (m.training, m.verification, m.fp16_check, m.export_check, m.software) == (None,) * 5
     assert all(entry.bytes is None for entry in m.files.values())
     assert shot_thresholds(m) == DEFAULT_SHOT_THRESHOLDS
 
@@ -141,6 +145,8 @@ def test_unknown_keys_are_ignored(bundle):
             "verification.top1_agreement must be a finite number or null, got 'all'",
         ),
         (lambda m: m["files"]["head.npz"].__setitem__("bytes", -1), "files['head.npz'].bytes must be a non-negative"),
+        (lambda m: m.__setitem__("software", ["pillow"]), "software must be an object or null"),
+        (lambda m: m.__setitem__("software", {"pillow": 13}), "software.pillow must be a version string, got 13"),
     ],
 )
 def test_values_of_the_wrong_type_are_refused(bundle, edit, message):
@@ -161,3 +167,27 @@ def test_shot_thresholds_come_from_the_record_then_the_config_then_the_default()
     assert shot_thresholds(replace(m, training=training)) == (50, 10)  # the run's data config
     assert shot_thresholds(replace(m, training=replace(training, config={}))) == DEFAULT_SHOT_THRESHOLDS
     assert shot_thresholds(replace(m, training=None)) == DEFAULT_SHOT_THRESHOLDS
+
+
+def test_a_pillow_of_another_major_than_the_exporters_is_named_and_the_same_major_is_not():
+    m = _full_manifest()  # exported with Pillow 13.0.0
+    assert pillow_mismatch(m, "13.2.1") is None
+    assert pillow_mismatch(replace(m, software=None), "12.0.0") is None  # nothing recorded: nothing to compare
+    warning = pillow_mismatch(m, "12.1.0")
+    assert warning is not None and "Pillow 13.0.0" in warning and "Pillow 12.1.0" in warning and "13.x" in warning
+
+
+def test_the_service_warns_at_load_when_its_pillow_differs_from_the_exporters(bundle, tmp_path, caplog):
+    import PIL
+
+    from vlltr.service.core import ServingCore
+    from vlltr.service.metrics import Metrics
+    from vlltr.service.settings import Settings
+
+    other = f"{int(PIL.__version__.split('.')[0]) + 1}.0.0"
+    rewrite_manifest(bundle, lambda m: {**m, "software": {"pillow": other}})
+    settings = Settings(bundle=bundle, class_store=tmp_path / "classes.jsonl")
+    with caplog.at_level("WARNING", logger="vlltr.service.core"):
+        core = ServingCore.load(settings, Metrics(redis_enabled=False))
+    core.prep.close()
+    assert any(f"exported with Pillow {other}" in r.getMessage() for r in caplog.records), caplog.text

@@ -440,6 +440,7 @@ class Manifest:
     export_check: ExportCheck | None = None
     training: TrainingInfo | None = None
     verification: Verification | None = None
+    software: dict[str, str] | None = None  # distribution -> version of the exporting environment (`software`)
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -497,6 +498,7 @@ class Manifest:
             export_check=_section(values, "export_check", ExportCheck),
             training=_section(values, "training", TrainingInfo),
             verification=_section(values, "verification", Verification),
+            software=_software(values),
             format_version=FORMAT_VERSION,
         )
 
@@ -516,8 +518,34 @@ class Manifest:
             "export_check": self.export_check.to_json() if self.export_check is not None else None,
             "training": self.training.to_json() if self.training is not None else None,
             "verification": self.verification.to_json() if self.verification is not None else None,
+            "software": self.software,
             "files": {name: entry.to_json() for name, entry in self.files.items()},
         }
+
+
+def _software(values: Mapping[str, Any]) -> dict[str, str] | None:
+    software = _optional(values, "software", "", "object")
+    if software is None:
+        return None
+    for name, version in software.items():
+        if not isinstance(version, str):
+            raise _fail(f"software.{name} must be a version string, got {version!r}")
+    return {str(k): v for k, v in software.items()}
+
+
+def pillow_mismatch(manifest: Manifest, running: str) -> str | None:
+    """A warning when the Pillow that decodes and resizes here (`running`) has another major version than the
+    exporting environment's: Pillow's majors have changed resampling (Pillow 13 changed the order of the two
+    resize passes for images much taller than wide), so the pixels may differ from the ones training evaluated
+    on. None when they agree or the bundle does not record it."""
+    recorded = (manifest.software or {}).get("pillow")
+    if recorded is None or recorded.split(".")[0] == running.split(".")[0]:
+        return None
+    return (
+        f"bundle {manifest.bundle_id} was exported with Pillow {recorded} and this service decodes with Pillow "
+        f"{running}: resizing may give other pixels than the ones the model was evaluated on (install Pillow "
+        f"{recorded.split('.')[0]}.x to serve exactly what training saw)"
+    )
 
 
 def _section(values: Mapping[str, Any], key: str, kind: Any) -> Any:
