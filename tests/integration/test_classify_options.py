@@ -235,6 +235,19 @@ def test_json_base64_gets_the_same_answer_as_multipart(client, bundle_v1):
         ({"json": {"image": "aGk=", "top_k": 0}}, 422, "invalid", "top_k"),
         ({"json": {"image": "aGk=", "top_k": 10_000}}, 422, "invalid", "top_k"),
         ({"json": {"image": "aGk=", "labels": []}}, 422, "invalid", "labels"),
+        # A query list the JSON body replaces must still be one the query could give (the document's item rules).
+        (
+            {"json": {"image": "aGk=", "labels": ["a cat"]}, "params": {"labels": ["  "]}},
+            422,
+            "invalid",
+            "query.labels[0]",
+        ),
+        (
+            {"json": {"image": "aGk=", "classes": ["class 1"]}, "params": {"classes": [""]}},
+            422,
+            "invalid",
+            "query.classes",
+        ),
         ({"json": {"image": base64.b64encode(b"hello").decode()}}, 400, "bad_image", ""),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "invalid", "JSON"),
         ({"json": {"image": base64.b64encode(bytes(MAX_IMAGE_BYTES + 10)).decode()}}, 413, "too_large", ""),

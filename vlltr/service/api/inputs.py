@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from vlltr.service.api.errors import ApiError, describe_validation_errors
 from vlltr.service.api.uploads import BodyHold, Part, read_body
-from vlltr.service.explain import MAX_LABELS, MAX_SUBSET, ClassifyOptions
+from vlltr.service.explain import MAX_LABEL_CHARS, MAX_LABELS, MAX_SUBSET, ClassifyOptions
 from vlltr.service.schemas import ClassifyBatchJson, ClassifyJson, ClassifyOptionFields
 from vlltr.service.settings import Settings
 
@@ -78,7 +78,14 @@ OptionQueries = Annotated[QueryOptions, Depends(option_queries)]
 
 
 def options_from(query: QueryOptions, body: ClassifyOptionFields | None) -> ClassifyOptions:
-    """The request's options: the JSON body's fields where given, else the query's."""
+    """The request's options: the JSON body's fields where given, else the query's. A query list the body
+    replaces must still be one the query could give (`ApiError` 422 otherwise): the OpenAPI document states its
+    item rules, and a request breaking them is refused whichever list is used."""
+    if body is not None:
+        if body.classes is not None:
+            _check_items("classes", query.classes, label=False)
+        if body.labels is not None:
+            _check_items("labels", query.labels, label=True)
     explain = body.explain if body is not None and body.explain is not None else query.explain
     classes = body.classes if body is not None and body.classes is not None else query.classes
     labels = body.labels if body is not None and body.labels is not None else query.labels
@@ -87,6 +94,16 @@ def options_from(query: QueryOptions, body: ClassifyOptionFields | None) -> Clas
         classes=tuple(classes) if classes is not None else None,
         labels=tuple(labels) if labels is not None else None,
     )
+
+
+def _check_items(name: str, values: list[str] | None, *, label: bool) -> None:
+    """The item rules of the query's `classes` (1-200 characters) or `labels` (1-200, not blank, distinct)."""
+    for i, value in enumerate(values or ()):
+        if not (value.strip() if label else value) or len(value) > MAX_LABEL_CHARS:
+            what = "non-blank characters" if label else "characters"
+            raise ApiError(422, "invalid", f"query.{name}[{i}]: give 1 to {MAX_LABEL_CHARS} {what}")
+    if label and values is not None and len(set(values)) != len(values):
+        raise ApiError(422, "invalid", f"query.{name}: each label may appear once")
 
 
 def decode_base64(text: str, where: str) -> bytes:

@@ -91,7 +91,8 @@ def _classify_limits(operation: dict[str, Any], settings: Settings, *, batch: bo
     image = {"contentEncoding": "base64", "contentMediaType": "image/png", "pattern": BASE64_PATTERN}
     if batch:
         props["images"]["maxItems"] = settings.max_batch_files
-        props["images"]["items"]["properties"]["data"].update(image)
+        # No `pattern` on an image here: data that is not base64 is that image's own error in a 200 answer.
+        props["images"]["items"]["properties"]["data"].update({k: v for k, v in image.items() if k != "pattern"})
         files = content["multipart/form-data"]["schema"]["properties"]["files"]
         files.update({"minItems": 1, "maxItems": settings.max_batch_files})
         # No `minLength` on a file here: an empty image is that image's own error in a 200 answer.
