@@ -84,15 +84,16 @@ def remove_stale_run_dirs() -> None:
             continue  # another user's live process
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to `host:port` with `SO_REUSEADDR` and `SO_REUSEPORT` (IPv6 when `host` has a colon),
-    not yet listening. Every front-end binds one to the same port and listens on it; `OSError` when the port is
-    taken by another program."""
+def reuse_port_socket(host: str, port: int, *, reuse_port: bool = True) -> socket.socket:
+    """A TCP socket bound to `host:port` with `SO_REUSEADDR` and (unless `reuse_port` is false) `SO_REUSEPORT`
+    (IPv6 when `host` has a colon), not yet listening. Every front-end binds one to the same port and listens on
+    it; `OSError` when the port is taken by another program."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except BaseException:
         sock.close()
@@ -164,10 +165,7 @@ class Supervisor:
         # First a plain bind, which fails when any socket holds the port: SO_REUSEPORT alone would let this
         # service share a port with another of the same user's. Then the reservation, bound with SO_REUSEPORT
         # and never listening: only the front-ends' listening sockets receive connections.
-        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
-            probe.bind((self.settings.host, self.settings.port))
+        with reuse_port_socket(self.settings.host, self.settings.port, reuse_port=False) as probe:
             port = int(probe.getsockname()[1])
         sock = reuse_port_socket(self.settings.host, port)
         host, port = sock.getsockname()[:2]
