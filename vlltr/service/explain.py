@@ -36,6 +36,7 @@ from vlltr.service.schemas import AnchorWeight, Explanation, Prediction
 MAX_LABELS = 64  # candidate labels per request
 MAX_LABEL_CHARS = 200
 MAX_SUBSET = 4096  # class names in a subset filter
+MAX_SUBSET_NAME_CHARS = 200  # a subset filter's name; longer than any served class's name may be
 LABEL_CACHE_SIZE = 4096  # label -> text feature, so repeated candidate lists cost no text-encoder run
 
 
@@ -99,11 +100,9 @@ def check_options(options: ClassifyOptions, served: ServedTable) -> None:
     if options.labels is not None:
         if not 1 <= len(options.labels) <= MAX_LABELS:
             raise ClassValidationError(f"labels: give 1 to {MAX_LABELS} candidate labels, got {len(options.labels)}")
-        for i, label in enumerate(options.labels):
-            if not label.strip() or len(label) > MAX_LABEL_CHARS:
-                raise ClassValidationError(f"labels[{i}]: a label needs 1 to {MAX_LABEL_CHARS} non-blank characters")
-        if len(set(options.labels)) != len(options.labels):
-            raise ClassValidationError("labels: each candidate label may appear once")
+        broken = broken_item_rule("labels", options.labels, label=True)
+        if broken:
+            raise ClassValidationError(broken)
     if options.classes is not None:
         if not 1 <= len(options.classes) <= MAX_SUBSET:
             raise ClassValidationError(f"classes: give 1 to {MAX_SUBSET} class names, got {len(options.classes)}")
@@ -111,6 +110,20 @@ def check_options(options: ClassifyOptions, served: ServedTable) -> None:
         if missing:
             shown = ", ".join(repr(n) for n in missing[:5])
             raise ClassValidationError(f"classes: not served: {shown} (GET /v1/classes lists the served classes)")
+
+
+def broken_item_rule(where: str, values: Sequence[str], *, label: bool) -> str | None:
+    """The message for the first item rule `values` breaks, None when it keeps them all: candidate labels
+    (`label=True`) need 1 to `MAX_LABEL_CHARS` non-blank characters each and must be distinct; a subset
+    filter's names need 1 to `MAX_SUBSET_NAME_CHARS` characters. `where` names the list in the message."""
+    limit = MAX_LABEL_CHARS if label else MAX_SUBSET_NAME_CHARS
+    for i, value in enumerate(values):
+        if not (value.strip() if label else value) or len(value) > limit:
+            what = "a label needs" if label else "a class name has"
+            return f"{where}[{i}]: {what} 1 to {limit} {'non-blank ' if label else ''}characters"
+    if label and len(set(values)) != len(values):
+        return f"{where}: each candidate label may appear once"
+    return None
 
 
 class LabelEncoder:

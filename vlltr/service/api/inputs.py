@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from vlltr.service.api.errors import ApiError, describe_validation_errors
 from vlltr.service.api.uploads import BodyHold, Part, read_body
-from vlltr.service.explain import MAX_LABEL_CHARS, MAX_LABELS, MAX_SUBSET, ClassifyOptions
+from vlltr.service.explain import MAX_LABEL_CHARS, MAX_LABELS, MAX_SUBSET, ClassifyOptions, broken_item_rule
 from vlltr.service.schemas import ClassifyBatchJson, ClassifyJson, ClassifyOptionFields
 from vlltr.service.settings import Settings
 
@@ -61,7 +61,7 @@ async def option_queries(
         Query(
             max_length=MAX_LABELS,
             description="rank the image against these free-text labels instead of the class table "
-            "(zero-shot; repeat the parameter; 1-200 characters each, distinct; nothing is added)",
+            f"(zero-shot; repeat the parameter; 1-{MAX_LABEL_CHARS} characters each, distinct; nothing is added)",
         ),
     ] = None,
 ) -> QueryOptions:
@@ -83,9 +83,9 @@ def options_from(query: QueryOptions, body: ClassifyOptionFields | None) -> Clas
     item rules, and a request breaking them is refused whichever list is used."""
     if body is not None:
         if body.classes is not None:
-            _check_items("classes", query.classes, label=False)
+            _refuse_broken("query.classes", query.classes, label=False)
         if body.labels is not None:
-            _check_items("labels", query.labels, label=True)
+            _refuse_broken("query.labels", query.labels, label=True)
     explain = body.explain if body is not None and body.explain is not None else query.explain
     classes = body.classes if body is not None and body.classes is not None else query.classes
     labels = body.labels if body is not None and body.labels is not None else query.labels
@@ -96,14 +96,10 @@ def options_from(query: QueryOptions, body: ClassifyOptionFields | None) -> Clas
     )
 
 
-def _check_items(name: str, values: list[str] | None, *, label: bool) -> None:
-    """The item rules of the query's `classes` (1-200 characters) or `labels` (1-200, not blank, distinct)."""
-    for i, value in enumerate(values or ()):
-        if not (value.strip() if label else value) or len(value) > MAX_LABEL_CHARS:
-            what = "non-blank characters" if label else "characters"
-            raise ApiError(422, "invalid", f"query.{name}[{i}]: give 1 to {MAX_LABEL_CHARS} {what}")
-    if label and values is not None and len(set(values)) != len(values):
-        raise ApiError(422, "invalid", f"query.{name}: each label may appear once")
+def _refuse_broken(where: str, values: list[str] | None, *, label: bool) -> None:
+    broken = broken_item_rule(where, values or (), label=label)
+    if broken:
+        raise ApiError(422, "invalid", broken)
 
 
 def decode_base64(text: str, where: str) -> bytes:

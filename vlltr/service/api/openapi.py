@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from vlltr.service.api.classify import RAW_IMAGE_TYPES
-from vlltr.service.explain import MAX_LABEL_CHARS, MAX_LABELS, MAX_SUBSET
+from vlltr.service.explain import MAX_LABEL_CHARS, MAX_LABELS, MAX_SUBSET, MAX_SUBSET_NAME_CHARS
 from vlltr.service.registry import MAX_NAME_CHARS
 from vlltr.service.settings import Settings
 
@@ -71,7 +71,8 @@ def _array_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _classify_limits(operation: dict[str, Any], settings: Settings, *, batch: bool) -> None:
     _param(operation, "top_k")["maximum"] = settings.max_top_k
-    _array_schema(_param(operation, "classes"))["items"] = {"type": "string", "minLength": 1, "maxLength": 200}
+    subset_name = {"type": "string", "minLength": 1, "maxLength": MAX_SUBSET_NAME_CHARS}
+    _array_schema(_param(operation, "classes"))["items"] = subset_name
     labels = _array_schema(_param(operation, "labels"))
     labels["items"] = _label_schema()
     labels["minItems"] = 1
