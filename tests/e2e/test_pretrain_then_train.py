@@ -48,6 +48,7 @@ def test_pretrain_writes_the_benchmarks_recipe(pretrained):
     assert meta["recipe"]["epochs"] == 1 and meta["recipe"]["num_images"] == 128
     assert meta["recipe"]["monochrome_prob"] == 0.2  # the benchmark has black-and-white sessions
     assert meta["provenance"]["num_images"] == 128
+    assert meta["environment"]["software"]["torch"] == torch.__version__.split("+")[0]
     state = torch.load(pretrained, weights_only=True)
     assert "logit_scale" in state and any(k.startswith("visual.") for k in state)
 

@@ -15,10 +15,8 @@ failed export never leaves a half-written bundle):
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -59,6 +57,7 @@ from vlltr.model.runtime.tokenizer import ClipTokenizer, TextSpec, build_tokeniz
 from vlltr.training.checkpoint import METRICS_FILE, TrainedRun, load_final_model
 from vlltr.training.data.datasets import build_split
 from vlltr.training.data.transforms import preprocess_spec
+from vlltr.training.environment import software_versions
 from vlltr.training.export_onnx import (
     FP16_OP_BLOCK_LIST,
     compare_image_encoder,
@@ -246,18 +245,6 @@ def _write_bundle(run: TrainedRun, tmp: Path, *, fp16: bool, verify_images: int,
 
 
 # What decoded, resized and computed the export's checks: the service warns when its Pillow is of another major.
-RECORDED_SOFTWARE = ("pillow", "numpy", "onnx", "onnxruntime", "torch", "open_clip_torch")
-
-
-def software_versions() -> dict[str, str]:
-    """The installed versions of `RECORDED_SOFTWARE` (those installed), for the manifest's `software`."""
-    out = {}
-    for name in RECORDED_SOFTWARE:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[name] = importlib.metadata.version(name)
-    return out
-
-
 def _served_calibration(calibration: dict[str, Any]) -> Calibration:
     """The manifest's calibration from the run's `calibration.json`."""
     try:

@@ -3,7 +3,8 @@
 Each stage leaves a `done.json` marker in its folder and epoch checkpoints while it runs, so calling
 `run_training` again on the same run directory continues where an interrupted run stopped (and returns the
 stored metrics when the run is complete). The resolved config is written to RUN/config.yaml at the start; a
-later call must bring the same config (up to paths and worker counts that do not change results).
+later call must bring the same config (up to paths and worker counts that do not change results). Every start
+appends the software versions and the machine to RUN/environment.json (`vlltr.training.environment`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from vlltr.training.checkpoint import (
 from vlltr.training.config import Config, load_config, save_config
 from vlltr.training.data.text import templates_for
 from vlltr.training.distributed import DistEnv, barrier, init_distributed
+from vlltr.training.environment import record_environment
 from vlltr.training.evaluate import build_eval_split, collect_features, evaluate_run, head_logits
 from vlltr.training.features import encode_token_table
 from vlltr.training.inputs import PreparedInputs, check_model_config, prepare_inputs
@@ -248,6 +250,8 @@ def run_training(cfg: Config, out_dir: str | Path, *, epoch_hook: EpochHook | No
         log.info("%s is a finished run; returning its metrics", run_dir)
         finished: dict[str, Any] = json.loads((run_dir / METRICS_FILE).read_text())
         return finished
+    if env.is_main:
+        record_environment(run_dir, env.device)
     seed_everything(derive_seed(cfg.run.seed, "pipeline"))
     inputs = prepare_inputs(cfg, run_dir / "cache")
     stage1 = train_stage1(cfg, inputs, run_dir / "stage1", env, epoch_hook)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from vlltr.errors import ConfigError, DataError, MissingFileError
 from vlltr.model.networks.factory import clip_dims, create_clip, get_tokenizer
+from vlltr.training.environment import describe_environment
 from vlltr.training.features import encode_text
 from vlltr.training.losses import classwise_contrastive_loss, contrastive_logits
 
@@ -451,7 +452,7 @@ def build_pretrained(
     key: str | None = None,
 ) -> Path:
     """Train the recipe `cfg` and write its state dict to `path` (atomically), with a `.json` beside it that
-    records the recipe, the caption set's provenance and example captions.
+    records the recipe, the caption set's provenance, example captions and the software and machine it ran on.
 
     Args:
         cfg: the recipe.
@@ -479,6 +480,7 @@ def build_pretrained(
         "render_size": render_size,
         "provenance": data.provenance,
         "example_captions": [data.captions[i][0] for i in range(min(12, len(data.captions)))],
+        "environment": describe_environment(torch.device("cpu")),
     }
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     return path

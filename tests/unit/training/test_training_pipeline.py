@@ -3,6 +3,7 @@ result, `vlltr eval` reproducing the training-time metrics, and early failure on
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 from pathlib import Path
@@ -119,6 +120,14 @@ def test_interrupted_run_resumes_to_the_same_result(finished, digits, tmp_path):
     assert (run / "stage1/done.json").is_file() and not (run / "stage2/done.json").exists()
     metrics = run_training(config(digits), run)
     assert metrics == json.loads((finished / "metrics.json").read_text())
+    # Each of the three starts left its software and machine; the finished run's rerun adds none.
+    starts = json.loads((run / "environment.json").read_text())
+    run_training(config(digits), run)
+    assert json.loads((run / "environment.json").read_text()) == starts
+    assert len(starts) == 3
+    for record in starts:
+        assert record["software"]["torch"] == importlib.metadata.version("torch")
+        assert record["device"] == "cpu" and record["torch_threads"] >= 1 and record["started"]
     a = torch.load(finished / "model.pt", weights_only=True)
     b = torch.load(run / "model.pt", weights_only=True)
     for part in ("clip_state_dict", "head_state_dict"):
