@@ -87,13 +87,19 @@ def _scrape(server: ServerProcess) -> dict[tuple[str, str], float]:
 
 
 def service_sweep(
-    bb: BenchBundle, ctx: Context, concurrencies: Sequence[int], workers: int = 1, tag: str = ""
+    bb: BenchBundle,
+    ctx: Context,
+    concurrencies: Sequence[int],
+    workers: int = 1,
+    tag: str = "",
+    flags: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The service with `workers` HTTP front-end processes at each concurrency (cache off: every request
-    decodes and runs the encoder), with the service's own per-stage timings at each."""
-    out: dict[str, Any] = {"workers": workers, "load": {}, "profile": {}}
+    """The service with `workers` HTTP front-end processes (and extra `flags`) at each concurrency (cache off:
+    every request decodes and runs the encoder), with the service's own per-stage timings at each."""
+    out: dict[str, Any] = {"workers": workers, "flags": list(flags), "load": {}, "profile": {}}
     name = f"{bb.label}-service-w{workers}{tag}"
-    with start_service(name, bb.bundle, ctx.work, flags=(*ctx.service_flags, *worker_flags(workers))) as server:
+    all_flags = (*ctx.service_flags, *worker_flags(workers), *flags)
+    with start_service(name, bb.bundle, ctx.work, flags=all_flags) as server:
         for c in concurrencies:
             before = _scrape(server)
             out["load"][str(c)] = _load(server, ctx, c, f"{name}-c{c}")

@@ -10,9 +10,10 @@ largest batch or when its oldest image has waited the service's `max_wait_ms`. T
 service's power-of-two bucket and runs through the encoder, the head (`probabilities`, with the service's
 shortlist rule and one BLAS thread) and the top-5. Decoding runs ahead of the encoder, so both stay busy.
 
-One worker gets the service's own pool sizes (a decode thread per core, ONNX Runtime's default intra-op
-threads); several workers split the cores between them (cores / workers decode threads and intra-op
-threads each). The ceiling is the best of the worker counts measured; the results say which.
+One worker runs one batch at a time with a decode thread per core and ONNX Runtime's default intra-op threads
+(the service's defaults); several workers split the cores between them (cores / workers decode threads and
+intra-op threads each: what the service's `--inference-lanes` does with threads of one process). The
+ceiling is the best of the worker counts measured; the results say which.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def layout(workers: int, cores: int | None = None) -> tuple[int, int | None]:
 
     if workers == 1:
         defaults = Settings.model_construct(workers=1)  # one process's defaults, whatever the environment says
-        return defaults.decode_threads, defaults.intra_op_threads or None
+        return defaults.decode_threads, defaults.encoder_threads(1)
     share = max(1, (cores or os.cpu_count() or 1) // workers)
     return share, share
 

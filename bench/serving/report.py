@@ -80,6 +80,8 @@ def _sweeps(m: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             out.append((f"service, `--workers {n}`", sweep))
     if "service_repeat" in m:
         out.append((f"service, `--workers {m['service_repeat'].get('workers', 1)}` (repeat)", m["service_repeat"]))
+    if "service_two_lanes" in m:
+        out.append(("service, `--workers 1 --inference-lanes 2`", m["service_two_lanes"]))
     return out
 
 
@@ -740,9 +742,11 @@ def _method_section(wrk: bool = True) -> list[str]:
         "- Decoding and preprocessing run in a thread pool with one thread per core (`--preprocess-threads`); "
         "Pillow and numpy release the GIL there, so images decode in parallel with each other, with the "
         "event loop and with the encoder.",
-        "- One inference thread forms batches across requests: a batch leaves when full, at once when no "
+        "- Inference lanes form batches across requests: a batch leaves when full, at once when no "
         "other image is being decoded (no idle wait at low load), and otherwise when its oldest image has "
-        "waited `--max-wait-ms`. Batches are padded to warmed power-of-two shapes.",
+        "waited `--max-wait-ms`. Batches are padded to warmed power-of-two shapes. One lane runs one batch "
+        "at a time on every core; `--inference-lanes 2` runs two at once on half the cores each (its sweep "
+        "above).",
         "- A bundle trained with `data.jpeg_draft` (the demo) lets libjpeg decode large JPEGs at 1/2-1/8 "
         "scale; training evaluated the same pixels, so this costs no parity (`--jpeg-draft off` row above).",
         "- Past 4,096 added classes only each image's nearest 256 added classes are scored exactly "
@@ -769,9 +773,10 @@ def _method_section(wrk: bool = True) -> list[str]:
         "(`probabilities` with the service's shortlist rule and one BLAS thread) and the top-5. Batches follow "
         "the service's rule while images are being decoded (they always are here): a batch leaves when it holds "
         "the service's largest batch or when its oldest image has waited `--max-wait-ms` (the default), and is "
-        "padded to the service's power-of-two buckets. One worker has the service's pool sizes (a decode "
-        "thread per core, ONNX Runtime's default intra-op threads); two workers split the cores (cores / 2 "
-        "decode and intra-op threads each) and run "
+        "padded to the service's power-of-two buckets. One worker runs one batch at a time (a decode "
+        "thread per core, ONNX Runtime's default intra-op threads: the service's defaults); "
+        "two workers split the cores (cores / 2 decode and intra-op threads each, as the service's "
+        "`--inference-lanes 2` does within one process) and run "
         "over the same window, their rates summed. Both are measured before and after the HTTP cells; the best "
         "is the ceiling, and its table says which.",
         "- Front-end processes: the service runs with `--workers 1` first, then each other worker count, then "

@@ -107,6 +107,9 @@ def run_model(
             }
     out["service_repeat"] = cells.service_sweep(bb, ctx, order, workers=1, tag="-repeat")
     out["noise"] = run_to_run_noise(out["service"]["load"], out["service_repeat"]["load"])
+    if provider != "cuda":  # two batches at once, each on half the cores (one lane is the default)
+        two_lanes = ("--inference-lanes", "2")
+        out["service_two_lanes"] = cells.service_sweep(bb, ctx, order, workers=1, tag="-lanes2", flags=two_lanes)
     if small:  # what the load generator itself costs, wrk against Locust on the same server
         out["load_generators"] = cells.load_generators(bb, ctx, c)
     # The other service tables run with `variant_workers` front-ends (default one, today's single process).

@@ -36,6 +36,7 @@ def server(service_bundle, server_factory, tmp_path_factory):
         "VLLTR_ADMIN_TOKEN": TOKEN,
         "VLLTR_MAX_DESCRIPTIONS": "8",
         "VLLTR_CLASS_STORE": str(workdir / "classes.json"),
+        "VLLTR_INFERENCE_LANES": "2",  # two batches at once, whatever the machine's cores
     }
     args = ["--bundle", str(service_bundle), "--max-batch-size", "8", "--max-wait-ms", "2"]
     srv = server_factory(env=env, args=args, workdir=workdir)
@@ -72,6 +73,7 @@ def test_model_health_and_readiness(client, service_bundle):
     assert info["precision"] == "fp32"
     assert info["classes"]["trained"] == bundle.num_classes
     assert info["batch_buckets"] == [1, 2, 4, 8]
+    assert info["inference_lanes"] == 2
     assert isinstance(info["class_table_version"], int)
 
 
@@ -89,6 +91,28 @@ def test_classify_matches_offline_predictions(client, predictor, service_bundle)
         assert body["predictions"][0]["label"] == expected[0].label
         scores = [p["score"] for p in body["predictions"]]
         assert scores == sorted(scores, reverse=True)
+
+
+def test_concurrent_requests_each_get_their_own_images_answer(client, predictor, service_bundle):
+    # Two lanes run batches side by side; each fills its own batch arrays, so no image is scored on another's
+    # pixels however the requests interleave.
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = _images(service_bundle, 24) * 4
+    expected = {
+        name: predictor.top_k([Image.open(io.BytesIO(data))], k=3)[0] for name, data in images[: len(images) // 4]
+    }
+
+    def ask(item: tuple[str, bytes]) -> tuple[str, dict]:
+        with httpx.Client(base_url=str(client.base_url), timeout=30) as own:
+            return item[0], _classify(own, item[0], item[1], top_k=3)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, images))
+    for name, body in answers:
+        assert [p["class_id"] for p in body["predictions"]] == [p.class_id for p in expected[name]], name
+        for got, want in zip(body["predictions"], expected[name]):
+            assert got["score"] == pytest.approx(want.score, abs=1e-5), name
 
 
 def test_top_k_limits_the_answer(client, service_bundle):

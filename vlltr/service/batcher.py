@@ -1,8 +1,10 @@
 """Dynamic micro-batching across concurrent requests.
 
-Requests on the event loop `submit` payloads; each gets an asyncio future created on the loop. One
-inference thread (one per ONNX Runtime session: concurrent `Run()` calls on a session serialise anyway)
-forms batches and runs them:
+Requests on the event loop `submit` payloads; each gets an asyncio future created on the loop. Inference
+threads, one per **lane** (`lanes`, default 1), form batches from the one queue and run them. With several
+lanes on CPU the service gives each its share of the cores: ONNX Runtime runs concurrent `Run()` calls of one
+session side by side, and a small model's batch split over every core waits at each parallel section for
+its slowest thread, while a batch per share keeps each core busy:
 
 - a batch leaves as soon as one of three rules holds, and never otherwise:
   1. `max_batch_size` items wait (it is full);
@@ -11,15 +13,15 @@ forms batches and runs them:
   3. the caller says how many items are still on their way (`upstream`, e.g. images being decoded) and
      none is: waiting longer could not make the batch any larger, only the answers later. It is checked
      whenever an item arrives and whenever the caller reports a change (`recheck`).
-  The thread runs one batch at a time: items that arrive meanwhile wait, and the next batch leaves the
-  moment the thread is free if a rule already holds (its oldest item may then have waited longer than
-  `max_wait_s`, by at most the running batch's time);
+  Each lane runs one batch at a time. While every lane is busy, items that arrive wait, and the next
+  batch leaves the moment a lane is free if a rule already holds (its oldest item may then have waited
+  longer than `max_wait_s`, by at most a running batch's time);
 - items whose future is already done (the client went away) are skipped;
 - if the batch function raises, the batch is retried item by item, so a bad item fails alone;
 - results go back to the loop with ONE `call_soon_threadsafe` per batch;
 - the waiting queue is bounded (`QueueFullError` past it, answered 503 + Retry-After);
-- the thread never dies from an exception in a batch; `ensure_running` restarts it if it ever does, and
-  `alive()` (its heartbeat) feeds readiness.
+- a lane never dies from an exception in a batch; `ensure_running` restarts one if it ever does, and
+  `alive()` (every lane's heartbeat) feeds readiness.
 """
 
 from __future__ import annotations
@@ -46,6 +48,16 @@ STALL_S = 120.0  # a batch running longer than this marks the batcher not alive 
 
 
 @dataclass(slots=True)
+class _Lane:
+    """One inference thread and what readiness reads of it."""
+
+    index: int
+    thread: threading.Thread | None = None
+    heartbeat: float = 0.0
+    busy_since: float | None = None  # when its running batch began; None while it waits
+
+
+@dataclass(slots=True)
 class _Item(Generic[P, R]):
     payload: P
     future: asyncio.Future[R]
@@ -62,7 +74,9 @@ class MicroBatcher(Generic[P, R]):
         max_wait_s: deadline of a batch, counted from the arrival of its oldest payload.
         queue_size: most payloads waiting (not yet in a batch).
         metrics: optional; queue depth/capacity/wait, batch size and per-batch duration are recorded.
-        name: thread name.
+        name: thread name (lanes after the first get `-1`, `-2`, ...).
+        lanes: inference threads, each running one batch at a time (a thread-safe `process` is needed
+            for more than one).
         upstream: optional; the number of payloads that will be submitted soon (admitted and being
             prepared). When it is 0 a waiting batch leaves at once instead of waiting for its deadline.
             Called from both threads, so it must be cheap and thread-safe (reading an int is). When it
@@ -79,9 +93,10 @@ class MicroBatcher(Generic[P, R]):
         metrics: Metrics | None = None,
         name: str = "vlltr-inference",
         upstream: Callable[[], int] | None = None,
+        lanes: int = 1,
     ) -> None:
-        if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and queue_size must be >= 1 and max_wait_s >= 0")
+        if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0 or lanes < 1:
+            raise ValueError("max_batch_size, queue_size and lanes must be >= 1 and max_wait_s >= 0")
         self._process = process
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -92,10 +107,8 @@ class MicroBatcher(Generic[P, R]):
         self._items: deque[_Item[P, R]] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._lanes = [_Lane(i) for i in range(lanes)]
         self._stopping = False
-        self._busy_since: float | None = None
-        self.heartbeat = 0.0
         self.restarts = 0
         if metrics is not None:
             metrics.queue_capacity.set(queue_size)
@@ -103,40 +116,51 @@ class MicroBatcher(Generic[P, R]):
 
     # ---- lifecycle (event loop side) ----------------------------------------------------------
 
+    @property
+    def lanes(self) -> int:
+        """Inference threads."""
+        return len(self._lanes)
+
     def start(self) -> None:
-        """Start the inference thread; call from the event loop that will await the results."""
+        """Start the inference threads; call from the event loop that will await the results."""
         self._loop = asyncio.get_running_loop()
         self._stopping = False
-        self._spawn()
+        for lane in self._lanes:
+            self._spawn(lane)
 
-    def _spawn(self) -> None:
-        self.heartbeat = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
+    def _spawn(self, lane: _Lane) -> None:
+        lane.heartbeat = time.monotonic()
+        lane.busy_since = None
+        name = self._name if lane.index == 0 else f"{self._name}-{lane.index}"
+        lane.thread = threading.Thread(target=self._run, args=(lane,), name=name, daemon=True)
+        lane.thread.start()
 
     def ensure_running(self) -> bool:
-        """Restart the inference thread if it died; returns True when a restart happened."""
+        """Restart every inference thread that died; returns True when a restart happened."""
         if self._stopping or self._loop is None:
             return False
-        if self._thread is not None and self._thread.is_alive():
-            return False
-        log.error("the inference thread %s had stopped; restarting it", self._name)
-        self.restarts += 1
-        self._spawn()
-        return True
+        dead = [lane for lane in self._lanes if lane.thread is None or not lane.thread.is_alive()]
+        for lane in dead:
+            log.error("the inference thread of lane %d had stopped; restarting it", lane.index)
+            self.restarts += 1
+            self._spawn(lane)
+        return bool(dead)
 
     def alive(self) -> bool:
-        """True while the thread runs and is not stuck (heartbeat fresh, no batch running for ages)."""
-        if self._thread is None or not self._thread.is_alive() or self._stopping:
+        """True while every lane's thread runs and none is stuck (heartbeat fresh, no batch running for ages)."""
+        if self._stopping:
             return False
         now = time.monotonic()
-        busy = self._busy_since
-        if busy is not None:
-            return now - busy < STALL_S
-        return now - self.heartbeat < STALL_S
+        for lane in self._lanes:
+            if lane.thread is None or not lane.thread.is_alive():
+                return False
+            since = lane.busy_since if lane.busy_since is not None else lane.heartbeat
+            if now - since >= STALL_S:
+                return False
+        return True
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread after its current batch; waiting payloads fail with `NotReadyError`."""
+        """Stop the threads after their current batches; waiting payloads fail with `NotReadyError`."""
         with self._cond:
             self._stopping = True
             left = list(self._items)
@@ -145,9 +169,10 @@ class MicroBatcher(Generic[P, R]):
         for item in left:
             if not item.future.done():
                 item.future.set_exception(NotReadyError("the service is shutting down"))
-        thread = self._thread
-        if thread is not None:
-            await asyncio.to_thread(thread.join, timeout)
+        deadline = time.monotonic() + timeout
+        for lane in self._lanes:
+            if lane.thread is not None:
+                await asyncio.to_thread(lane.thread.join, max(0.0, deadline - time.monotonic()))
         self._set_depth(0)
 
     # ---- submitting (event loop side) -------------------------------------------------------
@@ -175,7 +200,7 @@ class MicroBatcher(Generic[P, R]):
                 raise QueueFullError(f"the inference queue is full ({waiting} of {self.queue_size} places taken)")
             self._items.extend(items)
             depth = len(self._items)
-            # The thread only needs waking when the deadline it sleeps towards changes (first item), when a
+            # A waiting lane only needs waking when the deadline it sleeps towards changes (first item), when a
             # batch is full, or when nothing more is on its way; other arrivals would only make it recompute
             # the same deadline.
             if waiting == 0 or depth >= self.max_batch_size or self._nothing_upstream():
@@ -188,7 +213,7 @@ class MicroBatcher(Generic[P, R]):
         return await self.submit_many([payload])[0]
 
     def recheck(self) -> None:
-        """Wake the thread if items wait and nothing is upstream any more (rule 3 may now hold)."""
+        """Wake a waiting lane if items wait and nothing is upstream any more (rule 3 may now hold)."""
         with self._cond:
             if self._items and self._nothing_upstream():
                 self._cond.notify()
@@ -203,20 +228,20 @@ class MicroBatcher(Generic[P, R]):
 
     # ---- the inference thread -------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, lane: _Lane) -> None:
         while not self._stopping:
-            self.heartbeat = time.monotonic()
+            lane.heartbeat = time.monotonic()
             try:
-                batch = self._next_batch()
+                batch = self._next_batch(lane)
                 if batch:
-                    self._execute(batch)
+                    self._execute(batch, lane)
             except Exception:  # never let the loop die; the batch's futures were resolved in _execute
                 log.exception("error in the batching loop; continuing")
 
-    def _next_batch(self) -> list[_Item[P, R]]:
+    def _next_batch(self, lane: _Lane) -> list[_Item[P, R]]:
         with self._cond:
             while not self._stopping:
-                self.heartbeat = time.monotonic()
+                lane.heartbeat = time.monotonic()
                 if not self._items:
                     self._cond.wait(HEARTBEAT_S)
                     continue
@@ -234,12 +259,14 @@ class MicroBatcher(Generic[P, R]):
                 if not item.future.done():  # cancelled while waiting: skip it
                     batch.append(item)
             depth = len(self._items)
+            if depth:  # another waiting lane sleeps towards a deadline computed before: let it look again
+                self._cond.notify()
         self._set_depth(depth)
         return batch
 
-    def _execute(self, batch: list[_Item[P, R]]) -> None:
+    def _execute(self, batch: list[_Item[P, R]], lane: _Lane) -> None:
         started = time.monotonic()
-        self._busy_since = started
+        lane.busy_since = started
         results: list[R | BaseException] | None = None
         try:
             if self._metrics is not None:
@@ -250,7 +277,7 @@ class MicroBatcher(Generic[P, R]):
             if self._metrics is not None:
                 self._metrics.inference_duration.observe(time.monotonic() - started)
         finally:
-            self._busy_since = None
+            lane.busy_since = None
             if results is None:  # only on a BaseException escaping _run_batch: fail the batch, not hang it
                 results = [InferenceFailedError("inference was interrupted")] * len(batch)
             self._deliver(batch, results)

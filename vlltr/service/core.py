@@ -14,6 +14,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -294,6 +295,7 @@ class ServingCore:
         image_encoder: ImageEncoder,
         text_encoder: TextEncoder,
         metrics: Metrics,
+        lanes: int = 1,
     ) -> None:
         self.settings = settings
         self.shortlist = (
@@ -314,7 +316,7 @@ class ServingCore:
         # loop only; the inference thread reads it to dispatch a batch early when nothing else is coming.
         self.preparing = 0
         self._size = bundle.preprocess.size
-        self._buffers: dict[int, np.ndarray] = {}
+        self._lane_buffers = threading.local()  # each lane fills its own batch arrays
         self._tasks: list[asyncio.Task[None]] = []
         self.redis: RedisLink | None = None
         store: ClassStore
@@ -357,6 +359,7 @@ class ServingCore:
             queue_size=settings.queue_size,
             metrics=metrics,
             upstream=lambda: self.preparing,
+            lanes=lanes,
         )
         self.prep = ImagePreparer(settings, bundle, self.cache, metrics)
         metrics.set_model_info(bundle_id=bundle.bundle_id, provider=self.provider, precision=bundle.precision)
@@ -375,26 +378,33 @@ class ServingCore:
         mismatch = pillow_mismatch(bundle.manifest, PIL.__version__)
         if mismatch is not None:
             log.warning("%s", mismatch)
-        threads = settings.intra_op_threads or None
+        lanes = settings.inference_lanes
+        threads = settings.encoder_threads(lanes)
         fp16 = bundle.precision == "fp16"
         spin = settings.ort_spinning
         image_encoder = ImageEncoder(bundle.image_encoder_path, settings.provider, threads, fp16=fp16, spinning=spin)
+        if image_encoder.provider != "cpu":
+            lanes = 1  # one device: its own stream orders the batches, and lanes would only contend for it
         # One intra-op thread for the text encoder: it runs only when a class is added, a few sentences at a
         # time, and a second thread would take a core from the image encoder serving requests meanwhile.
         text_encoder = TextEncoder(
             bundle.text_encoder_path, bundle.tokenizer(), settings.provider, 1, fp16=fp16, spinning=spin
         )
         log.info(
-            "bundle %s (%s, %d classes, %s) loaded in %.1f s; image encoder on %s, text encoder on %s",
+            "bundle %s (%s, %d classes, %s) loaded in %.1f s; image encoder on %s (%d lane%s, %s intra-op "
+            "threads each), text encoder on %s",
             bundle.bundle_id,
             bundle.arch,
             bundle.num_classes,
             bundle.precision,
             time.monotonic() - started,
             image_encoder.provider,
+            lanes,
+            "" if lanes == 1 else "s",
+            threads or "onnxruntime's default",
             text_encoder.provider,
         )
-        return cls(settings, bundle, image_encoder, text_encoder, metrics)
+        return cls(settings, bundle, image_encoder, text_encoder, metrics, lanes)
 
     async def before_serving(self) -> None:
         """Nothing: a single process accepts connections at once and says not ready until `start` is done."""
@@ -461,7 +471,8 @@ class ServingCore:
         b = self.bundle
         for bucket in self.buckets:
             started = time.monotonic()
-            feats = self.image_encoder.encode(self._buffer(bucket))
+            # A fresh array, not a lane's: this thread never runs batches, and its arrays would stay allocated.
+            feats = self.image_encoder.encode(np.zeros((bucket, 3, self._size, self._size), dtype=np.float32))
             probabilities(feats, b.head, table, b.log_prior, b.calibration, b.alpha)
             log.info("warmed batch bucket %d in %.3f s", bucket, time.monotonic() - started)
         self.text_encoder.encode_texts(["a photo."])
@@ -479,10 +490,13 @@ class ServingCore:
     # ---- the inference thread ---------------------------------------------------------------
 
     def _buffer(self, bucket: int) -> np.ndarray:
-        buf = self._buffers.get(bucket)
+        buffers: dict[int, np.ndarray] | None = getattr(self._lane_buffers, "by_bucket", None)
+        if buffers is None:
+            buffers = self._lane_buffers.by_bucket = {}
+        buf = buffers.get(bucket)
         if buf is None:
             buf = np.zeros((bucket, 3, self._size, self._size), dtype=np.float32)
-            self._buffers[bucket] = buf
+            buffers[bucket] = buf
         return buf
 
     def _bucket(self, n: int) -> int:

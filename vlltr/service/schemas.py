@@ -326,6 +326,7 @@ class ModelInfo(BaseModel):
     dataset: str | None = Field(default=None, description="training dataset recorded in the bundle")
     max_batch_size: int = Field(description="most images per encoder run")
     batch_buckets: list[int] = Field(description="batch shapes the encoder runs (all warmed at start)")
+    inference_lanes: int = Field(default=1, description="batches the image encoder runs at once")
     unknown_rule: UnknownRuleInfo | None = Field(
         default=None, description="how the `unknown` verdict is decided; null: no verdict (no threshold known)"
     )
@@ -339,7 +340,9 @@ class ReadyChecks(BaseModel):
     bundle_loaded: bool = Field(description="the bundle is verified and its ONNX sessions exist")
     sessions_warmed: bool = Field(description="every batch bucket has run once")
     class_table_loaded: bool = Field(description="the class table (with added classes) is loaded")
-    inference_loop_alive: bool = Field(description="the inference thread runs and its heartbeat is fresh")
+    inference_loop_alive: bool = Field(
+        description="every inference thread (one per lane) runs and its heartbeat is fresh"
+    )
 
 
 class Readiness(BaseModel):

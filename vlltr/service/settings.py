@@ -46,7 +46,14 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0,
         ge=0,
-        description="ONNX Runtime intra-op threads per session (0 = onnxruntime's default, the physical cores)",
+        description="ONNX Runtime intra-op threads of the image encoder, per lane (0 = the usable cores shared "
+        "among the lanes; with one lane, onnxruntime's default, the physical cores)",
+    )
+    inference_lanes: int = Field(
+        1,
+        ge=1,
+        description="batches the image encoder runs at once on CPU, each on its share of the cores (more "
+        "throughput for a small model under load, a slower lone request); on CUDA always 1",
     )
     ort_spinning: bool = Field(
         False,
@@ -298,6 +305,13 @@ class Settings(BaseSettings):
         among the HTTP front-ends (one process: all of them). More threads than cores only queue on the same
         cores (and, in one process, on its interpreter lock)."""
         return self.preprocess_threads or max(1, usable_cpus() // self.worker_count)
+
+    def encoder_threads(self, lanes: int) -> int | None:
+        """Intra-op threads of the image encoder with `lanes` lanes: `intra_op_threads`, or the usable cores
+        shared among the lanes; None (onnxruntime's default) for one lane."""
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        return max(1, usable_cpus() // lanes) if lanes > 1 else None
 
 
 def usable_cpus() -> int:

@@ -96,21 +96,28 @@ def test_a_partial_batch_leaves_when_its_oldest_item_has_waited_max_wait():
         assert wait <= log.waited(index) < wait + SLACK_S, (index, log.waited(index))
 
 
-def test_a_busy_thread_sends_the_next_batch_the_moment_it_is_free():
-    # Item 1 reaches its deadline (50 ms) while item 0's batch still runs (400 ms): it leaves as soon as that
-    # batch is done, not a deadline later.
-    async def main() -> tuple[DispatchLog, float]:
-        log = DispatchLog(hold={0: 0.4})
-        b = MicroBatcher(log.process, max_batch_size=8, max_wait_s=0.05, queue_size=100)
+def _slow_batch_then_one_more_item(hold_s: float, lanes: int) -> DispatchLog:
+    """Item 0's batch runs `hold_s`; item 1 arrives 100 ms after it, with a 50 ms deadline."""
+
+    async def main() -> DispatchLog:
+        log = DispatchLog(hold={0: hold_s})
+        b = MicroBatcher(log.process, max_batch_size=8, max_wait_s=0.05, queue_size=100, lanes=lanes)
         b.start()
         first = log.submit_at(b.submit_many, [0])
         await asyncio.sleep(0.1)
         second = log.submit_at(b.submit_many, [1])
         await asyncio.wait_for(asyncio.gather(*first, *second), timeout=10)
         await b.stop()
-        return log, log.calls[0].at + 0.4
+        return log
 
-    log, free_at = run(main())
+    return run(main())
+
+
+def test_a_busy_thread_sends_the_next_batch_the_moment_it_is_free():
+    # Item 1 reaches its deadline (150 ms) while item 0's batch still runs (400 ms): it leaves as soon as that
+    # batch is done, not a deadline later.
+    log = _slow_batch_then_one_more_item(0.4, lanes=1)
+    free_at = log.calls[0].at + 0.4
     assert log.batches == [[0], [1]]
     assert free_at <= log.calls[1].at < free_at + SLACK_S
 
@@ -317,3 +324,65 @@ def test_metrics_record_batch_sizes_and_waits():
     assert m.get_sample_value("vlltr_batch_size_sum") == 4
     assert m.get_sample_value("vlltr_queue_wait_seconds_count") == 4
     assert m.get_sample_value("vlltr_inference_duration_seconds_count") == 1
+
+
+# ---- lanes: several batches at once ------------------------------------------------------------------------
+
+
+def test_a_second_lane_sends_a_batch_while_the_first_still_runs():
+    # Item 0's batch runs 600 ms; item 1 arrives at 100 ms with a 50 ms deadline. With two lanes it leaves at
+    # its deadline (150 ms), beside the running batch; one lane would hold it until 600 ms.
+    log = _slow_batch_then_one_more_item(0.6, lanes=2)
+    assert log.batches == [[0], [1]]
+    assert 0.05 <= log.waited(1) < 0.05 + SLACK_S, log.waited(1)
+    assert log.calls[1].at < log.calls[0].at + 0.6 - SLACK_S  # began while the first batch still ran
+
+
+def test_what_a_full_batch_leaves_behind_goes_on_another_lanes_deadline(monkeypatch):
+    # Three items at once, batches of two, more always on the way (only "full" and the deadline release them):
+    # one lane takes [0, 1] and holds it 1 s; item 2 must leave at its own deadline (200 ms) on the other lane.
+    # A lane asleep towards the next heartbeat (made 5 s here) instead of the new deadline would send it when
+    # the first batch ends, at 1 s.
+    monkeypatch.setattr("vlltr.service.batcher.HEARTBEAT_S", 5.0)
+    wait = 0.2
+
+    async def main() -> DispatchLog:
+        log = DispatchLog(hold={0: 1.0})
+        b = MicroBatcher(log.process, max_batch_size=2, max_wait_s=wait, queue_size=100, upstream=lambda: 1, lanes=2)
+        b.start()
+        await asyncio.sleep(0.05)  # both lanes asleep on the empty queue
+        futures = log.submit_at(b.submit_many, [0, 1, 2])
+        await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
+        await b.stop()
+        return log
+
+    log = run(main())
+    assert log.batches == [[0, 1], [2]]
+    assert log.waited(0) < SLACK_S
+    assert wait <= log.waited(1) < wait + SLACK_S, log.waited(1)
+
+
+def test_every_lane_must_live_for_the_batcher_to_be_alive_and_only_dead_ones_restart():
+    async def main() -> tuple[bool, bool, int, list[int]]:
+        b = MicroBatcher(
+            lambda items: [i * 3 for i in items], max_batch_size=4, max_wait_s=0.001, queue_size=16, lanes=3
+        )
+        b.start()
+        healthy = b.alive()
+        threads = [lane.thread for lane in b._lanes]
+        victim = b._lanes[1]
+        victim.thread = threading.Thread(target=lambda: None)  # a lane whose thread has ended
+        victim.thread.start()
+        victim.thread.join()
+        after_death = b.alive()
+        restarted = b.ensure_running()
+        kept = [i for i, lane in enumerate(b._lanes) if lane.thread is threads[i]]
+        results = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(10))), timeout=10)
+        assert results == [i * 3 for i in range(10)]
+        alive = b.alive()
+        await b.stop()
+        return healthy and alive, after_death, b.restarts if restarted else -1, kept
+
+    alive, after_death, restarts, kept = run(main())
+    assert alive and not after_death
+    assert restarts == 1 and kept == [0, 2]

@@ -35,6 +35,7 @@ async def model_info(core: CoreDep) -> ModelInfo:
         dataset=training.dataset if training is not None else None,
         max_batch_size=core.settings.max_batch_size,
         batch_buckets=list(core.buckets),
+        inference_lanes=core.batcher.lanes,
         unknown_rule=None
         if rule is None
         else UnknownRuleInfo(
