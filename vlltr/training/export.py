@@ -236,6 +236,8 @@ def _write_bundle(run: TrainedRun, tmp: Path, *, fp16: bool, verify_images: int,
             calibration=dict(run.calibration),
             shot_thresholds=ShotThresholds(cfg.data.many_threshold, cfg.data.few_threshold),
         ),
+        # What decoded, resized and computed the export's checks: the service warns when its Pillow is of another
+        # major.
         software=software_versions(),
         files=files,
     )
@@ -244,7 +246,6 @@ def _write_bundle(run: TrainedRun, tmp: Path, *, fp16: bool, verify_images: int,
     write_manifest(tmp, replace(manifest, verification=verification))
 
 
-# What decoded, resized and computed the export's checks: the service warns when its Pillow is of another major.
 def _served_calibration(calibration: dict[str, Any]) -> Calibration:
     """The manifest's calibration from the run's `calibration.json`."""
     try:
