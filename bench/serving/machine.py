@@ -7,6 +7,8 @@ import platform
 from importlib import metadata
 from typing import Any
 
+from vlltr.model.runtime.machine import cpu_model
+
 PACKAGES = (
     "onnxruntime",
     "onnxruntime-gpu",
@@ -19,16 +21,6 @@ PACKAGES = (
     "litserve",
     "locust",
 )
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _memory_gib() -> float | None:
@@ -50,7 +42,7 @@ def describe() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             continue
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "memory_gib": _memory_gib(),
         "os": platform.platform(),

@@ -285,6 +285,13 @@ class ImagePreparer:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+class _LaneBuffers(threading.local):
+    """Batch arrays by bucket size, one set per inference lane (thread), so lanes never share one."""
+
+    def __init__(self) -> None:
+        self.by_bucket: dict[int, np.ndarray] = {}
+
+
 class ServingCore:
     """Everything a running service holds. Build with `ServingCore.load` (blocking), then `await start()`."""
 
@@ -316,7 +323,7 @@ class ServingCore:
         # loop only; the inference thread reads it to dispatch a batch early when nothing else is coming.
         self.preparing = 0
         self._size = bundle.preprocess.size
-        self._lane_buffers = threading.local()  # each lane fills its own batch arrays
+        self._lane_buffers = _LaneBuffers()
         self._tasks: list[asyncio.Task[None]] = []
         self.redis: RedisLink | None = None
         store: ClassStore
@@ -490,9 +497,7 @@ class ServingCore:
     # ---- the inference thread ---------------------------------------------------------------
 
     def _buffer(self, bucket: int) -> np.ndarray:
-        buffers: dict[int, np.ndarray] | None = getattr(self._lane_buffers, "by_bucket", None)
-        if buffers is None:
-            buffers = self._lane_buffers.by_bucket = {}
+        buffers = self._lane_buffers.by_bucket
         buf = buffers.get(bucket)
         if buf is None:
             buf = np.zeros((bucket, 3, self._size, self._size), dtype=np.float32)

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from vlltr.model.runtime.machine import usable_cpus
+
 ENV_PREFIX = "VLLTR_"
 MAX_BUCKET = 128
 
@@ -312,22 +314,6 @@ class Settings(BaseSettings):
         if self.intra_op_threads:
             return self.intra_op_threads
         return max(1, usable_cpus() // lanes) if lanes > 1 else None
-
-
-def usable_cpus() -> int:
-    """The cores this process may run on: its CPU affinity, and a cgroup v2 CPU quota (a container's CPU limit,
-    which `os.cpu_count()` does not see) when one is set."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
 
 
 def env_name(field_name: str) -> str:

@@ -8,7 +8,6 @@ import contextlib
 import datetime as dt
 import importlib.metadata
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vlltr.model.runtime.machine import cpu_model, usable_cpus
 from vlltr.training.checkpoint import atomic_write_json
 
 ENVIRONMENT_FILE = "environment.json"
@@ -40,8 +40,8 @@ def describe_environment(device: torch.device) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": _cpu_model(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "processor": cpu_model(),
+        "cpus_usable": usable_cpus(),
         "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "device": str(device),
@@ -59,11 +59,3 @@ def record_environment(run_dir: Path, device: torch.device) -> None:
         earlier = json.loads(path.read_text())
         history = earlier if isinstance(earlier, list) else []
     atomic_write_json([*history, describe_environment(device)], path)
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
