@@ -233,7 +233,7 @@ def test_class_added_during_rolling_restart_is_on_every_replica(deployment, imag
             try:
                 code = down.stop()
                 assert code in CLEAN_EXIT, f"a replica did not shut down cleanly on SIGTERM ({code}):\n{down.log()}"
-                assert "Application shutdown complete" in down.log()
+                assert "Application shutdown complete" in down.log(tail=None)
                 _count_bounded_stop(reliability_log, down.log())
                 name = f"rolling {len(added)} {uuid.uuid4().hex[:6]}"
                 r = c.post("/v1/classes", json={"name": name, "descriptions": ["added while a replica was down"]})
@@ -360,6 +360,6 @@ def test_sigterm_during_load_drains_in_flight_and_refuses_new(sigterm_server, im
     reliability_log.add("faults", requests=n, faults=1, errors=sum(r != 200 for r in results))
     assert results == [200] * n, results
     assert code in CLEAN_EXIT, srv.log()
-    assert "Application shutdown complete" in srv.log() and "Finished server process" in srv.log()
+    assert "Application shutdown complete" in srv.log(tail=None) and "Finished server process" in srv.log(tail=None)
     _count_bounded_stop(reliability_log, srv.log())
     assert exited_at - signalled < GRACE_S + 3.0, f"took {exited_at - signalled:.1f} s to exit"

@@ -226,7 +226,7 @@ def test_replicas_converge_after_redis_comes_back_from_an_older_aof_and_after_a_
     times = _converged([a, b], redis.url, prefix, added_at)
     print(f"replicas converged {[round(t, 2) for t in times]} s after the add that followed a flush")
     assert _added(a.url) == ["after the flush"] and max(times) <= 2.0, times
-    assert "no longer in the store" in a.log() and "'fifth'" in a.log()
+    assert "no longer in the store" in a.log(tail=None) and "'fifth'" in a.log(tail=None)
 
 
 # ---- quarantine ----------------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def test_malformed_records_are_quarantined_and_the_others_serve(
     assert [c["name"] for c in body["classes"] if c["source"] == "added"] == ["good one", "good two"]
     assert {q["key"] for q in body["quarantined"]} == {"broken", "a/b"}
     assert _metric(replica.url, "vlltr_class_records", state="quarantined") == 2
-    assert "quarantined" in replica.log()
+    assert "quarantined" in replica.log(tail=None)
     exported = httpx.get(f"{replica.url}/v1/classes/export", headers=AUTH, timeout=10).text
     assert "{this is not json" in exported  # a backup keeps them
     r = _add(replica.url, "broken")  # the name is held by the unreadable record
@@ -281,7 +281,7 @@ def test_a_class_acknowledged_just_before_redis_is_killed_is_there_after_the_res
         "VLLTR_REDIS_RETRY_S": "0.2",
     }
     server = server_factory(env=env, args=["--bundle", str(service_bundle)], workdir=tmp_path)
-    assert "an add survives kill -9 of Redis and a power loss" in server.log()
+    assert "an add survives kill -9 of Redis and a power loss" in server.log(tail=None)
     acknowledged = []
     for i in range(5):
         r = _add(server.url, f"acknowledged {i}")
@@ -364,7 +364,7 @@ def test_listening_on_all_interfaces_without_a_token_needs_the_explicit_opt_out(
     opened = server_factory(
         args=["--bundle", str(service_bundle), "--host", "0.0.0.0", "--allow-open-class-changes"], workdir=tmp_path
     )
-    assert "class changes are open: listening on 0.0.0.0 without an admin token" in opened.log()
+    assert "class changes are open: listening on 0.0.0.0 without an admin token" in opened.log(tail=None)
     assert _add(opened.url, "open to all").status_code == 201
     opened.stop()
     by_env = server_factory(
@@ -372,10 +372,10 @@ def test_listening_on_all_interfaces_without_a_token_needs_the_explicit_opt_out(
         args=["--bundle", str(service_bundle), "--host", "0.0.0.0"],
         workdir=tmp_path,
     )
-    assert "class changes are open" in by_env.log()
+    assert "class changes are open" in by_env.log(tail=None)
     by_env.stop()
     tokened = server_factory(
         env={"VLLTR_ADMIN_TOKEN": TOKEN}, args=["--bundle", str(service_bundle), "--host", "0.0.0.0"], workdir=tmp_path
     )
-    assert "class changes are open" not in tokened.log()
+    assert "class changes are open" not in tokened.log(tail=None)
     tokened.stop()

@@ -75,7 +75,7 @@ def client(server):
 
 def test_two_frontends_answer_and_one_engine_serves_them(server, client, bundle_v1):
     seen = _until_both(client, _image(bundle_v1), top_k=3)
-    assert set(seen) == {str(p) for p in frontend_pids(server.log())}
+    assert set(seen) == {str(p) for p in frontend_pids(server.log(tail=None))}
     bodies = [r.json() for r in seen.values()]
     assert bodies[0]["predictions"] == bodies[1]["predictions"]  # the same engine, the same table
 
@@ -199,13 +199,13 @@ def test_sigkill_of_a_frontend_under_load(bundle_v1, server_factory, tmp_path_fa
     assert all(a.status in (200, None) for a in answers), {a.status for a in answers}
     # Only requests the killed process held (at most one per load thread) lose their connection.
     assert sum(a.status is None for a in answers) <= load.threads, [a.error for a in answers if a.status is None]
-    assert len(frontend_pids(srv.log())) == 3
+    assert len(frontend_pids(srv.log(tail=None))) == 3
 
 
 def test_sigkill_of_the_engine_under_load(bundle_v1, server_factory, tmp_path_factory):
     srv = _start(server_factory, tmp_path_factory, bundle_v1, "workers-kill-engine")
     image = _image(bundle_v1)
-    first_engine = engine_pid(srv.log())
+    first_engine = engine_pid(srv.log(tail=None))
     load = Load(srv.url, image, threads=6).start()
     not_ready_seen = False
     try:
@@ -227,7 +227,7 @@ def test_sigkill_of_the_engine_under_load(bundle_v1, server_factory, tmp_path_fa
         answers = load.stop()  # asserts no request is left hanging
         srv.stop()
     assert not_ready_seen, "/readyz never said not ready after the engine was killed"
-    assert engine_pid(srv.log()) != first_engine
+    assert engine_pid(srv.log(tail=None)) != first_engine
     refused = [a for a in answers if a.status != 200]
     assert refused, "no request was refused while the engine was down"
     for a in refused:  # every request the dead engine held, or that came meanwhile: a 503 to retry, never a 500
@@ -268,7 +268,7 @@ def test_sigterm_drains_requests_in_flight(bundle_v1, server_factory, tmp_path_f
     image = _image(bundle_v1)
     supervisor = srv.proc
     assert supervisor is not None
-    children = frontend_pids(srv.log()) + [engine_pid(srv.log())]
+    children = frontend_pids(srv.log(tail=None)) + [engine_pid(srv.log(tail=None))]
     load = Load(srv.url, image, threads=4).start()
     socks = []
     try:

@@ -152,6 +152,8 @@ class PersistentRedisServer(RedisServer):
 # multi-process service (2 HTTP front-ends and one engine) instead of a single process; a test's own
 # `VLLTR_WORKERS` or `--workers` still wins (the tests of a per-process limit pin `--workers 1`).
 TEST_WORKERS_ENV = "VLLTR_TEST_WORKERS"
+# How much of a server's log an assertion message shows.
+LOG_TAIL = 6000
 
 
 def workers_for_tests() -> str:
@@ -239,8 +241,13 @@ class ServerProcess:
         self.stop()
         return self.start()
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
+    def log(self, tail: int | None = LOG_TAIL) -> str:
+        """The server's output so far: its last `tail` characters (for an assertion message), or all of it
+        (`tail=None`, for reading facts such as pids that a busy run pushes out of any tail)."""
+        if not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
 
 
 class Balancer:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from support.processes import LOG_TAIL
+
 
 @dataclass
 class Answer:
@@ -88,14 +90,14 @@ class Load:
 
 
 def engine_pid(log: str) -> int:
-    """The pid of the engine the supervisor started last (from its log)."""
+    """The pid of the engine the supervisor started last (from its whole log: `ServerProcess.log(tail=None)`)."""
     pids = re.findall(r"engine started \(pid (\d+)\)", log)
-    assert pids, f"no engine in the log:\n{log}"
+    assert pids, f"no engine in the log:\n{log[-LOG_TAIL:]}"
     return int(pids[-1])
 
 
 def frontend_pids(log: str) -> list[int]:
-    """The pids of every front-end the supervisor started (from its log), in order."""
+    """The pids of every front-end the supervisor started (from its whole log), in order."""
     return [int(p) for p in re.findall(r"front-end \d+ started \(pid (\d+)\)", log)]
 
 

@@ -199,14 +199,19 @@ class EngineClient:
     async def call(self, message: dict[str, Any], link: _Link | None = None) -> dict[str, Any]:
         """Send one request and wait for its answer. `NotReadyError` without a link or when it drops."""
         link = link or self.link
-        if link is None or link is not self.link:
+        # The engine's socket can close before the reader sees its end and drops the link; writing then would
+        # fail on the closed transport (uvloop raises), which is the same news as a dropped link.
+        if link is None or link is not self.link or link.writer.is_closing():
             raise NotReadyError(ENGINE_GONE)
         self._ids += 1
         ident = self._ids
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[ident] = future
-        link.writer.write(frame({**message, "id": ident}))
-        reply = await future
+        try:
+            link.writer.write(frame({**message, "id": ident}))
+            reply = await future
+        finally:  # a failed write or a caller that gave up (a timeout) leaves no entry for an answer never read
+            self._pending.pop(ident, None)
         if not reply.get("ok"):
             raise error_from(reply.get("error"))
         return reply

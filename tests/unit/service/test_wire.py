@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
@@ -59,3 +60,39 @@ def test_workers_default_to_one_per_four_usable_cores():
     assert Settings(workers=3).worker_count == 3
     assert Settings().worker_count == max(1, usable_cpus() // 4)
     assert 1 <= usable_cpus()
+
+
+def test_a_request_on_a_link_the_engine_just_closed_is_not_ready_not_a_crash(tmp_path):
+    """The engine dying closes the socket before the front-end's reader drops the link; a request in that window
+    writes to a closed transport. It must get the not-ready answer (a 503 to retry), and leave nothing pending
+    for the link's loss to fail again later."""
+    import uvloop  # the loop `vlltr serve` runs its front-ends on
+
+    from vlltr.service.frontend import EngineClient, _Link
+
+    async def run() -> None:
+        async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.transport.abort()  # as a SIGKILLed engine's socket: reset, no goodbye
+
+        path = tmp_path / "engine.sock"
+        server = await asyncio.start_unix_server(engine, str(path))
+        _, writer = await asyncio.open_unix_connection(str(path))
+        shm = shared_memory.SharedMemory(create=True, size=64)
+        try:
+            client = EngineClient(path, slots=1, slot_bytes=64)
+            client.link = _Link(writer, shm, 1, 64)
+            deadline = asyncio.get_running_loop().time() + 5
+            while not writer.is_closing() and asyncio.get_running_loop().time() < deadline:
+                writer.write(b"\0")  # the reset shows on a write or a read; nobody reads this link
+                await asyncio.sleep(0.01)
+            assert writer.is_closing()
+            with pytest.raises(NotReadyError):
+                await client.call({"op": "status"})
+            assert client._pending == {}
+        finally:
+            shm.close()
+            shm.unlink()
+            server.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
