@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
-import os
 import queue
 import time
 from collections import deque
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vlltr.model.runtime.machine import usable_cpus
 
 READY_TIMEOUT_S = 600.0  # loading a large bundle and warming every bucket on two busy cores
 START_DELAY_S = 0.5  # between the last worker being ready and the common start of the window
@@ -68,7 +69,7 @@ def layout(workers: int, cores: int | None = None) -> tuple[int, int | None]:
     if workers == 1:
         defaults = Settings.model_construct(workers=1)  # one process's defaults, whatever the environment says
         return defaults.decode_threads, defaults.encoder_threads(1)
-    share = max(1, (cores or os.cpu_count() or 1) // workers)
+    share = max(1, (cores or usable_cpus()) // workers)
     return share, share
 
 

@@ -7,7 +7,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-from vlltr.model.runtime.machine import cpu_model
+from vlltr.model.runtime.machine import cpu_model, usable_cpus
 
 PACKAGES = (
     "onnxruntime",
@@ -44,6 +44,7 @@ def describe() -> dict[str, Any]:
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "usable_cores": usable_cpus(),  # what this process may use: its CPU affinity and cgroup quota
         "memory_gib": _memory_gib(),
         "os": platform.platform(),
         "python": platform.python_version(),

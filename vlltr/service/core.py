@@ -385,13 +385,15 @@ class ServingCore:
         mismatch = pillow_mismatch(bundle.manifest, PIL.__version__)
         if mismatch is not None:
             log.warning("%s", mismatch)
-        lanes = settings.inference_lanes
+        # A device runs one batch at a time on its own stream, where lanes would only contend for it; with
+        # `auto` the provider is known once the session exists, and the lanes are dropped then.
+        lanes = 1 if settings.provider == "cuda" else settings.inference_lanes
         threads = settings.encoder_threads(lanes)
         fp16 = bundle.precision == "fp16"
         spin = settings.ort_spinning
         image_encoder = ImageEncoder(bundle.image_encoder_path, settings.provider, threads, fp16=fp16, spinning=spin)
         if image_encoder.provider != "cpu":
-            lanes = 1  # one device: its own stream orders the batches, and lanes would only contend for it
+            lanes = 1
         # One intra-op thread for the text encoder: it runs only when a class is added, a few sentences at a
         # time, and a second thread would take a core from the image encoder serving requests meanwhile.
         text_encoder = TextEncoder(
