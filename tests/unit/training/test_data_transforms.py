@@ -90,3 +90,16 @@ def test_original_augmentation_is_timms_with_pixel_noise_erasing() -> None:
     torch.manual_seed(0)
     outs = [transform(_image()) for _ in range(4)]
     assert all(o.shape == (3, 32, 32) for o in outs) and not torch.equal(outs[0], outs[1])
+
+
+def test_original_augmentation_survives_its_strongest_posterize() -> None:
+    """`rand-m9-mstd0.5-inc1` draws magnitude 10 now and then, where posterize keeps 0 bits: a black image, as the
+    published code's Pillow gave; current Pillow raises on it, which stopped `augment: original` training."""
+    transform = train_transform(DataCfg(augment="original"), 32)
+    (rand,) = [t for t in transform.transforms if hasattr(t, "ops")]
+    (posterize,) = [op for op in rand.ops if op.name == "PosterizeIncreasing"]
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0
+    img = _image()
+    assert np.asarray(posterize(img)).max() == 0
+    posterize.magnitude = 5  # keeps 2 bits: Pillow's own posterize
+    np.testing.assert_array_equal(np.asarray(posterize(img)), np.asarray(img) & 0b11000000)

@@ -5,6 +5,7 @@ same pixels.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -82,6 +83,7 @@ def train_transform(cfg: DataCfg, image_size: int) -> Callable[[Image.Image], to
             mean=tuple(cfg.mean),
             std=tuple(cfg.std),
         )
+        _posterize_as_published(original)
         return original
     if cfg.augment == "clip":
         augment = T.Compose(
@@ -108,3 +110,27 @@ def train_transform(cfg: DataCfg, image_size: int) -> Callable[[Image.Image], to
     if cfg.augment == "none":
         return eval_transform(cfg, image_size)
     raise DataError(f"unknown augment {cfg.augment!r}; known: {list(AUGMENTS)}")
+
+
+# timm's posterize ops: each can be asked to keep 0 bits (PosterizeIncreasing at magnitude 10, which
+# `rand-m9-mstd0.5-inc1` reaches when its magnitude noise is clipped, Posterize at magnitudes below 2.5).
+_POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
+
+
+def _black_at_zero_bits(
+    posterize: Callable[..., Image.Image], img: Image.Image, bits_to_keep: int, **kwargs: object
+) -> Image.Image:
+    """timm's `posterize`, with 0 bits kept giving a black image, as Pillow gave when the published code ran;
+    the Pillow installed here (13) raises on 0 bits, which stopped `augment: original` training at the first
+    such draw (about one posterize draw in 40)."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _posterize_as_published(transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    """Wrap the posterize ops of the RandAugment inside timm's training transform in `_black_at_zero_bits`."""
+    for step in getattr(transform, "transforms", ()):
+        for op in getattr(step, "ops", ()):
+            if getattr(op, "name", None) in _POSTERIZE_OPS:
+                op.aug_fn = functools.partial(_black_at_zero_bits, op.aug_fn)
