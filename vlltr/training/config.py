@@ -103,6 +103,9 @@ class Stage2Cfg:
     batch_size: int = 128
     lr: float = 1e-3  # MLP branch
     attn_lr: float = 1e-6  # LN_q, LN_k, W_q, W_k
+    # The anchors' text vectors: 0 keeps them frozen (published); > 0 trains them at this lr, so the language
+    # branch is a text-initialised cosine classifier (LIFT's classifier).
+    anchor_lr: float = 0.0
     backbone_lr: float = 2e-5
     train_backbone: bool = False
     min_lr: float = 0.0

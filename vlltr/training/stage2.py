@@ -64,18 +64,28 @@ def build_classifier(cfg: Config, stage1: Stage1Result, anchors: torch.Tensor, m
     The MLP's random init is drawn from `run.seed` alone, so a resumed run builds the same head.
     """
     seed_everything(derive_seed(cfg.run.seed, "stage2-init"))
-    head = LGRHead(anchors, mask, float(np.exp(stage1.logit_scale)), v_detach=cfg.stage2.v_detach)
+    head = LGRHead(
+        anchors,
+        mask,
+        float(np.exp(stage1.logit_scale)),
+        v_detach=cfg.stage2.v_detach,
+        trainable_anchors=cfg.stage2.anchor_lr > 0,
+    )
     return VLLTRClassifier(stage1.clip, head, train_backbone=cfg.stage2.train_backbone)
 
 
 def stage2_optimizer(classifier: VLLTRClassifier, cfg: Config) -> torch.optim.AdamW:
-    """AdamW groups: MLP at `lr`, attention at `attn_lr`, image tower at `backbone_lr` when it trains."""
+    """AdamW groups: MLP at `lr`, attention at `attn_lr`, the anchors at `anchor_lr` when they train (no weight
+    decay: the language branch is a cosine, so their length carries nothing), image tower at `backbone_lr` when
+    it trains."""
     s2, head = cfg.stage2, classifier.head
     attention = [
         (f"{m}.{n}", p) for m in ("ln_q", "ln_k", "w_q", "w_k") for n, p in getattr(head, m).named_parameters()
     ]
     groups = decay_groups(head.mlp.named_parameters(), s2.lr, s2.weight_decay, "mlp")
     groups += decay_groups(iter(attention), s2.attn_lr, s2.weight_decay, "attention")
+    if s2.anchor_lr > 0:
+        groups.append({"params": [head.anchors], "lr": s2.anchor_lr, "weight_decay": 0.0, "name": "anchors"})
     if s2.train_backbone:
         groups += decay_groups(classifier.clip.visual.named_parameters(), s2.backbone_lr, s2.weight_decay, "backbone")
     return adamw(groups, s2.lr, s2.eps)

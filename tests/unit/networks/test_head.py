@@ -97,6 +97,25 @@ def test_identity_init_and_forward_shapes():
     assert (z_lin.abs() <= 10.0 + 1e-5).all()  # a scaled cosine
 
 
+def test_trainable_anchors_are_a_text_initialised_classifier_with_the_same_state():
+    anchors, mask = torch.randn(3, 2, 4), torch.ones(3, 2, dtype=torch.bool)
+    frozen = LGRHead(anchors, mask, 10.0)
+    trained = LGRHead(anchors, mask, 10.0, trainable_anchors=True)
+    assert "anchors" in dict(frozen.named_buffers()) and "anchors" not in dict(frozen.named_parameters())
+    assert torch.equal(dict(trained.named_parameters())["anchors"], anchors)
+    # One state-dict layout: a trained head's anchors load into a frozen head (how a finished run is read back).
+    assert frozen.state_dict().keys() == trained.state_dict().keys()
+    trained.load_state_dict(frozen.state_dict())
+    f = torch.randn(5, 4)
+    trained.language_logits(f).sum().backward()
+    assert trained.anchors.grad is not None and trained.anchors.grad.abs().sum() > 0
+    with torch.no_grad():
+        trained.anchors.add_(0.5)
+    frozen.load_state_dict(trained.state_dict())
+    assert torch.equal(frozen.anchors, trained.anchors.detach())
+    assert torch.allclose(frozen.language_logits(f), trained.language_logits(f))
+
+
 def test_calibrated_probabilities_reduce_to_fusion_and_handle_added_classes():
     g = torch.Generator().manual_seed(0)
     z_vis, z_lin = torch.randn(4, 3, generator=g), torch.randn(4, 5, generator=g)

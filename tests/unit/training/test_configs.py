@@ -186,6 +186,12 @@ def test_real_config_builds_datasets_text_and_models(name, tmp_path):
     groups = {g["name"]: g["lr"] for g in stage2_optimizer(classifier, cfg).param_groups}
     assert groups["mlp"] == cfg.stage2.lr and groups["attention"] == 1e-6
     assert ("backbone" in groups) == cfg.stage2.train_backbone
+    assert "anchors" not in groups and "anchors" in dict(classifier.head.named_buffers())  # frozen, as published
+    lift = load_config(name, [f"data.root={tmp_path}", *TINY, "stage2.anchor_lr=0.001"])
+    lifted = build_classifier(lift, s1, torch.randn(3, 4, 64), torch.ones(3, 4, dtype=torch.bool))
+    anchor_group = next(g for g in stage2_optimizer(lifted, lift).param_groups if g["name"] == "anchors")
+    assert anchor_group["lr"] == 0.001 and anchor_group["weight_decay"] == 0.0
+    assert anchor_group["params"] == [lifted.head.anchors]
     assert classifier.head.v_detach == cfg.stage2.v_detach
     assert float(classifier.head.logit_scale) == pytest.approx(50.0)
 

@@ -50,16 +50,19 @@ def served_head_arrays(head: nn.Module) -> dict[str, np.ndarray]:
 
 
 class LGRHead(nn.Module):
-    """LGR head with frozen anchors.
+    """LGR head, its anchors frozen as published (or trained from their text, `trainable_anchors`).
 
     Args:
         anchors: `[C, M, D]` raw stage-1 text features of each class's anchor sentences (zero padded).
         anchor_mask: `[C, M]` bool, True where an anchor exists. Every class needs at least one.
         logit_scale: `s = exp(stage-1 logit_scale)`, frozen.
         v_detach: normalise the attended vector with a stop-gradient norm (the original's iNat variant).
+        trainable_anchors: make the anchor vectors a parameter, initialised from the text features: the language
+            branch is then a text-initialised cosine classifier (LIFT's classifier). The state dict is the same
+            either way.
     """
 
-    # Buffers (register_buffer), declared for type checkers.
+    # Buffers (register_buffer; `anchors` is a parameter with trainable_anchors), declared for type checkers.
     anchors: torch.Tensor
     anchor_mask: torch.Tensor
     logit_scale: torch.Tensor
@@ -71,6 +74,7 @@ class LGRHead(nn.Module):
         logit_scale: float,
         *,
         v_detach: bool = False,
+        trainable_anchors: bool = False,
     ) -> None:
         super().__init__()
         if anchors.dim() != 3:
@@ -83,7 +87,10 @@ class LGRHead(nn.Module):
         self.embed_dim = dim
         self.num_classes = num_classes
         self.v_detach = v_detach
-        self.register_buffer("anchors", anchors.detach().float().clone())
+        if trainable_anchors:
+            self.anchors = nn.Parameter(anchors.detach().float().clone())
+        else:
+            self.register_buffer("anchors", anchors.detach().float().clone())
         self.register_buffer("anchor_mask", anchor_mask.clone())
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
         self.ln_q = nn.LayerNorm(dim)
