@@ -5,6 +5,9 @@
                                                         # named before the run (0 is the design draw)
     python -m bench.longtail --dataset digits-lt --seeds 0 1 2            # writes docs/benchmarks/digits-lt.*
     python -m bench.longtail --dataset shapes-lt --seed 3 --imbalance 50  # another draw of the data
+    python -m bench.longtail --dataset shapes-lt --render-only --draw "Design draw=D/shapes-lt.json"
+                                                        # the page again, with another draw's run (written
+                                                        # with --out D) as a section of it
 
 Every trained arm is a `vlltr train` run (`bench/longtail/protocol.py`: the bundled recipe plus the arm's
 overrides), kept under --cache-dir/runs, so an interrupted benchmark resumes where it stopped.
@@ -67,7 +70,7 @@ log = logging.getLogger("bench.longtail")
 # numbers). A page that reports another seed reports a draw never used in design; the seed is named on the
 # command line, before the run.
 DESIGN_DATA_SEEDS = (0,)
-TRAINED_ARMS = ("vlltr_faithful", "text_recommended", "control_shuffled", "control_distractors")
+TRAINED_ARMS = ("vlltr_faithful", "text_recommended", "control_shuffled", "lift_style")
 DATASETS = ("shapes-lt", "digits-lt")
 # The architectures of the product's pretraining recipes (`vlltr pretrain`; why these: vlltr.training.pretrain).
 SHAPES_ARCH = PRETRAIN_RECIPES["shapes-lt"].arch
@@ -230,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         "recipe's + s; seed 0 keeps the recipe's build), so the ± covers pretraining builds as well "
         "as training seeds",
     )
+    p.add_argument(
+        "--all-controls",
+        action="store_true",
+        help="also the distractor-only and whole-text-shuffle controls (two more full runs per seed; the "
+        "shuffled-description control always runs)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke-test scale (not a result)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="where the .md/.json/.png go")
     p.add_argument(
@@ -242,12 +251,24 @@ def main(argv: list[str] | None = None) -> int:
         help="rewrite the .md and .png from the existing .json (no training; targets recomputed)",
     )
     p.add_argument(
+        "--draw",
+        action="append",
+        default=None,
+        metavar="LABEL=JSON",
+        help="show another draw's run of this benchmark (the JSON its own --out wrote) as a section of the page, "
+        "under LABEL; repeatable (with --render-only: replaces the page's list)",
+    )
+    p.add_argument(
         "--findings",
         type=Path,
         default=None,
         help="with --render-only: a text file of findings (one per paragraph) to store and show",
     )
     args = p.parse_args(argv)
+    try:
+        args.draws = _other_draws(args.draw, args.out) if args.draw is not None else None
+    except ValueError as exc:
+        p.error(str(exc))
     if args.render_only:
         return render_only(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -258,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     sizes, pre_cfg, seed_cfg = settings(args.dataset, args.quick)
+    seed_cfg = replace(seed_cfg, all_controls=args.all_controls)
     if args.text_lr_scale is not None:
         if args.text_lr_scale < 0:
             p.error("--text-lr-scale must be >= 0")
@@ -325,6 +347,7 @@ def _write_outputs(
         else None
     )
     targets = compute_targets(agg, other)
+    pretrain = _pretrain_summary(pre_cfg, builds, args.pretrain_per_seed)
     plot = args.out / f"{args.dataset}.png"
     done = sorted(per_seed)
     payload = {
@@ -337,6 +360,7 @@ def _write_outputs(
         "quick": args.quick,
         "name_style": bm.meta.get("name_style"),
         "wall_time_min": round((time.perf_counter() - started) / 60, 2),
+        "from_scratch_min": _from_scratch_min(agg, pretrain["build_seconds"]),
         # The torch build and its CPU kernel level are recorded because pretraining builds differ across them.
         "machine": f"{platform.machine()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} "
         f"kernels), {args.threads} torch threads, {os.cpu_count()} CPUs visible",
@@ -345,10 +369,13 @@ def _write_outputs(
         "shot_rule": f"many > {bm.many_threshold}, few < {bm.few_threshold} train images",
         "plot": plot.name,
         "training_sessions": _sessions_summary(bm),
-        "pretrain": _pretrain_summary(pre_cfg, builds, args.pretrain_per_seed),
+        "pretrain": pretrain,
         "config": {
             "seed": asdict(seed_cfg),
-            "arms": {name: asdict(plan) for name, plan in arm_plans(seed_cfg.recipe.faithful_alpha).items()},
+            "arms": {
+                name: asdict(plan)
+                for name, plan in arm_plans(seed_cfg.recipe.faithful_alpha, all_controls=seed_cfg.all_controls).items()
+            },
         },
         "protocol": {
             "training_list": "fit.txt",
@@ -369,10 +396,37 @@ def _write_outputs(
         },
         "targets": targets,
         "results": agg,
+        "other_draws": args.draws or [],
     }
     write_json(args.out / f"{args.dataset}.json", payload)
     write_plot(plot, agg, f"{args.dataset}: accuracy per split ({len(done)} seed{'s' if len(done) > 1 else ''})")
     write_markdown(args.out / f"{args.dataset}.md", payload, notes(args.dataset, payload))
+
+
+def _from_scratch_min(agg: dict, build_seconds: dict[str, float | None]) -> float | None:
+    """What the command costs with nothing cached: every seed's recorded time (its arms as trained, whether this
+    call trained them or found them finished) plus every pretraining build's (`_pretrain_summary`'s
+    `build_seconds`); None when a build's time was never recorded. Writing the data and the image cache are left
+    out."""
+    build_s = list(build_seconds.values())
+    if any(s is None for s in build_s):
+        return None
+    return round((sum(t["total"] for t in agg["timings_s"].values()) + sum(build_s)) / 60, 2)
+
+
+def _other_draws(specs: list[str], out: Path) -> list[dict[str, str]]:
+    """`LABEL=JSON` arguments as the page's list of other draws (paths relative to the page's folder)."""
+    draws = []
+    for spec in specs:
+        label, sep, raw = spec.partition("=")
+        path = Path(raw)
+        if not sep or not label.strip() or not path.is_file():
+            raise ValueError(f"--draw takes LABEL=JSON with an existing JSON file, got {spec!r}")
+        data = json.loads(path.read_text())
+        if "protocol" not in data or "results" not in data:
+            raise ValueError(f"{path} is not a benchmark JSON of this harness (no protocol or results)")
+        draws.append({"label": label.strip(), "path": os.path.relpath(path.resolve(), out.resolve())})
+    return draws
 
 
 def _sessions_summary(bm) -> dict | None:
@@ -392,7 +446,12 @@ def _pretrain_summary(pre_cfg: PretrainCfg, builds: dict[int, tuple[PretrainCfg,
     first = builds[min(builds)][1].with_suffix(".json")
     meta = json.loads(first.read_text()) if first.is_file() else {}
     files = sorted({path.name for _, path in builds.values()})
+    seconds = {}
+    for _, path in builds.values():
+        build_meta = path.with_suffix(".json")
+        seconds[path.name] = json.loads(build_meta.read_text()).get("seconds") if build_meta.is_file() else None
     return {
+        "build_seconds": seconds,  # None for a build written before its time was recorded
         "file": ", ".join(files),
         "recipe": asdict(pre_cfg),
         "provenance": meta.get("provenance"),
@@ -422,6 +481,8 @@ def render_only(args: argparse.Namespace) -> int:
     payload["targets"] = compute_targets(payload["results"], other)
     if args.findings is not None:
         payload["findings"] = read_findings(args.findings)
+    if args.draws is not None:
+        payload["other_draws"] = args.draws
     write_json(path, payload)
     n = len(payload["seeds"])
     write_plot(
@@ -466,6 +527,17 @@ def notes(dataset: str, payload: dict) -> list[str]:
     )
     protocol = payload.get("protocol", {})
     images = protocol.get("images", {})
+    controls = (
+        "Two controls replace the descriptions (shuffled across classes, or distractors only) and keep the name "
+        "prompts: they measure what the descriptions add to the class names. The third shuffles names and "
+        "descriptions together: what the class text gives at all. Each is a full run on its own text."
+        if payload["config"]["seed"].get("all_controls", True)
+        else "The control replaces each class's descriptions by another class's (shuffled across classes) and "
+        "keeps the name prompts: it measures what wrong descriptions cost, an upper bound on what right ones "
+        "add to the class names. It is a full run on its own text, stage 1 included. The distractor-only and "
+        "whole-text-shuffle controls are left out of this run (`--all-controls` adds them: two more full runs "
+        "per seed)."
+    )
     return [
         "Every trained arm is a `vlltr train` run: the bundled config "
         f"`{recipe.get('config', '?')}` plus the arm's overrides (listed in the JSON under config.arms; "
@@ -484,17 +556,16 @@ def notes(dataset: str, payload: dict) -> list[str]:
         "vision branch alone (`stage2.language_weight=0`, `stage2.alpha=1`, `stage2.train_backbone=true`) for "
         "stage 1's epochs, batch and lr; cRT then freezes the cross-entropy arm's tower and re-trains the "
         "classifier on class-balanced batches; `… + post-hoc LA` adds the logit adjustment τ the product fits on "
-        "the selection images. The LIFT-style arm uses the class-name prompts' embeddings as its classifier (the "
-        "language branch, fixed) and fine-tunes the tower under it. " + text_lr,
+        "the selection images. The LIFT-style arm initialises its classifier (the "
+        "language branch) from the class-name prompts' embeddings and trains it (`stage2.anchor_lr`) with the tower "
+        "under it. " + text_lr,
         "Augmentation deviates from the original (timm `rand-m9-mstd0.5-inc1` with pixel-noise erasing): the "
         "recipe uses `data.augment: light` (random resized crop 0.5–1 and flip), because RandAugment's colour "
         "operations change the class of an image whose class is its colour. Its effect was not measured here.",
         "Each class's text pool is its name in CLIP's 7 prompt templates followed by its description sentences "
         "(`data.templates: simple`). AnSS precision is measured on the descriptions alone, where the truth is "
         "known, with the recommended run's stage-1 model and the selection images.",
-        "Two controls replace the descriptions (shuffled across classes, or distractors only) and keep the name "
-        "prompts: they measure what the descriptions add to the class names. The third shuffles names and "
-        "descriptions together: what the class text gives at all. Each is a full run on its own text.",
+        controls,
         "The added-class bias γ is the product's (`eval.fit_added_classes`): few-shot trained classes treated as "
         "new on the selection images. Held-out classes' labels are never used except to report.",
     ]

@@ -31,7 +31,7 @@ ARM_LABELS = {
     "image_bs_posthoc_la": "Image-only, Balanced Softmax + post-hoc logit adjustment (τ on the selection images)",
     "image_crt": "Image-only, cRT (cross-entropy tower frozen, classifier re-trained on balanced batches)",
     "image_crt_posthoc_la": "Image-only, cRT + post-hoc logit adjustment (τ on the selection images)",
-    "lift_style": "LIFT-style: class-prompt embeddings as the classifier, image tower fine-tuned, LA loss",
+    "lift_style": "LIFT-style: classifier initialised from the class-name prompts, trained with the tower, LA loss",
     "vlltr_faithful": "VL-LTR as published (stage 1 + AnSS + LGR, CE, α=0.2)",
     "vlltr_faithful_vision_branch": "  ↳ its vision (MLP) branch alone",
     "vlltr_faithful_language_branch": "  ↳ its language (anchor) branch alone",
@@ -195,8 +195,9 @@ def write_plot(path: Path, agg: dict[str, Any], title: str) -> None:
     width = 0.8 / len(arms)
     x = np.arange(len(SPLIT_KEYS))
     for i, arm in enumerate(arms):
-        m = [agg["arms"][arm]["mean"][k] for k in SPLIT_KEYS]
-        sd = [agg["arms"][arm]["std"][k] for k in SPLIT_KEYS]
+        # An empty shot group has no mean (NaN in memory, null once written to JSON): no bar.
+        m = [math.nan if (v := agg["arms"][arm]["mean"][k]) is None else v for k in SPLIT_KEYS]
+        sd = [_spread(agg["arms"][arm]["std"][k]) for k in SPLIT_KEYS]
         ax.bar(
             x + (i - (len(arms) - 1) / 2) * width, m, width, yerr=sd, capsize=2, label=ARM_LABELS[arm].replace("*", "")
         )
@@ -211,8 +212,22 @@ def write_plot(path: Path, agg: dict[str, Any], title: str) -> None:
     plt.close(fig)
 
 
-def _fmt(entry: dict[str, Any], k: str) -> str:
-    return f"{entry['mean'][k]:.1f} ± {entry['std'][k]:.1f}"
+def _missing(x: float | None) -> bool:
+    # What has no value (an empty shot group's mean) is NaN in memory and null once written to JSON.
+    return x is None or math.isnan(x)
+
+
+def _spread(std: float | None) -> float:
+    """A seed std for an error bar, 0 where there is none."""
+    return 0.0 if _missing(std) else float(std)  # type: ignore[arg-type]
+
+
+def _fmt(entry: dict[str, Any], k: str, *, spread: bool = True) -> str:
+    """`mean ± std` (just the mean without `spread`, as for one seed, whose std says nothing)."""
+    mean, std = entry["mean"][k], entry["std"][k]
+    if _missing(mean):
+        return "—"
+    return f"{mean:.1f}" if _missing(std) or not spread else f"{mean:.1f} ± {std:.1f}"
 
 
 def _name_style(style: str | None) -> str:
@@ -276,6 +291,58 @@ def _protocol_lines(protocol: dict[str, Any] | None) -> list[str]:
     ]
 
 
+# The arms an other-draw table shows: the best baselines, the published recipe, the recommended one and its control.
+DRAW_ARMS = (
+    "image_bs",
+    "image_bs_posthoc_la",
+    "image_crt_posthoc_la",
+    "lift_style",
+    "vlltr_faithful",
+    "text_recommended",
+    "control_shuffled",
+)
+
+
+def _draw_lines(label: str, draw: dict[str, Any]) -> list[str]:
+    """Another draw's run of the benchmark (its own JSON) as a section of this page: how it was run, its main
+    arms on every split, and which of its own targets it meets."""
+    agg = draw["results"]
+    mono = (draw.get("training_sessions") or {}).get("monochrome_prob", 0.0)
+    targets = draw.get("targets", {})
+    missed = sorted(k for k, t in targets.items() if not t.get("met"))
+    cost = draw.get("from_scratch_min")
+    lines = [
+        f"### {label}",
+        "",
+        f"`{draw['command']}`: seeds {draw['seeds']}, data seed {draw['data_seed']}, imbalance {draw['imbalance']}, "
+        + (f"training shoots in black and white with probability {mono:.2f}" if mono else "every image in colour")
+        + f"; wall time {draw['wall_time_min']:.1f} min"
+        + (f" ({cost:.1f} from scratch)" if cost is not None else "")
+        + f" on {draw['machine']}.",
+        "",
+    ]
+    if draw.get("protocol", {}).get("data_seed_role"):
+        lines += [draw["protocol"]["data_seed_role"], ""]
+    keys = [*SPLIT_KEYS, *(k for k in SUBSET_KEYS if k in agg["arms"]["text_recommended"]["mean"])]
+    heads = {"few_colour": "few, trained on colour", "few_black_and_white": "few, trained only in black and white"}
+    lines += [
+        "| arm | " + " | ".join(heads.get(k, k) for k in keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    spread = len(draw["seeds"]) > 1
+    for arm in DRAW_ARMS:
+        if arm in agg["arms"]:
+            cells = " | ".join(_fmt(agg["arms"][arm], k, spread=spread) for k in keys)
+            lines.append(f"| {ARM_LABELS[arm]} | {cells} |")
+    lines += [
+        "",
+        f"Its own targets: {len(targets) - len(missed)} of {len(targets)} met"
+        + (f" (missed: {', '.join(missed)})." if missed else "."),
+        "",
+    ]
+    return lines
+
+
 def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> None:
     """The human-readable benchmark page: table, targets with their margins, plot, command, seeds."""
     agg, targets = payload["results"], payload["targets"]
@@ -284,7 +351,13 @@ def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> Non
         "",
         f"Generated by `{payload['command']}` (seeds {payload['seeds']}, data seed {payload['data_seed']}, "
         f"imbalance {payload['imbalance']}{', QUICK smoke scale: not a result' if payload['quick'] else ''}). "
-        f"Wall time {payload['wall_time_min']:.1f} min on {payload['machine']}.",
+        f"Wall time {payload['wall_time_min']:.1f} min on {payload['machine']}"
+        + (
+            f"; from scratch (every pretraining build and arm as recorded when it was trained, whether this "
+            f"call trained it or found it cached) {payload['from_scratch_min']:.1f} min."
+            if payload.get("from_scratch_min") is not None
+            else "."
+        ),
         "",
         *(
             [f"**Only seeds {payload['seeds']} of the requested {payload['seeds_requested']} completed.**", ""]
@@ -391,6 +464,12 @@ def write_markdown(path: Path, payload: dict[str, Any], notes: list[str]) -> Non
         _pretrain_line(payload["pretrain"]),
         "",
     ]
+    draws = payload.get("other_draws") or []
+    if draws:
+        lines += ["## Other draws", "", "The same command on other draws of the data, each its own run and JSON.", ""]
+        for entry in draws:
+            draw_json = path.parent / entry["path"]
+            lines += _draw_lines(entry["label"], json.loads(draw_json.read_text()))
     if payload.get("findings"):
         lines += (
             ["## Findings (why the targets are met or missed)", ""] + [f"- {f}" for f in payload["findings"]] + [""]

@@ -16,21 +16,22 @@ Arms:
 - `image_crt`: decoupled classifier re-training (cRT): `image_ce`'s fine-tuned image tower frozen (its CLIP is
   this run's `model.pretrained`) and a new vision branch trained on class-balanced batches; with and without the
   post-hoc adjustment.
-- `lift_style`: LIFT's idea in the product's terms: the class-name prompts' embeddings are the classifier (the
-  language branch's anchors, no descriptions), the image tower fine-tuned under it with the logit-adjusted loss
-  (deviations in `bench.longtail.protocol.arm_plans`).
+- `lift_style`: LIFT's idea in the product's terms: the class-name prompts' embeddings initialise the classifier
+  (the language branch's anchors, no descriptions, trained at `stage2.anchor_lr`), the image tower fine-tuned
+  under it with the logit-adjusted loss (deviations in `bench.longtail.protocol.arm_plans`).
 - `vlltr_faithful`: the published recipe: the recommended run's stage 1 and AnSS (same settings), then the
   published stage 2 (CE on both branches, mixup 0.8 / cutmix 1.0 on pixels, smoothing 0.1, sqrt sampling),
   fusion α = 0.2, no post-hoc adjustment.
 - `text_recommended`: the bundled recipe itself (`shapes-lt-pretrained`), scored as served (its calibration).
 - Controls on the recommended recipe, each a full run on its own text (so the text is removed everywhere it
-  enters, stage 1 included): `control_shuffled` (descriptions permuted across classes) and
-  `control_distractors` (distractor sentences only) keep the name prompts; `control_text_shuffled` permutes
-  names and descriptions together.
+  enters, stage 1 included): `control_shuffled` (descriptions permuted across classes) keeps the name prompts;
+  with `--all-controls` also `control_distractors` (distractor sentences only, name prompts kept) and
+  `control_text_shuffled` (names and descriptions permuted together).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -67,6 +68,9 @@ from vlltr.training.pretrain import load_pretrained
 log = logging.getLogger(__name__)
 
 SHARED_STAGE_DIRS = ("stage1", "anss")
+# Seconds each arm's run took when it was trained, kept beside the runs: a rerun that finds an arm finished
+# reports what training it cost, not the instant of reloading it.
+ARM_SECONDS_FILE = "arm-seconds.json"
 # Config sections that must agree for an arm to reuse another's stage 1 and AnSS.
 STAGE1_SECTIONS = ("model", "data", "stage1", "anss", "run")
 
@@ -78,6 +82,7 @@ class SeedConfig:
 
     recipe: Recipe = field(default_factory=lambda: Recipe("shapes-lt-pretrained"))
     text_lr_scale: float = 1.0  # the recommended recipe's stage-1 text-tower lr multiplier (1: published)
+    all_controls: bool = False  # also the protocol's EXTRA_CONTROLS (two more full runs per seed)
 
 
 @dataclass
@@ -158,7 +163,8 @@ def _share_stage1(source: Path, target: Path) -> None:
 def train_arm(
     name: str, plan: ArmPlan, bm: Benchmark, pretrained: Path, seed: int, cfg: SeedConfig, runs_dir: Path
 ) -> tuple[TrainedRun, float]:
-    """Run (or resume, or reload) one arm's `vlltr train`; returns the finished run and the seconds it took."""
+    """Run (or resume, or reload) one arm's `vlltr train`; returns the finished run and the seconds its training
+    took (for an arm found finished, the seconds recorded when it was trained, `ARM_SECONDS_FILE`)."""
     text = write_text_variant(bm, plan.text_variant, seed)
     recipe = cfg.recipe
     if cfg.text_lr_scale != 1.0 and not plan.image_only:
@@ -178,9 +184,21 @@ def train_arm(
         if config_fingerprint(src_cfg, STAGE1_SECTIONS) == config_fingerprint(arm_cfg, STAGE1_SECTIONS):
             run_dir.mkdir(parents=True, exist_ok=True)
             _share_stage1(source, run_dir)
+    record_path = runs_dir / ARM_SECONDS_FILE
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    finished_before = (run_dir / "metrics.json").is_file()  # run_training's mark of a finished run
     t = time.perf_counter()
     run_training(arm_cfg, run_dir)
-    return load_final_model(run_dir), time.perf_counter() - t
+    seconds = time.perf_counter() - t
+    if finished_before and name in record:
+        seconds = float(record[name])
+    elif finished_before:
+        log.warning("%s was finished before its training time was recorded: its time counts as reloading it", name)
+    else:
+        # An arm resumed after an interruption counts from its resumption: its record is a lower bound.
+        record[name] = round(seconds, 1)
+        record_path.write_text(json.dumps(record, indent=2, sort_keys=True))
+    return load_final_model(run_dir), seconds
 
 
 def run_seed(bm: Benchmark, pretrained_path: Path, seed: int, cfg: SeedConfig, runs_dir: Path) -> dict[str, Any]:
@@ -227,8 +245,11 @@ def run_seed(bm: Benchmark, pretrained_path: Path, seed: int, cfg: SeedConfig, r
     del pretrained
 
     runs: dict[str, TrainedRun] = {}
-    for name, plan in arm_plans(cfg.recipe.faithful_alpha).items():
+    reloaded_s = 0.0  # the training time of arms found finished, which this call did not spend
+    for name, plan in arm_plans(cfg.recipe.faithful_alpha, all_controls=cfg.all_controls).items():
+        t = time.perf_counter()
         run, seconds = train_arm(name, plan, bm, pretrained_path, seed, cfg, runs_dir)
+        reloaded_s += max(0.0, seconds - (time.perf_counter() - t))
         timings[name] = seconds
         ids = [c["dataset_id"] for c in run.classes]
         if ids != [int(c) for c in trained]:
@@ -255,7 +276,9 @@ def run_seed(bm: Benchmark, pretrained_path: Path, seed: int, cfg: SeedConfig, r
     if held is not None:
         extra["added"] = _added_classes(bm, rec, test, held, names)
     timings["added"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_start
+    # What the seed costs from scratch (builds apart): this call's time plus the recorded training time of the
+    # arms it found finished.
+    timings["total"] = time.perf_counter() - t_start + reloaded_s
     return {
         "arms": arms,
         **extra,

@@ -58,6 +58,7 @@ def quick_run(tmp_path_factory):
             "--pretrain-seed",
             "7",
             "--pretrain-per-seed",
+            "--all-controls",
             "--out",
             str(out),
             "--cache-dir",
@@ -161,3 +162,42 @@ def test_targets_are_computed_from_the_measurements(quick_run):
         recomputed["shuffled_text_few_shot_drop"]["value"] + 60.0, abs=1e-3
     )
     assert after["few_shot_gain_over_best_image_only"]["met"] is True
+
+
+def _render(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "bench.longtail", "--dataset", "shapes-lt", "--render-only", "--out", str(out), *extra],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_other_draws_are_sections_of_the_page(quick_run, tmp_path):
+    out, data, _ = quick_run
+    page, draw = tmp_path / "page", tmp_path / "draw"
+    for folder in (page, draw):
+        folder.mkdir()
+        for suffix in ("json", "png"):
+            (folder / f"shapes-lt.{suffix}").write_bytes((out / f"shapes-lt.{suffix}").read_bytes())
+    proc = _render(page, "--draw", f"Colour-only draw={draw / 'shapes-lt.json'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (page / "shapes-lt.md").read_text()
+    section = md.split("## Other draws", 1)[1]
+    assert "### Colour-only draw" in section and data["command"] in section
+    # One seed: means without a spread; the draw's own targets are counted from its JSON.
+    rec = data["results"]["arms"]["text_recommended"]["mean"]["overall"]
+    assert f"| {rec:.1f} |" in section.split("Recommended", 1)[1].splitlines()[0]
+    met = sum(t["met"] for t in data["targets"].values())
+    assert f"Its own targets: {met} of {len(data['targets'])} met" in section
+    # The list is kept in the page's JSON (relative to it), so a later render keeps the section.
+    assert json.loads((page / "shapes-lt.json").read_text())["other_draws"] == [
+        {"label": "Colour-only draw", "path": "../draw/shapes-lt.json"}
+    ]
+    assert _render(page).returncode == 0 and "### Colour-only draw" in (page / "shapes-lt.md").read_text()
+    # A missing file is a one-line usage error, not a traceback.
+    bad = _render(page, "--draw", f"x={tmp_path / 'none.json'}")
+    assert bad.returncode == 2 and "--draw takes LABEL=JSON" in bad.stderr and "Traceback" not in bad.stderr

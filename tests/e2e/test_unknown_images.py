@@ -4,7 +4,7 @@ bundle. Images far from every class (uniform noise, another benchmark's digits) 
 trained classes' own test images mostly do not; `VLLTR_UNKNOWN_THRESHOLD` overrides the bundle's threshold.
 
 The bounds are loose on purpose: `python -m bench.unknown` measured, on this recipe, 100% of noise and 89% of
-Digits-LT test images flagged against 6% of trained-class test images (docs/benchmarks/shapes-lt.md)."""
+Digits-LT test images flagged against 6% of trained-class test images (docs/benchmarks/unknown.md)."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -462,6 +463,7 @@ def build_pretrained(
         key: the recipe's cache key, recorded in the `.json` (computed when not given).
     """
     _check_recipe(cfg, benchmark_dir)
+    started = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     input_size = clip_dims(create_clip(cfg.arch)).image_size
@@ -481,6 +483,7 @@ def build_pretrained(
         "provenance": data.provenance,
         "example_captions": [data.captions[i][0] for i in range(min(12, len(data.captions)))],
         "environment": describe_environment(torch.device("cpu")),
+        "seconds": round(time.perf_counter() - started, 1),  # drawing the caption set and training
     }
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     return path

@@ -11,6 +11,7 @@ import pytest
 
 from bench.longtail.data import load_benchmark
 from bench.longtail.protocol import (
+    EXTRA_CONTROLS,
     FIT_FILE,
     SELECT_FILE,
     Recipe,
@@ -107,8 +108,10 @@ def test_every_arm_is_a_valid_product_config(bench, tmp_path):
     write_selection_split(bench, seed=0)
     pre = tmp_path / "pre.pt"
     recipe = Recipe("shapes-lt-pretrained")
-    plans = arm_plans(0.2)
+    plans = arm_plans(0.2, all_controls=True)
     assert set(plans) >= {"text_recommended", "vlltr_faithful", "image_ce", "image_bs", "control_shuffled"}
+    # The page's command leaves out only the extra controls (each a full run); the shuffled one always runs.
+    assert set(plans) - set(arm_plans(0.2)) == set(EXTRA_CONTROLS) and "control_shuffled" in arm_plans(0.2)
     configs = {name: arm_config(recipe, plan, bench, pre, 1, {}) for name, plan in plans.items()}
     rec = configs["text_recommended"]
     bundled = load_config("shapes-lt-pretrained")
@@ -126,8 +129,9 @@ def test_every_arm_is_a_valid_product_config(bench, tmp_path):
     crt = configs["image_crt"].stage2  # decoupled: a frozen tower (image_ce's, set by the runner), balanced batches
     assert not crt.train_backbone and crt.sampler == "balanced" and crt.language_weight == 0 and crt.alpha == 1
     assert plans["image_crt"].starts_from == "image_ce" and configs["image_crt"].stage1.epochs == 0
-    lift = configs["lift_style"]  # text-initialised classifier over the pretrained CLIP, tower fine-tuned
+    lift = configs["lift_style"]  # text-initialised classifier over the pretrained CLIP, both trained
     assert lift.stage1.epochs == 0 and lift.stage2.train_backbone and lift.stage2.alpha == 0.0
+    assert lift.stage2.anchor_lr > 0 and rec.stage2.anchor_lr == 0  # LIFT's classifier trains; the recipe's not
     assert lift.stage2.epochs == rec.stage1.epochs and lift.stage2.loss == "logit_adjusted"
     faithful = configs["vlltr_faithful"]
     assert faithful.stage1 == rec.stage1 and faithful.anss == rec.anss  # so it may share the stage-1 run
@@ -175,7 +179,7 @@ def test_every_scale_builds_every_arms_config(dataset, quick, tmp_path):
 
     _, pre_cfg, seed_cfg = settings(dataset, quick)
     bm = SimpleNamespace(root=tmp_path)
-    for name, plan in arm_plans(seed_cfg.recipe.faithful_alpha).items():
+    for name, plan in arm_plans(seed_cfg.recipe.faithful_alpha, all_controls=True).items():
         cfg = arm_config(seed_cfg.recipe, plan, bm, tmp_path / "pre.pt", 0, {})  # a ConfigError names a bad key
         assert cfg.model.arch == pre_cfg.arch, name  # every arm starts from the pretraining build's architecture
         no_stage1 = "stage1.epochs=0" in plan.overrides

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import replace
 
@@ -69,6 +70,7 @@ def test_shapes_caption_set_is_deterministic_and_preprocessed():
 def test_checkpoint_is_cached_and_loads_as_model_pretrained(tmp_path):
     path = pretrained_checkpoint(TINY, tmp_path, progress=False)
     assert path.is_file() and path.with_suffix(".json").is_file()
+    assert json.loads(path.with_suffix(".json").read_text())["seconds"] > 0  # what a build costs, kept with it
     mtime = path.stat().st_mtime_ns
     assert pretrained_checkpoint(TINY, tmp_path, progress=False) == path  # cached: no second training
     assert path.stat().st_mtime_ns == mtime

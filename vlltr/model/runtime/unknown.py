@@ -9,7 +9,7 @@ Every score grows as the image nears a class:
   language branch's logit over the head's logit scale), a distance in the joint image-text space;
 - `probability`: the top calibrated fused probability, which a softmax keeps high for an image far from
   every class as long as one class is less far than the others.
-Which flags out-of-set images best is measured in `bench/unknown.py` (docs/benchmarks/shapes-lt.md).
+Which flags out-of-set images best is measured in `bench/unknown.py` (docs/benchmarks/unknown.md).
 `vision_energy` knows only the trained classes: an image of a class added by text, which has no vision
 logit, is judged by how near it is to the trained ones.
 """
