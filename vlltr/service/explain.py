@@ -92,9 +92,11 @@ class PreparedOptions:
     label_features: np.ndarray | None = None  # [L, D] unit text directions of `options.labels`
 
 
-def check_options(options: ClassifyOptions, served: ServedTable) -> None:
-    """Raise `ClassValidationError` (422) for options no scoring could honour: both `classes` and `labels`,
-    an empty or oversized list, a label too long or blank, a class name the table does not serve."""
+def check_option_rules(options: ClassifyOptions) -> None:
+    """Raise `ClassValidationError` (422) for options that break a rule the OpenAPI document states, whatever
+    the served table: both `classes` and `labels`, an empty or oversized list, a label too long or blank, a
+    class name too long. Checked for the request before any image, so a batch whose images all fail to decode
+    is still refused for its options."""
     if options.classes is not None and options.labels is not None:
         raise ClassValidationError("give either classes (a subset of the served classes) or labels, not both")
     if options.labels is not None:
@@ -106,6 +108,15 @@ def check_options(options: ClassifyOptions, served: ServedTable) -> None:
     if options.classes is not None:
         if not 1 <= len(options.classes) <= MAX_SUBSET:
             raise ClassValidationError(f"classes: give 1 to {MAX_SUBSET} class names, got {len(options.classes)}")
+        broken = broken_item_rule("classes", options.classes, label=False)
+        if broken:
+            raise ClassValidationError(broken)
+
+
+def check_options(options: ClassifyOptions, served: ServedTable) -> None:
+    """`check_option_rules`, and every name of a `classes` subset must be served (`ClassValidationError`)."""
+    check_option_rules(options)
+    if options.classes is not None:
         missing = [name for name in options.classes if served.table.index_of(name) is None]
         if missing:
             shown = ", ".join(repr(n) for n in missing[:5])

@@ -377,7 +377,9 @@ class FrontCore:
                 )
             else:
                 todo.append(i)
+        asked = False  # whether the engine has seen the options (it checks them on every call)
         if self.engine_caches and todo:
+            asked = True
             for i in todo:
                 keys[i] = cache_key(self.bundle.bundle_id, await self.prep.digest(images[i]))
             lookups: list[ImageJob | str] = [k for k in (keys[i] for i in todo) if k is not None]
@@ -399,6 +401,10 @@ class FrontCore:
         if jobs:
             for i, result in zip(sent, await self.client.score(jobs, [keys[i] for i in sent], options)):
                 out[i] = result if result is not None else NotReadyError(ENGINE_GONE)
+        elif "classify" in options and not asked:
+            # No image reached the engine: it still judges the options against the served table, so a request
+            # naming classes nobody serves is refused whatever its images, as in one process.
+            await self.client.score([], [], options)
         return [r if r is not None else NotReadyError(ENGINE_GONE) for r in out]
 
     async def _job(self, data: bytes | bytearray, top_k: int) -> ImageJob:

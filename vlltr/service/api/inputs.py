@@ -14,7 +14,14 @@ from pydantic import BaseModel, ValidationError
 
 from vlltr.service.api.errors import ApiError, describe_validation_errors
 from vlltr.service.api.uploads import BodyHold, Part, read_body
-from vlltr.service.explain import MAX_LABEL_CHARS, MAX_LABELS, MAX_SUBSET, ClassifyOptions, broken_item_rule
+from vlltr.service.explain import (
+    MAX_LABEL_CHARS,
+    MAX_LABELS,
+    MAX_SUBSET,
+    ClassifyOptions,
+    broken_item_rule,
+    check_option_rules,
+)
 from vlltr.service.schemas import ClassifyBatchJson, ClassifyJson, ClassifyOptionFields
 from vlltr.service.settings import Settings
 
@@ -78,9 +85,10 @@ OptionQueries = Annotated[QueryOptions, Depends(option_queries)]
 
 
 def options_from(query: QueryOptions, body: ClassifyOptionFields | None) -> ClassifyOptions:
-    """The request's options: the JSON body's fields where given, else the query's. A query list the body
-    replaces must still be one the query could give (`ApiError` 422 otherwise): the OpenAPI document states its
-    item rules, and a request breaking them is refused whichever list is used."""
+    """The request's options: the JSON body's fields where given, else the query's, checked against the rules
+    the OpenAPI document states (`ClassValidationError` 422; the served names are checked when the images are
+    scored). A query list the body replaces must still be one the query could give (`ApiError` 422 otherwise):
+    a request breaking the document's item rules is refused whichever list is used."""
     if body is not None:
         if body.classes is not None:
             _refuse_broken("query.classes", query.classes, label=False)
@@ -89,11 +97,13 @@ def options_from(query: QueryOptions, body: ClassifyOptionFields | None) -> Clas
     explain = body.explain if body is not None and body.explain is not None else query.explain
     classes = body.classes if body is not None and body.classes is not None else query.classes
     labels = body.labels if body is not None and body.labels is not None else query.labels
-    return ClassifyOptions(
+    options = ClassifyOptions(
         explain=explain,
         classes=tuple(classes) if classes is not None else None,
         labels=tuple(labels) if labels is not None else None,
     )
+    check_option_rules(options)
+    return options
 
 
 def _refuse_broken(where: str, values: list[str] | None, *, label: bool) -> None:
