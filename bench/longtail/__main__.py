@@ -49,15 +49,20 @@ from bench.longtail.protocol import SELECT_FRACTION, Recipe, arm_plans, write_se
 from bench.longtail.report import (
     IMAGE_ONLY_ARMS,
     aggregate,
+    aggregate_ablation,
     compute_targets,
+    write_ablation_markdown,
     write_json,
     write_markdown,
     write_plot,
 )
-from bench.longtail.runner import SeedConfig, black_and_white_only, run_seed
+from bench.longtail.runner import SeedConfig, ablation_arm, black_and_white_only, run_ablation, run_seed
+from vlltr.errors import ConfigError
 from vlltr.model.networks.factory import clip_dims, create_clip
+from vlltr.model.runtime.machine import cpu_model
 from vlltr.training.benchmarks import FORMAT_VERSIONS, write_benchmark
 from vlltr.training.benchmarks.shapes_text import NAME_STYLES
+from vlltr.training.config import load_config
 from vlltr.training.pretrain import (
     PRETRAIN_MONOCHROME,
     PRETRAIN_RECIPES,
@@ -239,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also the distractor-only and whole-text-shuffle controls (two more full runs per seed; the "
         "shuffled-description control always runs)",
     )
+    p.add_argument(
+        "--ablate",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="instead of the benchmark: the recommended recipe beside itself with these `vlltr train` overrides "
+        "(repeatable), paired per seed, written to OUT/DATASET-ablation-....{md,json}",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke-test scale (not a result)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="where the .md/.json/.png go")
     p.add_argument(
@@ -297,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.pretrain_epochs < 1:
             p.error("--pretrain-epochs must be >= 1")
         pre_cfg = replace(pre_cfg, epochs=args.pretrain_epochs)
+    ablate = tuple(args.ablate or ())
+    if ablate:
+        try:  # a mistyped key stops here, before any data is drawn or anything trains
+            load_config(seed_cfg.recipe.config, [*seed_cfg.recipe.overrides, *ablate])
+        except (ConfigError, ValueError) as exc:
+            p.error(f"--ablate: {exc}")
     names = f"-{args.names}" if args.dataset == "shapes-lt" else ""
     mono = f"-bw{monochrome:g}" if monochrome else ""
     tag = f"{args.dataset}-s{args.seed}-ir{args.imbalance or 'default'}{names}{mono}{'-quick' if args.quick else ''}"
@@ -322,11 +341,60 @@ def main(argv: list[str] | None = None) -> int:
         # Keyed by the data, the pretraining build and the selection split, so a cached run is only resumed on
         # the same inputs (its config lists the files by name, not by content).
         runs_dir = args.cache_dir / "runs" / f"{tag}-{builds[s][1].stem}-select{selection_key}" / f"seed{s}"
+        if ablate:
+            per_seed[s] = run_ablation(bm, builds[s][1], s, seed_cfg, runs_dir, ablate)
+            page = _write_ablation(args, command, started, pre_cfg, builds, seed_cfg, per_seed, ablate)
+            continue
         per_seed[s] = run_seed(bm, builds[s][1], s, seed_cfg, runs_dir)
         # Written after every seed, so an interrupted run still leaves honest (fewer-seed) results.
         _write_outputs(args, command, started, bm, pre_cfg, builds, seed_cfg, per_seed, selection)
-    log.info("wrote %s (%.1f min)", args.out / f"{args.dataset}.md", (time.perf_counter() - started) / 60)
+        page = args.out / f"{args.dataset}.md"
+    log.info("wrote %s (%.1f min)", page, (time.perf_counter() - started) / 60)
     return 0
+
+
+def ablation_page(out: Path, dataset: str, overrides: tuple[str, ...]) -> Path:
+    """Where an ablation's page goes: `OUT/DATASET-ablation-data.augment-original.md` (the JSON beside it)."""
+    return out / f"{dataset}-ablation-{'+'.join(o.replace('=', '-') for o in overrides)}.md"
+
+
+def _write_ablation(
+    args: argparse.Namespace,
+    command: str,
+    started: float,
+    pre_cfg: PretrainCfg,
+    builds: dict[int, tuple[PretrainCfg, Path]],
+    seed_cfg: SeedConfig,
+    per_seed: dict[int, dict],
+    overrides: tuple[str, ...],
+) -> Path:
+    ablated = ablation_arm(overrides)
+    agg = aggregate_ablation(per_seed, "text_recommended", ablated)
+    pretrain = _pretrain_summary(pre_cfg, builds, args.pretrain_per_seed)
+    build_s = list(pretrain["build_seconds"].values())
+    arm_s = sum(sum(t.values()) for t in agg["timings_s"].values())
+    page = ablation_page(args.out, args.dataset, overrides)
+    payload = {
+        "dataset": args.dataset,
+        "command": command,
+        "seeds": sorted(per_seed),
+        "seeds_requested": args.seeds,
+        "data_seed": args.seed,
+        "recipe": seed_cfg.recipe.config,
+        "overrides": list(overrides),
+        "recipe_arm": "text_recommended",
+        "ablated_arm": ablated,
+        "wall_time_min": round((time.perf_counter() - started) / 60, 2),
+        "from_scratch_min": None if None in build_s else round((arm_s + sum(build_s)) / 60, 2),
+        "machine": f"{platform.machine()} ({cpu_model()}), torch {torch.__version__} "
+        f"({torch.backends.cpu.get_cpu_capability()} kernels), {args.threads} torch threads, "
+        f"{os.cpu_count()} CPUs visible",
+        "pretrain": pretrain,
+        "results": agg,
+    }
+    write_json(page.with_suffix(".json"), payload)
+    write_ablation_markdown(page, payload)
+    return page
 
 
 def _write_outputs(
@@ -400,7 +468,7 @@ def _write_outputs(
     }
     write_json(args.out / f"{args.dataset}.json", payload)
     write_plot(plot, agg, f"{args.dataset}: accuracy per split ({len(done)} seed{'s' if len(done) > 1 else ''})")
-    write_markdown(args.out / f"{args.dataset}.md", payload, notes(args.dataset, payload))
+    write_markdown(args.out / f"{args.dataset}.md", payload, notes(args.dataset, payload, args.out))
 
 
 def _from_scratch_min(agg: dict, build_seconds: dict[str, float | None]) -> float | None:
@@ -490,11 +558,33 @@ def render_only(args: argparse.Namespace) -> int:
         payload["results"],
         f"{args.dataset}: accuracy per split ({n} seed{'s' if n > 1 else ''})",
     )
-    write_markdown(args.out / f"{args.dataset}.md", payload, notes(args.dataset, payload))
+    write_markdown(args.out / f"{args.dataset}.md", payload, notes(args.dataset, payload, args.out))
     return 0
 
 
-def notes(dataset: str, payload: dict) -> list[str]:
+AUGMENT_ABLATION = ("data.augment=original",)
+
+
+def _augment_note(dataset: str, out: Path) -> str:
+    """What the page says of its augmentation: the deviation, and its effect where `--ablate` measured it."""
+    note = (
+        "Augmentation deviates from the original (timm `rand-m9-mstd0.5-inc1` with pixel-noise erasing): the "
+        "recipe uses `data.augment: light` (random resized crop 0.5–1 and flip), because RandAugment's colour "
+        "operations change the class of an image whose class is its colour."
+    )
+    page = ablation_page(out, dataset, AUGMENT_ABLATION)
+    if not page.with_suffix(".json").is_file():
+        return note + " Its effect is not measured here (`--ablate data.augment=original` measures it)."
+    ablation = json.loads(page.with_suffix(".json").read_text())
+    diff = ablation["results"]["difference"]["mean"]
+    cells = ", ".join(f"{k.replace('_', ' ')} {v:+.1f}" for k, v in diff.items() if v is not None)
+    return (
+        note + f" Measured ([{page.name}]({page.name}), data seed {ablation['data_seed']}, seeds "
+        f"{ablation['seeds']}): the recipe with the original augmentation against the recipe, in points: {cells}."
+    )
+
+
+def notes(dataset: str, payload: dict, out: Path) -> list[str]:
     """Fixed facts about how the arms are built (the measured results are in the tables above)."""
     text_lr_scale = payload["config"]["seed"].get("text_lr_scale", 1.0)
     recipe = payload["config"]["seed"].get("recipe", {})
@@ -559,9 +649,7 @@ def notes(dataset: str, payload: dict) -> list[str]:
         "the selection images. The LIFT-style arm initialises its classifier (the "
         "language branch) from the class-name prompts' embeddings and trains it (`stage2.anchor_lr`) with the tower "
         "under it. " + text_lr,
-        "Augmentation deviates from the original (timm `rand-m9-mstd0.5-inc1` with pixel-noise erasing): the "
-        "recipe uses `data.augment: light` (random resized crop 0.5–1 and flip), because RandAugment's colour "
-        "operations change the class of an image whose class is its colour. Its effect was not measured here.",
+        _augment_note(dataset, out),
         "Each class's text pool is its name in CLIP's 7 prompt templates followed by its description sentences "
         "(`data.templates: simple`). AnSS precision is measured on the descriptions alone, where the truth is "
         "known, with the recommended run's stage-1 model and the selection images.",

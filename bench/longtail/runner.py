@@ -201,19 +201,12 @@ def train_arm(
     return load_final_model(run_dir), seconds
 
 
-def run_seed(bm: Benchmark, pretrained_path: Path, seed: int, cfg: SeedConfig, runs_dir: Path) -> dict[str, Any]:
-    """Run every arm for one training seed; returns a JSON-ready dict of metrics, precisions and timings.
-
-    `runs_dir` holds one `vlltr train` run directory per arm (resumed when the benchmark is rerun)."""
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+def _test_split_and_groups(bm: Benchmark) -> tuple[Split, ShotGroups]:
+    """The trained classes' test images, and their shot groups by the benchmark's training counts (fit +
+    select, as its meta.json defines them), with the few-shot classes split by what their training images show
+    where some were trained only in black and white."""
     trained = bm.trained
     remap = {int(c): i for i, c in enumerate(trained)}
-    held_map = {int(c): len(trained) + i for i, c in enumerate(bm.heldout)}
-    test = _split(bm, "test", trained, remap)
-    select = _selection_split(bm, remap)
-    held = _split(bm, "test", bm.heldout, held_map) if len(bm.heldout) else None
-    # Shot groups by the benchmark's training counts (fit + select), as its meta.json defines them.
     counts = np.bincount(np.array([remap[int(v)] for v in bm.labels["train"]]), minlength=len(trained))
     groups = ShotGroups.from_counts(counts, bm.many_threshold, bm.few_threshold)
     colourless = black_and_white_only(bm)
@@ -226,6 +219,47 @@ def run_seed(bm: Benchmark, pretrained_path: Path, seed: int, cfg: SeedConfig, r
                 "few_black_and_white": np.intersect1d(groups.few, greyed),
             },
         )
+    return _split(bm, "test", trained, remap), groups
+
+
+def ablation_arm(overrides: tuple[str, ...]) -> str:
+    """The run directory name of the recipe with `overrides` (`ablation-data.augment_original`)."""
+    return "ablation-" + "+".join(o.replace("=", "_") for o in overrides)
+
+
+def run_ablation(
+    bm: Benchmark, pretrained_path: Path, seed: int, cfg: SeedConfig, runs_dir: Path, overrides: tuple[str, ...]
+) -> dict[str, Any]:
+    """The recommended recipe and the recipe with `overrides`, for one training seed, each a full `vlltr train`
+    run from the same pretrained build on the same data, scored as served (calibrated). `text_recommended`
+    is the benchmark's own run of the recipe (found finished when the benchmark ran on these inputs)."""
+    test, groups = _test_split_and_groups(bm)
+    arms: dict[str, dict[str, Any]] = {}
+    timings: dict[str, float] = {}
+    for name, plan in (("text_recommended", ArmPlan()), (ablation_arm(overrides), ArmPlan(overrides=overrides))):
+        run, timings[name] = train_arm(name, plan, bm, pretrained_path, seed, cfg, runs_dir)
+        zv, zl = run_logits(run, test.x)
+        arms[name] = _pred_metrics(served_pred(run, zv, zl, calibrated=True), test.y, groups)
+        log.info("seed %d %s: %s", seed, name, arms[name])
+    return {
+        "arms": arms,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "groups": {k: int(len(getattr(groups, k))) for k in ("many", "medium", "few")},
+    }
+
+
+def run_seed(bm: Benchmark, pretrained_path: Path, seed: int, cfg: SeedConfig, runs_dir: Path) -> dict[str, Any]:
+    """Run every arm for one training seed; returns a JSON-ready dict of metrics, precisions and timings.
+
+    `runs_dir` holds one `vlltr train` run directory per arm (resumed when the benchmark is rerun)."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    trained = bm.trained
+    remap = {int(c): i for i, c in enumerate(trained)}
+    held_map = {int(c): len(trained) + i for i, c in enumerate(bm.heldout)}
+    test, groups = _test_split_and_groups(bm)
+    select = _selection_split(bm, remap)
+    held = _split(bm, "test", bm.heldout, held_map) if len(bm.heldout) else None
     names = [bm.names[c] for c in trained]
     arms: dict[str, dict[str, Any]] = {}
     extra: dict[str, Any] = {}

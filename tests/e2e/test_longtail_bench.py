@@ -32,44 +32,38 @@ SPLITS = ("overall", "many", "medium", "few")
 pytestmark = pytest.mark.timeout(900)
 
 
+# One training seed (every arm is a full `vlltr train` run; two seeds double the test's time), seed 1 so that the
+# per-seed pretraining build differs from the recipe's.
+QUICK_ARGS = (
+    "--dataset",
+    "shapes-lt",
+    "--quick",
+    "--seeds",
+    "1",
+    "--text-lr-scale",
+    "0.5",
+    "--monochrome-sessions",
+    "0.5",
+    "--pretrain-epochs",
+    "2",
+    "--pretrain-seed",
+    "7",
+    "--pretrain-per-seed",
+)
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "bench.longtail", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
     cache = tmp_path_factory.mktemp("bench-cache")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.longtail",
-            "--dataset",
-            "shapes-lt",
-            "--quick",
-            # One training seed (every arm is a full `vlltr train` run; two seeds double the test's time), seed 1 so
-            # that the per-seed pretraining build differs from the recipe's.
-            "--seeds",
-            "1",
-            "--text-lr-scale",
-            "0.5",
-            "--monochrome-sessions",
-            "0.5",
-            "--pretrain-epochs",
-            "2",
-            "--pretrain-seed",
-            "7",
-            "--pretrain-per-seed",
-            "--all-controls",
-            "--out",
-            str(out),
-            "--cache-dir",
-            str(cache),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = _bench(*QUICK_ARGS, "--all-controls", "--out", str(out), "--cache-dir", str(cache))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "shapes-lt.json").read_text()), cache
 
@@ -201,3 +195,39 @@ def test_other_draws_are_sections_of_the_page(quick_run, tmp_path):
     # A missing file is a one-line usage error, not a traceback.
     bad = _render(page, "--draw", f"x={tmp_path / 'none.json'}")
     assert bad.returncode == 2 and "--draw takes LABEL=JSON" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_ablation_runs_the_recipe_beside_itself_with_the_overrides(quick_run, tmp_path):
+    out, data, cache = quick_run
+    proc = _bench(*QUICK_ARGS, "--ablate", "data.augment=original", "--out", str(tmp_path), "--cache-dir", str(cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    page = tmp_path / "shapes-lt-ablation-data.augment-original.md"
+    ablation = json.loads(page.with_suffix(".json").read_text())
+    agg = ablation["results"]
+    # The recipe's side is the benchmark's own run of it, found in the cache: the same numbers.
+    recipe = agg["arms"]["text_recommended"]["per_seed"]["1"]
+    benchmarked = data["results"]["arms"]["text_recommended"]["per_seed"]["1"]
+    assert {k: recipe[k] for k in SPLITS} == {k: benchmarked[k] for k in SPLITS}
+    ablated = ablation["ablated_arm"]
+    runs = next((cache / "runs").glob("*/seed1"))
+    assert load_config(runs / ablated / "config.yaml").data.augment == "original"
+    assert load_config(runs / "text_recommended" / "config.yaml").data.augment == "light"
+    other = agg["arms"][ablated]["per_seed"]["1"]
+    assert agg["difference"]["per_seed"]["1"]["few"] == pytest.approx(other["few"] - recipe["few"], abs=1e-3)
+    assert ablation["from_scratch_min"] > 0 and "Difference (with − without" in page.read_text()
+    # The benchmark page, rendered again beside it, states the measured effect instead of "not measured".
+    page_dir = tmp_path / "page"
+    page_dir.mkdir()
+    for suffix in ("json", "png"):
+        (page_dir / f"shapes-lt.{suffix}").write_bytes((out / f"shapes-lt.{suffix}").read_bytes())
+    for suffix in ("json", "md"):
+        (page_dir / page.with_suffix(f".{suffix}").name).write_bytes(page.with_suffix(f".{suffix}").read_bytes())
+    assert "not measured here" in (out / "shapes-lt.md").read_text()
+    assert _render(page_dir).returncode == 0
+    assert f"Measured ([{page.name}]" in (page_dir / "shapes-lt.md").read_text()
+
+
+def test_an_ablation_with_an_unknown_key_stops_before_any_work(tmp_path):
+    proc = _bench(*QUICK_ARGS, "--ablate", "data.augmentation=original", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "--ablate" in proc.stderr and "data.augmentation" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
