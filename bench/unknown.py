@@ -3,13 +3,18 @@
     python -m bench.unknown --bundle BUNDLE --data DATA [--other DIR ...] [--photos] [--noise N]
 
 DATA is the benchmark the bundle was trained on (`vlltr data shapes-lt|digits-lt --out DATA`). For each
-candidate score (`vlltr.model.runtime.unknown`: `vision_energy`, `language_cosine`, `probability`; and, as a
-reference the bundle cannot compute, `train_centroid`, the largest cosine to a trained class's mean training
-image feature) the threshold is fitted as training fits it, keeping 95% of the in-set validation images
-(`val.txt`); it is then applied to:
+candidate score (`vlltr.model.runtime.unknown`: `vision_energy`, `language_cosine`, `probability`,
+`mahalanobis`, and `typicality` of `vision_energy` and `mahalanobis`; and two references a bundle does
+not compute: `train_centroid`, the largest cosine to a trained class's mean training image feature,
+and `relative_mahalanobis`, the class distance less the distance to all training images together) the
+threshold is fitted as training fits it, keeping 95% of the in-set validation images (`val.txt`),
+`typicality`'s quantiles on the same images. `mahalanobis` uses the bundle's prototypes where it has them, else
+prototypes fitted here on up to 100 training images per class, as `vlltr train` fits them. The threshold is
+then applied to:
 
-- validation-derived out-of-set data, on which a score is chosen: `val_heldout` (validation images of the
-  held-out classes, where the benchmark has them) and the validation split of each `--other` benchmark;
+- out-of-set data a score is chosen on: `val_heldout` (validation images of the held-out classes, where the
+  benchmark has them), the validation split of each `--other` benchmark and, with `--noise`, a draw of noise
+  of its own;
 - the test split's trained-class images (should mostly not be flagged) and held-out-class images;
 - other datasets: the test images of each `--other` benchmark, scikit-learn's two sample photographs
   (`--photos`) and 64 random crops of them, and `--noise` uniform-noise images.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +37,21 @@ import numpy as np
 from PIL import Image
 
 from vlltr.model.runtime.bundle import load_bundle
-from vlltr.model.runtime.manifest import UNKNOWN_SCORES
+from vlltr.model.runtime.manifest import COMPONENT_SCORES, UNKNOWN_SCORES
 from vlltr.model.runtime.predictor import BundlePredictor, probabilities_and_nearness
-from vlltr.model.runtime.unknown import DEFAULT_KEEP, fit_threshold, score_values
+from vlltr.model.runtime.unknown import (
+    DEFAULT_COMPONENTS,
+    DEFAULT_KEEP,
+    TYPICALITY_LEVELS,
+    Prototypes,
+    fit_threshold,
+    score_values,
+    typicality,
+)
 
 BATCH = 128
-CENTROID_IMAGES = 3000  # training images drawn for the reference centroids
-SCORES = (*UNKNOWN_SCORES, "train_centroid")
+PROTOTYPE_IMAGES = 100  # training images per class for the references, as `eval.prototype_images`
+SCORES = (*UNKNOWN_SCORES, "train_centroid", "relative_mahalanobis")
 
 
 def read_split(root: Path, name: str) -> list[tuple[Path, int]]:
@@ -89,20 +103,49 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return unit
 
 
-def centroids(predictor: BundlePredictor, train: list[tuple[Path, int]]) -> np.ndarray:
-    """`[S, D]` unit mean of each trained class's unit training-image features."""
-    feats = _unit(features(predictor, load(train)))
+def per_class(train: list[tuple[Path, int]], n: int, rng: np.random.Generator) -> list[tuple[Path, int]]:
+    """At most `n` training images of each class, as `vlltr train` draws them for the prototypes."""
     labels = np.array([label for _, label in train])
-    return _unit(np.stack([feats[labels == c].mean(axis=0) for c in sorted(set(labels.tolist()))]))
+    chosen: list[int] = []
+    for c in sorted(set(labels.tolist())):
+        idx = np.flatnonzero(labels == c)
+        chosen.extend((idx if len(idx) <= n else rng.choice(idx, size=n, replace=False)).tolist())
+    return [train[i] for i in sorted(chosen)]
 
 
-def scores(predictor: BundlePredictor, images: list[Image.Image], centres: np.ndarray) -> dict[str, np.ndarray]:
+@dataclass
+class Reference:
+    """What the reference scores measure against, from the bundle's trained classes' training images."""
+
+    centres: np.ndarray  # [S, D] unit mean of each class's unit features (`train_centroid`)
+    prototypes: Prototypes  # the bundle's own where it has them, else fitted here as training fits them
+    background: Prototypes  # one Gaussian over all of them (`relative_mahalanobis`)
+
+
+def reference(predictor: BundlePredictor, train: list[tuple[Path, int]]) -> Reference:
+    """The reference statistics from `train` (labels are the bundle's trained-class indices)."""
+    feats = features(predictor, load(train))
+    labels = np.array([label for _, label in train])
+    classes = sorted(set(labels.tolist()))
+    index = np.searchsorted(classes, labels)
+    unit = _unit(feats)
+    centres = _unit(np.stack([unit[index == i].mean(axis=0) for i in range(len(classes))]))
+    own = predictor.bundle.prototypes
+    prototypes = own if own is not None else Prototypes.fit(feats, index, len(classes))
+    return Reference(centres, prototypes, Prototypes.fit(feats, np.zeros(len(feats), dtype=np.int64), 1))
+
+
+def scores(predictor: BundlePredictor, images: list[Image.Image], ref: Reference) -> dict[str, np.ndarray]:
     """Each candidate score of each image, `{score: [N]}`."""
     b = predictor.bundle
     feats = features(predictor, images)
-    probs, near = probabilities_and_nearness(feats, b.head, predictor.table, b.log_prior, b.calibration, b.alpha)
-    out = {s: score_values(s, near, probs.max(axis=1)) for s in UNKNOWN_SCORES}
-    out["train_centroid"] = (_unit(feats) @ centres.T).max(axis=1)
+    probs, near = probabilities_and_nearness(
+        feats, b.head, predictor.table, b.log_prior, b.calibration, b.alpha, prototypes=ref.prototypes
+    )
+    out = {s: score_values(s, near, probs.max(axis=1)) for s in COMPONENT_SCORES}
+    out["train_centroid"] = (_unit(feats) @ ref.centres.T).max(axis=1)
+    # Ren et al., 2021: the class distance less the distance to everything the model was trained on.
+    out["relative_mahalanobis"] = ref.prototypes.score(feats) - ref.background.score(feats)
     return out
 
 
@@ -135,6 +178,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         groups["choice: val, held-out classes"] = load(sample(val_heldout, args.per_split, rng))
     for root, name in others:
         groups[f"choice: val of {name}"] = load(sample(read_split(root, "val"), args.per_split, rng))
+    if args.noise:  # a draw of its own, apart from the reported one
+        groups["choice: uniform noise"] = noise(args.noise, bundle.preprocess.size, rng)
     groups["test: trained classes"] = load(sample([t for t in test if t[1] not in heldout], args.per_split, rng))
     if heldout:
         groups["test: held-out classes"] = load(sample([t for t in test if t[1] in heldout], args.per_split, rng))
@@ -144,24 +189,36 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         groups["other dataset: 2 photographs + 64 crops"] = photos(64, rng)
     if args.noise:
         groups["uniform noise"] = noise(args.noise, bundle.preprocess.size, rng)
-    centres = centroids(predictor, sample(read_split(data, "train"), CENTROID_IMAGES, rng))
-    measured = {name: scores(predictor, images, centres) for name, images in groups.items()}
+    ref = reference(predictor, per_class(read_split(data, "train"), PROTOTYPE_IMAGES, rng))
+    measured = {name: scores(predictor, images, ref) for name, images in groups.items()}
     in_set = next(iter(measured.values()))
-    rules = {s: fit_threshold(in_set[s], DEFAULT_KEEP) for s in SCORES}
+    # `typicality` as training fits it, on the same in-set images as every other column's threshold; with
+    # --typicality, other combinations beside the default one.
+    levels = np.linspace(0.0, 1.0, TYPICALITY_LEVELS)
+    combinations = {"typicality": DEFAULT_COMPONENTS}
+    combinations.update({f"typicality({'+'.join(c)})": c for c in args.typicality if c != DEFAULT_COMPONENTS})
+    for column, combination in combinations.items():
+        components = {c: tuple(np.quantile(in_set[c], levels)) for c in combination}
+        for values in measured.values():
+            values[column] = typicality(components, values)
+    columns = (*SCORES, *(c for c in combinations if c != "typicality"))
+    rules = {s: fit_threshold(in_set[s], DEFAULT_KEEP) for s in columns}
     own = bundle.calibration.unknown
     report: dict[str, Any] = {
         "bundle": str(args.bundle),
         "bundle_rule": None if own is None else own.to_dict(),
+        "scores": list(columns),
         "thresholds": rules,
         "groups": {},
     }
     for name, values in measured.items():
         entry: dict[str, Any] = {"images": int(len(values[SCORES[0]]))}
-        for s in SCORES:
+        for s in columns:
             entry[f"flagged_{s}"] = float(np.mean(values[s] < rules[s]))
             entry[f"auroc_{s}"] = auroc(in_set[s], values[s])
         if own is not None:
-            entry["flagged_bundle_rule"] = float(np.mean(values[own.score] < own.threshold))
+            own_values = typicality(own.components, values) if own.components else values[own.score]
+            entry["flagged_bundle_rule"] = float(np.mean(own_values < own.threshold))
         report["groups"][name] = entry
     return report
 
@@ -169,13 +226,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     """The report as a table: per image group and score, the flagged rate (AUROC against the in-set
     validation images in brackets); the bundle's own rule last."""
-    head = " | ".join(f"`{s}`" for s in SCORES)
-    lines = [f"| images | n | {head} | bundle's rule |", "|---|---:|" + "---:|" * (len(SCORES) + 1)]
+    columns = report.get("scores", SCORES)
+    head = " | ".join(f"`{s}`" for s in columns)
+    lines = [f"| images | n | {head} | bundle's rule |", "|---|---:|" + "---:|" * (len(columns) + 1)]
     for name, g in report["groups"].items():
-        cells = " | ".join(f"{100 * g[f'flagged_{s}']:.1f}% ({g[f'auroc_{s}']:.2f})" for s in SCORES)
+        cells = " | ".join(f"{100 * g[f'flagged_{s}']:.1f}% ({g[f'auroc_{s}']:.2f})" for s in columns)
         own = g.get("flagged_bundle_rule")
         lines.append(f"| {name} | {g['images']} | {cells} | {'-' if own is None else f'{100 * own:.1f}%'} |")
     return "\n".join(lines)
+
+
+def _combination(text: str) -> tuple[str, ...]:
+    names = tuple(text.split("+"))
+    if not names or len(set(names)) != len(names) or not set(names) <= set(COMPONENT_SCORES):
+        raise argparse.ArgumentTypeError(f"give distinct scores of {COMPONENT_SCORES} joined by '+', got {text!r}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--other", action="append", default=[], help="another benchmark's directory (repeatable)")
     parser.add_argument("--photos", action="store_true", help="add scikit-learn's sample photographs and crops")
     parser.add_argument("--noise", type=int, default=0, help="add this many uniform-noise images")
+    parser.add_argument(
+        "--typicality",
+        action="append",
+        default=[],
+        type=_combination,
+        metavar="A+B",
+        help="also the typicality of these scores, as a column of its own (repeatable; the default "
+        f"combination, {'+'.join(DEFAULT_COMPONENTS)}, is always shown)",
+    )
     parser.add_argument("--per-split", type=int, default=800, help="most images drawn from each split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads")

@@ -206,7 +206,7 @@ def verdict(rule: UnknownRule | None, confidence: float, near: Nearness | None) 
     `near` (one row; no verdict without a rule, or without scores: a ranking of ad-hoc labels)."""
     if rule is None or near is None:
         return Verdict(confidence=confidence)
-    value = float(score_values(rule.score, near, np.array([confidence], dtype=np.float32))[0])
+    value = float(score_values(rule.score, near, np.array([confidence], dtype=np.float32), rule)[0])
     return Verdict(confidence=confidence, unknown=value < rule.threshold, unknown_score=value)
 
 
@@ -527,7 +527,7 @@ class ServingCore:
         if plain:
             rows_in = feats if len(plain) == len(jobs) else feats[plain]  # all plain (options off): no copy
             probs, near = probabilities_and_nearness(
-                rows_in, b.head, served.table, b.log_prior, b.calibration, b.alpha, self.shortlist
+                rows_in, b.head, served.table, b.log_prior, b.calibration, b.alpha, self.shortlist, b.prototypes
             )
             idx, vals = top_k(probs, max(jobs[i].top_k for i in plain))
             for row, i in enumerate(plain):

@@ -214,7 +214,7 @@ class OptionScorer:
         queries = b.head.queries(f)
         cal = b.calibration
         z_vis, z_lin = b.head.vision_logits(f), table.language_logits(queries, f)
-        near = Nearness.of(z_vis, z_lin, b.head.logit_scale)
+        near = Nearness.of(z_vis, z_lin, b.head.logit_scale, f, b.prototypes)
         vis, lin = branch_probabilities(
             z_vis,
             z_lin,

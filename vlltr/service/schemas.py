@@ -64,8 +64,10 @@ UNKNOWN = (
 UNKNOWN_SCORE = (
     "the score the `unknown` verdict compares with its threshold, larger = nearer a class (the bundle's rule "
     "names it: `vision_energy`, logsumexp of the vision branch's logits; `language_cosine`, the largest cosine "
-    "between the image and a class's anchor text; or `probability`, the top calibrated probability); null "
-    "when there is no verdict"
+    "between the image and a class's anchor text; `probability`, the top calibrated probability; "
+    "`mahalanobis`, minus the squared Mahalanobis distance to the nearest trained class's training images; or "
+    "`typicality`, the smallest of the image's places (0 to 1) among in-set validation images on the scores "
+    "the rule combines, `GET /v1/model` names them); null when there is no verdict"
 )
 
 
@@ -301,8 +303,11 @@ class ClassCounts(BaseModel):
 
 
 class UnknownRuleInfo(BaseModel):
-    score: Literal["vision_energy", "language_cosine", "probability"] = Field(
+    score: Literal["vision_energy", "language_cosine", "probability", "mahalanobis", "typicality"] = Field(
         description="the score an answer's `unknown_score` holds"
+    )
+    components: list[str] | None = Field(
+        default=None, description="for `typicality`: the scores it combines (the least typical of them counts)"
     )
     threshold: float = Field(description="an image scoring below it is answered `unknown`")
     source: Literal["bundle", "setting"] = Field(

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from vlltr.model.networks.head import calibrated_probabilities
-from vlltr.model.runtime.unknown import Nearness, fit_rule
+from vlltr.model.runtime.unknown import DEFAULT_COMPONENTS, Nearness, Prototypes, fit_rule
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +189,14 @@ def fit_unknown(
     score: str,
     keep: float,
     fitted_on: str,
+    features: np.ndarray | None = None,
+    prototypes: Prototypes | None = None,
+    components: Sequence[str] = DEFAULT_COMPONENTS,
 ) -> dict[str, Any]:
-    """The `unknown` rule (`vlltr.model.runtime.manifest.UnknownRule`) fitted on one split's in-set logits,
-    scored as the service scores (calibrated with `calibration`'s tau and T): the threshold keeping `keep`
-    of the split's images. Returns the fields to merge into `calibration.json` (`unknown`)."""
+    """The `unknown` rule (`vlltr.model.runtime.manifest.UnknownRule`) fitted on one split's in-set logits (and,
+    for `mahalanobis`, its raw image features and the run's prototypes), scored as the service scores
+    (calibrated with `calibration`'s tau and T): the threshold keeping `keep` of the split's images. Returns the
+    fields to merge into `calibration.json` (`unknown`); `typicality` combines `components`."""
     probs = _probs(
         z_vis,
         z_lin,
@@ -200,7 +205,8 @@ def fit_unknown(
         float(calibration["tau"]),
         float(calibration["temperature"]),
     )
-    near = Nearness.of(z_vis.numpy(), z_lin.numpy(), logit_scale)
-    rule = fit_rule(near, probs.max(dim=1).values.numpy(), score=score, keep=keep, fitted_on=fitted_on)
+    near = Nearness.of(z_vis.numpy(), z_lin.numpy(), logit_scale, features, prototypes)
+    top = probs.max(dim=1).values.numpy()
+    rule = fit_rule(near, top, score=score, keep=keep, fitted_on=fitted_on, components=components)
     log.info("unknown verdict: %s below %.4f (keeps %.0f%% of %s)", rule.score, rule.threshold, 100 * keep, fitted_on)
     return {"unknown": rule.to_dict()}

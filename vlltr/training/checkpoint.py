@@ -32,6 +32,7 @@ from vlltr.training.config import Config, load_config
 MODEL_FILE = "model.pt"
 CLASSES_FILE = "classes.json"
 CALIBRATION_FILE = "calibration.json"
+PROTOTYPES_FILE = "prototypes.npz"  # with eval.unknown_score: mahalanobis (vlltr.training.prototypes)
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 

@@ -145,9 +145,15 @@ class EvalCfg:
     pseudo_new: int = 8
     added_class_max_cost: float = 1.5
     # The `unknown` verdict (vlltr/model/runtime/unknown.py): its score ("none": no verdict in the bundle) and
-    # the share of the calibration split's images its threshold keeps.
-    unknown_score: Literal["vision_energy", "language_cosine", "probability", "none"] = "vision_energy"
+    # the share of the calibration split's images its threshold keeps; `typicality` combines `unknown_components`;
+    # `mahalanobis` (alone or as a component) fits its class statistics on at most `prototype_images` training
+    # images per class (vlltr/training/prototypes.py).
+    unknown_score: Literal["vision_energy", "language_cosine", "probability", "mahalanobis", "typicality", "none"] = (
+        "typicality"
+    )
+    unknown_components: list[str] = field(default_factory=lambda: ["vision_energy", "mahalanobis"])
     unknown_keep: float = 0.95
+    prototype_images: int = 100
 
 
 @dataclass

@@ -5,7 +5,7 @@ fits in a couple of minutes on two CPU cores; Shapes-LT alone takes over a minut
 train. Every step is reused when already done, so an interrupted build continues and a finished bundle is
 returned at once.
 
-    python -m training.demo --out BUNDLE_DIR [--work WORK_DIR]
+    python -m vlltr.training.demo --out BUNDLE_DIR [--work WORK_DIR]
 
 The service runs this in a subprocess so that the server process never imports torch.
 """

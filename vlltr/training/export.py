@@ -54,7 +54,7 @@ from vlltr.model.runtime.predictor import BundlePredictor, probabilities
 from vlltr.model.runtime.preprocess import PreprocessSpec, preprocess_batch
 from vlltr.model.runtime.sessions import create_session
 from vlltr.model.runtime.tokenizer import ClipTokenizer, TextSpec, build_tokenizer_json
-from vlltr.training.checkpoint import METRICS_FILE, TrainedRun, load_final_model
+from vlltr.training.checkpoint import METRICS_FILE, PROTOTYPES_FILE, TrainedRun, load_final_model
 from vlltr.training.data.datasets import build_split
 from vlltr.training.data.transforms import preprocess_spec
 from vlltr.training.environment import software_versions
@@ -192,6 +192,9 @@ def _write_bundle(run: TrainedRun, tmp: Path, *, fp16: bool, verify_images: int,
     np.save(tmp / B.ANCHORS, head.anchors.detach().float().cpu().numpy())
     np.save(tmp / B.ANCHOR_MASK, head.anchor_mask.detach().cpu().numpy().astype(bool))
     (tmp / B.CLASSES).write_text(json.dumps(classes, indent=1, ensure_ascii=False), encoding="utf-8")
+    prototypes = run.run_dir / PROTOTYPES_FILE
+    if prototypes.is_file():  # the run's unknown rule uses the mahalanobis score
+        shutil.copyfile(prototypes, tmp / B.PROTOTYPES)
 
     fp16_check: Fp16Check | None = None
     if fp16:
@@ -203,7 +206,8 @@ def _write_bundle(run: TrainedRun, tmp: Path, *, fp16: bool, verify_images: int,
             run, tmp, spec, eval_images[:fp16_images], tokens, classes, source=eval_source
         )
 
-    files = {name: FileEntry.of(tmp / name) for name in B.REQUIRED_FILES}
+    written = (*B.REQUIRED_FILES, *((B.PROTOTYPES,) if (tmp / B.PROTOTYPES).is_file() else ()))
+    files = {name: FileEntry.of(tmp / name) for name in written}
     manifest = Manifest(
         bundle_id=_bundle_id(run.arch, files),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -18,6 +18,7 @@ import torch
 
 from vlltr.errors import ConfigError, DataError, MissingFileError, UnknownArchitectureError
 from vlltr.model.networks.factory import get_tokenizer, list_architectures
+from vlltr.model.runtime.manifest import COMPONENT_SCORES
 from vlltr.training.config import Config
 from vlltr.training.data.classes import load_class_names, load_heldout
 from vlltr.training.data.datasets import ImageListDataset, build_split
@@ -112,6 +113,15 @@ def _check_eval_splits(cfg: Config) -> None:
         raise DataError("anss.reference_split is 'val' but data.val is not configured")
     if not 0 < cfg.eval.unknown_keep <= 1:
         raise ConfigError(f"eval.unknown_keep must lie in (0, 1], got {cfg.eval.unknown_keep}")
+    components = cfg.eval.unknown_components
+    if cfg.eval.unknown_score == "typicality" and (
+        not components or len(set(components)) != len(components) or not set(components) <= set(COMPONENT_SCORES)
+    ):
+        raise ConfigError(
+            f"eval.unknown_components must name distinct scores of {list(COMPONENT_SCORES)}, got {components}"
+        )
+    if cfg.eval.prototype_images < 1:
+        raise ConfigError(f"eval.prototype_images must be at least 1, got {cfg.eval.prototype_images}")
 
 
 def _check_stage_settings(cfg: Config) -> None:

@@ -29,6 +29,7 @@ from vlltr.training.checkpoint import (
     CLASSES_FILE,
     CONFIG_FILE,
     METRICS_FILE,
+    PROTOTYPES_FILE,
     TrainedRun,
     atomic_write_json,
     load_final_model,
@@ -40,6 +41,7 @@ from vlltr.training.environment import record_environment
 from vlltr.training.evaluate import build_eval_split, collect_features, evaluate_run, head_logits
 from vlltr.training.features import encode_token_table
 from vlltr.training.inputs import PreparedInputs, check_model_config, prepare_inputs
+from vlltr.training.prototypes import fit_run_prototypes, write_prototypes
 from vlltr.training.runtime import EpochHook, derive_seed, seed_everything
 from vlltr.training.stage1 import train_stage1
 from vlltr.training.stage2 import build_classifier, train_stage2
@@ -143,6 +145,11 @@ def calibrate(cfg: Config, run_dir: Path, env: DistEnv, inputs: PreparedInputs) 
             tau_step=cfg.eval.tau_step,
         )
         if cfg.eval.unknown_score != "none":
+            prototypes = None
+            scores = cfg.eval.unknown_components if cfg.eval.unknown_score == "typicality" else [cfg.eval.unknown_score]
+            if "mahalanobis" in scores:
+                prototypes = fit_run_prototypes(run, env.device)
+                write_prototypes(prototypes, run_dir / PROTOTYPES_FILE)  # before calibration.json marks the step done
             result.update(
                 fit_unknown(
                     z_vis,
@@ -153,6 +160,9 @@ def calibrate(cfg: Config, run_dir: Path, env: DistEnv, inputs: PreparedInputs) 
                     score=cfg.eval.unknown_score,
                     keep=cfg.eval.unknown_keep,
                     fitted_on=split,
+                    features=feats.numpy(),
+                    prototypes=prototypes,
+                    components=cfg.eval.unknown_components,
                 )
             )
         if cfg.eval.fit_added_classes:

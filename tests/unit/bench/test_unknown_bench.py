@@ -37,3 +37,14 @@ def test_the_table_has_a_row_per_group_and_a_column_per_score() -> None:
 @pytest.mark.parametrize("n", [0, 3])
 def test_sample_never_draws_more_than_there_is(n: int) -> None:
     assert len(sample(list(range(n)), 5, np.random.default_rng(1))) == n
+
+
+def test_a_typicality_combination_names_distinct_scores_a_bundle_computes() -> None:
+    import argparse
+
+    from bench.unknown import _combination
+
+    assert _combination("vision_energy+language_cosine") == ("vision_energy", "language_cosine")
+    for bad in ("vision_energy+vision_energy", "energy", "typicality+mahalanobis"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _combination(bad)

@@ -208,3 +208,42 @@ def test_pickled_array_is_refused(bundle):
     rehash(bundle, "anchor_mask.npy")
     with pytest.raises(BundleError, match=r"^anchor_mask\.npy: cannot read"):
         load_bundle(bundle)
+
+
+def _add_prototypes(bundle: Path, means: np.ndarray, *, rule: bool = True) -> None:
+    np.savez(bundle / "prototypes.npz", means=means, whitening=np.eye(means.shape[1], dtype=np.float32))
+    m = manifest_of(bundle)
+    m["files"]["prototypes.npz"] = file_entry(bundle / "prototypes.npz")
+    if rule:
+        m["calibration"]["unknown"] = {"score": "mahalanobis", "threshold": -2.0, "keep": 0.95, "fitted_on": "val"}
+    write_manifest(bundle, m)
+
+
+def test_prototypes_load_with_the_bundle_and_must_fit_its_head(bundle):
+    assert load_bundle(bundle).prototypes is None  # optional: a bundle whose rule needs none has none
+    _add_prototypes(bundle, np.ones((6, 16), dtype=np.float32))
+    b = load_bundle(bundle)
+    assert b.prototypes is not None and b.prototypes.means.shape == (6, 16)
+    assert b.calibration.unknown is not None and b.calibration.unknown.score == "mahalanobis"
+    _add_prototypes(bundle, np.ones((5, 16), dtype=np.float32))
+    with pytest.raises(BundleError, match=r"^prototypes\.npz: means \(5, 16\), the head says \(6, 16\)"):
+        load_bundle(bundle)
+    (bundle / "prototypes.npz").write_bytes(b"not an npz")
+    rehash(bundle, "prototypes.npz")
+    with pytest.raises(BundleError, match=r"^prototypes\.npz: "):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"score": "mahalanobis", "threshold": -2.0},
+        {"score": "typicality", "threshold": 0.02, "components": {"vision_energy": [0, 1], "mahalanobis": [-9, 0]}},
+    ],
+)
+def test_a_rule_reading_the_mahalanobis_score_without_prototypes_is_refused(bundle, rule):
+    m = manifest_of(bundle)
+    m["calibration"]["unknown"] = rule
+    write_manifest(bundle, m)
+    with pytest.raises(BundleError, match="uses the mahalanobis score, but files does not list prototypes.npz"):
+        load_bundle(bundle)

@@ -10,6 +10,7 @@ import pytest
 from vlltr.model.runtime.manifest import Calibration, UnknownRule
 from vlltr.model.runtime.unknown import (
     Nearness,
+    Prototypes,
     effective_rule,
     fit_rule,
     fit_threshold,
@@ -75,6 +76,10 @@ def test_the_manifest_section_round_trips_and_older_manifests_have_none() -> Non
         ({"score": "probability", "threshold": float("inf")}, "unknown.threshold"),
         ({"score": "probability", "threshold": 0.2, "keep": 1.5}, "unknown.keep"),
         ("0.3", "must be an object"),
+        ({"score": "typicality", "threshold": 0.02}, "unknown.components"),
+        ({"score": "typicality", "threshold": 0.02, "components": {"typicality": [0, 1]}}, "not one of"),
+        ({"score": "typicality", "threshold": 0.02, "components": {"probability": [1, 0]}}, "non-decreasing"),
+        ({"score": "typicality", "threshold": 0.02, "components": {"probability": [0.5]}}, "at least two"),
     ],
 )
 def test_a_malformed_section_is_refused(section: object, message: str) -> None:
@@ -108,3 +113,101 @@ def test_the_verdict_compares_the_rule_score_with_its_threshold() -> None:
     none = verdict(None, 0.8, _near(0.1, 0.0))
     assert (none.confidence, none.unknown, none.unknown_score) == (0.8, None, None)
     assert verdict(rule, 0.8, None).unknown is None  # ad-hoc labels: no class distance to judge by
+
+
+def _blobs(
+    rng: np.random.Generator, centres: np.ndarray, n: int, spread: np.ndarray | float
+) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.repeat(np.arange(len(centres)), n)
+    return centres[labels] + spread * rng.standard_normal((len(labels), centres.shape[1])), labels
+
+
+def test_the_mahalanobis_score_is_minus_the_distance_to_the_nearest_class_under_their_shared_covariance() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.eye(4)[:3] * 5.0
+    feats, labels = _blobs(rng, centres, 200, 0.3)
+    proto = Prototypes.fit(feats, labels, 3, shrinkage=0.0)
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    means = np.stack([unit[labels == c].mean(axis=0) for c in range(3)])
+    within = unit - means[labels]
+    precision = np.linalg.inv(within.T @ within / len(unit))
+    x = rng.standard_normal((5, 4))
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    expected = -np.min([np.einsum("nd,de,ne->n", u - m, precision, u - m) for m in means], axis=0)
+    np.testing.assert_allclose(proto.score(x), expected, rtol=1e-4)
+    # The features' length does not matter (the score is on unit features) and nearer a class means larger.
+    np.testing.assert_allclose(proto.score(3 * x), proto.score(x), rtol=1e-5)
+    assert proto.score(centres[:1])[0] > proto.score(np.array([[1.0, 1.0, 1.0, 0.0]]))[0]
+    assert score_values("mahalanobis", Nearness.of(x, x, 1.0, x, proto), np.zeros(5)).shape == (5,)
+
+
+def test_a_new_combination_of_the_classes_attributes_is_far_for_mahalanobis_not_for_the_cosine() -> None:
+    """What the score is for: classes that share attributes, whose images vary much in directions no class is
+    told apart by. Each class is a shape and a colour (small offsets); a held-out pairing of a seen shape with a
+    seen colour hides in that variation for the cosine to the nearest class mean, not for the Mahalanobis
+    distance, which weighs each direction by how much the trained images vary in it."""
+    rng = np.random.default_rng(1)
+    spread = np.array([0.05] * 4 + [0.6] * 4)  # tight along the attributes, loose along the nuisances
+    base, axis = 3 * np.eye(8)[0], np.eye(8) * 0.5
+    shape, colour = (axis[1], -axis[1]), (axis[2], -axis[2])
+    trained = np.stack([base + shape[0] + colour[0], base + shape[0] + colour[1], base + shape[1] + colour[0]])
+    feats, labels = _blobs(rng, trained, 300, spread)
+    proto = Prototypes.fit(feats, labels, 3)
+    in_set, _ = _blobs(rng, trained, 100, spread)
+    held_out, _ = _blobs(rng, (base + shape[1] + colour[1])[None], 100, spread)
+    assert np.mean(proto.score(held_out) < fit_threshold(proto.score(in_set), 0.95)) > 0.9
+
+    def cosine(x: np.ndarray) -> np.ndarray:
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+        centres = proto.means / np.linalg.norm(proto.means, axis=1, keepdims=True)
+        return np.asarray((unit @ centres.T).max(axis=1))
+
+    assert np.mean(cosine(held_out) < fit_threshold(cosine(in_set), 0.95)) < 0.5
+
+
+def test_prototypes_need_every_class_and_fitting_shapes() -> None:
+    feats, labels = np.ones((4, 3)), np.array([0, 0, 2, 2])
+    with pytest.raises(ValueError, match=r"none for classes \[1\]"):
+        Prototypes.fit(feats, labels, 3)
+    with pytest.raises(ValueError, match="do not fit"):
+        Prototypes(np.zeros((3, 4), np.float32), np.eye(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="needs the bundle's prototypes"):
+        score_values("mahalanobis", _near(0.1, 1.0), np.zeros(1))
+
+
+def test_typicality_is_the_least_typical_place_among_the_in_set_images() -> None:
+    components = {"vision_energy": (0.0, 10.0), "language_cosine": (0.2, 0.4, 0.6)}
+    near = Nearness(cosine=np.array([0.5, 0.6, 0.1]), energy=np.array([5.0, 1.0, 20.0]))
+    rule = UnknownRule("typicality", 0.05, 0.95, "val", components)
+    # image 0: energy at 0.5 of its range, cosine at 0.75: 0.5; image 1: energy 0.1; image 2: cosine below all.
+    np.testing.assert_allclose(score_values("typicality", near, np.zeros(3), rule), [0.5, 0.1, 0.0], atol=1e-6)
+    assert verdict(rule, 0.9, near.row(2)).unknown is True and verdict(rule, 0.9, near.row(0)).unknown is False
+    assert rule.uses == ("vision_energy", "language_cosine") and UnknownRule("probability", 0.1).uses == (
+        "probability",
+    )
+    with pytest.raises(ValueError, match="components"):
+        score_values("typicality", near, np.zeros(3))
+
+
+def test_a_typicality_rule_flags_what_any_of_its_scores_finds_far_at_the_asked_share() -> None:
+    rng = np.random.default_rng(0)
+    energy, cosine = rng.normal(5, 1, 2000), rng.normal(0.5, 0.05, 2000)
+    rule = fit_rule(
+        Nearness(cosine, energy),
+        np.zeros(2000),
+        score="typicality",
+        keep=0.95,
+        fitted_on="val",
+        components=("vision_energy", "language_cosine"),
+    )
+    assert rule.components is not None and set(rule.components) == {"vision_energy", "language_cosine"}
+    assert all(len(q) == 101 for q in rule.components.values())
+    kept = score_values("typicality", Nearness(cosine, energy), np.zeros(2000), rule) >= rule.threshold
+    assert 0.95 <= kept.mean() <= 0.955
+    # Far on one score alone is enough: low energy with a typical cosine, a low cosine with a typical energy.
+    odd = Nearness(np.array([0.5, 0.2]), np.array([0.0, 5.0]))
+    assert (score_values("typicality", odd, np.zeros(2), rule) < rule.threshold).all()
+    # The manifest keeps the components; a threshold set by the service keeps them too.
+    assert Calibration.from_dict(Calibration(unknown=rule).to_dict()).unknown == rule
+    overridden = effective_rule(rule, 0.2)
+    assert overridden is not None and overridden.components == rule.components and overridden.threshold == 0.2

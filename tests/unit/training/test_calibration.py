@@ -85,22 +85,27 @@ def test_fit_calibration_content():
     assert result["nll_after"] <= result["nll_before"] + 1e-9
 
 
-@pytest.mark.parametrize("score", ["vision_energy", "language_cosine", "probability"])
+@pytest.mark.parametrize("score", ["vision_energy", "language_cosine", "probability", "mahalanobis", "typicality"])
 def test_the_unknown_threshold_keeps_the_share_of_calibration_images_and_is_what_the_runtime_scores(score):
     from vlltr.model.runtime.head import calibrated_probabilities as served_probabilities
     from vlltr.model.runtime.manifest import Calibration
-    from vlltr.model.runtime.unknown import Nearness, score_values
+    from vlltr.model.runtime.unknown import Nearness, Prototypes, score_values
 
     g = torch.Generator().manual_seed(0)
     z_vis, z_lin = torch.randn(400, 5, generator=g) * 3, torch.randn(400, 5, generator=g) * 4
+    feats = torch.randn(400, 8, generator=g).numpy()
+    prototypes = Prototypes.fit(feats[:200], np.arange(200) % 5, 5)
     counts = [50, 30, 10, 5, 2]
     cal = {"alpha": 0.3, "tau": 0.5, "temperature": 1.4}
-    section = fit_unknown(z_vis, z_lin, counts, cal, 10.0, score=score, keep=0.9, fitted_on="val")
+    section = fit_unknown(
+        z_vis, z_lin, counts, cal, 10.0, score=score, keep=0.9, fitted_on="val", features=feats, prototypes=prototypes
+    )
     rule = Calibration.from_dict(section).unknown
     assert rule is not None and (rule.score, rule.keep, rule.fitted_on) == (score, 0.9, "val")
     # The service's scores of the same logits (numpy runtime), judged by the fitted rule.
     probs = served_probabilities(
         z_vis.numpy(), z_lin.numpy(), np.log(np.array(counts) / sum(counts)), alpha=0.3, tau=0.5, temperature=1.4
     )
-    values = score_values(score, Nearness.of(z_vis.numpy(), z_lin.numpy(), 10.0), probs.max(axis=1))
+    near = Nearness.of(z_vis.numpy(), z_lin.numpy(), 10.0, feats, prototypes)
+    values = score_values(score, near, probs.max(axis=1), rule)
     assert 0.9 <= np.mean(values >= rule.threshold) <= 0.905

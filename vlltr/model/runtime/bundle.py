@@ -25,6 +25,7 @@ from vlltr.model.runtime.manifest import (
     HEAD,
     IMAGE_ENCODER,
     MANIFEST,
+    PROTOTYPES,
     REQUIRED_FILES,
     TEXT_ENCODER,
     TOKENIZER,
@@ -36,6 +37,7 @@ from vlltr.model.runtime.manifest import (
 )
 from vlltr.model.runtime.preprocess import PreprocessSpec
 from vlltr.model.runtime.tokenizer import ClipTokenizer, TextSpec
+from vlltr.model.runtime.unknown import Prototypes
 
 __all__ = [
     "ANCHORS",
@@ -45,6 +47,7 @@ __all__ = [
     "HEAD",
     "IMAGE_ENCODER",
     "MANIFEST",
+    "PROTOTYPES",
     "REQUIRED_FILES",
     "TEXT_ENCODER",
     "TOKENIZER",
@@ -70,6 +73,7 @@ class Bundle:
     anchor_mask: np.ndarray  # [C, M] bool
     classes: list[dict[str, Any]]
     log_prior: np.ndarray  # [C] float32
+    prototypes: Prototypes | None = None  # prototypes.npz, where the bundle has one (the mahalanobis score)
 
     @property
     def bundle_id(self) -> str:
@@ -187,6 +191,18 @@ def _load_classes(root: Path, num_classes: int) -> list[dict[str, Any]]:
     return classes
 
 
+def _load_prototypes(root: Path, head: HeadParams) -> Prototypes:
+    try:
+        with np.load(root / PROTOTYPES, allow_pickle=False) as data:
+            prototypes = Prototypes.from_arrays({k: data[k] for k in data.files})
+    except (KeyError, ValueError, OSError, EOFError) as exc:
+        raise BundleError(f"{PROTOTYPES}: {exc}") from exc
+    expected = (head.num_trained, head.embed_dim)
+    if prototypes.means.shape != expected:
+        raise BundleError(f"{PROTOTYPES}: means {prototypes.means.shape}, the head says {expected}")
+    return prototypes
+
+
 def load_bundle(path: str | Path, *, verify_checksums: bool = True) -> Bundle:
     """Load and check a bundle directory.
 
@@ -229,6 +245,7 @@ def load_bundle(path: str | Path, *, verify_checksums: bool = True) -> Bundle:
         )
     classes = _load_classes(root, c)
     log_prior = log_prior_from_counts([entry["train_count"] for entry in classes])
+    prototypes = _load_prototypes(root, head) if PROTOTYPES in manifest.files else None
     tok_path = root / TOKENIZER
     try:
         ClipTokenizer(tok_path, manifest.text)
@@ -242,4 +259,5 @@ def load_bundle(path: str | Path, *, verify_checksums: bool = True) -> Bundle:
         anchor_mask=mask,
         classes=classes,
         log_prior=log_prior,
+        prototypes=prototypes,
     )

@@ -33,6 +33,7 @@ HEAD = "head.npz"
 ANCHORS = "anchors.npy"
 ANCHOR_MASK = "anchor_mask.npy"
 CLASSES = "classes.json"
+PROTOTYPES = "prototypes.npz"  # optional: the `mahalanobis` unknown score's class statistics
 REQUIRED_FILES = (IMAGE_ENCODER, TEXT_ENCODER, TOKENIZER, HEAD, ANCHORS, ANCHOR_MASK, CLASSES)
 LOG_PRIOR_RULE = "log(train_count / sum of train_count) from classes.json"
 DEFAULT_LN_EPS = 1e-5  # torch.nn.LayerNorm's; manifests written before head.ln_eps existed used it
@@ -170,7 +171,9 @@ class HeadInfo:
         }
 
 
-UNKNOWN_SCORES = ("vision_energy", "language_cosine", "probability")
+# The scores an image gets (`vlltr.model.runtime.unknown`), and `typicality`, which combines some of them.
+COMPONENT_SCORES = ("vision_energy", "language_cosine", "probability", "mahalanobis")
+UNKNOWN_SCORES = (*COMPONENT_SCORES, "typicality")
 
 
 @dataclass(frozen=True)
@@ -178,13 +181,23 @@ class UnknownRule:
     """`calibration.unknown`: when an image is far from every class. An image whose `score` falls below
     `threshold` is answered `unknown`. Scores (larger = nearer a class; `vlltr.model.runtime.unknown`):
     `vision_energy`, `logsumexp` of the raw vision logits; `language_cosine`, the largest cosine between the
-    image feature and a class's attended anchor text; `probability`, the top calibrated fused probability.
-    Fitted by training on the in-set images of `fitted_on`: the threshold keeps the fraction `keep` of them."""
+    image feature and a class's attended anchor text; `probability`, the top calibrated fused probability;
+    `mahalanobis`, minus the squared Mahalanobis distance to the nearest trained class's training images (the
+    bundle's `prototypes.npz`); `typicality`, the smallest of the image's places among the in-set images on
+    several of those (`components`: each score's quantiles over the in-set images, at evenly spaced levels from
+    0 to 1). Fitted by training on the in-set images of `fitted_on`: the threshold keeps the fraction `keep` of
+    them."""
 
     score: str
     threshold: float
     keep: float | None = None
     fitted_on: str | None = None
+    components: Mapping[str, tuple[float, ...]] | None = None
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        """The image scores the rule reads (its components for `typicality`)."""
+        return tuple(self.components) if self.components else (self.score,)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> UnknownRule:
@@ -201,12 +214,46 @@ class UnknownRule:
         if keep is not None and not (_is_number(keep) and 0 < keep <= 1):
             raise ValueError(f"unknown.keep must lie in (0, 1], got {keep!r}")
         fitted_on = values.get("fitted_on")
-        return cls(score, float(threshold), None if keep is None else float(keep), fitted_on and str(fitted_on))
+        components = _components(values.get("components")) if score == "typicality" else None
+        return cls(
+            score,
+            float(threshold),
+            None if keep is None else float(keep),
+            fitted_on and str(fitted_on),
+            components,
+        )
 
     def to_dict(self) -> dict[str, Any]:
+        components = None if self.components is None else {k: list(v) for k, v in self.components.items()}
         return _drop_none(
-            {"score": self.score, "threshold": self.threshold, "keep": self.keep, "fitted_on": self.fitted_on}
+            {
+                "score": self.score,
+                "threshold": self.threshold,
+                "keep": self.keep,
+                "fitted_on": self.fitted_on,
+                "components": components,
+            }
         )
+
+
+def _components(values: Any) -> dict[str, tuple[float, ...]]:
+    """`unknown.components` of a `typicality` rule: per component score, its in-set quantiles (at least two
+    finite, non-decreasing numbers); ValueError if unusable."""
+    if not isinstance(values, Mapping) or not values:
+        raise ValueError("unknown.components must be a non-empty object for the typicality score")
+    out: dict[str, tuple[float, ...]] = {}
+    for name, quantiles in values.items():
+        if name not in COMPONENT_SCORES:
+            raise ValueError(f"unknown.components: {name!r} is not one of {COMPONENT_SCORES}")
+        if (
+            not isinstance(quantiles, list)
+            or len(quantiles) < 2
+            or not all(_is_number(q) and math.isfinite(q) for q in quantiles)
+            or any(b < a for a, b in zip(quantiles, quantiles[1:]))
+        ):
+            raise ValueError(f"unknown.components.{name} must be at least two finite, non-decreasing numbers")
+        out[name] = tuple(float(q) for q in quantiles)
+    return out
 
 
 @dataclass(frozen=True)
@@ -477,6 +524,8 @@ class Manifest:
             calibration = Calibration.from_dict(sections["calibration"])
         except (ValueError, TypeError) as exc:
             raise _fail(f"calibration: {exc}") from exc
+        if calibration.unknown is not None and "mahalanobis" in calibration.unknown.uses and PROTOTYPES not in files:
+            raise _fail(f"calibration.unknown uses the mahalanobis score, but files does not list {PROTOTYPES}")
         head = HeadInfo.from_json(sections["head"])
         model = ModelInfo.from_json(sections["model"])
         if model.image_size is not None and model.image_size != preprocess.size:

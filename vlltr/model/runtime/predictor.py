@@ -17,7 +17,7 @@ from vlltr.model.runtime.head import ClassTable, HeadParams, Shortlist, calibrat
 from vlltr.model.runtime.manifest import Calibration
 from vlltr.model.runtime.preprocess import preprocess_batch
 from vlltr.model.runtime.sessions import ImageEncoder, ProviderName, TextEncoder
-from vlltr.model.runtime.unknown import Nearness
+from vlltr.model.runtime.unknown import Nearness, Prototypes
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,10 @@ def probabilities_and_nearness(
     calibration: Calibration,
     alpha: float,
     shortlist: Shortlist | None = None,
+    prototypes: Prototypes | None = None,
 ) -> tuple[np.ndarray, Nearness]:
-    """`probabilities`, and the logit-based scores of the `unknown` verdict (`vlltr.model.runtime.unknown`)."""
+    """`probabilities`, and the scores of the `unknown` verdict (`vlltr.model.runtime.unknown`; `mahalanobis`
+    only with the bundle's `prototypes`)."""
     features = np.asarray(features, dtype=np.float32)
     z_vis = head.vision_logits(features)
     z_lin = table.language_logits(head.queries(features), features, shortlist)
@@ -66,7 +68,7 @@ def probabilities_and_nearness(
         added_class_bias=calibration.added_class_bias,
         added_class_vision=calibration.added_class_vision,
     )
-    return probs, Nearness.of(z_vis, z_lin, head.logit_scale)
+    return probs, Nearness.of(z_vis, z_lin, head.logit_scale, features, prototypes)
 
 
 def top_k_of(probs: np.ndarray, names: Sequence[str], k: int) -> list[list[Prediction]]:

@@ -40,6 +40,7 @@ async def model_info(core: CoreDep) -> ModelInfo:
         if rule is None
         else UnknownRuleInfo(
             score=rule.score,  # type: ignore[arg-type]  # one of UNKNOWN_SCORES, checked when the bundle loaded
+            components=list(rule.components) if rule.components else None,
             threshold=rule.threshold,
             source="bundle" if set_threshold is None else "setting",
             fitted_on=rule.fitted_on if set_threshold is None else None,
