@@ -169,6 +169,10 @@ def test_prototypes_need_every_class_and_fitting_shapes() -> None:
     feats, labels = np.ones((4, 3)), np.array([0, 0, 2, 2])
     with pytest.raises(ValueError, match=r"none for classes \[1\]"):
         Prototypes.fit(feats, labels, 3)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        Prototypes.fit(feats, labels, 2)
+    same = Prototypes.fit(feats, np.array([0, 0, 1, 1]), 2)  # no spread at all: still a usable score
+    assert np.all(np.isfinite(same.score(np.array([[1.0, 0.0, 0.0]]))))
     with pytest.raises(ValueError, match="do not fit"):
         Prototypes(np.zeros((3, 4), np.float32), np.eye(3, dtype=np.float32))
     with pytest.raises(ValueError, match="needs the bundle's prototypes"):

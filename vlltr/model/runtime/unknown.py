@@ -82,9 +82,11 @@ class Prototypes:
         """From raw training-image features `[N, D]` and their class indices `[N]` (every class in
         `range(num_classes)` needs at least one image)."""
         unit, labels = _unit(features), np.asarray(labels)
+        if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
+            raise ValueError(f"prototypes: labels must lie in [0, {num_classes})")
         counts = np.bincount(labels, minlength=num_classes)
-        if len(counts) != num_classes or np.any(counts == 0):
-            missing = np.flatnonzero(counts[:num_classes] == 0)[:10].tolist()
+        if np.any(counts == 0):
+            missing = np.flatnonzero(counts == 0)[:10].tolist()
             raise ValueError(f"prototypes need images of every class; none for classes {missing}")
         means = np.zeros((num_classes, unit.shape[1]))
         np.add.at(means, labels, unit)
@@ -92,7 +94,8 @@ class Prototypes:
         within = unit - means[labels]
         cov = within.T @ within / len(unit)
         dim = cov.shape[0]
-        shrunk = (1 - shrinkage) * cov + shrinkage * (np.trace(cov) / dim) * np.eye(dim)
+        # (Identical features, a degenerate case, still give an invertible matrix.)
+        shrunk = (1 - shrinkage) * cov + shrinkage * max(np.trace(cov) / dim, 1e-12) * np.eye(dim)
         whitening = np.linalg.cholesky(np.linalg.inv(shrunk))
         return cls(means.astype(np.float32), whitening.astype(np.float32))
 
