@@ -8,6 +8,8 @@ match the documented body schema, content type and headers. The class endpoints 
 
 from __future__ import annotations
 
+import email
+import email.policy
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -75,14 +77,64 @@ def _received_lists_are_valid(case, response) -> bool:  # type: ignore[no-untype
     return True
 
 
+def _form_schema(case) -> dict | None:  # type: ignore[no-untyped-def]
+    """The document's schema of the operation's multipart/form-data body, its `$ref`s resolved."""
+    raw = case.operation.schema.raw_schema
+    content = raw["paths"][case.operation.path][case.operation.method.lower()].get("requestBody", {}).get("content", {})
+    schema = content.get("multipart/form-data", {}).get("schema")
+    while isinstance(schema, dict) and "$ref" in schema:
+        target = raw
+        for key in schema["$ref"].removeprefix("#/").split("/"):
+            target = target[key]
+        schema = target
+    return schema
+
+
+def _sent_form_is_valid(case, response) -> bool:  # type: ignore[no-untyped-def]
+    # A multipart body is a list of named parts: a mutation of the body object that the form encoding cannot
+    # express (a property renamed or dropped along with its type) can reach the server as a valid form. Validate
+    # the form that was sent: its field names, and how many parts each has, against the document's schema.
+    meta = case.meta
+    data = meta.phase.data
+    others = {ParameterLocation.QUERY, ParameterLocation.PATH, ParameterLocation.HEADER, ParameterLocation.COOKIE}
+    if data.parameter_location != ParameterLocation.BODY or any(meta.is_negative_at(at) for at in others):
+        return False
+    sent = response.request
+    ctype = sent.headers.get("Content-Type", "")
+    schema = _form_schema(case)
+    if not ctype.startswith("multipart/form-data") or schema is None:
+        return False
+    body = sent.body if isinstance(sent.body, bytes) else str(sent.body or "").encode()
+    message = email.message_from_bytes(f"Content-Type: {ctype}\r\n\r\n".encode() + body, policy=email.policy.HTTP)
+    if not message.is_multipart():
+        return False
+    counts: dict[str, int] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        counts[str(name)] = counts.get(str(name), 0) + 1
+    properties = schema.get("properties", {})
+
+    def is_list(name: str) -> bool:
+        prop = properties.get(name, {})
+        return any(s.get("type") == "array" for s in prop.get("anyOf", [prop]))
+
+    form = {name: ["x"] * n if is_list(name) else "x" for name, n in counts.items()}
+    try:
+        jsonschema.validate(form, schema)
+    except jsonschema.ValidationError:
+        return False
+    return True
+
+
 def negative_data_rejection_of_what_was_sent(ctx, response, case):  # type: ignore[no-untyped-def]
-    """schemathesis's `negative_data_rejection`, less its query-string false positive (upstream #2312, #3962):
-    a value generated for a list query parameter that the schema forbids (`false`, `{}`) reaches the server as
-    a valid list of strings, or as no parameter at all, so the server is right to accept it."""
+    """schemathesis's `negative_data_rejection`, less two false positives where the invalid data never reaches
+    the server: a value generated for a list query parameter that the schema forbids (`false`, `{}`) arrives as
+    a valid list of strings or as no parameter at all (upstream #2312, #3962), and a mutated multipart body can be
+    sent as a valid form. The server is right to accept what it received when that is valid."""
     try:
         return negative_data_rejection(ctx, response, case)
     except AcceptedNegativeData:
-        if _received_lists_are_valid(case, response):
+        if _received_lists_are_valid(case, response) or _sent_form_is_valid(case, response):
             return None
         raise
 
@@ -178,34 +230,38 @@ def test_every_operation_survives_fuzzing_and_matches_its_schema(api_schema, rel
     assert answered
 
 
-def _negative_query_case(operation, query):  # type: ignore[no-untyped-def]
-    """A batch request whose only invalid part, as schemathesis records it, is the `labels` query parameter."""
+def _negative_case(operation, where, parameter, **request):  # type: ignore[no-untyped-def]
+    """A batch request whose only invalid part, as schemathesis records it, is `parameter` in `where`."""
     mutation = Mutation(
         path=(),
-        parameter_location=ParameterLocation.QUERY,
-        schema_pointer="/properties/labels",
+        parameter_location=where,
+        schema_pointer=f"/properties/{parameter}",
         channel=MutationChannel.SCHEMA,
         operator=OperatorKind.CHANGE_TYPE,
         keywords=("anyOf",),
-        parameter="labels",
+        parameter=parameter,
         original_value=None,
         new_value=None,
     )
     meta = CaseMetadata(
         generation=GenerationInfo(time=0.0, mode=GenerationMode.NEGATIVE),
-        components={ParameterLocation.QUERY: ComponentInfo(mode=GenerationMode.NEGATIVE)},
+        components={where: ComponentInfo(mode=GenerationMode.NEGATIVE)},
         phase=PhaseInfo(
             name=TestPhase.FUZZING,
             data=FuzzingPhaseData(
-                description="labels",
+                description=parameter,
                 parameter=None,
-                parameter_location=ParameterLocation.QUERY,
+                parameter_location=where,
                 location=None,
                 mutations=(mutation,),
             ),
         ),
     )
-    return operation.Case(query=query, body={"files": [b""]}, media_type="multipart/form-data", _meta=meta)
+    return operation.Case(media_type="multipart/form-data", _meta=meta, **request)
+
+
+def _negative_query_case(operation, query):  # type: ignore[no-untyped-def]
+    return _negative_case(operation, ParameterLocation.QUERY, "labels", query=query, body={"files": [b""]})
 
 
 def test_the_query_string_excuse_covers_only_lists_the_server_received_as_valid(api_schema):
@@ -216,6 +272,17 @@ def test_the_query_string_excuse_covers_only_lists_the_server_received_as_valid(
     # More labels than the document allows arrive as too many labels: accepting them would be a real failure.
     too_many = _negative_query_case(operation, {"labels": [f"label {i}" for i in range(MAX_LABELS + 1)]})
     assert not _received_lists_are_valid(too_many, too_many.call(timeout=60))
+
+
+def test_the_form_excuse_covers_only_forms_the_server_received_as_valid(api_schema):
+    operation = api_schema["/v1/classify/batch"]["POST"]
+    sent_valid = _negative_case(operation, ParameterLocation.BODY, "files", body={"files": [b"not an image"]})
+    assert _sent_form_is_valid(sent_valid, sent_valid.call(timeout=60))
+    limit = _form_schema(sent_valid)["properties"]["files"]["maxItems"]  # type: ignore[index]
+    too_many = _negative_case(operation, ParameterLocation.BODY, "files", body={"files": [b"x"] * (limit + 1)})
+    assert not _sent_form_is_valid(too_many, too_many.call(timeout=60))
+    misnamed = _negative_case(operation, ParameterLocation.BODY, "files", body={"images": [b"x"]})
+    assert not _sent_form_is_valid(misnamed, misnamed.call(timeout=60))
 
 
 def test_the_document_covers_every_route(server, api_schema):
