@@ -45,27 +45,38 @@ TOKEN = "schema-fuzz-token"
 EXAMPLES_PER_OPERATION = 40
 
 
+def _documented_operation(case) -> dict:  # type: ignore[no-untyped-def]
+    """The operation as the document states it (not schemathesis's processed copy of it)."""
+    raw: dict = case.operation.schema.raw_schema
+    return raw["paths"][case.operation.path][case.operation.method.lower()]
+
+
+def _is_list(schema: dict) -> bool:
+    return any(s.get("type") == "array" for s in schema.get("anyOf", [schema]))
+
+
+def _only_negative_at(case, location) -> bool:  # type: ignore[no-untyped-def]
+    """Whether schemathesis made `location` of the request invalid, and nothing else."""
+    meta = case.meta
+    parts = (ParameterLocation.QUERY, ParameterLocation.PATH, ParameterLocation.HEADER, ParameterLocation.COOKIE)
+    others = {*parts, ParameterLocation.BODY} - {location}
+    return meta.phase.data.parameter_location == location and not any(meta.is_negative_at(at) for at in others)
+
+
 def _query_array_parameters(case) -> dict[str, dict]:  # type: ignore[no-untyped-def]
     """The operation's query parameters that take a list (repeat the parameter), with their schemas as the
     document states them (schemathesis's own copy folds an item's length into its pattern, `\\S` with 1 to 200
     characters becoming `^\\S{1,200}$`, which refuses every label with a space)."""
-    raw = case.operation.schema.raw_schema
-    parameters = raw["paths"][case.operation.path][case.operation.method.lower()].get("parameters", [])
-    return {
-        p["name"]: p["schema"]
-        for p in parameters
-        if p.get("in") == "query" and any(s.get("type") == "array" for s in p["schema"].get("anyOf", [p["schema"]]))
-    }
+    parameters = _documented_operation(case).get("parameters", [])
+    return {p["name"]: p["schema"] for p in parameters if p.get("in") == "query" and _is_list(p["schema"])}
 
 
 def _received_lists_are_valid(case, response) -> bool:  # type: ignore[no-untyped-def]
     # A query string is text: whatever was generated for a list parameter (`false`, `{}`, `0`) reaches the server
     # as zero or more strings. What the server must refuse is what it received, so validate that.
-    meta = case.meta
-    data = meta.phase.data
-    locations = {ParameterLocation.BODY, ParameterLocation.PATH, ParameterLocation.HEADER, ParameterLocation.COOKIE}
-    if data.parameter_location != ParameterLocation.QUERY or any(meta.is_negative_at(at) for at in locations):
+    if not _only_negative_at(case, ParameterLocation.QUERY):
         return False
+    data = case.meta.phase.data
     mutated = {data.parameter} if data.parameter else {m.parameter for m in data.mutations}
     arrays = _query_array_parameters(case)
     if not mutated or None in mutated or not mutated <= arrays.keys():
@@ -82,7 +93,7 @@ def _received_lists_are_valid(case, response) -> bool:  # type: ignore[no-untype
 def _form_schema(case) -> dict | None:  # type: ignore[no-untyped-def]
     """The document's schema of the operation's multipart/form-data body, its `$ref`s resolved."""
     raw = case.operation.schema.raw_schema
-    content = raw["paths"][case.operation.path][case.operation.method.lower()].get("requestBody", {}).get("content", {})
+    content = _documented_operation(case).get("requestBody", {}).get("content", {})
     schema = content.get("multipart/form-data", {}).get("schema")
     while isinstance(schema, dict) and "$ref" in schema:
         target = raw
@@ -96,10 +107,7 @@ def _sent_form_is_valid(case, response) -> bool:  # type: ignore[no-untyped-def]
     # A multipart body is a list of named parts: a mutation of the body object that the form encoding cannot
     # express (a property renamed or dropped along with its type) can reach the server as a valid form. Validate
     # the form that was sent: its field names, and how many parts each has, against the document's schema.
-    meta = case.meta
-    data = meta.phase.data
-    others = {ParameterLocation.QUERY, ParameterLocation.PATH, ParameterLocation.HEADER, ParameterLocation.COOKIE}
-    if data.parameter_location != ParameterLocation.BODY or any(meta.is_negative_at(at) for at in others):
+    if not _only_negative_at(case, ParameterLocation.BODY):
         return False
     sent = response.request
     ctype = sent.headers.get("Content-Type", "")
@@ -115,12 +123,7 @@ def _sent_form_is_valid(case, response) -> bool:  # type: ignore[no-untyped-def]
         name = part.get_param("name", header="content-disposition")
         counts[str(name)] = counts.get(str(name), 0) + 1
     properties = schema.get("properties", {})
-
-    def is_list(name: str) -> bool:
-        prop = properties.get(name, {})
-        return any(s.get("type") == "array" for s in prop.get("anyOf", [prop]))
-
-    form = {name: ["x"] * n if is_list(name) else "x" for name, n in counts.items()}
+    form = {name: ["x"] * n if _is_list(properties.get(name, {})) else "x" for name, n in counts.items()}
     try:
         jsonschema.validate(form, schema)
     except jsonschema.ValidationError:
