@@ -45,6 +45,7 @@ from vlltr.model.runtime.unknown import (
     TYPICALITY_LEVELS,
     Prototypes,
     fit_threshold,
+    prototype_sample,
     score_values,
     typicality,
 )
@@ -101,16 +102,6 @@ def features(predictor: BundlePredictor, images: list[Image.Image]) -> np.ndarra
 def _unit(x: np.ndarray) -> np.ndarray:
     unit: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     return unit
-
-
-def per_class(train: list[tuple[Path, int]], n: int, rng: np.random.Generator) -> list[tuple[Path, int]]:
-    """At most `n` training images of each class, as `vlltr train` draws them for the prototypes."""
-    labels = np.array([label for _, label in train])
-    chosen: list[int] = []
-    for c in sorted(set(labels.tolist())):
-        idx = np.flatnonzero(labels == c)
-        chosen.extend((idx if len(idx) <= n else rng.choice(idx, size=n, replace=False)).tolist())
-    return [train[i] for i in sorted(chosen)]
 
 
 @dataclass
@@ -189,7 +180,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         groups["other dataset: 2 photographs + 64 crops"] = photos(64, rng)
     if args.noise:
         groups["uniform noise"] = noise(args.noise, bundle.preprocess.size, rng)
-    ref = reference(predictor, per_class(read_split(data, "train"), PROTOTYPE_IMAGES, rng))
+    train = read_split(data, "train")
+    # As `vlltr train` draws them for the prototypes.
+    ref = reference(
+        predictor, [train[i] for i in prototype_sample([label for _, label in train], PROTOTYPE_IMAGES, rng)]
+    )
     measured = {name: scores(predictor, images, ref) for name, images in groups.items()}
     in_set = next(iter(measured.values()))
     # `typicality` as training fits it, on the same in-set images as every other column's threshold; with

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlltr.model.runtime.unknown import Prototypes
+from vlltr.model.runtime.unknown import Prototypes, prototype_sample
 from vlltr.training.checkpoint import TrainedRun
 from vlltr.training.data.datasets import ImageListDataset
 from vlltr.training.evaluate import build_eval_split, collect_features
@@ -20,15 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def prototype_images(dataset: ImageListDataset, per_class: int, seed: int) -> ImageListDataset:
-    """At most `per_class` images of each class of `dataset`, drawn with `seed` (all of a smaller class), so
-    the many-shot classes do not set the shared covariance alone and a large training set costs a bounded
-    pass."""
-    rng = np.random.default_rng(seed)
-    chosen: list[int] = []
-    for c in range(dataset.num_classes):
-        idx = np.flatnonzero(dataset.labels == c)
-        chosen.extend((idx if len(idx) <= per_class else rng.choice(idx, size=per_class, replace=False)).tolist())
-    samples = [dataset.samples[i] for i in sorted(chosen)]
+    """At most `per_class` images of each class of `dataset`, drawn with `seed` (`prototype_sample`)."""
+    chosen = prototype_sample(dataset.labels, per_class, np.random.default_rng(seed))
+    samples = [dataset.samples[i] for i in chosen]
     return ImageListDataset(
         samples, dataset.num_classes, dataset.transform, source="prototype images", check_files=False
     )

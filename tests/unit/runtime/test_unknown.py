@@ -15,6 +15,7 @@ from vlltr.model.runtime.unknown import (
     fit_rule,
     fit_threshold,
     language_cosine,
+    prototype_sample,
     score_values,
     vision_energy,
 )
@@ -177,6 +178,17 @@ def test_prototypes_need_every_class_and_fitting_shapes() -> None:
         Prototypes(np.zeros((3, 4), np.float32), np.eye(3, dtype=np.float32))
     with pytest.raises(ValueError, match="needs the bundle's prototypes"):
         score_values("mahalanobis", _near(0.1, 1.0), np.zeros(1))
+
+
+def test_the_prototype_sample_caps_each_class_and_keeps_all_of_a_smaller_one() -> None:
+    labels = np.array([2] * 50 + [0] * 3 + [5] * 12 + [2] * 10)
+    chosen = prototype_sample(labels, 10, np.random.default_rng(4))
+    assert chosen == sorted(set(chosen))
+    counts = np.bincount(labels[chosen], minlength=6)
+    assert counts.tolist() == [3, 0, 10, 0, 0, 10]
+    assert set(np.flatnonzero(labels == 0)) <= set(chosen)
+    assert prototype_sample(labels, 10, np.random.default_rng(4)) == chosen
+    assert prototype_sample(labels, 10, np.random.default_rng(5)) != chosen
 
 
 def test_typicality_is_the_least_typical_place_among_the_in_set_images() -> None:

@@ -52,6 +52,18 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return unit
 
 
+def prototype_sample(labels: Sequence[int] | np.ndarray, per_class: int, rng: np.random.Generator) -> list[int]:
+    """Sorted indices of at most `per_class` images of each class in `labels`, drawn with `rng` (all of a smaller
+    class): what `Prototypes.fit` is fitted on, so the many-shot classes do not set the shared covariance alone
+    and a large training set costs a bounded pass."""
+    labels = np.asarray(labels)
+    chosen: list[int] = []
+    for c in np.unique(labels).tolist():
+        idx = np.flatnonzero(labels == c)
+        chosen.extend((idx if len(idx) <= per_class else rng.choice(idx, size=per_class, replace=False)).tolist())
+    return sorted(chosen)
+
+
 @dataclass(frozen=True)
 class Prototypes:
     """What the `mahalanobis` score measures against: each trained class's mean unit training-image feature
