@@ -4,9 +4,10 @@
 
 DATA is the benchmark the bundle was trained on (`vlltr data shapes-lt|digits-lt --out DATA`). For each
 candidate score (`vlltr.model.runtime.unknown`: `vision_energy`, `language_cosine`, `probability`,
-`mahalanobis`, and `typicality` of `vision_energy` and `mahalanobis`; and two references a bundle does
+`mahalanobis`, and `typicality` of `vision_energy` and `mahalanobis`; and three references a bundle does
 not compute: `train_centroid`, the largest cosine to a trained class's mean training image feature,
-and `relative_mahalanobis`, the class distance less the distance to all training images together) the
+`relative_mahalanobis`, the class distance less the distance to all training images together, and `knn`,
+the cosine to the 10th nearest of those training images) the
 threshold is fitted as training fits it, keeping 95% of the in-set validation images (`val.txt`),
 `typicality`'s quantiles on the same images. `mahalanobis` uses the bundle's prototypes where it has them, else
 prototypes fitted here on up to 100 training images per class, as `vlltr train` fits them. The threshold is
@@ -52,7 +53,10 @@ from vlltr.model.runtime.unknown import (
 
 BATCH = 128
 PROTOTYPE_IMAGES = 100  # training images per class for the references, as `eval.prototype_images`
-SCORES = (*UNKNOWN_SCORES, "train_centroid", "relative_mahalanobis")
+SCORES = (*UNKNOWN_SCORES, "train_centroid", "relative_mahalanobis", "knn")
+# Sun et al., 2022 (deep nearest neighbours) take the k-th neighbour, not the first, so one stray training
+# image near an out-of-set one does not make it typical.
+KNN_K = 10
 
 
 def read_split(root: Path, name: str) -> list[tuple[Path, int]]:
@@ -104,11 +108,21 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return unit
 
 
+def kth_nearest_cosine(features: np.ndarray, train_unit: np.ndarray, k: int) -> np.ndarray:
+    """`[N]` each image's cosine to its `k`-th nearest of the unit training features (the last one when there
+    are fewer)."""
+    k = min(k, len(train_unit))
+    cosines = _unit(features) @ train_unit.T
+    kth: np.ndarray = -np.partition(-cosines, k - 1, axis=1)[:, k - 1]
+    return kth
+
+
 @dataclass
 class Reference:
     """What the reference scores measure against, from the bundle's trained classes' training images."""
 
     centres: np.ndarray  # [S, D] unit mean of each class's unit features (`train_centroid`)
+    train: np.ndarray  # [N, D] the unit features themselves (`knn`)
     prototypes: Prototypes  # the bundle's own where it has them, else fitted here as training fits them
     background: Prototypes  # one Gaussian over all of them (`relative_mahalanobis`)
 
@@ -123,7 +137,7 @@ def reference(predictor: BundlePredictor, train: list[tuple[Path, int]]) -> Refe
     centres = _unit(np.stack([unit[index == i].mean(axis=0) for i in range(len(classes))]))
     own = predictor.bundle.prototypes
     prototypes = own if own is not None else Prototypes.fit(feats, index, len(classes))
-    return Reference(centres, prototypes, Prototypes.fit(feats, np.zeros(len(feats), dtype=np.int64), 1))
+    return Reference(centres, unit, prototypes, Prototypes.fit(feats, np.zeros(len(feats), dtype=np.int64), 1))
 
 
 def scores(predictor: BundlePredictor, images: list[Image.Image], ref: Reference) -> dict[str, np.ndarray]:
@@ -137,6 +151,7 @@ def scores(predictor: BundlePredictor, images: list[Image.Image], ref: Reference
     out["train_centroid"] = (_unit(feats) @ ref.centres.T).max(axis=1)
     # Ren et al., 2021: the class distance less the distance to everything the model was trained on.
     out["relative_mahalanobis"] = ref.prototypes.score(feats) - ref.background.score(feats)
+    out["knn"] = kth_nearest_cosine(feats, ref.train, KNN_K)
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.unknown import SCORES, auroc, markdown, read_split, sample
+from bench.unknown import SCORES, auroc, kth_nearest_cosine, markdown, read_split, sample
 
 
 def test_auroc_counts_in_set_images_above_out_of_set_ones_and_ties_half() -> None:
@@ -48,3 +48,12 @@ def test_a_typicality_combination_names_distinct_scores_a_bundle_computes() -> N
     for bad in ("vision_energy+vision_energy", "energy", "typicality+mahalanobis"):
         with pytest.raises(argparse.ArgumentTypeError):
             _combination(bad)
+
+
+def test_the_knn_score_is_the_cosine_to_the_kth_nearest_training_image() -> None:
+    angles = np.radians([0.0, 10.0, 20.0, 90.0])
+    train = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    image = np.array([[3.0, 0.0]])  # unnormalised: the score is a cosine
+    np.testing.assert_allclose(kth_nearest_cosine(image, train, 1), [1.0])
+    np.testing.assert_allclose(kth_nearest_cosine(image, train, 2), [np.cos(np.radians(10.0))])
+    np.testing.assert_allclose(kth_nearest_cosine(image, train, 10), [0.0], atol=1e-12)
