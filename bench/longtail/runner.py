@@ -61,7 +61,8 @@ from vlltr.model.networks.factory import get_tokenizer
 from vlltr.model.networks.head import calibrated_probabilities
 from vlltr.model.runtime.head import log_prior_from_counts
 from vlltr.model.runtime.prompts import SIMPLE_TEMPLATES, name_prompts
-from vlltr.training.checkpoint import TrainedRun, load_final_model
+from vlltr.training.checkpoint import CONFIG_FILE, TrainedRun, load_final_model
+from vlltr.training.config import Config, load_config
 from vlltr.training.pipeline import run_training
 from vlltr.training.pretrain import load_pretrained
 
@@ -160,6 +161,18 @@ def _share_stage1(source: Path, target: Path) -> None:
             shutil.copytree(source / name, target / name)
 
 
+def keep_earlier_eval_split(cfg: Config, run_dir: Path) -> Config:
+    """`cfg`, with the `eval.split` of the run already in `run_dir` where that differs: an arm run started by an
+    earlier harness, whose `vlltr train` also evaluated the test split, then resumes or reloads instead of being
+    refused as a run with another config (the split only decides what the run reports, which the harness does not
+    read)."""
+    saved = run_dir / CONFIG_FILE
+    if not saved.is_file():
+        return cfg
+    split = load_config(saved).eval.split
+    return cfg if split == cfg.eval.split else replace(cfg, eval=replace(cfg.eval, split=split))
+
+
 def train_arm(
     name: str, plan: ArmPlan, bm: Benchmark, pretrained: Path, seed: int, cfg: SeedConfig, runs_dir: Path
 ) -> tuple[TrainedRun, float]:
@@ -176,8 +189,8 @@ def train_arm(
         if not start.is_file():
             torch.save(load_final_model(runs_dir / plan.starts_from).classifier.clip.state_dict(), start)
         pretrained = start
-    arm_cfg = arm_config(recipe, plan, bm, pretrained, seed, text)
     run_dir = runs_dir / name
+    arm_cfg = keep_earlier_eval_split(arm_config(recipe, plan, bm, pretrained, seed, text), run_dir)
     if plan.shares_stage1_with is not None:
         source = runs_dir / plan.shares_stage1_with
         src_cfg = load_final_model(source).config

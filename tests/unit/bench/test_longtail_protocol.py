@@ -121,6 +121,7 @@ def test_every_arm_is_a_valid_product_config(bench, tmp_path):
     for cfg in configs.values():  # the same images for every arm
         assert (cfg.data.root, cfg.data.train, cfg.data.val) == (str(bench.root), FIT_FILE, SELECT_FILE)
         assert cfg.anss.reference_split == "val" and cfg.eval.calibration_split == "val"
+        assert cfg.eval.split == "val"  # the harness scores the test images itself, once
     for name in ("image_ce", "image_bs"):
         s2 = configs[name].stage2
         assert configs[name].stage1.epochs == 0 and s2.train_backbone and s2.language_weight == 0 and s2.alpha == 1
@@ -190,3 +191,18 @@ def test_every_scale_builds_every_arms_config(dataset, quick, tmp_path):
             if quick
             else load_config(seed_cfg.recipe.config, list(seed_cfg.recipe.overrides)).stage1.epochs
         ), name
+
+
+def test_an_arm_run_started_by_an_earlier_harness_keeps_its_evaluation_split(bench, tmp_path):
+    from dataclasses import replace
+
+    from bench.longtail.runner import keep_earlier_eval_split
+    from vlltr.training.config import save_config
+
+    cfg = arm_config(Recipe("shapes-lt-pretrained"), arm_plans(0.2)["image_ce"], bench, tmp_path / "pre.pt", 0, {})
+    run = tmp_path / "image_ce"
+    assert keep_earlier_eval_split(cfg, run) == cfg  # a new run takes the harness's split
+    run.mkdir()
+    save_config(replace(cfg, eval=replace(cfg.eval, split="test")), run / "config.yaml")
+    kept = keep_earlier_eval_split(cfg, run)
+    assert kept.eval.split == "test" and replace(kept, eval=cfg.eval) == cfg  # nothing else changes
