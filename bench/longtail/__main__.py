@@ -569,8 +569,12 @@ def _augment_note(dataset: str, out: Path) -> str:
     """What the page says of its augmentation: the deviation, and its effect where `--ablate` measured it."""
     note = (
         "Augmentation deviates from the original (timm `rand-m9-mstd0.5-inc1` with pixel-noise erasing): the "
-        "recipe uses `data.augment: light` (random resized crop 0.5–1 and flip), because RandAugment's colour "
-        "operations change the class of an image whose class is its colour."
+        "recipe uses `data.augment: light` (random resized crop 0.5–1 and flip)"
+        + (
+            ", because RandAugment's colour operations change the class of an image whose class is its colour."
+            if dataset == "shapes-lt"
+            else ", as the Shapes-LT recipe does."
+        )
     )
     page = ablation_page(out, dataset, AUGMENT_ABLATION)
     if not page.with_suffix(".json").is_file():
@@ -638,10 +642,15 @@ def notes(dataset: str, payload: dict, out: Path) -> list[str]:
         f"distillation teacher (β = 0.5) and the zero-shot arm. {builds}",
         "Equal terms: every arm trains on the same images and makes every choice that needs labels on the same "
         f"selection images: {images.get('select', '?')} of the {images.get('select', 0) + images.get('fit', 0)} "
-        f"training images ({protocol.get('selection_fraction', 0):.0%} per class, at least one), from the same "
-        "photo sessions as training, so a class seen only in black and white is selected on in black and white. "
-        "AnSS's reference images, the post-hoc τ and temperature and the added-class γ come from them; the "
-        "benchmark's colour val split is used by no arm.",
+        f"training images ({protocol.get('selection_fraction', 0):.0%} per class, at least one)"
+        + (
+            ", from the same photo sessions as training, so a class seen only in black and white is selected on "
+            "in black and white"
+            if payload.get("training_sessions")
+            else ""
+        )
+        + ". AnSS's reference images, the post-hoc τ and temperature and the added-class γ come from them; the "
+        f"benchmark's {'colour ' if payload.get('training_sessions') else ''}val split is used by no arm.",
         "Image-only arms use no class text: stage 1 is skipped and stage 2 fine-tunes the image tower with the "
         "vision branch alone (`stage2.language_weight=0`, `stage2.alpha=1`, `stage2.train_backbone=true`) for "
         "stage 1's epochs, batch and lr; cRT then freezes the cross-entropy arm's tower and re-trains the "
@@ -655,7 +664,10 @@ def notes(dataset: str, payload: dict, out: Path) -> list[str]:
         "known, with the recommended run's stage-1 model and the selection images.",
         controls,
         "The added-class bias γ is the product's (`eval.fit_added_classes`): few-shot trained classes treated as "
-        "new on the selection images. Held-out classes' labels are never used except to report.",
+        "new on the selection images. Held-out classes' labels are never used except to report."
+        if payload.get("num_heldout")
+        else "This benchmark holds no class out, so no class is added by text; the added-class γ the product fits "
+        "is not used here.",
     ]
 
 

@@ -35,7 +35,7 @@ ARM_LABELS = {
     "vlltr_faithful": "VL-LTR as published (stage 1 + AnSS + LGR, CE, α=0.2)",
     "vlltr_faithful_vision_branch": "  ↳ its vision (MLP) branch alone",
     "vlltr_faithful_language_branch": "  ↳ its language (anchor) branch alone",
-    "text_recommended": "**Recommended: `vlltr train` shapes-lt-pretrained (stage 1 + AnSS + LGR, LA loss, α=0.1)**",
+    "text_recommended": "**Recommended: the recipe, as `vlltr train` runs it (stage 1 + AnSS + LGR, LA loss, α=0.1)**",
     "control_shuffled": "Control: recommended, descriptions shuffled across classes",
     "control_distractors": "Control: recommended, distractor sentences only",
     "control_text_shuffled": "Control: recommended, whole class text (names and descriptions) shuffled",
