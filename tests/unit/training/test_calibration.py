@@ -109,3 +109,22 @@ def test_the_unknown_threshold_keeps_the_share_of_calibration_images_and_is_what
     near = Nearness.of(z_vis.numpy(), z_lin.numpy(), 10.0, feats, prototypes)
     values = score_values(score, near, probs.max(axis=1), rule)
     assert 0.9 <= np.mean(values >= rule.threshold) <= 0.905
+
+
+def test_a_temperature_that_costs_predictions_is_reported(caplog):
+    # Language confidently right on every image; vision mildly right on half, mildly wrong on the other half. At
+    # T = 1 the language branch wins every mixture (alpha 0.6); sharpening both branches lowers the NLL of the
+    # agreeing half more than it raises the other's, and hands the conflicting half to the vision branch.
+    labels = torch.arange(400) % 4
+    one_hot = torch.nn.functional.one_hot
+    z_lin = one_hot(labels, 4).float() * 3.0
+    shown = torch.where(torch.arange(400) % 2 == 0, (labels + 1) % 4, labels)
+    z_vis = one_hot(shown, 4).float() * 1.0
+    with caplog.at_level("WARNING", logger="vlltr.training.calibration"):
+        result = fit_calibration(z_vis, z_lin, labels, [100] * 4, 0.6, fitted_on="val")
+    assert result["balanced_accuracy_at_temperature_1"] == 1.0 and result["balanced_accuracy_after"] == 0.5
+    assert "changes predictions" in caplog.text and "T = 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlltr.training.calibration"):
+        result = fit_calibration(z_lin, z_lin, labels, [100] * 4, 0.6, fitted_on="val")  # branches agree
+    assert result["balanced_accuracy_after"] == 1.0 and "changes predictions" not in caplog.text
