@@ -132,7 +132,7 @@ def fit_calibration(
     before = _probs(z_vis, z_lin, log_prior, alpha, 0.0, 1.0)
     after = _probs(z_vis, z_lin, log_prior, alpha, tau, temperature)
     num_classes = z_vis.shape[1]
-    at_one = balanced_accuracy(_probs(z_vis, z_lin, log_prior, alpha, tau, 1.0).argmax(1), labels, num_classes)
+    at_one = dict(curve)[tau]  # fit_tau scored every grid tau at T = 1
     served = balanced_accuracy(after.argmax(1), labels, num_classes)
     result = {
         "tau": tau,
