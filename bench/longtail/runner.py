@@ -60,6 +60,7 @@ from bench.longtail.protocol import (
 from vlltr.model.networks.factory import get_tokenizer
 from vlltr.model.networks.head import calibrated_probabilities
 from vlltr.model.runtime.head import log_prior_from_counts
+from vlltr.model.runtime.manifest import Calibration
 from vlltr.model.runtime.prompts import SIMPLE_TEMPLATES, name_prompts
 from vlltr.training.checkpoint import CONFIG_FILE, TrainedRun, load_final_model
 from vlltr.training.config import Config, load_config
@@ -142,15 +143,8 @@ def _run_log_prior(run: TrainedRun) -> torch.Tensor:
 
 def served_pred(run: TrainedRun, z_vis: torch.Tensor, z_lin: torch.Tensor, *, calibrated: bool) -> np.ndarray:
     """The run's prediction: with its fitted τ and temperature (as served) or without (the raw fusion)."""
-    cal = run.calibration if calibrated else {}
-    probs = calibrated_probabilities(
-        z_vis,
-        z_lin,
-        _run_log_prior(run),
-        alpha=run.alpha,
-        tau=float(cal.get("tau", 0.0)),
-        temperature=float(cal.get("temperature", 1.0)),
-    )
+    options = Calibration.from_dict(run.calibration).scoring_options() if calibrated else {}
+    probs = calibrated_probabilities(z_vis, z_lin, _run_log_prior(run), alpha=run.alpha, **options)
     return probs.argmax(1).numpy()
 
 
@@ -383,7 +377,7 @@ def _added_classes(bm: Benchmark, run: TrainedRun, test: Split, held: Split, nam
     fit = cal.get("added_class_fit", {})
     gamma = float(cal.get("added_class_bias", 0.0))
     vision = str(cal.get("added_class_vision", "standardised"))
-    tau, temperature = float(cal.get("tau", 0.0)), float(cal.get("temperature", 1.0))
+    tau = float(cal.get("tau", 0.0))
     log_prior = _run_log_prior(run).numpy()
     with torch.no_grad():
         test_feats, held_img = encode_images(clip, test.x), encode_images(clip, held.x)
@@ -391,7 +385,7 @@ def _added_classes(bm: Benchmark, run: TrainedRun, test: Split, held: Split, nam
     new_t = added_mod.score_table(head, names, entries, held_img)
 
     def acc(table: Any, labels: np.ndarray, g: float, v: str, t: float = tau) -> float:
-        pred = added_mod.predict(table, log_prior, alpha=run.alpha, tau=t, gamma=g, vision=v, temperature=temperature)
+        pred = added_mod.predict(table, log_prior, alpha=run.alpha, tau=t, gamma=g, vision=v)
         return float(added_mod.class_mean_accuracy(pred, labels))
 
     before = acc(added_mod.score_table(head, names, [], test_feats), test.y, 0.0, vision)

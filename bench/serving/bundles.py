@@ -114,6 +114,7 @@ def _write_run(run_dir: Path, arch: str, *, num_classes: int, num_anchors: int, 
     cal = {
         "tau": 0.5,
         "temperature": 1.0,
+        "temperature_on": "fused",
         "added_class_bias": 0.0,
         "fitted_on": "none (random weights)",
         "log_prior": "train_counts",

@@ -19,6 +19,7 @@ from PIL import Image
 
 from vlltr.model.networks.head import calibrated_probabilities
 from vlltr.model.runtime.head import log_prior_from_counts
+from vlltr.model.runtime.manifest import Calibration
 from vlltr.training.checkpoint import load_final_model
 from vlltr.training.data.transforms import EvalTransform, preprocess_spec
 
@@ -38,7 +39,7 @@ def create_app(run_dir: str, device: str = "cpu") -> FastAPI:
     counts = [int(c["train_count"]) for c in run.classes]
     log_prior = torch.from_numpy(log_prior_from_counts(counts)).to(device)
     names = [str(c["name"]) for c in run.classes]
-    cal = run.calibration
+    options = Calibration.from_dict(run.calibration).scoring_options()
     app = FastAPI()
 
     @app.get("/health")
@@ -53,14 +54,7 @@ def create_app(run_dir: str, device: str = "cpu") -> FastAPI:
         x = transform(img).unsqueeze(0).to(device)
         with torch.inference_mode():
             z_vis, z_lin = model(x)
-            probs = calibrated_probabilities(
-                z_vis,
-                z_lin,
-                log_prior,
-                alpha=run.alpha,
-                tau=float(cal.get("tau", 0.0)),
-                temperature=float(cal.get("temperature", 1.0)),
-            )[0]
+            probs = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=run.alpha, **options)[0]
             scores, idx = probs.topk(min(top_k, probs.numel()))
             scores, idx = scores.cpu(), idx.cpu()
         return {

@@ -1,13 +1,14 @@
 """Classify options and inputs against a real `vlltr serve` (the committed bundle `bundle_v1`, no torch):
 explanations (attention weights over the real anchors summing to 1, branch probabilities recombining to the
-fused score with the bundle's alpha), the class subset filter, ad-hoc labels (zero-shot through the bundle's
-text encoder, recomputed here with the torch-free runtime), JSON with base64 images, and every error path
-as the JSON envelope with its status."""
+fused score with the bundle's alpha, and its temperature when it tempers the mixture), the class subset
+filter, ad-hoc labels (zero-shot through the bundle's text encoder, recomputed here with the torch-free
+runtime), JSON with base64 images, and every error path as the JSON envelope with its status."""
 
 from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 
 import httpx
@@ -89,15 +90,61 @@ def _anchors(client: httpx.Client) -> dict[str, list[str]]:
 
 
 def _check_explanation(prediction: dict, anchors: list[str], alpha: float) -> None:
+    """A format-1 bundle's explanation: its branches carry the temperature, so they mix to the score."""
     explanation = prediction["explanation"]
     assert explanation is not None
     weights = [a["weight"] for a in explanation["anchors"]]
     assert sorted(a["text"] for a in explanation["anchors"]) == sorted(anchors)  # the class's real anchors
     assert sum(weights) == pytest.approx(1.0, abs=1e-5)
     assert weights == sorted(weights, reverse=True) and all(w >= 0 for w in weights)
-    assert explanation["alpha"] == pytest.approx(alpha)
+    assert explanation["alpha"] == pytest.approx(alpha) and explanation["temperature"] == 1.0
     fused = alpha * explanation["vision"] + (1 - alpha) * explanation["language"]
     assert prediction["score"] == pytest.approx(fused, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fused_bundle(bundle_v1, tmp_path_factory) -> Path:
+    """`bundle_v1` as format 2 writes it: the temperature (1.4) tempers the fused distribution."""
+    root = tmp_path_factory.mktemp("fused-bundle")
+    shutil.copytree(bundle_v1.parent / "run", root / "run")
+    shutil.copytree(bundle_v1, root / "bundle")
+    path = root / "bundle" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["format_version"], m["calibration"]["temperature_on"] = 2, "fused"
+    path.write_text(json.dumps(m))
+    return root / "bundle"
+
+
+def test_explanations_of_a_bundle_that_tempers_the_mixture(fused_bundle, server_factory, tmp_path_factory):
+    m = json.loads((fused_bundle / "manifest.json").read_text())
+    alpha, t, n = m["head"]["alpha"], m["calibration"]["temperature"], m["head"]["num_classes"]
+    assert t != 1.0
+    workdir = tmp_path_factory.mktemp("fused-options")
+    srv = server_factory(env={"VLLTR_CLASS_STORE": str(workdir / "c.json")}, args=["--bundle", str(fused_bundle)])
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            for _, data in _images(fused_bundle, 3):
+                plain = _ok(_classify(client, data, top_k=n))["predictions"]
+                got = _ok(_classify(client, data, top_k=n, explain="true"))["predictions"]
+                assert [(p["label"], pytest.approx(p["score"], abs=1e-5)) for p in got] == [
+                    (p["label"], p["score"]) for p in plain
+                ]
+                e = {p["label"]: p["explanation"] for p in got}
+                assert all(x["temperature"] == pytest.approx(t) for x in e.values())
+                mixture = {c: alpha * x["vision"] + (1 - alpha) * x["language"] for c, x in e.items()}
+                total = sum(v ** (1 / t) for v in mixture.values())
+                for p in got:  # score = mixture ** (1 / T), renormalised; the ranking is the mixture's
+                    assert p["score"] == pytest.approx(mixture[p["label"]] ** (1 / t) / total, abs=1e-5)
+                assert [p["label"] for p in got] == sorted(mixture, key=lambda c: -mixture[c])
+                subset = [got[-1]["label"], got[1]["label"]]
+                part = _ok(_classify(client, data, top_k=2, classes=subset, explain="true"))["predictions"]
+                vis, lin = (sum(e[c][k] for c in subset) for k in ("vision", "language"))
+                sub_mix = {c: alpha * e[c]["vision"] / vis + (1 - alpha) * e[c]["language"] / lin for c in subset}
+                sub_total = sum(v ** (1 / t) for v in sub_mix.values())
+                for p in part:
+                    assert p["score"] == pytest.approx(sub_mix[p["label"]] ** (1 / t) / sub_total, abs=1e-5)
+    finally:
+        srv.stop()
 
 
 def test_explain_gives_branch_probabilities_and_weighted_anchors(client, bundle_v1, manifest):

@@ -80,6 +80,7 @@ def torch_reference(run_dir: Path, list_file: Path, image_root: Path) -> np.ndar
                     alpha=run.alpha,
                     tau=cal["tau"],
                     temperature=cal["temperature"],
+                    temperature_on=cal["temperature_on"],
                 ).numpy()
             )
     return np.concatenate(out)

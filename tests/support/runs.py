@@ -121,6 +121,7 @@ def make_run(
     cal = {
         "tau": 0.6,
         "temperature": 1.4,
+        "temperature_on": "fused",
         "added_class_bias": 0.0,
         "fitted_on": "val",
         "log_prior": "train_counts",

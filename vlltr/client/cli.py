@@ -16,7 +16,9 @@ def _describe(p: Prediction, explain: bool) -> list[str]:
     lines = [f"  {p.score:6.3f}  {p.label}"]
     e = p.explanation
     if explain and e is not None:
-        lines.append(f"          vision {e.vision:.3f}, language {e.language:.3f} (alpha {e.alpha:.2f})")
+        lines.append(
+            f"          vision {e.vision:.3f}, language {e.language:.3f} (alpha {e.alpha:.2f}, T {e.temperature:.2f})"
+        )
         lines.extend(f"          {a.weight:5.2f}  {a.text}" for a in e.anchors)
     return lines
 

@@ -16,12 +16,14 @@ class AnchorWeight:
 
 @dataclass(frozen=True)
 class Explanation:
-    """Why a class got its score: `score = alpha * vision + (1 - alpha) * language`; anchors best first."""
+    """Why a class got its score: `score` is `(alpha * vision + (1 - alpha) * language) ** (1 / temperature)`,
+    renormalised over the ranked classes; anchors best first."""
 
     vision: float
     language: float
     alpha: float
     anchors: tuple[AnchorWeight, ...]
+    temperature: float = 1.0  # services before bundle format 2 send none: their branches carried it
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> Explanation:
@@ -30,6 +32,7 @@ class Explanation:
             language=float(values["language"]),
             alpha=float(values["alpha"]),
             anchors=tuple(AnchorWeight(str(a["text"]), float(a["weight"])) for a in values["anchors"]),
+            temperature=float(values.get("temperature", 1.0)),
         )
 
 

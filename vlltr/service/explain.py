@@ -27,7 +27,7 @@ import numpy as np
 
 from vlltr.errors import ClassValidationError
 from vlltr.model.runtime.bundle import Bundle
-from vlltr.model.runtime.head import branch_probabilities, softmax, unit_mean
+from vlltr.model.runtime.head import branch_probabilities, softmax, temper, unit_mean
 from vlltr.model.runtime.prompts import name_prompts
 from vlltr.model.runtime.unknown import Nearness
 from vlltr.service.registry import ServedTable, TrainedClasses
@@ -215,15 +215,7 @@ class OptionScorer:
         cal = b.calibration
         z_vis, z_lin = b.head.vision_logits(f), table.language_logits(queries, f)
         near = Nearness.of(z_vis, z_lin, b.head.logit_scale, f, b.prototypes)
-        vis, lin = branch_probabilities(
-            z_vis,
-            z_lin,
-            b.log_prior,
-            tau=cal.tau,
-            temperature=cal.temperature,
-            added_class_bias=cal.added_class_bias,
-            added_class_vision=cal.added_class_vision,
-        )
+        vis, lin = branch_probabilities(z_vis, z_lin, b.log_prior, **cal.scoring_options())
         vision = np.zeros(table.num_classes, dtype=np.float32)
         vision[: vis.shape[1]] = vis[0]
         language = lin[0]
@@ -235,7 +227,10 @@ class OptionScorer:
                 alpha = 0.0  # no class of the subset has a vision term: the language branch ranks them alone
         else:
             ids = np.arange(table.num_classes)
-        fused = np.float32(alpha) * vision[ids] + np.float32(1.0 - alpha) * language[ids]
+        mixture = np.float32(alpha) * vision[ids] + np.float32(1.0 - alpha) * language[ids]
+        # The temperature of a "branches" bundle is already inside each branch; a "fused" one tempers the mixture.
+        temperature = cal.temperature if cal.temperature_on == "fused" else 1.0
+        fused = temper(mixture[None, :], temperature)[0]
         order = np.lexsort((ids, -fused))[: min(k, ids.size)]
         chosen, scores = ids[order], fused[order]
         weights = table.attention(queries, chosen)[0] if options.explain else None
@@ -251,6 +246,7 @@ class OptionScorer:
                     vision=float(vision[i]),
                     language=float(language[i]),
                     alpha=alpha,
+                    temperature=temperature,
                     anchors=[AnchorWeight(text=t, weight=w) for t, w in pairs],
                 )
             predictions.append(

@@ -34,11 +34,16 @@ class AnchorWeight(BaseModel):
 
 
 class Explanation(BaseModel):
-    """Why a class got its score: `score = alpha * vision + (1 - alpha) * language`."""
+    """Why a class got its score: `score` is `(alpha * vision + (1 - alpha) * language) ** (1 / temperature)`,
+    renormalised over the classes ranked (all served classes, or the `classes` subset)."""
 
-    vision: float = Field(description="calibrated probability of the class in the vision branch (the MLP head)")
-    language: float = Field(description="calibrated probability in the language branch (image vs anchor sentences)")
+    vision: float = Field(description="probability of the class in the vision branch (the MLP head)")
+    language: float = Field(description="probability in the language branch (image vs anchor sentences)")
     alpha: float = Field(description="the bundle's fusion weight of the vision branch (0 when it had no say)")
+    temperature: float = Field(
+        description="the bundle's calibration temperature on the fused distribution (1 for bundles of format 1, "
+        "whose branch probabilities already carry theirs)"
+    )
     anchors: list[AnchorWeight] = Field(description="the class's anchor sentences with their weights, best first")
 
 

@@ -8,7 +8,8 @@ class's labels: some trained tail classes are treated as new (their vision logit
 re-chosen from their descriptions by the service's image-free rule, the others left as they are) and γ is
 the value where they are recognised best at a bounded cost to the remaining classes, on the calibration split.
 
-`vlltr train` fits it after temperature scaling (`fit_added_class_calibration`), without retraining the head
+`vlltr train` fits it on argmaxes, which the temperature does not move (it tempers the fused distribution), so
+at T = 1 (`fit_added_class_calibration`), and without retraining the head
 for the pseudo-new classes, so the head has seen them: its estimate is optimistic, which a conservative cost
 bound offsets. The long-tail benchmark (`bench.longtail`) retrains the head without them and measures the
 result on classes that were really held out.
@@ -115,7 +116,6 @@ def predict(
     tau: float,
     gamma: float,
     vision: str = ADDED_CLASS_VISION,
-    temperature: float = 1.0,
 ) -> np.ndarray:
     """Argmax of the served calibrated probabilities (`vision`: how added classes enter the vision branch)."""
     probs = calibrated_probabilities(
@@ -124,7 +124,6 @@ def predict(
         log_prior,
         alpha=alpha,
         tau=tau,
-        temperature=temperature,
         added_class_bias=gamma,
         added_class_vision=vision,
     )
@@ -157,7 +156,6 @@ class _PredictOptions(TypedDict):
     tau: float
     gamma: float
     vision: str
-    temperature: float
 
 
 def choose_gamma(
@@ -171,7 +169,6 @@ def choose_gamma(
     tau: float,
     max_seen_drop: float,
     vision: str = ADDED_CLASS_VISION,
-    temperature: float = 1.0,
 ) -> GammaFit:
     """Pick γ on pseudo-new classes: the γ with the best new-class accuracy among those that cost the seen
     classes at most `max_seen_drop` points (relative to scoring them with no class added); if none qualifies,
@@ -179,7 +176,7 @@ def choose_gamma(
     s = seen.num_trained
     alone = TableScores(seen.z_vis, seen.z_lin[:, :s], s)
     seen_base = class_mean_accuracy(
-        predict(alone, log_prior, alpha=alpha, tau=tau, gamma=0.0, vision=vision, temperature=temperature), seen_labels
+        predict(alone, log_prior, alpha=alpha, tau=tau, gamma=0.0, vision=vision), seen_labels
     )
     curve: list[dict[str, float]] = []
     for g in GAMMA_GRID:
@@ -188,7 +185,6 @@ def choose_gamma(
             "tau": tau,
             "gamma": float(g),
             "vision": vision,
-            "temperature": temperature,
         }
         a_seen = class_mean_accuracy(predict(seen, log_prior, **kw), seen_labels)
         a_new = class_mean_accuracy(predict(new, log_prior, **kw), new_labels)
@@ -235,7 +231,6 @@ def fit_added_class_calibration(
     *,
     alpha: float,
     tau: float,
-    temperature: float,
     pseudo: np.ndarray,
     max_seen_drop: float,
 ) -> dict[str, Any]:
@@ -247,7 +242,7 @@ def fit_added_class_calibration(
         names, train_counts: the trained classes.
         descriptions, name_prompts: for each pseudo-new class id, the text features of its description
             sentences and of its name prompts.
-        alpha, tau, temperature: the served fusion and calibration.
+        alpha, tau: the served fusion and logit adjustment.
         pseudo: the trained class ids treated as new.
         max_seen_drop: points of the other classes' balanced accuracy γ may cost.
     Returns the calibration fields to merge: `added_class_bias`, `added_class_vision`, `added_class_fit`.
@@ -280,7 +275,6 @@ def fit_added_class_calibration(
         alpha=alpha,
         tau=tau,
         max_seen_drop=max_seen_drop,
-        temperature=temperature,
     )
     chosen = next(c for c in fit.curve if c["gamma"] == fit.gamma)
     log.info(

@@ -6,8 +6,11 @@ scoring formula, `vlltr.model.networks.head.calibrated_probabilities`:
    smallest tau, so "no adjustment" wins unless adjusting helps. A model trained with the logit-adjusted
    (Balanced Softmax) loss has already removed the prior, so the grid (which includes 0) is expected to pick
    tau near 0; adjusting again would correct twice.
-2. T: the NLL of the calibrated probabilities, minimised over log T (coarse grid, then golden-section).
-   With a fused mixture of two softmaxes T can move a few argmaxes, unlike single-softmax temperature scaling.
+2. T: the NLL of the calibrated probabilities, minimised over log T (coarse grid, then golden-section). T
+   tempers the fused distribution (`temperature_on: "fused"`, `p ** (1 / T)` renormalised), so it changes
+   confidence and never a prediction. Dividing each branch's logits by T before the mixture, the rule of format-1
+   bundles, moved the fused argmax: it cost 5.4 and 1.6 points of test balanced accuracy on two Shapes-LT models
+   (docs/bundle.md).
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlltr.model.networks.head import calibrated_probabilities
+from vlltr.model.networks.head import calibrated_probabilities, temper
+from vlltr.model.runtime.manifest import Calibration
 from vlltr.model.runtime.unknown import DEFAULT_COMPONENTS, Nearness, Prototypes, fit_rule
 
 log = logging.getLogger(__name__)
 
 _T_RANGE = (0.05, 20.0)
-# Balanced accuracy the fitted temperature may cost on the calibration split before training warns.
-TEMPERATURE_COST_WARNING = 0.005
+TEMPERATURE_ON = "fused"  # where the fitted T applies (vlltr.model.runtime.head.TEMPERATURE_MODES)
 
 
 def log_prior_from_counts(train_counts: np.ndarray | list[int]) -> torch.Tensor:
@@ -56,7 +59,9 @@ def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
 def _probs(
     z_vis: torch.Tensor, z_lin: torch.Tensor, log_prior: torch.Tensor, alpha: float, tau: float, temperature: float
 ) -> torch.Tensor:
-    return calibrated_probabilities(z_vis, z_lin, log_prior, alpha=alpha, tau=tau, temperature=temperature)
+    return calibrated_probabilities(
+        z_vis, z_lin, log_prior, alpha=alpha, tau=tau, temperature=temperature, temperature_on=TEMPERATURE_ON
+    )
 
 
 def fit_tau(
@@ -89,9 +94,10 @@ def fit_temperature(
     tau: float,
 ) -> float:
     """T minimising the NLL of the calibrated probabilities (log-spaced grid, then golden-section search)."""
+    mixture = _probs(z_vis, z_lin, log_prior, alpha, tau, 1.0)
 
     def loss(log_t: float) -> float:
-        return nll(_probs(z_vis, z_lin, log_prior, alpha, tau, math.exp(log_t)), labels)
+        return nll(temper(mixture, math.exp(log_t)), labels)
 
     lo, hi = math.log(_T_RANGE[0]), math.log(_T_RANGE[1])
     grid = np.linspace(lo, hi, 61)
@@ -132,11 +138,10 @@ def fit_calibration(
     before = _probs(z_vis, z_lin, log_prior, alpha, 0.0, 1.0)
     after = _probs(z_vis, z_lin, log_prior, alpha, tau, temperature)
     num_classes = z_vis.shape[1]
-    at_one = dict(curve)[tau]  # fit_tau scored every grid tau at T = 1
-    served = balanced_accuracy(after.argmax(1), labels, num_classes)
     result = {
         "tau": tau,
         "temperature": temperature,
+        "temperature_on": TEMPERATURE_ON,
         "added_class_bias": 0.0,
         "fitted_on": fitted_on,
         "log_prior": "train_counts",
@@ -146,24 +151,11 @@ def fit_calibration(
         "tau_curve": [{"tau": t, "balanced_accuracy": a} for t, a in curve],
         "stage2_loss": stage2_loss,
         "balanced_accuracy_before": balanced_accuracy(before.argmax(1), labels, num_classes),
-        "balanced_accuracy_after": served,
-        "balanced_accuracy_at_temperature_1": at_one,
+        "balanced_accuracy_after": balanced_accuracy(after.argmax(1), labels, num_classes),
         "nll_before": nll(before, labels),
         "nll_after": nll(after, labels),
         "num_images": int(labels.numel()),
     }
-    if at_one - served > TEMPERATURE_COST_WARNING:
-        # The fused mixture of two softmaxes changes its argmax with T, so the NLL-optimal T can cost predictions
-        # (on two Shapes-LT models: 5.2 and 1.6 points of balanced accuracy on val, 5.4 and 1.6 on test).
-        log.warning(
-            "calibration on %s: the fitted temperature T=%.3f changes predictions: balanced accuracy %.4f at T = 1, "
-            "%.4f at T=%.3f (what the bundle serves)",
-            fitted_on,
-            temperature,
-            at_one,
-            served,
-            temperature,
-        )
     if stage2_loss == "logit_adjusted":
         result["note"] = (
             "stage 2 used the logit-adjusted loss, which already removes the training prior; "
@@ -187,6 +179,7 @@ def identity_calibration(train_counts: np.ndarray | list[int], alpha: float, rea
     return {
         "tau": 0.0,
         "temperature": 1.0,
+        "temperature_on": TEMPERATURE_ON,
         "added_class_bias": 0.0,
         "fitted_on": None,
         "log_prior": "train_counts",
@@ -214,13 +207,12 @@ def fit_unknown(
     for `mahalanobis`, its raw image features and the run's prototypes), scored as the service scores
     (calibrated with `calibration`'s tau and T): the threshold keeping `keep` of the split's images. Returns the
     fields to merge into `calibration.json` (`unknown`); `typicality` combines `components`."""
-    probs = _probs(
+    probs = calibrated_probabilities(
         z_vis,
         z_lin,
         log_prior_from_counts(train_counts),
-        float(calibration["alpha"]),
-        float(calibration["tau"]),
-        float(calibration["temperature"]),
+        alpha=float(calibration["alpha"]),
+        **Calibration.from_dict(calibration).scoring_options(),
     )
     near = Nearness.of(z_vis.numpy(), z_lin.numpy(), logit_scale, features, prototypes)
     top = probs.max(dim=1).values.numpy()

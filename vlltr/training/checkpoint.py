@@ -5,7 +5,7 @@
       model.pt           final model: see `save_final_model`
       classes.json       trained classes in model index order:
                          [{"name", "dataset_id", "train_count", "source": "trained", "anchors": [sentences]}]
-      calibration.json   {"tau", "temperature", "fitted_on", "added_class_bias", "added_class_vision",
+      calibration.json   {"tau", "temperature", "temperature_on", "fitted_on", "added_class_bias", "added_class_vision",
                           "added_class_fit" (how γ was chosen, `vlltr.training.added_classes`), ...}
       metrics.json       evaluation results per split
       stage1/, anss/, stage2/   per-stage state (resumable checkpoints, AnSS scores)
@@ -111,6 +111,6 @@ def load_final_model(run_dir: str | Path, device: str | torch.device = "cpu") ->
     calibration = (
         json.loads(calib_path.read_text())
         if calib_path.is_file()
-        else {"tau": 0.0, "temperature": 1.0, "added_class_bias": 0.0, "fitted_on": None}
+        else {"tau": 0.0, "temperature": 1.0, "temperature_on": "fused", "added_class_bias": 0.0, "fitted_on": None}
     )
     return TrainedRun(run_dir, cfg, classifier, classes, calibration, float(state["alpha"]), state["arch"])

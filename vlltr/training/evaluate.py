@@ -145,7 +145,7 @@ def evaluate_run(
             "split": split,
             "dataset": cfg.data.name,
             "threshold_source": source,
-            "calibration": {k: run.calibration.get(k) for k in ("tau", "temperature", "fitted_on")},
+            "calibration": {k: run.calibration.get(k) for k in ("tau", "temperature", "temperature_on", "fitted_on")},
         }
     )
     log.info("%s: %s", split, summary_line(metrics))

@@ -346,16 +346,9 @@ def _synthetic_pixels(size: int, n: int = 4) -> np.ndarray:
 
 @torch.no_grad()
 def _torch_probabilities(run: TrainedRun, pixels: np.ndarray, log_prior: np.ndarray) -> np.ndarray:
-    cal = run.calibration
+    options = Calibration.from_dict(run.calibration).scoring_options()
     z_vis, z_lin = run.classifier(torch.from_numpy(pixels))
-    return calibrated_probabilities(
-        z_vis,
-        z_lin,
-        torch.from_numpy(log_prior),
-        alpha=run.alpha,
-        tau=float(cal.get("tau", 0.0)),
-        temperature=float(cal.get("temperature", 1.0)),
-    ).numpy()
+    return calibrated_probabilities(z_vis, z_lin, torch.from_numpy(log_prior), alpha=run.alpha, **options).numpy()
 
 
 def _verify(

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from vlltr.model.networks.head import calibrated_probabilities, fuse_probabilities
+from vlltr.model.runtime.manifest import Calibration
 
 
 def oltr_groups(train_counts: np.ndarray, many_threshold: int, few_threshold: int) -> dict[str, np.ndarray]:
@@ -89,14 +90,13 @@ def branch_predictions(
     original code's shot-metric predictor (argmax of z_vis + z_lin); `calibrated`: the served formula with
     the fitted tau and temperature.
     """
-    tau = float(calibration.get("tau", 0.0))
-    temperature = float(calibration.get("temperature", 1.0))
+    options = Calibration.from_dict(calibration).scoring_options()
     return {
         "vision": z_vis.softmax(dim=1),
         "language": z_lin.softmax(dim=1),
         "fused": fuse_probabilities(z_vis, z_lin, alpha),
         "logit_sum": z_vis + z_lin,
-        "calibrated": calibrated_probabilities(z_vis, z_lin, log_prior, alpha=alpha, tau=tau, temperature=temperature),
+        "calibrated": calibrated_probabilities(z_vis, z_lin, log_prior, alpha=alpha, **options),
     }
 
 
@@ -120,8 +120,7 @@ def evaluate_logits(
         branches[name], per_class[name] = branch_metrics(
             scores.argmax(dim=1), labels, train_counts, many_threshold, few_threshold
         )
-    tau = float(calibration.get("tau", 0.0))
-    adjusted = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=alpha, tau=tau, temperature=1.0)
+    adjusted = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=alpha, tau=float(calibration.get("tau", 0.0)))
     ece = {
         "fused": expected_calibration_error(preds["fused"], labels, ece_bins),
         "adjusted_before_temperature": expected_calibration_error(adjusted, labels, ece_bins),

@@ -220,7 +220,6 @@ def fit_added_classes(
         prompts,
         alpha=run.alpha,
         tau=float(calibration["tau"]),
-        temperature=float(calibration["temperature"]),
         pseudo=pseudo,
         max_seen_drop=cfg.eval.added_class_max_cost,
     )

@@ -122,7 +122,17 @@ def test_calibrated_probabilities_reduce_to_fusion_and_handle_added_classes():
     log_prior = torch.tensor([0.6, 0.3, 0.1]).log()
     plain = calibrated_probabilities(z_vis, z_lin[:, :3], log_prior, alpha=0.3)
     assert torch.allclose(plain, fuse_probabilities(z_vis, z_lin[:, :3], 0.3), atol=1e-7)
-    p = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=0.3, tau=1.0, temperature=2.0, added_class_bias=-1.0)
+    options = {"tau": 1.0, "temperature": 2.0, "added_class_bias": -1.0}
+    p = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=0.3, **options)
     assert torch.allclose(p.sum(1), torch.ones(4), atol=1e-6)
-    expected_added = 0.7 * torch.cat([(z_lin[:, :3] - log_prior), z_lin[:, 3:] - 1.0], 1).div(2.0).softmax(1)[:, 3:]
-    assert torch.allclose(p[:, 3:], expected_added, atol=1e-6)
+    adjusted_lin = torch.cat([(z_lin[:, :3] - log_prior), z_lin[:, 3:] - 1.0], 1)
+    mixture = 0.7 * adjusted_lin.softmax(1)
+    mixture[:, :3] += 0.3 * (z_vis - log_prior).softmax(1)
+    tempered = mixture.sqrt() / mixture.sqrt().sum(1, keepdim=True)  # m ** (1 / T), T = 2, renormalised
+    assert torch.allclose(p, tempered, atol=1e-6)
+    assert torch.equal(p.argmax(1), mixture.argmax(1))
+    # The format-1 rule: every logit divided by T before the softmaxes (an added class gets no vision term).
+    old = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=0.3, temperature_on="branches", **options)
+    assert torch.allclose(old[:, 3:], 0.7 * adjusted_lin.div(2.0).softmax(1)[:, 3:], atol=1e-6)
+    with pytest.raises(ValueError, match="temperature_on"):
+        calibrated_probabilities(z_vis, z_lin, log_prior, alpha=0.3, temperature_on="logits")

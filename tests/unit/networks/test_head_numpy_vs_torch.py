@@ -81,7 +81,8 @@ def test_branches_match_torch(c, m, d):
 )
 @pytest.mark.parametrize("added", [0, 3])
 @pytest.mark.parametrize("vision", ["none", "standardised"])
-def test_calibrated_probabilities_match_torch(tau, temperature, bias, alpha, added, vision):
+@pytest.mark.parametrize("temperature_on", ["fused", "branches"])
+def test_calibrated_probabilities_match_torch(tau, temperature, bias, alpha, added, vision, temperature_on):
     rng = np.random.default_rng(7)
     s = 9
     z_vis = (rng.standard_normal((13, s)) * 4).astype(np.float32)
@@ -98,6 +99,7 @@ def test_calibrated_probabilities_match_torch(tau, temperature, bias, alpha, add
         alpha=alpha,
         tau=tau,
         temperature=temperature,
+        temperature_on=temperature_on,
         added_class_bias=bias,
         added_class_vision=vision,
     )
@@ -108,6 +110,7 @@ def test_calibrated_probabilities_match_torch(tau, temperature, bias, alpha, add
         alpha=alpha,
         tau=tau,
         temperature=temperature,
+        temperature_on=temperature_on,
         added_class_bias=bias,
         added_class_vision=vision,
     ).numpy()

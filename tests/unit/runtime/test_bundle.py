@@ -66,6 +66,21 @@ def test_calibration_without_added_class_vision_reads_as_none(bundle):
     assert load_bundle(bundle).calibration.added_class_vision == "standardised"
 
 
+def test_a_format_1_bundle_keeps_its_temperature_rule(bundle):
+    # Format 1 divided each branch's logits by T; format 2 tempers the fused distribution. A format-1 bundle is
+    # served with the rule it was calibrated for, and a key this version does not know is refused by name.
+    m = manifest_of(bundle)
+    assert m["format_version"] == 1 and "temperature_on" not in m["calibration"]
+    assert load_bundle(bundle).calibration.temperature_on == "branches"
+    m["format_version"], m["calibration"]["temperature_on"] = 2, "fused"
+    write_manifest(bundle, m)
+    assert load_bundle(bundle).calibration.temperature_on == "fused"
+    m["calibration"]["temperature_on"] = "logits"
+    write_manifest(bundle, m)
+    with pytest.raises(BundleError, match="calibration temperature_on must be one of"):
+        load_bundle(bundle)
+
+
 @pytest.mark.parametrize("name", REQUIRED_FILES)
 def test_changed_bytes_are_refused(bundle, name):
     path = bundle / name
@@ -106,8 +121,8 @@ def test_missing_directory_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "version,message",
     [
-        (7, "format_version 7 not supported (this service reads 1)"),
-        ("1", "format_version '1' not supported (this service reads 1)"),
+        (7, "format_version 7 not supported (this service reads 1 and 2)"),
+        ("1", "format_version '1' not supported (this service reads 1 and 2)"),
         (True, "format_version True not supported"),
         (None, "format_version missing"),
     ],
@@ -122,7 +137,7 @@ def test_wrong_format_version_is_refused(bundle, version, message):
     with pytest.raises(BundleError) as info:
         load_bundle(bundle)
     assert str(info.value).startswith(f"{MANIFEST}: {message}")
-    assert FORMAT_VERSION == 1
+    assert FORMAT_VERSION == 2
 
 
 def test_malformed_manifest_json_is_refused(bundle):

@@ -78,7 +78,6 @@ def test_gamma_recognises_pseudo_new_classes_within_the_cost_bound(model):
         prompts,
         alpha=0.5,
         tau=0.0,
-        temperature=1.0,
         pseudo=pseudo,
         max_seen_drop=1.5,
     )

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from vlltr.model.networks.head import calibrated_probabilities
+from vlltr.model.runtime.manifest import Calibration
 from vlltr.training.calibration import (
     balanced_accuracy,
     fit_calibration,
@@ -80,7 +82,7 @@ def test_fit_calibration_content():
     result = fit_calibration(z, z, labels, counts, 0.2, fitted_on="val", stage2_loss="logit_adjusted")
     for key in ("tau", "temperature", "added_class_bias", "fitted_on", "log_prior", "train_counts", "note"):
         assert key in result
-    assert result["fitted_on"] == "val" and result["added_class_bias"] == 0.0
+    assert result["fitted_on"] == "val" and result["added_class_bias"] == 0.0 and result["temperature_on"] == "fused"
     assert result["balanced_accuracy_after"] >= result["balanced_accuracy_before"]
     assert result["nll_after"] <= result["nll_before"] + 1e-9
 
@@ -96,7 +98,7 @@ def test_the_unknown_threshold_keeps_the_share_of_calibration_images_and_is_what
     feats = torch.randn(400, 8, generator=g).numpy()
     prototypes = Prototypes.fit(feats[:200], np.arange(200) % 5, 5)
     counts = [50, 30, 10, 5, 2]
-    cal = {"alpha": 0.3, "tau": 0.5, "temperature": 1.4}
+    cal = {"alpha": 0.3, "tau": 0.5, "temperature": 1.4, "temperature_on": "fused"}
     section = fit_unknown(
         z_vis, z_lin, counts, cal, 10.0, score=score, keep=0.9, fitted_on="val", features=feats, prototypes=prototypes
     )
@@ -111,20 +113,22 @@ def test_the_unknown_threshold_keeps_the_share_of_calibration_images_and_is_what
     assert 0.9 <= np.mean(values >= rule.threshold) <= 0.905
 
 
-def test_a_temperature_that_costs_predictions_is_reported(caplog):
+def test_the_fitted_temperature_calibrates_confidence_without_changing_a_prediction():
     # Language confidently right on every image; vision mildly right on half, mildly wrong on the other half. At
-    # T = 1 the language branch wins every mixture (alpha 0.6); sharpening both branches lowers the NLL of the
-    # agreeing half more than it raises the other's, and hands the conflicting half to the vision branch.
+    # T = 1 the language branch wins every mixture (alpha 0.6). Dividing both branches' logits by a T < 1 before
+    # the mixture (format 1's rule) hands the conflicting half to the vision branch; tempering the mixture cannot.
     labels = torch.arange(400) % 4
     one_hot = torch.nn.functional.one_hot
     z_lin = one_hot(labels, 4).float() * 3.0
     shown = torch.where(torch.arange(400) % 2 == 0, (labels + 1) % 4, labels)
     z_vis = one_hot(shown, 4).float() * 1.0
-    with caplog.at_level("WARNING", logger="vlltr.training.calibration"):
-        result = fit_calibration(z_vis, z_lin, labels, [100] * 4, 0.6, fitted_on="val")
-    assert result["balanced_accuracy_at_temperature_1"] == 1.0 and result["balanced_accuracy_after"] == 0.5
-    assert "changes predictions" in caplog.text and "T = 1" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="vlltr.training.calibration"):
-        result = fit_calibration(z_lin, z_lin, labels, [100] * 4, 0.6, fitted_on="val")  # branches agree
-    assert result["balanced_accuracy_after"] == 1.0 and "changes predictions" not in caplog.text
+    log_prior = log_prior_from_counts([100] * 4)
+    branches = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=0.6, temperature=0.3, temperature_on="branches")
+    assert balanced_accuracy(branches.argmax(1), labels, 4) == 0.5  # the old rule at this T moves predictions
+    result = fit_calibration(z_vis, z_lin, labels, [100] * 4, 0.6, fitted_on="val")
+    assert result["temperature_on"] == "fused" and result["temperature"] < 1.0  # the mixture was under-confident
+    assert result["balanced_accuracy_before"] == result["balanced_accuracy_after"] == 1.0
+    assert result["nll_after"] < result["nll_before"]
+    options = Calibration.from_dict(result).scoring_options()
+    served = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=0.6, **options)
+    assert torch.equal(served.argmax(1), labels)

@@ -14,7 +14,7 @@ from vlltr.training.export import ExportError, export_bundle
 def test_manifest_records_provenance_and_checks(exported):
     run, bundle = exported
     m = json.loads((bundle / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["precision"] == "fp32"
+    assert m["format_version"] == 2 and m["precision"] == "fp32"
     assert m["training"]["dataset"] == "generated-test"
     assert m["training"]["metrics"] == {"test": {"overall": 0.5}}
     assert m["training"]["config"]["model"]["arch"] == "vlltr-tiny-vit"
@@ -27,6 +27,7 @@ def test_manifest_records_provenance_and_checks(exported):
         "v_detach": False,
     }
     assert m["calibration"]["tau"] == 0.6 and m["calibration"]["temperature"] == 1.4
+    assert m["calibration"]["temperature_on"] == "fused"
     assert m["preprocess"]["size"] == 32 and m["preprocess"]["resize_size"] == 37
     assert m["export_check"]["image_max_rel_diff"] <= 1e-5 and m["export_check"]["text_max_rel_diff"] <= 1e-5
     assert m["verification"]["top1_agreement"] == 1.0

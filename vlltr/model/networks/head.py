@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlltr.model.runtime.head import ADDED_CLASS_VISION_MODES, TEMPERATURE_MODES
+
 _EPS = 1e-12
 
 
@@ -151,15 +153,20 @@ def fuse_probabilities(z_vis: torch.Tensor, z_lin: torch.Tensor, alpha: float) -
     return alpha * z_vis.softmax(dim=-1) + (1.0 - alpha) * z_lin.softmax(dim=-1)
 
 
-ADDED_CLASS_VISION_MODES = ("none", "standardised")
-
-
 def _added_vision_logits(vis: torch.Tensor, lin_trained: torch.Tensor, lin_added: torch.Tensor) -> torch.Tensor:
     """Vision-branch stand-in logits of added classes: their language logits mapped, per image, onto the
     vision branch's scale by matching the mean and std of the trained classes' logits in the two branches."""
     mu_v, sd_v = vis.mean(dim=1, keepdim=True), vis.std(dim=1, keepdim=True, unbiased=False)
     mu_l, sd_l = lin_trained.mean(dim=1, keepdim=True), lin_trained.std(dim=1, keepdim=True, unbiased=False)
     return mu_v + (lin_added - mu_l) * (sd_v / sd_l.clamp_min(1e-12))
+
+
+def temper(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature on a distribution's log-probabilities: each row `p ** (1 / T)`, renormalised (keeps the
+    ranking; a zero stays zero)."""
+    if temperature == 1.0:
+        return probs
+    return (probs.log() / temperature).softmax(dim=-1)
 
 
 def calibrated_probabilities(
@@ -170,6 +177,7 @@ def calibrated_probabilities(
     alpha: float,
     tau: float = 0.0,
     temperature: float = 1.0,
+    temperature_on: str = "fused",
     added_class_bias: float = 0.0,
     added_class_vision: str = "none",
 ) -> torch.Tensor:
@@ -181,7 +189,10 @@ def calibrated_probabilities(
         log_prior: `[S]` log training prior of the trained classes.
         alpha: fusion weight of the vision branch.
         tau: post-hoc logit adjustment `z - tau * log prior` on trained classes (0 = off).
-        temperature: divides every logit after adjustment.
+        temperature: T of the calibration.
+        temperature_on: `"fused"`: the mixture is tempered, `p ** (1 / T)` renormalised, which keeps every
+            image's ranking; `"branches"`: every logit is divided by T before the mixture (older bundles' rule,
+            which can move the fused argmax; `vlltr.model.runtime.head.TEMPERATURE_MODES`).
         added_class_bias: added to the language logits of added classes (chosen on pseudo-new classes).
         added_class_vision: `"none"`: added classes get no vision-branch mass (the published fusion);
             `"standardised"`: each added class gets a vision logit, its adjusted language logit mapped onto
@@ -189,12 +200,14 @@ def calibrated_probabilities(
             classes), so a class with no vision weights can still win the fused argmax.
 
     Returns:
-        `[B, S + A]` probabilities: `alpha * softmax(vision) + (1 - alpha) * softmax(language)`, the vision
-        softmax zero-padded over added classes when `added_class_vision="none"`.
+        `[B, S + A]` probabilities: `alpha * softmax(vision) + (1 - alpha) * softmax(language)` tempered, the
+        vision softmax zero-padded over added classes when `added_class_vision="none"`.
         The service's numpy `model/runtime/head.py` implements exactly this; a test keeps them equal.
     """
     if added_class_vision not in ADDED_CLASS_VISION_MODES:
         raise ValueError(f"unknown added_class_vision {added_class_vision!r}; use one of {ADDED_CLASS_VISION_MODES}")
+    if temperature_on not in TEMPERATURE_MODES:
+        raise ValueError(f"unknown temperature_on {temperature_on!r}; use one of {TEMPERATURE_MODES}")
     num_trained = z_vis.shape[1]
     adjust = tau * log_prior.to(z_vis.dtype)
     lin = z_lin.clone()
@@ -203,8 +216,10 @@ def calibrated_probabilities(
     vis = z_vis - adjust
     if added_class_vision == "standardised" and lin.shape[1] > num_trained:
         vis = torch.cat([vis, _added_vision_logits(vis, lin[:, :num_trained], lin[:, num_trained:])], dim=1)
-    vis = (vis / temperature).softmax(dim=-1)
-    lin = (lin / temperature).softmax(dim=-1)
+    t = temperature if temperature_on == "branches" else 1.0
+    vis = (vis / t).softmax(dim=-1)
+    lin = (lin / t).softmax(dim=-1)
     vis_full = torch.zeros_like(lin)
     vis_full[:, : vis.shape[1]] = vis
-    return alpha * vis_full + (1.0 - alpha) * lin
+    mixture = alpha * vis_full + (1.0 - alpha) * lin
+    return temper(mixture, temperature) if temperature_on == "fused" else mixture

@@ -214,7 +214,7 @@ def load_bundle(path: str | Path, *, verify_checksums: bool = True) -> Bundle:
     Raises:
         BundleError: the message names the file and the reason ("missing file head.npz",
             "image_encoder.onnx: sha256 mismatch (expected ..., got ...)", "manifest.json: format_version 7 not
-            supported (this service reads 1)", ...).
+            supported (this service reads 1 and 2)", ...).
     """
     root = Path(path)
     manifest = read_manifest(root)

@@ -6,7 +6,10 @@ section and refuses it with a `BundleError` whose message starts with `manifest.
 (`manifest.json: head.alpha must lie in [0, 1], got 1.5`). Manifests written by earlier exporters of the same
 `FORMAT_VERSION` lack some keys added since (`calibration.added_class_vision`, `preprocess.jpeg_draft`,
 `training.shot_thresholds`, ...): each optional key has the default those bundles were made for. Keys this
-version does not know are ignored, so a newer exporter's additions do not stop an older service.
+version does not know are ignored, so a newer exporter's additions do not stop an older service. The version
+goes up when a key's meaning changes, so that an older service refuses a bundle it would score wrongly:
+format 2 applies `calibration.temperature` to the fused distribution (`calibration.temperature_on`), which a
+format-1 reader would divide each branch's logits by. This version reads `READABLE_FORMAT_VERSIONS`.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from pathlib import Path
 from typing import Any, Literal, TypeGuard
 
 from vlltr.errors import BundleError
-from vlltr.model.runtime.head import ADDED_CLASS_VISION_MODES
+from vlltr.model.runtime.head import ADDED_CLASS_VISION_MODES, TEMPERATURE_MODES
 from vlltr.model.runtime.preprocess import PreprocessSpec
 from vlltr.model.runtime.tokenizer import TextSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 IMAGE_ENCODER = "image_encoder.onnx"
 TEXT_ENCODER = "text_encoder.onnx"
@@ -258,14 +262,14 @@ def _components(values: Any) -> dict[str, tuple[float, ...]]:
 
 @dataclass(frozen=True)
 class Calibration:
-    """`calibration`: logit adjustment `tau`, `temperature`, the added classes' bias, how added classes enter the
-    vision branch (`added_class_vision`, see `vlltr.model.runtime.head.calibrated_probabilities`) and the split
-    it was fitted on.
+    """`calibration`: logit adjustment `tau`, `temperature` and where it applies (`temperature_on`), the added
+    classes' bias, how added classes enter the vision branch (`added_class_vision`, see
+    `vlltr.model.runtime.head.calibrated_probabilities`) and the split it was fitted on.
 
-    A manifest without `added_class_vision` (bundles written before it existed) reads as `"none"`, the
-    scoring those bundles were calibrated for; one without `unknown` has no out-of-set threshold (the service
-    then gives no `unknown` verdict unless its setting supplies a threshold). The prior itself is not stored:
-    it is `LOG_PRIOR_RULE`."""
+    Fields a manifest (or a run's `calibration.json`) lacks read as the scoring it was calibrated for: no
+    `added_class_vision` as `"none"`, no `temperature_on` as `"branches"` (T was fitted on each branch's
+    logits then); one without `unknown` has no out-of-set threshold (the service then gives no `unknown` verdict
+    unless its setting supplies a threshold). The prior itself is not stored: it is `LOG_PRIOR_RULE`."""
 
     tau: float = 0.0
     temperature: float = 1.0
@@ -273,6 +277,7 @@ class Calibration:
     added_class_vision: str = "none"
     fitted_on: str | None = None
     unknown: UnknownRule | None = None
+    temperature_on: str = "branches"  # as an absent key reads; exporters of format 2 write "fused"
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Calibration:
@@ -280,12 +285,13 @@ class Calibration:
         fitted_on = values.get("fitted_on")
         unknown = values.get("unknown")
         cal = cls(
-            float(values.get("tau", 0.0)),
-            float(values.get("temperature", 1.0)),
-            float(values.get("added_class_bias", 0.0)),
-            str(values.get("added_class_vision", "none")),
-            None if fitted_on is None else str(fitted_on),
-            None if unknown is None else UnknownRule.from_dict(unknown),
+            tau=float(values.get("tau", 0.0)),
+            temperature=float(values.get("temperature", 1.0)),
+            added_class_bias=float(values.get("added_class_bias", 0.0)),
+            added_class_vision=str(values.get("added_class_vision", "none")),
+            fitted_on=None if fitted_on is None else str(fitted_on),
+            unknown=None if unknown is None else UnknownRule.from_dict(unknown),
+            temperature_on=str(values.get("temperature_on", "branches")),
         )
         if not all(math.isfinite(v) for v in (cal.tau, cal.temperature, cal.added_class_bias)):
             raise ValueError(f"calibration values must be finite, got {cal}")
@@ -296,14 +302,25 @@ class Calibration:
                 f"calibration added_class_vision must be one of {ADDED_CLASS_VISION_MODES}, "
                 f"got {cal.added_class_vision!r}"
             )
+        if cal.temperature_on not in TEMPERATURE_MODES:
+            raise ValueError(
+                f"calibration temperature_on must be one of {TEMPERATURE_MODES}, got {cal.temperature_on!r}"
+            )
         return cal
 
-    def to_dict(self) -> dict[str, Any]:
+    def scoring_options(self) -> dict[str, Any]:
+        """The keyword arguments of `calibrated_probabilities` (numpy or torch twin) beside `alpha`."""
         return {
             "tau": self.tau,
             "temperature": self.temperature,
+            "temperature_on": self.temperature_on,
             "added_class_bias": self.added_class_bias,
             "added_class_vision": self.added_class_vision,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.scoring_options(),
             "log_prior": LOG_PRIOR_RULE,
             "fitted_on": self.fitted_on,
             **({} if self.unknown is None else {"unknown": self.unknown.to_dict()}),
@@ -500,10 +517,11 @@ class Manifest:
         if not isinstance(values, Mapping):
             raise _fail(f"expected a JSON object, got {type(values).__name__}")
         version = values.get("format_version")
+        readable = " and ".join(map(str, READABLE_FORMAT_VERSIONS))
         if version is None:
-            raise _fail(f"format_version missing (this service reads {FORMAT_VERSION})")
-        if version != FORMAT_VERSION or isinstance(version, bool):
-            raise _fail(f"format_version {version!r} not supported (this service reads {FORMAT_VERSION})")
+            raise _fail(f"format_version missing (this service reads {readable})")
+        if version not in READABLE_FORMAT_VERSIONS or isinstance(version, bool):
+            raise _fail(f"format_version {version!r} not supported (this service reads {readable})")
         for section in ("bundle_id", *_SECTIONS):
             if section not in values:
                 raise _fail(f"missing section {section!r}")
@@ -548,7 +566,7 @@ class Manifest:
             training=_section(values, "training", TrainingInfo),
             verification=_section(values, "verification", Verification),
             software=_software(values),
-            format_version=FORMAT_VERSION,
+            format_version=int(version),
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -58,16 +58,7 @@ def probabilities_and_nearness(
     features = np.asarray(features, dtype=np.float32)
     z_vis = head.vision_logits(features)
     z_lin = table.language_logits(head.queries(features), features, shortlist)
-    probs = calibrated_probabilities(
-        z_vis,
-        z_lin,
-        log_prior,
-        alpha=alpha,
-        tau=calibration.tau,
-        temperature=calibration.temperature,
-        added_class_bias=calibration.added_class_bias,
-        added_class_vision=calibration.added_class_vision,
-    )
+    probs = calibrated_probabilities(z_vis, z_lin, log_prior, alpha=alpha, **calibration.scoring_options())
     return probs, Nearness.of(z_vis, z_lin, head.logit_scale, features, prototypes)
 
 

@@ -204,6 +204,7 @@ _EXPLAINED = {
                 "vision": 0.95,
                 "language": 0.87,
                 "alpha": 0.5,
+                "temperature": 1.0,
                 "anchors": [
                     {"text": "a handwritten three: two bumps open to the left", "weight": 0.62},
                     {"text": "the digit 3, like a backwards E with round arms", "weight": 0.38},
