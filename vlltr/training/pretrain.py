@@ -42,6 +42,7 @@ from vlltr.model.networks.factory import clip_dims, create_clip, get_tokenizer
 from vlltr.training.environment import describe_environment
 from vlltr.training.features import encode_text
 from vlltr.training.losses import classwise_contrastive_loss, contrastive_logits
+from vlltr.training.runtime import adamw, decay_groups
 
 log = logging.getLogger(__name__)
 
@@ -336,14 +337,7 @@ def train_clip(data: CaptionSet, cfg: PretrainCfg, progress: bool = True) -> tor
     uniq, inverse = np.unique(np.asarray(flat, dtype=object), return_inverse=True)
     tokens = tokenizer([str(u) for u in uniq])
     caption_ids = inverse.reshape(len(data.captions), -1)
-    params = [p for p in clip.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-    )
+    opt = adamw(decay_groups(clip.named_parameters(), cfg.lr, cfg.weight_decay, "clip"), cfg.lr, eps=1e-8)
     n = len(data.images)
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch < 1:
@@ -412,6 +406,8 @@ def _source_fingerprint(cfg: PretrainCfg, image_size: int, benchmark_dir: str | 
         preprocess_array,
         _augment,
         train_clip,
+        decay_groups,
+        adamw,
     ):
         h.update(inspect.getsource(fn).encode())
     h.update(
