@@ -96,7 +96,9 @@ class ClassifyResponse(BaseModel):
 class ClassifyOptionFields(BaseModel):
     """The options of a classify request in its JSON body (each overrides the query parameter of that name)."""
 
-    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
+    # A misspelt option is an error, not silently ignored; strict, so the body holds the types the OpenAPI
+    # document states (`"top_k": true` or `"explain": 0.0` are refused, not read as 1 and false).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     top_k: int | None = Field(default=None, ge=1, description="how many classes to return (as the query's `top_k`)")
     explain: bool | None = Field(default=None, description="add branch probabilities and weighted anchor sentences")
@@ -124,7 +126,7 @@ class ClassifyJson(ClassifyOptionFields):
 
 
 class JsonImage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     data: str = Field(min_length=1, description="the image file's bytes in base64")
     filename: str | None = Field(default=None, max_length=255, description="a name echoed in the image's result")
@@ -212,6 +214,7 @@ class ClassCreate(BaseModel):
     """JSON body of `POST /v1/classes` (the multipart form takes `name` plus a text `file` instead)."""
 
     model_config = ConfigDict(
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -219,7 +222,7 @@ class ClassCreate(BaseModel):
                     "descriptions": ["a red circle with stripes", "a round red shape covered in stripes"],
                 }
             ]
-        }
+        },
     )
 
     name: str = Field(
