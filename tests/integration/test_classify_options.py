@@ -282,6 +282,9 @@ def test_json_base64_gets_the_same_answer_as_multipart(client, bundle_v1):
         ({"json": {"image": "aGk=", "top_k": 0}}, 422, "invalid", "top_k"),
         ({"json": {"image": "aGk=", "top_k": 10_000}}, 422, "invalid", "top_k"),
         ({"json": {"image": "aGk=", "labels": []}}, 422, "invalid", "labels"),
+        # The body holds the types the document states: no bool for an integer, no number for a bool.
+        ({"json": {"image": "aGk=", "top_k": True}}, 422, "invalid", "top_k"),
+        ({"json": {"image": "aGk=", "explain": 0.0}}, 422, "invalid", "explain"),
         # A query list the JSON body replaces must still be one the query could give (the document's item rules).
         (
             {"json": {"image": "aGk=", "labels": ["a cat"]}, "params": {"labels": ["  "]}},
@@ -316,6 +319,7 @@ def test_bad_single_requests_are_json_errors(client, bundle_v1, request_kwargs, 
         ({"images": [{"data": "aGk="}] * 5}, 413, "at most 4"),
         ({"images": [{"nodata": "aGk="}]}, 422, "data"),
         ({"images": [{"data": "aGk="}], "classes": ["nope"]}, 422, "not served"),
+        ({"images": [{"data": "0"}], "top_k": True, "explain": 0.0}, 422, "top_k"),
     ],
 )
 def test_bad_batch_requests_are_json_errors(client, body, status, words):
