@@ -27,7 +27,7 @@ import numpy as np
 
 from vlltr.errors import ClassValidationError
 from vlltr.model.runtime.bundle import Bundle
-from vlltr.model.runtime.head import branch_probabilities, softmax, temper, unit_mean
+from vlltr.model.runtime.head import branch_probabilities, softmax, split_temperature, temper, unit_mean
 from vlltr.model.runtime.prompts import name_prompts
 from vlltr.model.runtime.unknown import Nearness
 from vlltr.service.registry import ServedTable, TrainedClasses
@@ -228,8 +228,8 @@ class OptionScorer:
         else:
             ids = np.arange(table.num_classes)
         mixture = np.float32(alpha) * vision[ids] + np.float32(1.0 - alpha) * language[ids]
-        # The temperature of a "branches" bundle is already inside each branch; a "fused" one tempers the mixture.
-        temperature = cal.temperature if cal.temperature_on == "fused" else 1.0
+        # A format-1 ("branches") bundle's temperature is already inside each branch.
+        temperature = split_temperature(cal.temperature, cal.temperature_on)[1]
         fused = temper(mixture[None, :], temperature)[0]
         order = np.lexsort((ids, -fused))[: min(k, ids.size)]
         chosen, scores = ids[order], fused[order]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlltr.model.runtime.head import ADDED_CLASS_VISION_MODES, TEMPERATURE_MODES
+from vlltr.model.runtime.head import ADDED_CLASS_VISION_MODES, TEMPERATURE_MODES, split_temperature
 
 _EPS = 1e-12
 
@@ -216,10 +216,10 @@ def calibrated_probabilities(
     vis = z_vis - adjust
     if added_class_vision == "standardised" and lin.shape[1] > num_trained:
         vis = torch.cat([vis, _added_vision_logits(vis, lin[:, :num_trained], lin[:, num_trained:])], dim=1)
-    t = temperature if temperature_on == "branches" else 1.0
-    vis = (vis / t).softmax(dim=-1)
-    lin = (lin / t).softmax(dim=-1)
+    on_branches, on_mixture = split_temperature(temperature, temperature_on)
+    vis = (vis / on_branches).softmax(dim=-1)
+    lin = (lin / on_branches).softmax(dim=-1)
     vis_full = torch.zeros_like(lin)
     vis_full[:, : vis.shape[1]] = vis
     mixture = alpha * vis_full + (1.0 - alpha) * lin
-    return temper(mixture, temperature) if temperature_on == "fused" else mixture
+    return temper(mixture, on_mixture)

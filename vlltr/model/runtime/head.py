@@ -522,6 +522,11 @@ def _check_modes(added_class_vision: str, temperature_on: str) -> None:
         raise ValueError(f"unknown temperature_on {temperature_on!r}; use one of {TEMPERATURE_MODES}")
 
 
+def split_temperature(temperature: float, temperature_on: str) -> tuple[float, float]:
+    """Where `temperature_on` puts T: `(on each branch's logits, on the fused distribution)`, the other 1."""
+    return (temperature, 1.0) if temperature_on == "branches" else (1.0, temperature)
+
+
 def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
     """Temperature on a distribution's log-probabilities: each row `p ** (1 / T)`, renormalised.
 
@@ -567,7 +572,7 @@ def branch_probabilities(
     vis = z_vis - adjust
     if added_class_vision == "standardised" and lin.shape[1] > s:
         vis = np.concatenate([vis, _added_vision_logits(vis, lin[:, :s], lin[:, s:])], axis=1)
-    t = np.float32(temperature if temperature_on == "branches" else 1.0)
+    t = np.float32(split_temperature(temperature, temperature_on)[0])
     return softmax(vis / t, axis=-1), softmax(lin / t, axis=-1)
 
 
@@ -607,7 +612,7 @@ def calibrated_probabilities(
     )
     out = (1.0 - np.float32(alpha)) * lin
     out[:, : vis.shape[1]] += np.float32(alpha) * vis
-    return temper(out, temperature) if temperature_on == "fused" else out
+    return temper(out, split_temperature(temperature, temperature_on)[1])
 
 
 def _unit_rows(x: np.ndarray, what: str) -> np.ndarray:
