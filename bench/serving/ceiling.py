@@ -1,8 +1,9 @@
 """The ceiling: the bundle's image encoder in-process on preprocessed tensors, at each batch size.
 
-Two sessions are measured: the one the service creates (`vlltr.model.runtime.sessions`, no intra-op spinning) and one
-with ONNX Runtime's default options (spinning on, which is faster when nothing else wants the cores). The
-ceiling is the best of both at any batch size.
+Two sessions are measured: the one the service creates (`vlltr.model.runtime.sessions`, no intra-op spinning, its
+choice of intra-op threads: `vlltr.model.runtime.encoder_threads`) and one with ONNX Runtime's default options
+(spinning on, which is faster when nothing else wants the cores). The ceiling is the best of both at any batch
+size.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 from vlltr.model.runtime.bundle import load_bundle
+from vlltr.model.runtime.encoder_threads import keep_one_thread_unless_slower
+from vlltr.model.runtime.machine import usable_cpus
 from vlltr.model.runtime.sessions import CPU, CUDA, CUDA_OPTIONS, ImageEncoder, ProviderName
 
 
@@ -46,7 +49,14 @@ def measure_ceiling(
     """Throughput of the bundle's image encoder for each batch size and session configuration: one warm-up
     run, then runs until `seconds` passed and at least `min_runs` ran."""
     bundle = load_bundle(bundle_dir)
-    service_encoder = ImageEncoder(bundle.image_encoder_path, provider, fp16=bundle.precision == "fp16")
+    fp16 = bundle.precision == "fp16"
+    service_encoder = ImageEncoder(bundle.image_encoder_path, provider, fp16=fp16)
+    if service_encoder.provider == "cpu" and usable_cpus() > 1:  # the threads the service would choose
+        service_encoder, _ = keep_one_thread_unless_slower(
+            service_encoder,
+            lambda: ImageEncoder(bundle.image_encoder_path, "cpu", 1, fp16=fp16),
+            bundle.preprocess.size,
+        )
     sessions: list[tuple[str, Callable[[np.ndarray], object]]] = [("service options", service_encoder.encode)]
     if bundle.precision != "fp16":  # fp16 graphs need the service's optimisation level on CPU
         sessions.append(("onnxruntime defaults", _default_session(bundle.image_encoder_path, provider)))

@@ -10,10 +10,11 @@ largest batch or when its oldest image has waited the service's `max_wait_ms`. T
 service's power-of-two bucket and runs through the encoder, the head (`probabilities`, with the service's
 shortlist rule and one BLAS thread) and the top-5. Decoding runs ahead of the encoder, so both stay busy.
 
-One worker runs one batch at a time with a decode thread per core and ONNX Runtime's default intra-op threads
-(the service's defaults); several workers split the cores between them (cores / workers decode threads and
-intra-op threads each: what the service's `--inference-lanes` does with threads of one process). The
-ceiling is the best of the worker counts measured; the results say which.
+One worker runs one batch at a time with a decode thread per core and the service's default intra-op threads
+(ONNX Runtime's default or one thread, whichever runs a lone image faster, timed as the service times it:
+`vlltr.model.runtime.encoder_threads`); several workers split the cores between them (cores / workers decode
+threads and intra-op threads each: what the service's `--inference-lanes` does with threads of one process).
+The ceiling is the best of the worker counts measured; the results say which.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def _worker(cfg: dict[str, Any], index: int, messages: Any, go: Any) -> None:
     """One worker process: build, warm, report ready, run the window it is given, report its count."""
     try:
         from vlltr.model.runtime.bundle import load_bundle
+        from vlltr.model.runtime.encoder_threads import keep_one_thread_unless_slower
         from vlltr.model.runtime.head import Shortlist
         from vlltr.model.runtime.predictor import probabilities
         from vlltr.model.runtime.preprocess import decode_image, preprocess_image
@@ -95,6 +97,15 @@ def _worker(cfg: dict[str, Any], index: int, messages: Any, go: Any) -> None:
             fp16=bundle.precision == "fp16",
             spinning=s.ort_spinning,
         )
+        if cfg["encoder_threads"] is None and encoder.provider == "cpu" and usable_cpus() > 1:
+            # The service's own choice between onnxruntime's default threads and one (timed, as it does).
+            encoder, _ = keep_one_thread_unless_slower(
+                encoder,
+                lambda: ImageEncoder(
+                    bundle.image_encoder_path, "cpu", 1, fp16=bundle.precision == "fp16", spinning=s.ort_spinning
+                ),
+                spec.size,
+            )
         shortlist = Shortlist(s.head_shortlist, s.head_shortlist_from) if s.head_shortlist > 0 else None
         table = bundle.class_table()
         draft = {"bundle": spec.draft_min_side, "on": spec.resize_size, "off": None}[s.jpeg_draft]
@@ -159,7 +170,7 @@ def _worker(cfg: dict[str, Any], index: int, messages: Any, go: Any) -> None:
         for fut in pending:  # images decoded during the warm-up must not count in the window
             fut.result()
         pending.clear()
-        messages.put(("ready", index, None))
+        messages.put(("ready", index, encoder.threads))
         t0, t1 = go.get(timeout=READY_TIMEOUT_S)
         time.sleep(max(0.0, t0 - time.time()))
         count = batches = 0
@@ -211,7 +222,7 @@ def measure_e2e(
     for p in procs:
         p.start()
     try:
-        _collect(messages, procs, "ready", READY_TIMEOUT_S)
+        ready = _collect(messages, procs, "ready", READY_TIMEOUT_S)
         t0 = time.time() + START_DELAY_S
         for g in gos:
             g.put((t0, t0 + seconds))
@@ -230,7 +241,7 @@ def measure_e2e(
         when=when,
         workers=workers,
         decode_threads=decode_threads,
-        encoder_threads=encoder_threads,
+        encoder_threads=ready[0],  # as the workers created their sessions (the layout's, or the service's choice)
         max_batch_size=max_batch_size,
         max_wait_ms=1000 * max_wait_s if max_wait_s is not None else Settings.model_construct().max_wait_ms,
         images=total_images,

@@ -17,6 +17,7 @@ from vlltr.model.runtime.bundle import load_bundle
 from vlltr.model.runtime.head import ClassEntry, build_added_class_anchors
 from vlltr.model.runtime.predictor import BundlePredictor
 from vlltr.model.runtime.prompts import name_prompts
+from vlltr.service.settings import Settings
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -74,6 +75,7 @@ def test_model_health_and_readiness(client, service_bundle):
     assert info["classes"]["trained"] == bundle.num_classes
     assert info["batch_buckets"] == [1, 2, 4, 8]
     assert info["inference_lanes"] == 2
+    assert info["encoder_threads"] == Settings(inference_lanes=2).encoder_threads(2)  # the cores split among lanes
     assert isinstance(info["class_table_version"], int)
 
 

@@ -340,6 +340,10 @@ class ModelInfo(BaseModel):
     max_batch_size: int = Field(description="most images per encoder run")
     batch_buckets: list[int] = Field(description="batch shapes the encoder runs (all warmed at start)")
     inference_lanes: int = Field(default=1, description="batches the image encoder runs at once")
+    encoder_threads: int | None = Field(
+        default=None,
+        description="intra-op threads of each image-encoder run on CPU; null: onnxruntime's default (or a device)",
+    )
     unknown_rule: UnknownRuleInfo | None = Field(
         default=None, description="how the `unknown` verdict is decided; null: no verdict (no threshold known)"
     )

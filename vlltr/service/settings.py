@@ -49,7 +49,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="ONNX Runtime intra-op threads of the image encoder, per lane (0 = the usable cores shared "
-        "among the lanes; with one lane, onnxruntime's default, the physical cores)",
+        "among the lanes; with one lane on CPU, onnxruntime's default or one thread, whichever runs a lone "
+        "image faster, timed at start)",
     )
     inference_lanes: int = Field(
         1,
@@ -310,7 +311,8 @@ class Settings(BaseSettings):
 
     def encoder_threads(self, lanes: int) -> int | None:
         """Intra-op threads of the image encoder with `lanes` lanes: `intra_op_threads`, or the usable cores
-        shared among the lanes; None (onnxruntime's default) for one lane."""
+        shared among the lanes; None for one lane (onnxruntime's default, or one thread where that is no
+        slower: `vlltr.model.runtime.encoder_threads`, decided when the session is created)."""
         if self.intra_op_threads:
             return self.intra_op_threads
         return max(1, usable_cpus() // lanes) if lanes > 1 else None

@@ -1,5 +1,6 @@
 """The service core with two inference lanes: batches run side by side, and each lane fills its own batch
-arrays, so no image is scored on another's pixels (no torch: the committed bundle)."""
+arrays, so no image is scored on another's pixels; and when the core times its encoder's threads (no torch: the
+committed bundle)."""
 
 from __future__ import annotations
 
@@ -80,3 +81,27 @@ def test_two_lanes_score_every_image_on_its_own_pixels(bundle_v1, tmp_path):
     for i, (g, e) in enumerate(zip(got, expected)):
         assert [c for c, _ in g] == [c for c, _ in e], i
         np.testing.assert_allclose([s for _, s in g], [s for _, s in e], atol=1e-5, err_msg=str(i))
+
+
+def test_the_service_times_only_when_the_threads_are_its_to_choose(bundle_v1, tmp_path, monkeypatch):
+    timed: list[int] = []
+    from vlltr.service import core as core_module
+
+    real = core_module.keep_one_thread_unless_slower
+
+    def counting(*args, **kwargs):
+        timed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("vlltr.service.core.keep_one_thread_unless_slower", counting)
+    monkeypatch.setattr("vlltr.service.core.usable_cpus", lambda: 2)
+
+    def load(**kw) -> ServingCore:
+        settings = Settings(bundle=bundle_v1, class_store=tmp_path / "classes.jsonl", cache_size=0, **kw)
+        return ServingCore.load(settings, Metrics(redis_enabled=False))
+
+    assert load(intra_op_threads=3).image_encoder.threads == 3 and not timed  # a set count is kept as set
+    split = Settings(inference_lanes=2).encoder_threads(2)
+    assert load(inference_lanes=2).image_encoder.threads == split and not timed  # lanes split the cores
+    core = load()
+    assert timed == [1] and core.image_encoder.threads in (None, 1)

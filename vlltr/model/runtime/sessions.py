@@ -123,6 +123,7 @@ class _Encoder:
         spinning: bool = False,
     ) -> None:
         self.session, self.provider = create_session(path, provider, threads, fp16=fp16, spinning=spinning)
+        self.threads = int(threads) if threads else None  # intra-op threads asked for (None: onnxruntime's choice)
         inputs = {i.name: i for i in self.session.get_inputs()}
         if input_name not in inputs:
             raise BundleError(f"{Path(path).name}: expected input {input_name!r}, the graph has {sorted(inputs)}")

@@ -36,6 +36,7 @@ async def model_info(core: CoreDep) -> ModelInfo:
         max_batch_size=core.settings.max_batch_size,
         batch_buckets=list(core.buckets),
         inference_lanes=core.batcher.lanes,
+        encoder_threads=core.image_encoder.threads if core.provider == "cpu" else None,
         unknown_rule=None
         if rule is None
         else UnknownRuleInfo(
