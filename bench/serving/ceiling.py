@@ -17,9 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 from vlltr.model.runtime.bundle import load_bundle
-from vlltr.model.runtime.encoder_threads import keep_one_thread_unless_slower
-from vlltr.model.runtime.machine import usable_cpus
-from vlltr.model.runtime.sessions import CPU, CUDA, CUDA_OPTIONS, ImageEncoder, ProviderName
+from vlltr.model.runtime.encoder_threads import create_image_encoder
+from vlltr.model.runtime.sessions import CPU, CUDA, CUDA_OPTIONS, ProviderName
 
 
 @dataclass
@@ -50,13 +49,9 @@ def measure_ceiling(
     run, then runs until `seconds` passed and at least `min_runs` ran."""
     bundle = load_bundle(bundle_dir)
     fp16 = bundle.precision == "fp16"
-    service_encoder = ImageEncoder(bundle.image_encoder_path, provider, fp16=fp16)
-    if service_encoder.provider == "cpu" and usable_cpus() > 1:  # the threads the service would choose
-        service_encoder, _ = keep_one_thread_unless_slower(
-            service_encoder,
-            lambda: ImageEncoder(bundle.image_encoder_path, "cpu", 1, fp16=fp16),
-            bundle.preprocess.size,
-        )
+    service_encoder, _ = create_image_encoder(
+        bundle.image_encoder_path, provider, None, bundle.preprocess.size, fp16=fp16
+    )
     sessions: list[tuple[str, Callable[[np.ndarray], object]]] = [("service options", service_encoder.encode)]
     if bundle.precision != "fp16":  # fp16 graphs need the service's optimisation level on CPU
         sessions.append(("onnxruntime defaults", _default_session(bundle.image_encoder_path, provider)))

@@ -2,7 +2,7 @@
 the service's code in worker processes on the same cores, with no HTTP in the way.
 
 Each worker process holds what a service process holds to classify: the bundle, the image encoder session
-created with the service's options (`ImageEncoder`, no intra-op spinning), a decode pool running the
+created as the service creates it (`create_image_encoder`, no intra-op spinning), a decode pool running the
 service's decoding (`decode_image` with the bundle's JPEG draft rule and the service's pixel limit) and
 preprocessing (`preprocess_image` with the bundle's spec), and a batching loop with the service's rule for
 a batch while images are still being decoded (here they always are): it leaves when it holds the service's
@@ -78,11 +78,10 @@ def _worker(cfg: dict[str, Any], index: int, messages: Any, go: Any) -> None:
     """One worker process: build, warm, report ready, run the window it is given, report its count."""
     try:
         from vlltr.model.runtime.bundle import load_bundle
-        from vlltr.model.runtime.encoder_threads import keep_one_thread_unless_slower
+        from vlltr.model.runtime.encoder_threads import create_image_encoder
         from vlltr.model.runtime.head import Shortlist
         from vlltr.model.runtime.predictor import probabilities
         from vlltr.model.runtime.preprocess import decode_image, preprocess_image
-        from vlltr.model.runtime.sessions import ImageEncoder
         from vlltr.service.core import limit_blas_threads, top_k
         from vlltr.service.settings import Settings
 
@@ -90,22 +89,14 @@ def _worker(cfg: dict[str, Any], index: int, messages: Any, go: Any) -> None:
         limit_blas_threads(s.head_threads)
         bundle = load_bundle(cfg["bundle"])
         spec = bundle.preprocess
-        encoder = ImageEncoder(
+        encoder, _ = create_image_encoder(  # the service's session (and its choice of threads, timed as it does)
             bundle.image_encoder_path,
             cfg["provider"],
             cfg["encoder_threads"],
+            spec.size,
             fp16=bundle.precision == "fp16",
             spinning=s.ort_spinning,
         )
-        if cfg["encoder_threads"] is None and encoder.provider == "cpu" and usable_cpus() > 1:
-            # The service's own choice between onnxruntime's default threads and one (timed, as it does).
-            encoder, _ = keep_one_thread_unless_slower(
-                encoder,
-                lambda: ImageEncoder(
-                    bundle.image_encoder_path, "cpu", 1, fp16=bundle.precision == "fp16", spinning=s.ort_spinning
-                ),
-                spec.size,
-            )
         shortlist = Shortlist(s.head_shortlist, s.head_shortlist_from) if s.head_shortlist > 0 else None
         table = bundle.class_table()
         draft = {"bundle": spec.draft_min_side, "on": spec.resize_size, "off": None}[s.jpeg_draft]

@@ -753,6 +753,9 @@ def _method_section(wrk: bool = True) -> list[str]:
         "(`--head-shortlist`, docs/bundle.md), so latency stops growing with the class table.",
         "- ONNX Runtime's intra-op threads do not spin between runs (`--ort-spinning` turns it back on; the "
         "table above measures both), and numpy's BLAS uses one thread for the head (`--head-threads`).",
+        "- On CPU the image encoder keeps one intra-op thread unless onnxruntime's default threads run a lone "
+        "image faster, timed when the service starts (`vlltr.model.runtime.encoder_threads`; the ceilings make "
+        "the same choice): a small encoder loses more to waking threads than it gains from them.",
         "- A cache hit on a small class table is scored on the event loop instead of through the batcher; "
         "the request path has no thread-pool hop for its dependencies, and long-lived start-up objects are "
         "frozen out of the garbage collector.",

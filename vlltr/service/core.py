@@ -34,9 +34,8 @@ from vlltr.errors import (
     VlltrError,
 )
 from vlltr.model.runtime.bundle import Bundle, load_bundle
-from vlltr.model.runtime.encoder_threads import keep_one_thread_unless_slower
+from vlltr.model.runtime.encoder_threads import create_image_encoder
 from vlltr.model.runtime.head import Shortlist
-from vlltr.model.runtime.machine import usable_cpus
 from vlltr.model.runtime.manifest import Manifest, UnknownRule, pillow_mismatch
 from vlltr.model.runtime.predictor import probabilities, probabilities_and_nearness
 from vlltr.model.runtime.preprocess import decode_image, preprocess_image
@@ -393,15 +392,12 @@ class ServingCore:
         threads = settings.encoder_threads(lanes)
         fp16 = bundle.precision == "fp16"
         spin = settings.ort_spinning
-        image_encoder = ImageEncoder(bundle.image_encoder_path, settings.provider, threads, fp16=fp16, spinning=spin)
+        image_encoder, choice = create_image_encoder(
+            bundle.image_encoder_path, settings.provider, threads, bundle.preprocess.size, fp16=fp16, spinning=spin
+        )
         if image_encoder.provider != "cpu":
             lanes = 1
-        elif threads is None and usable_cpus() > 1:
-            image_encoder, choice = keep_one_thread_unless_slower(
-                image_encoder,
-                lambda: ImageEncoder(bundle.image_encoder_path, "cpu", 1, fp16=fp16, spinning=spin),
-                bundle.preprocess.size,
-            )
+        if choice is not None:
             log.info("%s", choice.describe())
         # One intra-op thread for the text encoder: it runs only when a class is added, a few sentences at a
         # time, and a second thread would take a core from the image encoder serving requests meanwhile.

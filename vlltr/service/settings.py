@@ -50,7 +50,7 @@ class Settings(BaseSettings):
         ge=0,
         description="ONNX Runtime intra-op threads of the image encoder, per lane (0 = the usable cores shared "
         "among the lanes; with one lane on CPU, onnxruntime's default or one thread, whichever runs a lone "
-        "image faster, timed at start)",
+        "image faster, timed at start; with --ort-spinning, onnxruntime's default)",
     )
     inference_lanes: int = Field(
         1,

@@ -85,16 +85,16 @@ def test_two_lanes_score_every_image_on_its_own_pixels(bundle_v1, tmp_path):
 
 def test_the_service_times_only_when_the_threads_are_its_to_choose(bundle_v1, tmp_path, monkeypatch):
     timed: list[int] = []
-    from vlltr.service import core as core_module
+    from vlltr.model.runtime import encoder_threads
 
-    real = core_module.keep_one_thread_unless_slower
+    real = encoder_threads.keep_one_thread_unless_slower
 
     def counting(*args, **kwargs):
         timed.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("vlltr.service.core.keep_one_thread_unless_slower", counting)
-    monkeypatch.setattr("vlltr.service.core.usable_cpus", lambda: 2)
+    monkeypatch.setattr(encoder_threads, "keep_one_thread_unless_slower", counting)
+    monkeypatch.setattr(encoder_threads, "usable_cpus", lambda: 2)
 
     def load(**kw) -> ServingCore:
         settings = Settings(bundle=bundle_v1, class_store=tmp_path / "classes.jsonl", cache_size=0, **kw)
@@ -103,5 +103,6 @@ def test_the_service_times_only_when_the_threads_are_its_to_choose(bundle_v1, tm
     assert load(intra_op_threads=3).image_encoder.threads == 3 and not timed  # a set count is kept as set
     split = Settings(inference_lanes=2).encoder_threads(2)
     assert load(inference_lanes=2).image_encoder.threads == split and not timed  # lanes split the cores
+    assert load(ort_spinning=True).image_encoder.threads is None and not timed  # onnxruntime's own threading
     core = load()
     assert timed == [1] and core.image_encoder.threads in (None, 1)

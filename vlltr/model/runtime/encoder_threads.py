@@ -19,10 +19,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from vlltr.model.runtime.sessions import ImageEncoder
+from vlltr.model.runtime.machine import usable_cpus
+from vlltr.model.runtime.sessions import ImageEncoder, ProviderName
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +80,23 @@ def keep_one_thread_unless_slower(
     if one_ms <= default_ms:
         return single, ThreadChoice(1, default_ms, one_ms)
     return default, ThreadChoice(None, default_ms, one_ms)
+
+
+def create_image_encoder(
+    path: str | Path,
+    provider: ProviderName,
+    threads: int | None,
+    size: int,
+    *,
+    fp16: bool = False,
+    spinning: bool = False,
+) -> tuple[ImageEncoder, ThreadChoice | None]:
+    """The image encoder session as the service creates it: `threads` intra-op threads when given; otherwise,
+    on CPU with more than one usable core and no spinning (which asks for onnxruntime's own threading), the
+    module docstring's choice, returned with what was timed (None: nothing was timed)."""
+    encoder = ImageEncoder(path, provider, threads, fp16=fp16, spinning=spinning)
+    if threads or spinning or encoder.provider != "cpu" or usable_cpus() < 2:
+        return encoder, None
+    return keep_one_thread_unless_slower(
+        encoder, lambda: ImageEncoder(path, "cpu", 1, fp16=fp16, spinning=spinning), size
+    )
