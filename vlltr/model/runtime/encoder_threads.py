@@ -1,20 +1,19 @@
 """Whether the CPU image encoder runs on onnxruntime's default intra-op threads or on one.
 
-Intra-op threads pay off when the encoder's operators are large enough to split: ViT-B/16 on two cores runs a lone
-image in about half the time with two threads. On a small encoder (the demo model, well under a millisecond an
-image) waking the other threads for every operator costs more than it saves, and those threads take cores from
-image decoding and the HTTP front-ends: on the demo bundle and two cores, a lone image took 0.56 ms on one thread
-against 0.80 ms on two, and over HTTP at concurrency 32 one thread answered 4 to 8 % more images per second (paired
-runs, one process and `--workers 2`). Which case a bundle is in depends on the model and on the machine, so it is
-timed where it will run, once, when the service starts: a lone image through either session, in turns, and the
-one-thread session is kept unless the default one runs the image faster. A lone image decides because it is where
-more threads could only help (latency at low load); under load the batches share the cores with the decoders, where
-one thread spends less CPU per image whatever the batch.
+Intra-op threads pay off when the encoder's operators are large enough to split: ViT-B/16 on two cores answers a
+lone request in 217 ms on two threads against 374 ms on one (docs/benchmarks/serving.md, its lanes row). On a small
+encoder (the demo model, well under a millisecond an image) waking the other threads for every operator costs more
+than it saves, and those threads take cores from image decoding and the HTTP front-ends: on the demo bundle and two
+cores, a lone image took 0.56 ms on one thread against 0.80 ms on two, and over HTTP at concurrency 32 one thread
+answered 4 to 8 % more images per second (paired runs, one process and `--workers 2`). Which case a bundle is in
+depends on the model and on the machine, so it is timed where it will run, once, when the service starts: a lone
+image through either session, in turns, and the one-thread session is kept unless the default one runs the image
+faster. A lone image decides because it is where more threads could only help (latency at low load); under load the
+batches share the cores with the decoders, where one thread spends less CPU per image whatever the batch.
 """
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -25,8 +24,6 @@ import numpy as np
 
 from vlltr.model.runtime.machine import usable_cpus
 from vlltr.model.runtime.sessions import ImageEncoder, ProviderName
-
-log = logging.getLogger(__name__)
 
 MIN_ROUNDS = 5  # timed runs of each session at least
 MAX_ROUNDS = 200  # and at most (a small encoder runs hundreds in the time budget)
