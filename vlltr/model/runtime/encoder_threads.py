@@ -4,12 +4,12 @@ Intra-op threads pay off when the encoder's operators are large enough to split:
 lone request in 217 ms on two threads against 374 ms on one (docs/benchmarks/serving.md, its lanes row). On a small
 encoder (the demo model, well under a millisecond an image) waking the other threads for every operator costs more
 than it saves, and those threads take cores from image decoding and the HTTP front-ends: on the demo bundle and two
-cores, a lone image took 0.56 ms on one thread against 0.80 ms on two, and over HTTP at concurrency 32 one thread
-answered 4 to 8 % more images per second (paired runs, one process and `--workers 2`). Which case a bundle is in
-depends on the model and on the machine, so it is timed where it will run, once, when the service starts: a lone
-image through either session, in turns, and the one-thread session is kept unless the default one runs the image
-faster. A lone image decides because it is where more threads could only help (latency at low load); under load the
-batches share the cores with the decoders, where one thread spends less CPU per image whatever the batch.
+cores, a lone image took 0.46 ms on one thread against 0.70 ms on two (the line the service logs at start). Which
+case a bundle is in depends on the model and on the machine, so it is timed where it will run, once, when the
+service starts: a lone image through either session, in turns, and the one-thread session is kept unless the
+default one runs the image faster. A lone image decides because it is where more threads could only help (latency
+at low load); under load the batches share the cores with the decoders, where one thread spends less CPU per image
+whatever the batch.
 """
 
 from __future__ import annotations
