@@ -29,8 +29,9 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from typing import cast
 
 from vlltr.errors import ClassNotFoundError, StoreUnavailableError
 from vlltr.service.redis_link import RedisLink, make_client, safe_url
@@ -461,7 +462,8 @@ class RedisClassStore:
                     await asyncio.sleep(self.link.retry_s)
                 finally:
                     with contextlib.suppress(Exception):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis leaves PubSub.aclose unannotated
+                        # redis-py annotated PubSub.aclose only in 8.x; the cast type-checks under either.
+                        await cast(Callable[[], Awaitable[None]], pubsub.aclose)()
         finally:
             with contextlib.suppress(Exception):
                 await client.aclose()
