@@ -49,6 +49,7 @@ from vlltr.model.runtime.unknown import (
     prototype_sample,
     score_values,
     typicality,
+    unit_rows,
 )
 
 BATCH = 128
@@ -103,16 +104,11 @@ def features(predictor: BundlePredictor, images: list[Image.Image]) -> np.ndarra
     return np.concatenate([predictor.image_features(images[lo : lo + BATCH]) for lo in range(0, len(images), BATCH)])
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    unit: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    return unit
-
-
 def kth_nearest_cosine(features: np.ndarray, train_unit: np.ndarray, k: int) -> np.ndarray:
     """`[N]` each image's cosine to its `k`-th nearest of the unit training features (the last one when there
     are fewer)."""
     k = min(k, len(train_unit))
-    cosines = _unit(features) @ train_unit.T
+    cosines = unit_rows(features) @ train_unit.T
     kth: np.ndarray = -np.partition(-cosines, k - 1, axis=1)[:, k - 1]
     return kth
 
@@ -133,8 +129,8 @@ def reference(predictor: BundlePredictor, train: list[tuple[Path, int]]) -> Refe
     labels = np.array([label for _, label in train])
     classes = sorted(set(labels.tolist()))
     index = np.searchsorted(classes, labels)
-    unit = _unit(feats)
-    centres = _unit(np.stack([unit[index == i].mean(axis=0) for i in range(len(classes))]))
+    unit = unit_rows(feats)
+    centres = unit_rows(np.stack([unit[index == i].mean(axis=0) for i in range(len(classes))]))
     own = predictor.bundle.prototypes
     prototypes = own if own is not None else Prototypes.fit(feats, index, len(classes))
     return Reference(centres, unit, prototypes, Prototypes.fit(feats, np.zeros(len(feats), dtype=np.int64), 1))
@@ -148,7 +144,7 @@ def scores(predictor: BundlePredictor, images: list[Image.Image], ref: Reference
         feats, b.head, predictor.table, b.log_prior, b.calibration, b.alpha, prototypes=ref.prototypes
     )
     out = {s: score_values(s, near, probs.max(axis=1)) for s in COMPONENT_SCORES}
-    out["train_centroid"] = (_unit(feats) @ ref.centres.T).max(axis=1)
+    out["train_centroid"] = (unit_rows(feats) @ ref.centres.T).max(axis=1)
     # Ren et al., 2021: the class distance less the distance to everything the model was trained on.
     out["relative_mahalanobis"] = ref.prototypes.score(feats) - ref.background.score(feats)
     out["knn"] = kth_nearest_cosine(feats, ref.train, KNN_K)

@@ -46,7 +46,8 @@ DEFAULT_KEEP = 0.95  # the share of in-set validation images the fitted threshol
 PROTOTYPE_SHRINKAGE = 0.1
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """`x` (float64) with each row scaled to unit length (a zero row stays zero)."""
     x = np.asarray(x, dtype=np.float64)
     unit: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     return unit
@@ -93,7 +94,7 @@ class Prototypes:
     ) -> Prototypes:
         """From raw training-image features `[N, D]` and their class indices `[N]` (every class in
         `range(num_classes)` needs at least one image)."""
-        unit, labels = _unit(features), np.asarray(labels)
+        unit, labels = unit_rows(features), np.asarray(labels)
         if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
             raise ValueError(f"prototypes: labels must lie in [0, {num_classes})")
         counts = np.bincount(labels, minlength=num_classes)
@@ -113,7 +114,7 @@ class Prototypes:
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """`[B]` minus each image's squared Mahalanobis distance to the nearest class mean."""
-        g = _unit(features).astype(np.float32) @ np.asarray(self.whitening, dtype=np.float32)
+        g = unit_rows(features).astype(np.float32) @ np.asarray(self.whitening, dtype=np.float32)
         distances = (g * g).sum(axis=1, keepdims=True) - 2.0 * (g @ self._whitened.T) + self._whitened_sq
         nearest: np.ndarray = (-np.maximum(distances.min(axis=1), 0.0)).astype(np.float32)
         return nearest
