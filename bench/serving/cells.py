@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import threading
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,18 @@ def _scrape(server: ServerProcess) -> dict[tuple[str, str], float]:
         return {}
 
 
+def _encoder_threads(server: ServerProcess) -> dict[str, Any]:
+    """The intra-op threads the service chose for its image encoder at start (`GET /v1/model`), as
+    {"encoder_threads": N or None (onnxruntime's default)}; empty when the service does not say."""
+    try:
+        with urllib.request.urlopen(server.base_url + "/v1/model", timeout=10.0) as resp:
+            info = json.loads(resp.read())
+    except (OSError, ValueError) as exc:
+        log.warning("%s: cannot read /v1/model (%s); its thread choice is not recorded", server.name, exc)
+        return {}
+    return {"encoder_threads": info["encoder_threads"]} if "encoder_threads" in info else {}
+
+
 def service_sweep(
     bb: BenchBundle,
     ctx: Context,
@@ -100,6 +114,7 @@ def service_sweep(
     name = f"{bb.label}-service-w{workers}{tag}"
     all_flags = (*ctx.service_flags, *worker_flags(workers), *flags)
     with start_service(name, bb.bundle, ctx.work, flags=all_flags) as server:
+        out |= _encoder_threads(server)
         for c in concurrencies:
             before = _scrape(server)
             out["load"][str(c)] = _load(server, ctx, c, f"{name}-c{c}")
@@ -121,9 +136,10 @@ def load_generators(bb: BenchBundle, ctx: Context, concurrency: int) -> dict[str
 def service_variant(bb: BenchBundle, ctx: Context, concurrency: int, tag: str, flags: Sequence[str]) -> dict[str, Any]:
     """The same service started with extra `flags` (e.g. `--max-batch-size 1`: batching off)."""
     with start_service(f"{bb.label}-service-{tag}", bb.bundle, ctx.work, flags=(*ctx.service_flags, *flags)) as server:
+        threads = _encoder_threads(server)
         before = scrape(server.base_url)
         load = _load(server, ctx, concurrency, f"{bb.label}-service-{tag}-c{concurrency}")
-        return {"flags": list(flags), "load": load, "profile": breakdown(before, scrape(server.base_url))}
+        return {"flags": list(flags), "load": load, "profile": breakdown(before, scrape(server.base_url))} | threads
 
 
 def handwritten(bb: BenchBundle, ctx: Context, concurrency: int, device: str = "cpu") -> dict[str, Any]:

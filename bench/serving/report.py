@@ -85,6 +85,26 @@ def _sweeps(m: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def _thread_choices(m: dict[str, Any]) -> list[str]:
+    """What each service row ran its image encoder on, as the service reported it at start (`GET /v1/model`);
+    nothing for a run recorded before the cells kept it."""
+    rows = _sweeps(m)
+    for key, name in (
+        ("service_batching_off", "batching off"),
+        ("service_full_decode", "`--jpeg-draft off`"),
+        ("service_ort_spinning", "`--ort-spinning`"),
+    ):
+        if key in m:
+            rows.append((f"service, {name}", m[key]))
+    said = [
+        f"{name}: {row['encoder_threads'] or 'onnxruntime default'}" for name, row in rows if "encoder_threads" in row
+    ]
+    if not said:
+        return []
+    head = "Image-encoder intra-op threads each service row ran on (`GET /v1/model` at start): "
+    return ["", head + "; ".join(said) + "."]
+
+
 def _systems(m: dict[str, Any], c: str) -> list[tuple[str, dict | None]]:
     rows: list[tuple[str, dict | None]] = [(name, sweep["load"].get(c)) for name, sweep in _sweeps(m)]
     rows += [
@@ -231,6 +251,7 @@ def _model_section(label: str, m: dict[str, Any], c: str) -> list[str]:
     lines.append(_load_row("hand-written FastAPI + PyTorch", m.get("handwritten"), ceiling, e2e))
     for name, cell in m.get("peers", {}).items():
         lines.append(_load_row(f"{name} (own batching, same ONNX model)", cell, ceiling, e2e))
+    lines += _thread_choices(m)
     skipped = [(n, v["skipped"]) for n, v in m.get("service_workers", {}).items() if "skipped" in v]
     for n, why in skipped:
         lines += ["", f"`--workers {n}` was not measured: {why}."]

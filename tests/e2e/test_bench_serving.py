@@ -86,6 +86,10 @@ def test_smoke_run_writes_every_table(service_bundle: Path, tmp_path: Path) -> N
     assert demo["add_class"]["with_adds"]["generator"] == "wrk (4 threads)"
     for sweep in sweeps:
         assert set(sweep["load"]) == {"1", "4"} and set(sweep["profile"]) == {"1", "4"}
+    # Each service row records the encoder threads its server chose (the `--ort-spinning` one keeps onnxruntime's).
+    for row in [*sweeps, demo["service_batching_off"], demo["service_full_decode"]]:
+        assert row["encoder_threads"] is None or row["encoder_threads"] >= 1
+    assert demo["service_ort_spinning"]["encoder_threads"] is None
     assert demo["service"]["workers"] == demo["service_repeat"]["workers"] == 1
     if has_workers:
         assert workers2["workers"] == 2

@@ -134,6 +134,9 @@ def test_the_page_shows_every_sweep_the_noise_and_a_missed_no_slower_target(tmp_
         "load": {"1": _cell(1, 1_500.0)},
         "server": {"1": {"p50_ms": 0.5, "p99_ms": 1.0, "hits": 10.0, "misses": 0.0}},
     }
+    # The thread choice each server reported at start; the repeat sweep predates the record.
+    m["service"]["encoder_threads"] = 1
+    m["service_workers"]["2"]["encoder_threads"] = None
     results = dict(
         _results(m),
         command="python -m bench.serving",
@@ -158,3 +161,7 @@ def test_the_page_shows_every_sweep_the_noise_and_a_missed_no_slower_target(tmp_
         assert row in text
     assert "`--workers 2` at c=1 answered 90.0 images/s against 100.0 and 100.0 for the single process" in text
     assert "- load generator cost: wrk used 100–100 µs of CPU per request" in text
+    assert (
+        "intra-op threads each service row ran on (`GET /v1/model` at start): service, `--workers 1`: 1; "
+        "service, `--workers 2`: onnxruntime default." in text
+    )
