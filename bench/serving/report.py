@@ -85,17 +85,18 @@ def _sweeps(m: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+# The single-cell service variants, by their key in a model's results, as the plot and the thread line name them.
+_VARIANTS = (
+    ("service_batching_off", "service, batching off"),
+    ("service_full_decode", "service, --jpeg-draft off"),
+    ("service_ort_spinning", "service, --ort-spinning"),
+)
+
+
 def _thread_choices(m: dict[str, Any]) -> list[str]:
     """What each service row ran its image encoder on, as the service reported it at start (`GET /v1/model`);
     nothing for a run recorded before the cells kept it."""
-    rows = _sweeps(m)
-    for key, name in (
-        ("service_batching_off", "batching off"),
-        ("service_full_decode", "`--jpeg-draft off`"),
-        ("service_ort_spinning", "`--ort-spinning`"),
-    ):
-        if key in m:
-            rows.append((f"service, {name}", m[key]))
+    rows = [*_sweeps(m), *((name, m[key]) for key, name in _VARIANTS if key in m)]
     said = [
         f"{name}: {row['encoder_threads'] or 'onnxruntime default'}" for name, row in rows if "encoder_threads" in row
     ]
@@ -107,12 +108,8 @@ def _thread_choices(m: dict[str, Any]) -> list[str]:
 
 def _systems(m: dict[str, Any], c: str) -> list[tuple[str, dict | None]]:
     rows: list[tuple[str, dict | None]] = [(name, sweep["load"].get(c)) for name, sweep in _sweeps(m)]
-    rows += [
-        ("service, batching off", m["service_batching_off"]["load"]),
-        ("service, --jpeg-draft off", (m.get("service_full_decode") or {}).get("load")),
-        ("service, --ort-spinning", (m.get("service_ort_spinning") or {}).get("load")),
-        ("hand-written FastAPI + PyTorch", m.get("handwritten")),
-    ]
+    rows += [(name, (m.get(key) or {}).get("load")) for key, name in _VARIANTS]
+    rows.append(("hand-written FastAPI + PyTorch", m.get("handwritten")))
     rows += [(name, cell) for name, cell in m.get("peers", {}).items()]
     return rows
 
